@@ -1,0 +1,267 @@
+"""The one owner of the GPU: the model, the tokenizer, a lock and a visible state.
+
+Every tab and CLI command goes through a single `ModelManager`. An action that needs the model takes
+a `Lease` with `acquire()`; when another action holds it, the call is refused at once with a message
+that says what the model is doing (the server refuses, not just a disabled button). A lease may be
+released from another thread, so a training job can take it in the request and give it back when
+its worker thread ends.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterator
+
+from studio.errors import ModelBusyError, ModelNotLoadedError
+from studio.model import card as model_card
+from studio.model import loading
+from studio.model.generation import GenerationSettings, render_prompt, stream_text
+
+
+class ModelState(str, Enum):
+    EMPTY = "empty"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    """A snapshot of the manager, safe to show to any viewer."""
+
+    state: ModelState
+    model_name: str | None = None
+    quant: str | None = None
+    device: str | None = None
+    activity: str = ""
+    progress: float = 0.0
+    adapters: tuple[str, ...] = ()
+    since: float = 0.0
+
+    def describe(self) -> str:
+        if self.state is ModelState.EMPTY:
+            return "No model loaded."
+        if self.state is ModelState.LOADING:
+            return f"Loading {self.model_name}: {self.activity} ({self.progress:.0%})"
+        where = f"{self.model_name} ({self.quant}, {self.device})"
+        if self.state is ModelState.BUSY:
+            return f"Busy: {self.activity} for {time.time() - self.since:.0f}s. Model: {where}"
+        return f"Ready: {where}" + (f"; adapters: {', '.join(self.adapters)}" if self.adapters else "")
+
+
+@dataclass
+class LoadedModel:
+    """The model in memory. `adapters` maps each attached adapter's name to its folder."""
+
+    spec: loading.ModelSpec
+    model: object
+    tokenizer: object
+    device: str
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
+class Lease:
+    """Exclusive use of the loaded model until `release()` (from any thread, once)."""
+
+    def __init__(self, manager: "ModelManager", loaded: LoadedModel | None):
+        self._manager = manager
+        self.loaded = loaded
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._end_activity()
+
+    def set_activity(self, activity: str) -> None:
+        self._manager._set_activity(activity)
+
+
+class ModelManager:
+    """Loads one base model, attaches adapters to it, and serialises every use of it."""
+
+    def __init__(self, device: str | None = None):
+        self._device = device
+        self._gpu_lock = threading.Lock()
+        self._fields_lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._activity = ""
+        self._progress = 0.0
+        self._loading_spec: loading.ModelSpec | None = None
+        self._since = 0.0
+
+    # ----- state -------------------------------------------------------------------------------
+    def status(self) -> ManagerStatus:
+        with self._fields_lock:
+            loaded, activity = self._loaded, self._activity
+            if self._loading_spec is not None:
+                return ManagerStatus(ModelState.LOADING, self._loading_spec.name_or_path, self._loading_spec.quant,
+                                     activity=activity, progress=self._progress, since=self._since)
+            if loaded is None:
+                return ManagerStatus(ModelState.EMPTY, activity=activity, since=self._since)
+            state = ModelState.BUSY if activity else ModelState.READY
+            return ManagerStatus(state, loaded.spec.name_or_path, loaded.spec.quant, loaded.device, activity,
+                                 adapters=tuple(loaded.adapters), since=self._since)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def _set_activity(self, activity: str) -> None:
+        with self._fields_lock:
+            self._activity = activity
+
+    def _end_activity(self) -> None:
+        with self._fields_lock:
+            self._activity = ""
+            self._loading_spec = None
+        self._gpu_lock.release()
+
+    def _busy_message(self) -> str:
+        status = self.status()
+        what = status.activity or "another action"
+        return f"The model is busy ({what}). Wait for it to finish, or stop it, then try again."
+
+    # ----- exclusive use -----------------------------------------------------------------------
+    def acquire(self, activity: str, need_model: bool = True) -> Lease:
+        """Take the model for `activity`, or raise ModelBusyError / ModelNotLoadedError at once."""
+        if not self._gpu_lock.acquire(blocking=False):
+            raise ModelBusyError(self._busy_message())
+        if need_model and self._loaded is None:
+            self._gpu_lock.release()
+            raise ModelNotLoadedError("No model is loaded. Load a base model in the Baseline Chat tab first.")
+        with self._fields_lock:
+            self._activity = activity
+            self._since = time.time()
+        return Lease(self, self._loaded)
+
+    @contextmanager
+    def using(self, activity: str, need_model: bool = True) -> Iterator[LoadedModel]:
+        lease = self.acquire(activity, need_model)
+        try:
+            yield lease.loaded
+        finally:
+            lease.release()
+
+    # ----- load / unload -----------------------------------------------------------------------
+    def load(self, spec: loading.ModelSpec, progress: loading.Progress | None = None) -> ManagerStatus:
+        """Load `spec`, replacing any model in memory. Refused while the model is busy."""
+        lease = self.acquire(f"loading {spec.name_or_path}", need_model=False)
+        with self._fields_lock:
+            self._loading_spec = spec
+            self._progress = 0.0
+
+        def report(fraction: float, message: str) -> None:
+            with self._fields_lock:
+                self._progress, self._activity = fraction, message
+            if progress:
+                progress(fraction, message)
+
+        try:
+            self._drop_model()
+            model, tokenizer, device = loading.load_model(spec, self._device, report)
+            with self._fields_lock:
+                self._loaded = LoadedModel(spec, model, tokenizer, device)
+        finally:
+            lease.release()
+        return self.status()
+
+    def unload(self) -> ManagerStatus:
+        with self.using("unloading", need_model=False):
+            self._drop_model()
+        return self.status()
+
+    def _drop_model(self) -> None:
+        with self._fields_lock:
+            self._loaded = None
+        free_memory()
+
+    # ----- what the model is -------------------------------------------------------------------
+    def card(self) -> model_card.ModelCard:
+        loaded = self._require_loaded()
+        return model_card.build_card(loaded.model, loaded.tokenizer, loaded.spec.name_or_path, loaded.spec.quant,
+                                     loaded.device, loaded.adapters)
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The exact templated string for `messages` (no lock needed: it only uses the tokenizer)."""
+        return render_prompt(self._require_loaded().tokenizer, messages)
+
+    def _require_loaded(self) -> LoadedModel:
+        loaded = self._loaded
+        if loaded is None:
+            raise ModelNotLoadedError("No model is loaded. Load a base model in the Baseline Chat tab first.")
+        return loaded
+
+    # ----- generation --------------------------------------------------------------------------
+    def stream_chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+                    adapter: str | None = None, stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the growing reply to `messages`. `adapter=None` answers with the plain base model.
+
+        The model is taken when the first piece is requested and given back when the stream ends,
+        is stopped, or is abandoned by its consumer.
+        """
+        settings = settings or GenerationSettings()
+        stop = stop or threading.Event()
+        lease = self.acquire("generating a reply")
+        try:
+            loaded = lease.loaded
+            prompt = render_prompt(loaded.tokenizer, messages)
+            with adapter_context(loaded, adapter):
+                reply = ""
+                for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop):
+                    reply += piece
+                    yield reply
+        finally:
+            stop.set()
+            lease.release()
+
+    def chat(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: str | None = None) -> str:
+        reply = ""
+        for reply in self.stream_chat(messages, settings, adapter):
+            pass
+        return reply
+
+    # ----- adapters (attached by the training and compare services) ----------------------------
+    def register_adapter(self, loaded: LoadedModel, name: str, folder: str) -> None:
+        with self._fields_lock:
+            loaded.adapters[name] = folder
+
+    def forget_adapter(self, loaded: LoadedModel, name: str) -> None:
+        with self._fields_lock:
+            loaded.adapters.pop(name, None)
+
+
+@contextmanager
+def adapter_context(loaded: LoadedModel, adapter: str | None):
+    """Run with exactly `adapter` active, or with every adapter disabled when it is None."""
+    model = loaded.model
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    if adapter is None:
+        if is_peft:
+            with model.disable_adapter():
+                yield
+        else:
+            yield
+        return
+    if not is_peft or adapter not in model.peft_config:
+        from studio.errors import AdapterError
+
+        raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
+    model.set_adapter(adapter)
+    yield
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

@@ -1,0 +1,36 @@
+"""The app shell: the four tabs of the studio in one gr.Blocks, over one set of services."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.model.generation import StopSignals
+from studio.services import Services
+from studio.ui.chat_tab import build_chat_tab
+from studio.ui.strings import strings
+
+PENDING_NOTE = "This tab arrives with its own issue; nothing here pretends to work yet."
+
+
+def build_app(services: Services) -> gr.Blocks:
+    """Build the studio UI. All mutable state lives in `services` or in per-session gr.State."""
+    s = strings("app")
+    stops = StopSignals()
+    with gr.Blocks(title=s["title"]) as app:
+        with gr.Row():
+            gr.Markdown(f"# {s['title']}\n{s['subtitle']}")
+            model_status = gr.Markdown(services.manager.status().describe(), elem_id="model-status")
+        with gr.Tabs():
+            build_chat_tab(services, stops)
+            for tab in ("dataset", "train", "compare"):
+                with gr.Tab(strings(tab)["tab"], id=tab):
+                    gr.Markdown(PENDING_NOTE)
+        timer = gr.Timer(2.0)
+        timer.tick(lambda: services.manager.status().describe(), None, model_status, api_name=False,
+                   show_progress="hidden", queue=False)
+
+        def stop_on_close(request: gr.Request):
+            stops.stop(request.session_hash or "")
+
+        app.unload(stop_on_close)
+    return app

@@ -1,0 +1,25 @@
+"""Launch the studio UI on a free local port for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(services):
+    from studio.ui.app import build_app
+
+    app = build_app(services)
+    port = free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
