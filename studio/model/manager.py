@@ -205,17 +205,10 @@ class ModelManager:
         The model is taken when the first piece is requested and given back when the stream ends,
         is stopped, or is abandoned by its consumer.
         """
-        settings = settings or GenerationSettings()
         stop = stop or threading.Event()
         lease = self.acquire("generating a reply")
         try:
-            loaded = lease.loaded
-            prompt = render_prompt(loaded.tokenizer, messages)
-            with adapter_context(loaded, adapter):
-                reply = ""
-                for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop):
-                    reply += piece
-                    yield reply
+            yield from stream_reply(lease.loaded, messages, settings or GenerationSettings(), adapter, stop)
         finally:
             stop.set()
             lease.release()
@@ -234,6 +227,25 @@ class ModelManager:
     def forget_adapter(self, loaded: LoadedModel, name: str) -> None:
         with self._fields_lock:
             loaded.adapters.pop(name, None)
+
+
+def stream_reply(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None,
+                 stop: threading.Event) -> Iterator[str]:
+    """The growing reply, for a caller that already holds the model's lease."""
+    prompt = render_prompt(loaded.tokenizer, messages)
+    with adapter_context(loaded, adapter):
+        reply = ""
+        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop):
+            reply += piece
+            yield reply
+
+
+def reply_text(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None = None) -> str:
+    """The whole reply, for a caller that already holds the model's lease."""
+    reply = ""
+    for reply in stream_reply(loaded, messages, settings, adapter, threading.Event()):
+        pass
+    return reply
 
 
 @contextmanager

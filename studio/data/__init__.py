@@ -1,0 +1,1 @@
+"""The data side: reading documents, the teacher, building and importing instruction datasets."""

@@ -1,0 +1,326 @@
+"""Build an instruction dataset from a document through a teacher LLM: the tutorial's section 3.2.
+
+Stage 1 asks the teacher for (instruction, output) pairs from each section; stage 2 asks it to
+rephrase each question many times. Calls run concurrently and stage-2 calls start as soon as their
+base pair arrives. Every successful call is appended to a journal keyed by everything that shaped
+it, so running the same build again (after a crash or a Cancel) calls the teacher only for what is
+missing or failed. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studio.data.datasets import safe_name, timestamp, write_jsonl_atomic, write_text_atomic
+from studio.data.documents import Section, SplitSettings, document_title, split_sections
+from studio.data.normalize import dedup_key, normalize_question
+from studio.data.parsing import Parsed, parse_pairs, parse_strings
+from studio.data.teacher import RetryPolicy, Teacher, TeacherCallError, call_with_retries
+from studio.errors import DataError
+from studio.jobs import Job
+
+DEFAULT_PAIR_PROMPT = (
+    "你是“{title}”相关资料的资深整理者。"
+    "将给定原文片段转写为 {n} 条训练样本，严格输出JSON："
+    '{"pairs":[{"instruction":"用户问题","output":"权威完整答案"}]}。'
+    "要求："
+    "1. instruction 是自然语言问题，每条问不同的事实；"
+    "2. output 仅依据原文，不要臆测；"
+    "3. 禁止任何额外说明或代码块。"
+)
+DEFAULT_PARAPHRASE_PROMPT = (
+    '严格输出 JSON 对象：{"paraphrases": ["..."]}；'
+    "禁止任何额外文本/代码块/前后缀。"
+    "每项必须是可直接回答的等价问法：与原问题意思相同、答案相同，不引入原问题没有的信息，措辞和句式尽量多样。"
+)
+
+
+@dataclass
+class BuildSettings:
+    """Everything that shapes a build (the teacher's location and key excepted)."""
+
+    per_section: str = field(default="auto", metadata={"help": "Questions per section: a number, or 'auto' (about one per chars_per_question, at least 1)."})
+    chars_per_question: int = field(default=600, metadata={"help": "For 'auto': one question per this many characters."})
+    max_per_section: int = field(default=8, metadata={"help": "Upper bound for 'auto'."})
+    variants: int = field(default=14, metadata={"help": "Rephrasings asked for each base question (stage 2); 0 skips it."})
+    concurrency: int = field(default=8, metadata={"help": "Teacher calls in flight at once."})
+    temperature: float = field(default=0.2, metadata={"help": "Stage-1 temperature (the tutorial's 0.2)."})
+    max_tokens: int = field(default=600, metadata={"help": "Stage-1 max_tokens per question asked (the tutorial's 600)."})
+    paraphrase_temperature: float = field(default=0.8, metadata={"help": "Stage-2 temperature: higher gives more varied phrasings."})
+    paraphrase_max_tokens: int = field(default=1200, metadata={"help": "Stage-2 max_tokens."})
+    system_prompt: str = field(default=DEFAULT_PAIR_PROMPT, metadata={"help": "Stage-1 system prompt; {title} and {n} are filled in."})
+    paraphrase_prompt: str = field(default=DEFAULT_PARAPHRASE_PROMPT, metadata={"help": "Stage-2 system prompt."})
+    json_mode: bool = field(default=True, metadata={"help": "Ask for response_format json_object."})
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    split: SplitSettings = field(default_factory=SplitSettings)
+
+    def questions_for(self, section: Section) -> int:
+        text = str(self.per_section).strip().lower()
+        if text in ("", "auto"):
+            return max(1, min(self.max_per_section, round(section.chars / max(1, self.chars_per_question))))
+        try:
+            count = int(text)
+        except ValueError:
+            raise DataError(f"Questions per section must be a number or 'auto', not {self.per_section!r}.") from None
+        if count < 1:
+            raise DataError("Questions per section must be at least 1.")
+        return count
+
+
+@dataclass
+class BuildResult:
+    """Where a build wrote its files and what happened, for the summary and the CLI."""
+
+    sections: int = 0
+    base_pairs: int = 0
+    rows: int = 0
+    calls: int = 0
+    cached_calls: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures: dict = field(default_factory=dict)
+    truncated_but_used: int = 0
+    base_path: str = ""
+    dataset_path: str = ""
+    build_dir: str = ""
+    cancelled: bool = False
+
+    def summary(self) -> str:
+        failures = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.failures.items())) or "none"
+        return (f"{self.sections} sections -> {self.base_pairs} base pairs -> {self.rows} rows written. "
+                f"Teacher calls: {self.calls} made, {self.cached_calls} reused from the journal, {self.retries} retries. "
+                f"Failed calls by reason: {failures}. Tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion."
+                + (" Cancelled: partial result." if self.cancelled else ""))
+
+
+class CallJournal:
+    """Append-only record of successful teacher calls, keyed by everything that shaped them."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "journal.jsonl"
+        self.failures_path = folder / "failures.jsonl"
+        self._lock = threading.Lock()
+        self._done: dict[str, list] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self._done[record["key"]] = record["items"]
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut short by a crash: that call is simply made again
+
+    def get(self, key: str) -> list | None:
+        return self._done.get(key)
+
+    def record(self, key: str, stage: str, items: list, usage: dict) -> None:
+        self._append(self.path, {"key": key, "stage": stage, "items": items, "usage": usage})
+        with self._lock:
+            self._done[key] = items
+
+    def record_failure(self, stage: str, subject: str, reason: str, message: str) -> None:
+        self._append(self.failures_path, {"stage": stage, "subject": subject, "reason": reason, "message": message})
+
+    def _append(self, path: Path, record: dict) -> None:
+        with self._lock, open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+
+
+def call_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def build_folder(builds_dir: Path, name: str, document: str) -> Path:
+    digest = hashlib.sha256(document.encode("utf-8")).hexdigest()[:10]
+    return builds_dir / f"{safe_name(name)}-{digest}"
+
+
+class DatasetBuild:
+    """One run of the two-stage pipeline; `run(job)` is the job's target."""
+
+    def __init__(self, document: str, name: str, teacher: Teacher, teacher_id: str, settings: BuildSettings,
+                 data_dir: Path, builds_dir: Path):
+        self.document, self.name, self.teacher, self.settings = document, safe_name(name), teacher, settings
+        self.teacher_id = teacher_id  # model id + base URL: part of every cache key, never the API key
+        self.data_dir = Path(data_dir)
+        self.folder = build_folder(Path(builds_dir), name, document)
+        self.title = document_title(document, name)
+        self.sections = split_sections(document, settings.split)
+        if not self.sections:
+            raise DataError(f"No section of at least {settings.split.min_chars} characters was found in {name}. "
+                            "Lower the minimum length or check the headings.")
+        self.journal = CallJournal(self.folder)
+        self.result = BuildResult(sections=len(self.sections), build_dir=str(self.folder))
+        self._lock = threading.Lock()
+        self._failures: Counter = Counter()
+        self._first_failure = ""
+        self._pairs: dict[int, list[dict]] = {}
+        self._paraphrases: dict[str, list[str]] = {}
+        self._done = self._total = 0
+
+    # ----- prompts and keys ------------------------------------------------------------------
+    def _pair_messages(self, section: Section, n: int) -> list[dict]:
+        system = self.settings.system_prompt.replace("{title}", self.title).replace("{n}", str(n))
+        return [{"role": "system", "content": system}, {"role": "user", "content": section.text}]
+
+    def _paraphrase_messages(self, pair: dict) -> list[dict]:
+        user = f"原问题：{pair['instruction']}\n参考答案：{pair['output']}\n请给出 {self.settings.variants} 种不同的问法。"
+        return [{"role": "system", "content": self.settings.paraphrase_prompt}, {"role": "user", "content": user}]
+
+    def _key(self, stage: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
+        return call_key(stage, messages, self.teacher_id, temperature, max_tokens, self.settings.json_mode)
+
+    # ----- one call, with retries --------------------------------------------------------------
+    def _call(self, job: Job, stage: str, subject: str, key: str, messages, temperature, max_tokens,
+              parse) -> list | None:
+        cached = self.journal.get(key)
+        if cached is not None:
+            with self._lock:
+                self.result.cached_calls += 1
+            return cached
+
+        def attempt():
+            reply = self.teacher.complete(messages, temperature, max_tokens, self.settings.json_mode)
+            with self._lock:
+                self.result.prompt_tokens += reply.prompt_tokens
+                self.result.completion_tokens += reply.completion_tokens
+            parsed: Parsed = parse(reply.text, reply.finish_reason)
+            if not parsed.ok:
+                raise TeacherCallError(parsed.problem or "no_json", f"{stage} reply unusable: {parsed.problem}", True)
+            if parsed.problem == "truncated":
+                with self._lock:
+                    self.result.truncated_but_used += 1
+            return parsed.items, {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+
+        def count_attempt():
+            with self._lock:
+                self.result.calls += 1
+
+        def count_retry(reason, wait_s):
+            with self._lock:
+                self.result.retries += 1
+            job.log(f"{stage} {subject}: {reason}, retrying in {wait_s:.1f}s")
+
+        try:
+            items, usage = call_with_retries(attempt, self.settings.retry, job.cancel_event, count_attempt, count_retry)
+        except TeacherCallError as exc:
+            if exc.reason != "cancelled":
+                with self._lock:
+                    self._failures[exc.reason] += 1
+                    self._first_failure = self._first_failure or str(exc)
+                self.journal.record_failure(stage, subject, exc.reason, str(exc))
+                job.log(f"{stage} {subject} failed: {exc.reason}")
+            return None
+        self.journal.record(key, stage, items, usage)
+        return items
+
+    def _pair_task(self, job: Job, section: Section) -> tuple[Section, list[dict]]:
+        n = self.settings.questions_for(section)
+        messages = self._pair_messages(section, n)
+        key = self._key("pairs", messages, self.settings.temperature, self.settings.max_tokens * n)
+        items = self._call(job, "pairs", f"section {section.index} ({section.heading})", key, messages,
+                           self.settings.temperature, self.settings.max_tokens * n, parse_pairs) or []
+        return section, items[:n]
+
+    def _paraphrase_task(self, job: Job, group: str, pair: dict) -> tuple[str, list[str]]:
+        messages = self._paraphrase_messages(pair)
+        key = self._key("paraphrases", messages, self.settings.paraphrase_temperature, self.settings.paraphrase_max_tokens)
+        items = self._call(job, "paraphrases", f"group {group}", key, messages, self.settings.paraphrase_temperature,
+                           self.settings.paraphrase_max_tokens, parse_strings) or []
+        return group, items
+
+    # ----- the pipeline ------------------------------------------------------------------------
+    def run(self, job: Job) -> dict:
+        job.add_secret_from(self.teacher)
+        write_text_atomic(self.folder / "build.json", json.dumps(self._manifest(), ensure_ascii=False, indent=2))
+        job.log(f"{len(self.sections)} sections from {self.name}; teacher {self.teacher.label}; build folder {self.folder}")
+        workers = max(1, min(self.settings.concurrency, self.teacher.max_concurrency))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher") as pool:
+            pending: set[Future] = {pool.submit(self._pair_task, job, s) for s in self.sections}
+            self._total = len(pending)
+            self._report(job)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    if not future.cancelled():
+                        pending |= self._on_finished(job, pool, future.result())
+                if job.cancelled:
+                    for future in pending:
+                        future.cancel()
+        self.result.cancelled = job.cancelled
+        self.result.failures = dict(self._failures)
+        self._write_outputs(job)
+        job.log(self.result.summary())
+        if not self.result.rows and not job.cancelled:
+            raise DataError("Nothing was written: no teacher call produced a usable pair. "
+                            f"{self.result.summary()} First failure: {self._first_failure}")
+        return asdict(self.result)
+
+    def _on_finished(self, job: Job, pool: ThreadPoolExecutor, outcome) -> set[Future]:
+        new: set[Future] = set()
+        key, items = outcome
+        if isinstance(key, Section):
+            pairs = [{"group": f"s{key.index:02d}-q{j}", "section": key.heading, **p} for j, p in enumerate(items, 1)]
+            self._pairs[key.index] = pairs
+            if self.settings.variants > 0 and not job.cancelled:
+                new = {pool.submit(self._paraphrase_task, job, p["group"], p) for p in pairs}
+        else:
+            self._paraphrases[key] = items
+        self._done += 1
+        self._total += len(new)
+        self._report(job)
+        return new
+
+    def _report(self, job: Job) -> None:
+        job.emit("progress", f"{self._done}/{self._total} calls done, {sum(self._failures.values())} failed",
+                 done=self._done, total=self._total, failed=sum(self._failures.values()))
+
+    # ----- outputs -----------------------------------------------------------------------------
+    def rows(self) -> tuple[list[dict], list[dict]]:
+        """(base rows, dataset rows): normalised, de-duplicated, each with `group` and `kind`."""
+        seen: set[str] = set()
+        base_rows, rows = [], []
+        for index in sorted(self._pairs):
+            for pair in self._pairs[index]:
+                question = normalize_question(pair["instruction"])
+                if not question or dedup_key(question) in seen:
+                    continue
+                seen.add(dedup_key(question))
+                base = {"instruction": question, "output": pair["output"], "group": pair["group"],
+                        "kind": "base", "section": pair["section"]}
+                base_rows.append(base)
+                rows.append(base)
+                for variant in self._paraphrases.get(pair["group"], []):
+                    variant = normalize_question(variant)
+                    if variant and dedup_key(variant) not in seen:
+                        seen.add(dedup_key(variant))
+                        rows.append({**base, "instruction": variant, "kind": "paraphrase"})
+        return base_rows, rows
+
+    def _write_outputs(self, job: Job) -> None:
+        base_rows, rows = self.rows()
+        self.result.base_pairs, self.result.rows = len(base_rows), len(rows)
+        if not rows:
+            job.log("Nothing was written: no call produced a usable pair.")
+            return
+        stamp = timestamp()
+        base_path = write_jsonl_atomic(self.data_dir / f"{self.name}_base_{stamp}.jsonl", base_rows)
+        dataset_path = write_jsonl_atomic(self.data_dir / f"{self.name}_dataset_{stamp}.jsonl", rows)
+        self.result.base_path, self.result.dataset_path = str(base_path), str(dataset_path)
+        write_text_atomic(self.folder / "summary.json", json.dumps(asdict(self.result), ensure_ascii=False, indent=2))
+        job.log(f"base saved: {len(base_rows)} -> {base_path}")
+        job.log(f"saved: {len(rows)} -> {dataset_path}")
+
+    def _manifest(self) -> dict:
+        settings = asdict(self.settings)
+        return {"name": self.name, "title": self.title, "teacher": self.teacher_id, "settings": settings,
+                "sections": [{"index": s.index, "heading": s.heading, "chars": s.chars, "sha256": s.content_hash}
+                             for s in self.sections]}

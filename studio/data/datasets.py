@@ -1,0 +1,114 @@
+"""The studio's one dataset format, and import from the other common ones.
+
+A dataset is JSONL, one row per line: `{"instruction": ..., "output": ...}` as in the tutorial, with
+optional extra fields (`group`, `kind`, `section`, `system`). Alpaca rows (`instruction`/`input`/
+`output`) and chat rows (`messages`) are converted on import. Errors name the file and the line.
+Every file is written atomically: a crash leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from studio.data.documents import decode_document
+from studio.errors import DataError
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
+    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^\w\-]+", "_", name.strip(), flags=re.UNICODE).strip("_")
+    return cleaned or "dataset"
+
+
+def row_from_record(record, where: str) -> dict:
+    """One row in the studio's format from any supported record shape."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if "messages" in record:
+        return _row_from_messages(record["messages"], where)
+    instruction, output = record.get("instruction"), record.get("output")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{where}: missing a non-empty \"instruction\" (or \"messages\").")
+    if not isinstance(output, str) or not output.strip():
+        raise DataError(f"{where}: missing a non-empty \"output\".")
+    extra_input = record.get("input")
+    if isinstance(extra_input, str) and extra_input.strip():
+        instruction = f"{instruction.strip()}\n\n{extra_input.strip()}"
+    row = {"instruction": instruction.strip(), "output": output.strip()}
+    row.update({k: v for k, v in record.items() if k not in ("instruction", "output", "input")})
+    return row
+
+
+def _row_from_messages(messages, where: str) -> dict:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"{where}: \"messages\" must be a list of {{role, content}} objects.")
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    assistants = [m.get("content", "") for m in messages if m.get("role") == "assistant"]
+    if not users or not assistants or not str(users[-1]).strip() or not str(assistants[-1]).strip():
+        raise DataError(f"{where}: \"messages\" needs a user turn followed by an assistant turn.")
+    row = {"instruction": str(users[-1]).strip(), "output": str(assistants[-1]).strip()}
+    system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+    if system:
+        row["system"] = system
+    return row
+
+
+def read_dataset(path: str | Path) -> list[dict]:
+    """Rows of a JSONL (or JSON array) dataset in any supported shape; DataError names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Dataset not found: {path}")
+    text = decode_document(path.read_bytes(), path.name)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path.name}: not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+        return [row_from_record(r, f"{path.name}, item {i}") for i, r in enumerate(records, 1)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path.name}, line {number}: not valid JSON ({exc.msg}, column {exc.colno}).") from None
+        rows.append(row_from_record(record, f"{path.name}, line {number}"))
+    if not rows:
+        raise DataError(f"{path.name} has no rows.")
+    return rows
+
+
+def list_datasets(data_dir: Path) -> list[Path]:
+    """Dataset files in `data_dir`, newest first."""
+    files = [p for p in Path(data_dir).glob("*.jsonl") if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)

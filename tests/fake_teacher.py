@@ -1,0 +1,134 @@
+"""A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions protocol, scriptable per call.
+
+By default it answers like a good teacher: stage-1 calls get pairs built from the section text,
+stage-2 calls get numbered rephrasings. A script (a list of behaviours, consumed one per call) makes
+it misbehave: fenced JSON, prose, truncation, wrong schema, empty, 429 with Retry-After, 500, a hang.
+"""
+
+import json
+import re
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+def _pairs_reply(section_text: str, n: int) -> str:
+    heading = section_text.splitlines()[0].lstrip("#").strip()
+    body = " ".join(line.strip() for line in section_text.splitlines()[1:] if line.strip())
+    pairs = [{"instruction": f"{heading}的第{i}个要点是什么", "output": f"{heading}：{body[:60]}（要点{i}）"}
+             for i in range(1, n + 1)]
+    return json.dumps({"pairs": pairs}, ensure_ascii=False)
+
+
+def _paraphrase_reply(question: str, n: int) -> str:
+    return json.dumps({"paraphrases": [f"请问{question}（问法{i}）" for i in range(1, n + 1)]}, ensure_ascii=False)
+
+
+def good_reply(request: dict) -> str:
+    system, user = request["messages"][0]["content"], request["messages"][-1]["content"]
+    if "paraphrases" in system:
+        question = re.search(r"原问题：(.*)", user).group(1)
+        n = int(re.search(r"请给出 (\d+) 种", user).group(1))
+        return _paraphrase_reply(question.rstrip("？?"), n)
+    n = int(re.search(r"转写为 (\d+) 条", system).group(1)) if "转写为" in system else 1
+    return _pairs_reply(user, n)
+
+
+@dataclass
+class Behaviour:
+    """What to do with one call. kind: ok, fenced, prose, truncated, wrong_schema, empty, status, hang."""
+
+    kind: str = "ok"
+    status: int = 200
+    retry_after: str | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class FakeTeacher:
+    latency: float = 0.0
+    script: deque = field(default_factory=deque)
+    hits: list = field(default_factory=list)
+    auth_headers: list = field(default_factory=list)
+    port: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def then(self, *behaviours: Behaviour) -> "FakeTeacher":
+        self.script.extend(behaviours)
+        return self
+
+    def _next(self) -> Behaviour:
+        with self._lock:
+            return self.script.popleft() if self.script else Behaviour()
+
+    def handle(self, request: dict, auth: str):
+        """(status, headers, body dict) for one chat-completions request."""
+        with self._lock:
+            self.hits.append(request)
+            self.auth_headers.append(auth)
+        behaviour = self._next()
+        time.sleep(self.latency + behaviour.delay)
+        if behaviour.kind == "hang":
+            time.sleep(30)
+        if behaviour.kind == "status":
+            headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
+            return behaviour.status, headers, {"error": {"message": f"scripted {behaviour.status}", "type": "error"}}
+        text, finish = good_reply(request), "stop"
+        if behaviour.kind == "fenced":
+            text = f"```json\n{text}\n```"
+        elif behaviour.kind == "prose":
+            text = f"好的，下面是结果：\n{text}\n希望对你有帮助。"
+        elif behaviour.kind == "truncated":
+            text, finish = text[: max(10, len(text) * 2 // 3)], "length"
+        elif behaviour.kind == "wrong_schema":
+            text = json.dumps({"question_list": "none", "note": "wrong keys"})
+        elif behaviour.kind == "empty":
+            text = ""
+        return 200, {}, completion(request, text, finish)
+
+    def start(self) -> "FakeTeacher":
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            import asyncio
+
+            body = await request.json()
+            status, headers, payload = await asyncio.to_thread(self.handle, body, request.headers.get("authorization", ""))
+            return JSONResponse(payload, status_code=status, headers=headers)
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.time() + 10
+        while not getattr(self._server, "started", False) and time.time() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)
+
+
+def completion(request: dict, text: str, finish: str) -> dict:
+    prompt_chars = sum(len(m["content"]) for m in request["messages"])
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": request["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": prompt_chars, "completion_tokens": len(text),
+                  "total_tokens": prompt_chars + len(text)},
+    }
