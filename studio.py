@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     chat.add_argument("--repetition-penalty", type=float, default=1.05, help="default 1.05")
+    build = commands.add_parser("build-dataset", help="turn a document into an instruction dataset through a teacher")
+    build.add_argument("--doc", required=True, help="Markdown or text document")
+    build.add_argument("--name", default="", help="dataset name (default: the document's file name)")
+    build.add_argument("--out-dir", default=None, help="where the JSONL files go (default: data/)")
+    build.add_argument("--base-url", default=None, help="OpenAI-compatible base URL of the teacher")
+    build.add_argument("--model", dest="teacher", default=None, help="teacher model id")
+    build.add_argument("--api-key-env", default=None,
+                       help="environment variable holding the API key (default: STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
+    build.add_argument("--variants", type=int, default=14, help="rephrasings per base question (default 14)")
+    build.add_argument("--per-section", default="auto", help="questions per section: a number or auto (default)")
+    build.add_argument("--concurrency", type=int, default=8, help="teacher calls in flight (default 8)")
+    build.add_argument("--timeout", type=float, default=120.0, help="seconds per teacher call (default 120)")
+    build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
+    build.add_argument("--min-chars", type=int, default=100, help="shortest section kept (default 100)")
+    build.add_argument("--local-teacher", action="store_true", help="use a local model as the teacher (no API key)")
+    build.add_argument("--teacher-model", default=None, help="with --local-teacher: hub id or folder of that model")
+    build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
     return parser
 
 
@@ -105,7 +122,42 @@ def run_chat(args: argparse.Namespace, services) -> int:
     return 0
 
 
-COMMANDS = {None: run_ui, "chat": run_chat}
+def print_event(event: dict) -> None:
+    if event["type"] in ("log", "progress") and event.get("message"):
+        print(f"[{event['type']}] {event['message']}", flush=True)
+
+
+def run_build_dataset(args: argparse.Namespace, services) -> int:
+    from pathlib import Path
+
+    from studio.data.builder import BuildSettings
+    from studio.data.documents import SplitSettings
+    from studio.data.service import start_build
+    from studio.data.teacher import RetryPolicy, TeacherConfig
+    from studio.jobs import JobStatus, follow
+    from studio.model.loading import ModelSpec
+    from studio.secrets import key_from_env
+
+    paths = services.paths
+    if args.out_dir:
+        paths = StudioPaths(Path(args.out_dir), paths.runs_dir).ensure()
+    settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
+                             retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
+    if args.local_teacher:
+        services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant))
+        teacher = None
+    else:
+        if not args.base_url or not args.teacher:
+            raise StudioError("build-dataset needs --base-url and --model (or --local-teacher).")
+        teacher = TeacherConfig(args.base_url, args.teacher, key_from_env(args.api_key_env), args.timeout)
+    job = start_build(services.jobs, services.manager, paths, args.doc, settings, teacher, args.name)
+    follow(job, print_event)
+    if job.status is JobStatus.FAILED:
+        raise StudioError(job.error)
+    return 0 if job.result.get("rows") else 1
+
+
+COMMANDS = {None: run_ui, "chat": run_chat, "build-dataset": run_build_dataset}
 
 
 def main(argv: list[str] | None = None) -> int:

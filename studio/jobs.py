@@ -163,3 +163,16 @@ class JobBoard:
         if thread is not None:
             thread.join(timeout)
         return job
+
+
+def follow(job: Job, on_event: Callable[[dict], None], poll_s: float = 0.2) -> Job:
+    """Call `on_event` for each event of `job` as it arrives, until the job has ended (for the CLI)."""
+    cursor = 0
+    while True:
+        running = job.running
+        events, cursor = job.events_since(cursor)
+        for event in events:
+            on_event(event)
+        if not running and not events:
+            return job
+        time.sleep(poll_s)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.access import AccessPolicy
+from studio.jobs import JobBoard
 from studio.model.manager import ModelManager
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,7 @@ class Services:
 
     manager: ModelManager
     policy: AccessPolicy = field(default_factory=AccessPolicy.full)
+    jobs: JobBoard = field(default_factory=JobBoard)
     paths: StudioPaths = field(default_factory=StudioPaths)
     default_model: str = DEFAULT_MODEL
     default_quant: str = "4bit"

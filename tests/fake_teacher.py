@@ -72,14 +72,14 @@ class FakeTeacher:
             return self.script.popleft() if self.script else Behaviour()
 
     def handle(self, request: dict, auth: str):
-        """(status, headers, body dict) for one chat-completions request."""
+        """Record one chat-completions request; return its behaviour and how long to wait."""
         with self._lock:
             self.hits.append(request)
             self.auth_headers.append(auth)
         behaviour = self._next()
-        time.sleep(self.latency + behaviour.delay)
-        if behaviour.kind == "hang":
-            time.sleep(30)
+        return behaviour, self.latency + behaviour.delay + (30 if behaviour.kind == "hang" else 0)
+
+    def respond(self, request: dict, behaviour: Behaviour):
         if behaviour.kind == "status":
             headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
             return behaviour.status, headers, {"error": {"message": f"scripted {behaviour.status}", "type": "error"}}
@@ -104,7 +104,9 @@ class FakeTeacher:
             import asyncio
 
             body = await request.json()
-            status, headers, payload = await asyncio.to_thread(self.handle, body, request.headers.get("authorization", ""))
+            behaviour, wait_s = self.handle(body, request.headers.get("authorization", ""))
+            await asyncio.sleep(wait_s)  # latency without holding a thread: many calls can wait at once
+            status, headers, payload = self.respond(body, behaviour)
             return JSONResponse(payload, status_code=status, headers=headers)
 
         with socket.socket() as sock:

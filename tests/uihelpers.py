@@ -18,7 +18,8 @@ def launched(services):
 
     app = build_app(services)
     port = free_port()
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               show_error=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

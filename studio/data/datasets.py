@@ -112,3 +112,23 @@ def list_datasets(data_dir: Path) -> list[Path]:
     """Dataset files in `data_dir`, newest first."""
     files = [p for p in Path(data_dir).glob("*.jsonl") if p.is_file()]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited") -> Path:
+    """Validate `rows` and write them as a new dataset file `<name>_<tag>_<timestamp>.jsonl`."""
+    clean = []
+    for number, row in enumerate(rows, 1):
+        if not str(row.get("instruction", "")).strip() and not str(row.get("output", "")).strip():
+            continue  # an emptied row is a deleted row
+        record = {k: v for k, v in row.items() if v is not None and v == v and v != ""}  # drop NaN and blanks
+        clean.append(row_from_record(record, f"row {number}"))
+    if not clean:
+        raise DataError("There are no rows to save.")
+    return write_jsonl_atomic(Path(data_dir) / f"{safe_name(name)}_{tag}_{timestamp()}.jsonl", clean)
+
+
+def import_dataset(source: str | Path, data_dir: Path) -> tuple[Path, list[dict]]:
+    """Read a dataset in any supported shape and save it in the studio's format under `data_dir`."""
+    source = Path(source)
+    rows = read_dataset(source)
+    return save_rows(rows, source.stem, data_dir, tag="imported"), rows

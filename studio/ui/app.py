@@ -7,6 +7,7 @@ import gradio as gr
 from studio.model.generation import StopSignals
 from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
+from studio.ui.dataset_tab import build_dataset_tab
 from studio.ui.strings import strings
 
 PENDING_NOTE = "This tab arrives with its own issue; nothing here pretends to work yet."
@@ -22,7 +23,8 @@ def build_app(services: Services) -> gr.Blocks:
             model_status = gr.Markdown(services.manager.status().describe(), elem_id="model-status")
         with gr.Tabs():
             build_chat_tab(services, stops)
-            for tab in ("dataset", "train", "compare"):
+            build_dataset_tab(services)
+            for tab in ("train", "compare"):
                 with gr.Tab(strings(tab)["tab"], id=tab):
                     gr.Markdown(PENDING_NOTE)
         timer = gr.Timer(2.0)

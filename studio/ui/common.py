@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import html
 import inspect
+import time
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -32,3 +35,81 @@ def user_errors(fn):
         except StudioError as exc:
             raise gr.Error(str(exc)) from exc
     return wrapper
+
+
+@dataclass
+class JobPanel:
+    """Progress bar, status line and log tail of the latest job of one kind, polled by cursor.
+
+    Each browser session keeps its own cursor in gr.State, so a reload replays the job's whole log
+    from the start and a second viewer sees the same progress.
+    """
+
+    board: object
+    kind: str
+    message: gr.Markdown
+    progress: gr.HTML
+    log: gr.Textbox
+    state: gr.State
+    timer: gr.Timer
+    finished: gr.Textbox
+
+    def on_finish(self, fn, outputs) -> None:
+        """Run `fn(job)` once per session when the latest job ends (or is found ended after a reload)."""
+        self.finished.change(lambda job_id: fn(self.board.get(job_id)) if job_id else (gr.skip(),) * len(outputs),
+                             self.finished, outputs, api_name=False)
+
+
+LOG_LINES = 300
+
+
+def progress_html(job) -> str:
+    if job is None:
+        return ""
+    latest = job.latest("progress") or {}
+    done, total = latest.get("done", 0), latest.get("total", 0)
+    fraction = done / total if total else (1.0 if not job.running else 0.0)
+    colour = {"failed": "#d9534f", "cancelled": "#999"}.get(job.status.value, "#2f9e44")
+    text = html.escape(latest.get("message", "") or job.status.value)
+    return (f"<div class='job-progress'><div style='background:#eee;border-radius:4px;height:14px'>"
+            f"<div style='width:{fraction:.1%};background:{colour};height:14px;border-radius:4px'></div></div>"
+            f"<div>{html.escape(job.name)} · {job.status.value} · {text} · {job.elapsed:.0f}s</div></div>")
+
+
+def _log_line(event: dict) -> str | None:
+    if event["type"] not in ("log", "status") or not event.get("message"):
+        return None
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["t"]))
+    return f"[{stamp}] {event['message']}"
+
+
+def job_panel(board, kind: str, s: dict, poll_s: float = 1.0) -> JobPanel:
+    message = gr.Markdown()
+    progress = gr.HTML()
+    log = gr.Textbox(label=s.get("log", "Log"), lines=8, max_lines=16, interactive=False, autoscroll=True,
+                     elem_classes=["mono"])
+    state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None})
+    timer = gr.Timer(poll_s)
+    finished = gr.Textbox(visible=False)
+    panel = JobPanel(board, kind, message, progress, log, state, timer, finished)
+
+    def poll(view: dict):
+        job = board.latest(kind)
+        if job is None:
+            return gr.skip(), gr.skip(), view, gr.skip()
+        if view.get("job") != job.id:
+            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None}
+        running = job.running
+        events, cursor = job.events_since(view["cursor"])
+        lines = (view["lines"] + [line for line in map(_log_line, events) if line])[-LOG_LINES:]
+        view = {**view, "cursor": cursor, "lines": lines}
+        newly_finished = not running and not events and view.get("finished") != job.id
+        if newly_finished:
+            view["finished"] = job.id
+        if not events and not running and not newly_finished:
+            return gr.skip(), gr.skip(), view, gr.skip()
+        return (progress_html(job), "\n".join(lines) if events else gr.skip(), view,
+                job.id if newly_finished else gr.skip())
+
+    timer.tick(poll, state, [progress, log, state, finished], api_name=False, show_progress="hidden")
+    return panel

@@ -1,0 +1,86 @@
+"""The Dataset Builder tab end to end through gradio_client, and the build-dataset CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from fake_teacher import Behaviour, FakeTeacher
+from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT
+from studio.model.manager import ModelManager
+from studio.services import Services
+from uihelpers import launched
+from conftest import SAMPLE_DOC
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-ui-key-never-on-disk-0123456789"
+
+
+@pytest.fixture()
+def teacher():
+    server = FakeTeacher().start()
+    yield server
+    server.stop()
+
+
+def test_build_through_the_ui(workspace, teacher, monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        message, table = client.predict(None, str(SAMPLE_DOC), 100, 3000, ["##", "###"], api_name="/split")
+        assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
+        started = client.predict(None, str(SAMPLE_DOC), "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
+                                 "teacher-x", "", "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT,
+                                 0.2, 600, 3, 10, api_name="/build_dataset")
+        assert started == "Build started: wudeng."
+        job = services.jobs.wait(services.jobs.latest("dataset"), 60)
+        assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
+        assert teacher.auth_headers[0] == f"Bearer {KEY}"  # the key came from the environment
+        frame, opened, stem = client.predict(job.result["dataset_path"], api_name="/open_dataset")
+        assert opened.startswith("60 rows") and frame["headers"][:4] == ["instruction", "output", "group", "kind"]
+        # edit: change one answer, delete one row, save as a new file
+        data = frame["data"]
+        data[0][1] = "改过的答案"
+        data[1][0] = data[1][1] = ""
+        saved, _ = client.predict({"headers": frame["headers"], "data": data}, "edited", api_name="/save_dataset")
+        path = Path(saved.split(" to ")[1].rstrip("."))
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert len(rows) == 59 and rows[0]["output"] == "改过的答案" and rows[0]["group"] == "s00-q1"
+        config = urllib.request.urlopen(url + "config").read().decode("utf-8")
+        assert KEY not in config
+    written = "".join(p.read_text(encoding="utf-8", errors="replace") for p in workspace.data_dir.rglob("*") if p.is_file())
+    assert KEY not in written
+
+
+def test_import_reports_file_and_line(workspace, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": \n', encoding="utf-8")
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        with pytest.raises(Exception, match="broken.jsonl, line 2: not valid JSON"):
+            Client(url, verbose=False).predict(handle_file(str(bad)), api_name="/import_dataset")
+
+
+def test_cli_build_dataset_writes_files_and_fails_when_nothing_is_written(tmp_path, teacher):
+    env = {**os.environ, "MY_TEACHER_KEY": KEY}
+    base = [sys.executable, str(ROOT / "studio.py"), "build-dataset", "--doc", str(SAMPLE_DOC),
+            "--out-dir", str(tmp_path / "out"), "--base-url", teacher.base_url, "--model", "teacher-x",
+            "--api-key-env", "MY_TEACHER_KEY", "--variants", "2", "--per-section", "1"]
+    ok = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "19 sections -> 19 base pairs -> 57 rows written" in ok.stdout
+    assert len(list((tmp_path / "out").glob("wudeng_lighthouse_dataset_*.jsonl"))) == 1
+    assert KEY not in ok.stdout + ok.stderr
+    teacher.then(*[Behaviour("status", 403)] * 19)
+    failed = subprocess.run(base + ["--name", "other", "--attempts", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode != 0
+    assert "Nothing was written" in failed.stderr and "http_403: 19" in failed.stderr
