@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from studio.access import AccessPolicy  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
+from studio.train.settings import PRESETS  # noqa: E402
 from studio.services import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, PROJECT_ROOT, StudioPaths  # noqa: E402
 
 ASSETS = PROJECT_ROOT / "assets"
@@ -75,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--local-teacher", action="store_true", help="use a local model as the teacher (no API key)")
     build.add_argument("--teacher-model", default=None, help="with --local-teacher: hub id or folder of that model")
     build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
+    train = commands.add_parser("train", help="train a QLoRA adapter on a dataset and write a run folder")
+    add_model_options(train)
+    train.add_argument("--dataset", required=True, help="JSONL dataset (studio, Alpaca or chat-messages rows)")
+    train.add_argument("--output", default=None, help="run folder (default: runs/<dataset>_<timestamp>)")
+    train.add_argument("--preset", default="tutorial", choices=sorted(PRESETS), help="training preset (default tutorial)")
+    train.add_argument("--epochs", type=float, default=None, help="passes over the data (preset: 4)")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (preset: 1e-3)")
+    train.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (preset: 1)")
+    train.add_argument("--grad-accum", type=int, default=None, help="forward passes per optimizer step (preset: 8)")
+    train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (preset: 50; 0 = never)")
+    train.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16; alpha is 2 x r)")
+    train.add_argument("--targets", default="all",
+                       help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
+    train.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt stored with the adapter")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     return parser
 
 
@@ -157,7 +174,47 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     return 0 if job.result.get("rows") else 1
 
 
-COMMANDS = {None: run_ui, "chat": run_chat, "build-dataset": run_build_dataset}
+def train_request(args: argparse.Namespace, loaded, runs_dir):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from studio.train.job import RunRequest
+    from studio.train.service import load_request, new_run_dir
+    from studio.train.settings import ALL_PROJECTIONS, LoraSettings, peft_default_targets, preset
+
+    if args.resume:
+        return load_request(Path(args.resume))
+    overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.lr,
+                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "save_every": args.save_every}
+    settings = replace(preset(args.preset), **{k: v for k, v in overrides.items() if v is not None})
+    if args.targets == "all":
+        targets = ALL_PROJECTIONS
+    elif args.targets == "peft-default":
+        targets = peft_default_targets(loaded.model.config.model_type)
+    else:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, targets=targets)
+    run_dir = Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem)
+    return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
+
+
+def run_train(args: argparse.Namespace, services) -> int:
+    from studio.jobs import JobStatus, follow
+    from studio.model.loading import ModelSpec
+    from studio.train.service import start_training
+
+    services.manager.load(ModelSpec(args.model, args.quant))
+    request = train_request(args, services.manager._require_loaded(), services.paths.runs_dir)
+    job = start_training(services.jobs, services.manager, request)
+    print(f"[log] run folder: {request.run_dir}", flush=True)
+    follow(job, print_event)
+    if job.status is JobStatus.FAILED:
+        raise StudioError(job.error)
+    print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
+    return 0
+
+
+COMMANDS = {None: run_ui, "chat": run_chat, "build-dataset": run_build_dataset, "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from studio.model.generation import StopSignals
 from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
 from studio.ui.dataset_tab import build_dataset_tab
+from studio.ui.train_tab import build_train_tab
 from studio.ui.strings import strings
 
 PENDING_NOTE = "This tab arrives with its own issue; nothing here pretends to work yet."
@@ -24,7 +25,8 @@ def build_app(services: Services) -> gr.Blocks:
         with gr.Tabs():
             build_chat_tab(services, stops)
             build_dataset_tab(services)
-            for tab in ("train", "compare"):
+            build_train_tab(services)
+            for tab in ("compare",):
                 with gr.Tab(strings(tab)["tab"], id=tab):
                     gr.Markdown(PENDING_NOTE)
         timer = gr.Timer(2.0)

@@ -83,33 +83,54 @@ def _log_line(event: dict) -> str | None:
     return f"[{stamp}] {event['message']}"
 
 
-def job_panel(board, kind: str, s: dict, poll_s: float = 1.0) -> JobPanel:
+def metric_frames(metrics: list[dict]):
+    """Long-form frames for the loss plot (train and eval loss) and the learning-rate plot."""
+    import pandas as pd
+
+    loss = [{"step": m["step"], "value": m[key], "series": label} for m in metrics
+            for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")) if m.get(key) is not None]
+    rate = [{"step": m["step"], "value": m["learning_rate"], "series": "learning rate"} for m in metrics
+            if m.get("learning_rate") is not None]
+    empty = pd.DataFrame({"step": [], "value": [], "series": []})
+    return (pd.DataFrame(loss) if loss else empty), (pd.DataFrame(rate) if rate else empty)
+
+
+def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = False) -> JobPanel:
     message = gr.Markdown()
     progress = gr.HTML()
+    plot_outputs = []
+    if plots:
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("loss_plot", "Loss"), height=280)
+            lr_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("lr_plot", "Learning rate"), height=280)
+        plot_outputs = [loss_plot, lr_plot]
     log = gr.Textbox(label=s.get("log", "Log"), lines=8, max_lines=16, interactive=False, autoscroll=True,
                      elem_classes=["mono"])
-    state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None})
+    state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": []})
     timer = gr.Timer(poll_s)
     finished = gr.Textbox(visible=False)
     panel = JobPanel(board, kind, message, progress, log, state, timer, finished)
+    skips = (gr.skip(),) * len(plot_outputs)
 
     def poll(view: dict):
         job = board.latest(kind)
         if job is None:
-            return gr.skip(), gr.skip(), view, gr.skip()
+            return (gr.skip(), gr.skip(), view, gr.skip()) + skips
         if view.get("job") != job.id:
-            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None}
+            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": []}
         running = job.running
         events, cursor = job.events_since(view["cursor"])
         lines = (view["lines"] + [line for line in map(_log_line, events) if line])[-LOG_LINES:]
-        view = {**view, "cursor": cursor, "lines": lines}
+        new_metrics = [e for e in events if e["type"] == "metric"]
+        view = {**view, "cursor": cursor, "lines": lines, "metrics": view["metrics"] + new_metrics}
         newly_finished = not running and not events and view.get("finished") != job.id
         if newly_finished:
             view["finished"] = job.id
         if not events and not running and not newly_finished:
-            return gr.skip(), gr.skip(), view, gr.skip()
+            return (gr.skip(), gr.skip(), view, gr.skip()) + skips
+        plot_values = metric_frames(view["metrics"]) if (plots and new_metrics) else skips
         return (progress_html(job), "\n".join(lines) if events else gr.skip(), view,
-                job.id if newly_finished else gr.skip())
+                job.id if newly_finished else gr.skip()) + tuple(plot_values)
 
-    timer.tick(poll, state, [progress, log, state, finished], api_name=False, show_progress="hidden")
+    timer.tick(poll, state, [progress, log, state, finished] + plot_outputs, api_name=False, show_progress="hidden")
     return panel

@@ -1,0 +1,83 @@
+"""Adapters on disk: a PEFT folder (adapter_config.json + adapter_model.safetensors) plus studio.json.
+
+studio.json records which base, data, system prompt and settings made the adapter, and a fingerprint
+of the base's architecture, so an adapter made for another base is refused with a clear message
+before peft fails with a shape error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from studio.errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "studio.json"
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size")
+
+
+def base_fingerprint(model) -> dict:
+    """Architecture facts an adapter depends on."""
+    from studio.model.card import base_of
+
+    config = base_of(model).config
+    return {key: getattr(config, key, None) for key in FINGERPRINT_KEYS}
+
+
+def save_adapter(peft_model, adapter_name: str, folder: Path) -> Path:
+    """Write one adapter's config and weights flat into `folder` (no per-adapter subfolder)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    config = peft_model.peft_config[adapter_name]
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def load_adapter_weights(peft_model, adapter_name: str, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(Path(folder) / WEIGHTS_FILE)), adapter_name=adapter_name)
+
+
+def read_metadata(folder: Path) -> dict:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is damaged ({exc.msg} at line {exc.lineno}).") from None
+
+
+def check_adapter_folder(folder: Path, model) -> dict:
+    """The adapter's metadata, or AdapterError when the folder is damaged or made for another base."""
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise AdapterError(f"{folder} is not a complete adapter: {name} is missing.")
+    try:
+        json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
+    metadata = read_metadata(folder)
+    expected = metadata.get("base_fingerprint")
+    actual = base_fingerprint(model)
+    if expected and expected != actual:
+        differences = ", ".join(f"{k} {expected.get(k)} vs {actual.get(k)}" for k in FINGERPRINT_KEYS
+                                if expected.get(k) != actual.get(k))
+        raise AdapterError(f"The adapter in {folder} was made for another base model "
+                           f"({metadata.get('base_model', 'unknown')}): {differences}. Load that base first.")
+    return metadata

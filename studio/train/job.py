@@ -1,0 +1,252 @@
+"""The training job: QLoRA on the studio's one loaded 4-bit model, as the tutorial's section 4.1.
+
+The job holds the model's lease for its whole run. It adds a LoRA adapter named after the run to the
+shared model, trains it with the transformers Trainer (loss on the answer only), streams metrics to
+the job's event log, and saves the adapter with its metadata. Whatever happens, the model is left
+usable for chat: gradient checkpointing is switched off, the model is back in eval mode, and a failed
+adapter is removed. The base weights are never touched (no up-casting of its layers), so the base
+model's answers with the adapter disabled are the same before and after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studio.data.datasets import read_dataset, write_jsonl_atomic, write_text_atomic
+from studio.errors import DataError, StudioError
+from studio.jobs import Job
+from studio.model.manager import Lease, free_memory
+from studio.train import adapters
+from studio.train.formatting import IGNORE, format_example
+from studio.train.plot import render_loss_png
+from studio.train.settings import LoraSettings, TrainSettings, settings_dict
+from studio.train.split import split_heldout
+
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "optimizer.pt",
+                    "scheduler.pt")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder whose files are all present."""
+    folder = Path(run_dir) / "checkpoints"
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+            return candidate
+    return None
+
+
+@dataclass
+class RunRequest:
+    """What to train: the data, the prompt and the settings; `resume` continues a stopped run."""
+
+    dataset: Path
+    system_prompt: str
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    run_dir: Path | None = None
+    resume: bool = False
+
+
+class Collator:
+    """Pads a batch (input_ids with the pad id, labels with -100) and counts the real tokens it saw."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens_seen = 0
+        self.counting = True
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for feature in features:
+            pad = longest - len(feature["input_ids"])
+            ids.append(feature["input_ids"] + [self.pad_id] * pad)
+            labels.append(feature["labels"] + [IGNORE] * pad)
+            mask.append([1] * len(feature["input_ids"]) + [0] * pad)
+            if self.counting:
+                self.tokens_seen += len(feature["input_ids"])
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int) -> tuple[list[dict], int]:
+    """Examples for the Trainer, and how many rows were cut at max_length."""
+    examples, truncated = [], 0
+    for row in rows:
+        example = format_example(tokenizer, row.get("system") or system, row["instruction"], row["output"], max_length)
+        truncated += example.truncated
+        if any(label != IGNORE for label in example.labels):
+            examples.append({"input_ids": example.input_ids, "labels": example.labels})
+    return examples, truncated
+
+
+class TrainingRun:
+    """One training run on the leased model; `run(job)` is the job's target."""
+
+    def __init__(self, lease: Lease, request: RunRequest, extra_callbacks: tuple = ()):
+        self.lease, self.request = lease, request
+        self.loaded = lease.loaded
+        self.run_dir = Path(request.run_dir)
+        self.name = self.run_dir.name
+        self.extra_callbacks = extra_callbacks
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ----- data --------------------------------------------------------------------------------
+    def _split(self, job: Job) -> tuple[list[dict], list[dict]]:
+        heldout_path = self.run_dir / "heldout.jsonl"
+        train_path = self.run_dir / "train_split.jsonl"
+        if self.request.resume and heldout_path.exists() and train_path.exists():
+            return read_dataset(train_path), read_dataset(heldout_path) if heldout_path.stat().st_size else []
+        rows = read_dataset(self.request.dataset)
+        settings = self.request.train
+        train_rows, heldout = split_heldout(rows, settings.heldout_per_group, seed=settings.seed)
+        if not train_rows:
+            raise DataError(f"{self.request.dataset} leaves no rows to train on after the held-out split.")
+        write_jsonl_atomic(train_path, train_rows)
+        write_jsonl_atomic(heldout_path, heldout)
+        job.log(f"{len(rows)} rows: {len(train_rows)} for training, {len(heldout)} held out "
+                f"({settings.heldout_per_group} phrasing per group of 4+).")
+        return train_rows, heldout
+
+    # ----- the adapter on the shared model -----------------------------------------------------
+    def _attach_trainable_adapter(self) -> object:
+        from peft import PeftModel, get_peft_model
+
+        model, config = self.loaded.model, self.request.lora.to_peft()
+        if isinstance(model, PeftModel):
+            if self.name in model.peft_config:
+                model.delete_adapter(self.name)
+            model.add_adapter(self.name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=self.name)
+            self.loaded.model = model
+        model.set_adapter(self.name)
+        return model
+
+    def _remove_adapter(self) -> None:
+        model = self.loaded.model
+        if hasattr(model, "peft_config") and self.name in model.peft_config:
+            if len(model.peft_config) == 1:
+                self.loaded.model = model.unload()  # strips the LoRA layers: back to the plain base
+            else:
+                model.delete_adapter(self.name)
+        self.loaded.adapters.pop(self.name, None)
+
+    # ----- the run -----------------------------------------------------------------------------
+    def run(self, job: Job) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        train_rows, heldout_rows = self._split(job)
+        tokenizer = self.loaded.tokenizer
+        settings = self.request.train
+        train_set, truncated = tokenize_rows(tokenizer, train_rows, self.request.system_prompt, settings.max_length)
+        eval_set, _ = tokenize_rows(tokenizer, heldout_rows, self.request.system_prompt, settings.max_length)
+        if truncated:
+            job.log(f"{truncated} training rows were longer than {settings.max_length} tokens and were cut.")
+        checkpoint = last_complete_checkpoint(self.run_dir) if self.request.resume else None
+        if self.request.resume and checkpoint is None:
+            raise StudioError(f"{self.run_dir} has no complete checkpoint to resume from.")
+        model = self._attach_trainable_adapter()
+        started = time.time()
+        try:
+            outcome = self._train(job, model, train_set, eval_set, checkpoint)
+        except Exception as exc:
+            self._remove_adapter()
+            raise self._explain(exc) from exc
+        finally:
+            self._back_to_inference(self.loaded.model)
+        if outcome["nan_step"] is not None:
+            self._remove_adapter()
+            raise StudioError(f"Training stopped: the loss became {outcome['nan_value']} at step {outcome['nan_step']}. "
+                              f"Lower the learning rate (it was {settings.learning_rate:g}) and train again.")
+        return self._finish(job, outcome, len(train_rows), len(heldout_rows), time.time() - started)
+
+    def _train(self, job: Job, model, train_set, eval_set, checkpoint) -> dict:
+        from studio.train.trainer import build_trainer
+
+        collator = Collator(self.loaded.tokenizer.pad_token_id)
+        trainer, tracker = build_trainer(self, job, model, train_set, eval_set, collator)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        return tracker.outcome(trainer)
+
+    def _back_to_inference(self, model) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        base.config.use_cache = True
+        model.eval()
+        free_memory()
+
+    def _explain(self, exc: Exception) -> Exception:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            s = self.request.train
+            return StudioError(
+                "Out of GPU memory during training. Lower the batch size (now "
+                f"{s.batch_size}), the max length (now {s.max_length}) or the LoRA rank (now {self.request.lora.r}), "
+                "or turn gradient checkpointing on. The model was kept and still chats.")
+        if isinstance(exc, StudioError):
+            return exc
+        return StudioError(f"Training failed: {exc.__class__.__name__}: {exc}")
+
+    # ----- results -----------------------------------------------------------------------------
+    def _finish(self, job: Job, outcome: dict, n_train: int, n_heldout: int, seconds: float) -> dict:
+        model = self.loaded.model
+        adapters.save_adapter(model, self.name, self.run_dir)
+        metrics = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()] \
+            if self.metrics_path.exists() else []
+        render_loss_png(metrics, self.run_dir / "loss.png")
+        status = f"stopped at step {outcome['step']}" if job.cancelled else "completed"
+        metadata = self._metadata(outcome, n_train, n_heldout, seconds, status)
+        write_text_atomic(self.run_dir / adapters.METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2))
+        self.loaded.adapters[self.name] = str(self.run_dir)
+        job.log(f"Adapter {self.name} saved to {self.run_dir} ({status}); it is attached and ready to chat.")
+        return {"run_dir": str(self.run_dir), "adapter": self.name, "status": status,
+                "final_train_loss": metadata["final_train_loss"], "final_eval_loss": metadata["final_eval_loss"],
+                "steps": outcome["step"]}
+
+    def _metadata(self, outcome: dict, n_train: int, n_heldout: int, seconds: float, status: str) -> dict:
+        from studio.model.card import parameter_counts
+
+        request = self.request
+        previous = adapters.read_metadata(self.run_dir) if request.resume else {}
+        trainable = sum(p.numel() for n, p in self.loaded.model.named_parameters() if f".{self.name}." in n)
+        return {
+            "name": self.name,
+            "status": status,
+            "base_model": self.loaded.spec.name_or_path,
+            "base_quant": self.loaded.spec.quant,
+            "base_fingerprint": adapters.base_fingerprint(self.loaded.model),
+            "dataset": str(request.dataset),
+            "dataset_sha256": file_sha256(Path(request.dataset)),
+            "split": {"train_rows": n_train, "heldout_rows": n_heldout, "heldout_file": "heldout.jsonl",
+                      "train_file": "train_split.jsonl", "heldout_per_group": request.train.heldout_per_group},
+            "system_prompt": request.system_prompt,
+            **settings_dict(request.lora, request.train),
+            "trainable_params": trainable,
+            "total_params": parameter_counts(self.loaded.model)[0],
+            "steps": outcome["step"],
+            "max_steps": outcome["max_steps"],
+            "final_train_loss": outcome["train_loss"],
+            "final_eval_loss": outcome["eval_loss"],
+            "duration_s": round(seconds + previous.get("duration_s", 0.0), 2),
+            "tokens_per_s": outcome["tokens_per_s"],
+            "resumed_from": outcome.get("resumed_from"),
+            "device": self.loaded.device,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }

@@ -1,0 +1,69 @@
+"""LoRA and training settings, with the tutorial's values as defaults and presets by name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """Where and how big the adapter is (the tutorial's 4.1.2)."""
+
+    r: int = field(default=16, metadata={"help": "Rank of the low-rank update."})
+    alpha: int = field(default=32, metadata={"help": "Scaling: the update is multiplied by alpha / r."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input during training."})
+    bias: str = field(default="none", metadata={"help": "Train no biases ('none'), as the tutorial."})
+    targets: tuple[str, ...] = field(default=ALL_PROJECTIONS, metadata={"help": "Linear layers that get an adapter."})
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias=self.bias,
+                          task_type="CAUSAL_LM", target_modules=list(self.targets))
+
+
+def peft_default_targets(model_type: str) -> tuple[str, ...]:
+    """peft's built-in choice for a model type (for qwen2: q_proj and v_proj, as the tutorial's notebook)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+
+    return tuple(MAPPING.get(model_type, ("q_proj", "v_proj")))
+
+
+@dataclass
+class TrainSettings:
+    """How the adapter is trained (the tutorial's 4.1.4)."""
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    epochs: float = field(default=4.0, metadata={"help": "Passes over the training rows."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = use epochs)."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences per forward pass."})
+    grad_accum: int = field(default=8, metadata={"help": "Forward passes per optimizer step."})
+    scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps spent warming up."})
+    max_length: int = field(default=2048, metadata={"help": "Longer training sequences are cut to this many tokens."})
+    precision: str = field(default="auto", metadata={"help": "auto = bf16 where supported, else fp16 on GPU, fp32 on CPU."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
+    seed: int = field(default=42, metadata={"help": "Random seed for the split, initialisation and shuffling."})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (0 = never); the last two are kept."})
+    heldout_per_group: int = field(default=1, metadata={"help": "Phrasings of each fact kept out of training (groups of 4+)."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
+
+
+PRESETS: dict[str, tuple[str, TrainSettings]] = {
+    "tutorial": ("Tutorial recipe: lr 1e-3, 4 epochs, batch 1 x grad-accum 8, linear, 3% warmup, checkpointing",
+                 TrainSettings()),
+}
+
+
+def preset(name: str) -> TrainSettings:
+    if name not in PRESETS:
+        from studio.errors import StudioError
+
+        raise StudioError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return replace(PRESETS[name][1])
+
+
+def settings_dict(lora: LoraSettings, train: TrainSettings) -> dict:
+    return {"lora": {**asdict(lora), "targets": list(lora.targets)}, "training": asdict(train)}

@@ -1,0 +1,157 @@
+"""The transformers Trainer, adapted to a named adapter on a shared model, and a progress tracker.
+
+Checkpoints hold only this run's adapter (flat files, not every adapter on the model), plus the
+optimizer, scheduler, RNG and trainer state, so Resume continues the same run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from studio.train import adapters
+
+
+class StudioTrainer(Trainer):
+    """A Trainer that saves and restores one named adapter and keeps eval time out of tokens/s."""
+
+    adapter_name: str = "default"
+    eval_seconds: float = 0.0
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        adapters.save_adapter(self.model, self.adapter_name, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        adapters.load_adapter_weights(model or self.model, self.adapter_name, Path(resume_from_checkpoint))
+
+    def evaluate(self, *args, **kwargs):
+        started = time.time()
+        self.data_collator.counting = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator.counting = True
+            self.eval_seconds += time.time() - started
+
+
+class ProgressTracker(TrainerCallback):
+    """Streams step, loss, eval loss, learning rate and tokens/s to the job; stops on Stop and on NaN."""
+
+    def __init__(self, run, job, collator):
+        self.run, self.job, self.collator = run, job, collator
+        self.trainer: StudioTrainer | None = None
+        self.started = time.time()
+        self.start_step = 0
+        self.train_loss = self.eval_loss = None
+        self.nan_step = self.nan_value = None
+        self.tokens_per_s = 0.0
+
+    def _train_seconds(self) -> float:
+        return max(1e-6, time.time() - self.started - (self.trainer.eval_seconds if self.trainer else 0.0))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.start_step = time.time(), state.global_step
+        self.collator.tokens_seen = 0
+        resumed = f", resumed at step {state.global_step}" if state.global_step else ""
+        self.job.log(f"Training {self.run.name}: {state.max_steps} optimizer steps{resumed}.")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "train_runtime" in logs:
+            return
+        self.tokens_per_s = self.collator.tokens_seen / self._train_seconds()
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "elapsed_s": round(time.time() - self.started, 2), "tokens_per_s": round(self.tokens_per_s, 1)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                record[key] = float(logs[key])
+        if "loss" in record:
+            self.train_loss = record["loss"]
+        bad = [record[k] for k in ("loss", "eval_loss") if k in record and not math.isfinite(record[k])]
+        if bad and self.nan_step is None:
+            self.nan_step, self.nan_value = state.global_step, bad[0]
+            control.should_training_stop = True
+        if "eval_loss" in record:
+            self.eval_loss = record["eval_loss"]
+        with open(self.run.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.job.emit("metric", "", **record)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done, total = state.global_step, state.max_steps
+        elapsed = time.time() - self.started
+        steps_here = max(1, done - self.start_step)
+        eta = elapsed / steps_here * (total - done)
+        self.job.emit("progress", f"step {done}/{total} · epoch {state.epoch or 0:.2f} · {elapsed:.0f}s elapsed · "
+                                  f"ETA {eta:.0f}s · {self.tokens_per_s:.0f} tokens/s",
+                      done=done, total=total, epoch=state.epoch, elapsed=elapsed, eta=eta)
+        if self.job.cancelled:
+            control.should_training_stop = True
+            control.should_save = True  # a checkpoint at the stop step, so Resume continues from here
+            self.job.log(f"Stop requested: stopping after step {done}.")
+
+    def outcome(self, trainer) -> dict:
+        state = trainer.state
+        return {"step": state.global_step, "max_steps": state.max_steps, "train_loss": self.train_loss,
+                "eval_loss": self.eval_loss, "tokens_per_s": round(self.tokens_per_s, 1),
+                "nan_step": self.nan_step, "nan_value": self.nan_value,
+                "resumed_from": self.start_step or None}
+
+
+def precision_flags(precision: str, device: str) -> dict:
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"bf16": False, "fp16": False, "use_cpu": True}
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def build_trainer(run, job, model, train_set, eval_set, collator):
+    s = run.request.train
+    collator.counting = True
+    args = TrainingArguments(
+        output_dir=str(run.run_dir / "checkpoints"),
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        lr_scheduler_type=s.scheduler,
+        warmup_steps=s.warmup_ratio,
+        logging_steps=s.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
+        optim="adamw_torch",
+        seed=s.seed,
+        data_seed=s.seed,
+        save_strategy="steps" if s.save_every else "no",
+        save_steps=s.save_every or 500,
+        save_total_limit=2,
+        eval_strategy="epoch" if eval_set else "no",
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **precision_flags(s.precision, run.loaded.device),
+    )
+    model.config.use_cache = False
+    trainer = StudioTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                            data_collator=collator)
+    trainer.adapter_name = run.name
+    trainer.remove_callback(PrinterCallback)  # progress goes to the job's event log, not stdout
+    trainer.remove_callback(ProgressCallback)
+    tracker = ProgressTracker(run, job, collator)
+    tracker.trainer = trainer
+    trainer.add_callback(tracker)
+    for callback in run.extra_callbacks:
+        trainer.add_callback(callback)
+    return trainer, tracker

@@ -1,0 +1,195 @@
+"""Training on the tiny 4-bit model on the CPU: formatting, learning, stop, resume, NaN, OOM, results."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from studio.errors import ModelBusyError, StudioError
+from studio.jobs import JobBoard, JobStatus
+from studio.model.generation import GenerationSettings, build_messages
+from studio.model.manager import ModelState
+from studio.train.formatting import IGNORE, format_example, supervised_text, template_guard
+from studio.train.job import RunRequest, last_complete_checkpoint
+from studio.train.service import load_request, new_run_dir, start_training
+from studio.train.settings import LoraSettings, TrainSettings
+from studio.train.split import split_heldout
+
+SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
+FACTS = [
+    ("我该怎么成为守灯人？", "完成序章任务初燃：收集三枚雾晶，在北角灯塔点燃青焰灯芯。"),
+    ("如何锻造潮汐长枪？", "击败铁鳍将军获得鲸骨枪胚，带5个月潮石和1个深渊珊瑚找石阿满，支付300枚灯贝。"),
+    ("雾灯岛的通用货币是什么？", "灯贝，一种会在夜里发出微光的贝壳。"),
+]
+FAST = dict(learning_rate=5e-3, epochs=15.0, batch_size=4, grad_accum=1, save_every=0)
+
+
+def write_dataset(path: Path, facts=FACTS, phrasings: int = 4) -> Path:
+    rows = []
+    for g, (question, answer) in enumerate(facts):
+        rows.append({"instruction": question, "output": answer, "group": f"s{g:02d}-q1", "kind": "base"})
+        rows += [{"instruction": question.replace("？", f"（问法{k}）？"), "output": answer, "group": f"s{g:02d}-q1",
+                  "kind": "paraphrase"} for k in range(phrasings)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "facts.jsonl")
+
+
+def request(dataset, workspace, **train) -> RunRequest:
+    return RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(**{**FAST, **train}),
+                      new_run_dir(workspace.runs_dir, "facts"))
+
+
+def greedy(manager, question, adapter=None, tokens=40):
+    return manager.chat(build_messages(SYSTEM, [], question), GenerationSettings.greedy(tokens), adapter=adapter)
+
+
+def test_supervised_tokens_are_exactly_the_answer_and_end_of_turn(manager):
+    tokenizer = manager._require_loaded().tokenizer
+    question, answer = FACTS[1]
+    example = format_example(tokenizer, SYSTEM, question, answer, 2048)
+    assert supervised_text(tokenizer, example) == answer + "<|im_end|>"
+    prompt = tokenizer.decode(example.input_ids[: example.prompt_length], skip_special_tokens=False)
+    assert prompt == manager.render_prompt(build_messages(SYSTEM, [], question))
+    assert example.labels[: example.prompt_length] == [IGNORE] * example.prompt_length
+    assert example.labels[-1] == IGNORE  # the newline after <|im_end|> is not supervised
+    guard = template_guard(tokenizer, SYSTEM, question, answer)
+    assert guard["matches"] and guard["supervised_text"] == answer + "<|im_end|>"
+    short = format_example(tokenizer, SYSTEM, question, answer, 10)
+    assert short.truncated and len(short.input_ids) == 10
+
+
+def test_split_holds_out_one_paraphrase_per_big_group():
+    rows = [{"instruction": f"q{g}-{k}", "output": "a", "group": f"g{g}", "kind": "base" if k == 0 else "paraphrase"}
+            for g in range(5) for k in range(5 if g < 4 else 3)]
+    rows += [{"instruction": f"free{i}", "output": "a"} for i in range(40)]
+    train, held = split_heldout(rows, per_group=1, seed=1)
+    held_groups = [r["group"] for r in held if "group" in r]
+    assert sorted(held_groups) == ["g0", "g1", "g2", "g3"]  # g4 has 3 rows: too small
+    assert all(r["kind"] == "paraphrase" for r in held if "group" in r)
+    assert len([r for r in held if "group" not in r]) == 2  # 5% of 40 ungrouped rows
+    assert len(train) + len(held) == len(rows)
+    assert split_heldout(rows, per_group=1, seed=1) == (train, held)
+
+
+def test_chat_train_chat_learns_the_answers_and_keeps_the_base(manager, dataset, workspace):
+    question, answer = FACTS[0]
+    before = greedy(manager, question)
+    board = JobBoard()
+    job = start_training(board, manager, request(dataset, workspace))
+    assert manager.status().state is ModelState.BUSY
+    with pytest.raises(ModelBusyError, match="training"):
+        greedy(manager, question)
+    with pytest.raises(StudioError, match="already going"):
+        start_training(board, manager, request(dataset, workspace))
+    board.wait(job, 300)
+    assert job.status is JobStatus.DONE, job.error
+    adapter = job.result["adapter"]
+    assert greedy(manager, question, adapter=adapter).startswith(answer)
+    assert not greedy(manager, question).startswith(answer)
+    assert greedy(manager, question) == before  # the base is byte-identical with the adapter disabled
+    assert manager.status().adapters == (adapter,)
+    # the run folder
+    run_dir = Path(job.result["run_dir"])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "studio.json", "metrics.jsonl", "loss.png",
+                 "heldout.jsonl", "events.jsonl"):
+        assert (run_dir / name).is_file(), name
+    meta = json.loads((run_dir / "studio.json").read_text(encoding="utf-8"))
+    metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    heldout = [json.loads(l) for l in (run_dir / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert meta["status"] == "completed" and meta["system_prompt"] == SYSTEM
+    assert meta["split"] == {"train_rows": 12, "heldout_rows": 3, "heldout_file": "heldout.jsonl",
+                             "train_file": "train_split.jsonl", "heldout_per_group": 1}
+    assert len(heldout) == 3 and {r["group"] for r in heldout} == {"s00-q1", "s01-q1", "s02-q1"}
+    assert meta["dataset"] == str(dataset) and len(meta["dataset_sha256"]) == 64
+    assert meta["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert meta["training"]["learning_rate"] == 5e-3 and meta["base_model"] == str(manager.status().model_name)
+    assert meta["steps"] == 45 and metrics[-1]["step"] == 45
+    assert meta["final_train_loss"] == [m["loss"] for m in metrics if "loss" in m][-1]
+    assert meta["final_eval_loss"] == [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
+    assert metrics[0]["loss"] > meta["final_train_loss"] and meta["tokens_per_s"] > 0
+    # 2 layers x 7 projections: r * (in + out) each
+    per_layer = 16 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
+    assert meta["trainable_params"] == 2 * per_layer
+    assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, job_holder, step):
+        self.job_holder, self.step = job_holder, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:  # Stop pressed while step `self.step` runs
+            self.job_holder[0].cancel()
+
+
+def test_stop_saves_a_usable_adapter_and_resume_continues(manager, dataset, workspace):
+    board, holder = JobBoard(), []
+    req = request(dataset, workspace, save_every=2)
+    job = start_training(board, manager, req, extra_callbacks=(StopAt(holder, 5),))
+    holder.append(job)
+    board.wait(job, 300)
+    assert job.status is JobStatus.CANCELLED
+    meta = json.loads((req.run_dir / "studio.json").read_text(encoding="utf-8"))
+    assert meta["status"] == "stopped at step 5" and job.result["steps"] == 5
+    assert last_complete_checkpoint(req.run_dir).name == "checkpoint-5"
+    assert sorted(p.name for p in (req.run_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    assert greedy(manager, FACTS[0][0], adapter=job.result["adapter"])  # the stopped adapter answers
+    resumed = start_training(board, manager, load_request(req.run_dir))
+    board.wait(resumed, 300)
+    assert resumed.status is JobStatus.DONE, resumed.error
+    assert resumed.result["steps"] == 45
+    metrics = [json.loads(l) for l in (req.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps[5] == 6 and max(steps) == 45
+    assert json.loads((req.run_dir / "studio.json").read_text())["resumed_from"] == 5
+
+
+def test_resume_without_checkpoint_is_refused(manager, dataset, workspace):
+    req = request(dataset, workspace)
+    req.run_dir.mkdir(parents=True)
+    (req.run_dir / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # incomplete: no files
+    req.resume = True
+    with pytest.raises(StudioError, match="no complete checkpoint"):
+        start_training(JobBoard(), manager, req)
+    assert manager.status().state is ModelState.READY
+
+
+def test_nan_loss_stops_the_run_with_a_message(manager, dataset, workspace):
+    question = FACTS[0][0]
+    before = greedy(manager, question)
+    board = JobBoard()
+    job = board.wait(start_training(board, manager, request(dataset, workspace, learning_rate=float("inf"))), 300)
+    assert job.status is JobStatus.FAILED
+    assert "loss became nan" in job.error.lower() and "Lower the learning rate" in job.error
+    assert manager.status().state is ModelState.READY and manager.status().adapters == ()
+    assert greedy(manager, question) == before
+
+
+class RaiseOOM(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_ends_the_job_and_the_model_still_chats(manager, dataset, workspace):
+    question = FACTS[0][0]
+    before = greedy(manager, question)
+    board = JobBoard()
+    job = board.wait(start_training(board, manager, request(dataset, workspace), extra_callbacks=(RaiseOOM(),)), 300)
+    assert job.status is JobStatus.FAILED
+    assert job.error.startswith("Out of GPU memory") and "batch size (now 4)" in job.error
+    assert manager.status().state is ModelState.READY
+    assert greedy(manager, question) == before

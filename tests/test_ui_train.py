@@ -1,0 +1,65 @@
+"""The Train tab through gradio_client, and the train CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gradio_client import Client
+
+from studio.jobs import JobStatus
+from test_training import FACTS, SYSTEM, write_dataset
+from uihelpers import launched
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
+    dataset = write_dataset(workspace.data_dir / "facts.jsonl")
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        split, guard = client.predict(str(dataset), SYSTEM, 1, api_name="/template_guard")
+        assert "15 rows → 12 for training, 3 held out (3 groups)" in split
+        assert "✅ the training prompt is exactly the inference prompt" in guard and "<mark" in guard
+        settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True]
+        started = client.predict(str(dataset), "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, *settings,
+                                 api_name="/start_training")
+        assert started.startswith("Training started: ui-run_")
+        job = services.jobs.latest("train")
+        # a second start is refused by the server while the first runs
+        try:
+            client.predict(str(dataset), "again", SYSTEM, ["q_proj"], 8, 16, 0.05, *settings, api_name="/start_training")
+            refused = ""
+        except Exception as exc:  # noqa: BLE001
+            refused = str(exc)
+        assert "already going" in refused
+        services.jobs.wait(job, 300)
+        assert job.status is JobStatus.DONE, job.error
+        progress = job.latest("progress")
+        assert progress["done"] == progress["total"] == 45
+        metrics = [e for e in job.events_since(0)[0] if e["type"] == "metric"]
+        assert any("eval_loss" in m for m in metrics) and any("learning_rate" in m for m in metrics)
+        meta = json.loads((Path(job.result["run_dir"]) / "studio.json").read_text(encoding="utf-8"))
+        assert meta["lora"]["targets"] == ["q_proj", "v_proj"] and meta["lora"]["r"] == 8
+
+
+def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):
+    dataset = write_dataset(tmp_path / "facts.jsonl")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir), "--dataset", str(dataset),
+         "--output", str(out), "--max-steps", "6", "--lr", "5e-3", "--batch-size", "2", "--grad-accum", "2",
+         "--targets", "peft-default", "--lora-r", "4", "--system", SYSTEM],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[done] completed" in result.stdout and "step 6/6" in result.stdout
+    meta = json.loads((out / "studio.json").read_text(encoding="utf-8"))
+    assert meta["steps"] == 6 and meta["lora"]["targets"] == ["q_proj", "v_proj"] and meta["lora"]["alpha"] == 8
+    assert (out / "adapter_model.safetensors").is_file()
+    bad = subprocess.run([sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir),
+                          "--dataset", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Dataset not found" in bad.stderr
