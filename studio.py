@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
     train.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt stored with the adapter")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    compare = commands.add_parser("compare", help="score base, retrieval and an adapter on questions; write a report")
+    add_model_options(compare)
+    compare.add_argument("--adapter", required=True, help="run folder of the adapter (from train)")
+    source = compare.add_mutually_exclusive_group()
+    source.add_argument("--questions", default=None, help="JSONL of instruction/output rows to ask")
+    source.add_argument("--heldout", action="store_true", help="ask the run's held-out questions (the default)")
+    compare.add_argument("--doc", default=None, help="source document for the retrieval column (default: the run's)")
+    compare.add_argument("--no-retrieval", action="store_true", help="leave the retrieval column out")
+    compare.add_argument("--out", default=None, help="write the report to FILE.json or FILE.csv")
+    compare.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
+    compare.add_argument("--sampling", action="store_true", help="the tutorial's sampling instead of greedy decoding")
+    compare.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of an LLM judge")
+    compare.add_argument("--judge-model", default=None, help="judge model id")
+    compare.add_argument("--judge-api-key-env", default=None, help="environment variable with the judge's key")
     return parser
 
 
@@ -214,7 +228,39 @@ def run_train(args: argparse.Namespace, services) -> int:
     return 0
 
 
-COMMANDS = {None: run_ui, "chat": run_chat, "build-dataset": run_build_dataset, "train": run_train}
+def run_compare(args: argparse.Namespace, services) -> int:
+    from pathlib import Path
+
+    from studio.data.datasets import read_dataset
+    from studio.data.teacher import TeacherConfig
+    from studio.evaluate.report import format_table, write_report
+    from studio.evaluate.service import source_document, start_report
+    from studio.jobs import JobStatus, follow
+    from studio.model.generation import GenerationSettings
+    from studio.model.loading import ModelSpec
+    from studio.secrets import key_from_env
+
+    services.manager.load(ModelSpec(args.model, args.quant))
+    folder = Path(args.adapter)
+    questions = read_dataset(args.questions) if args.questions else None
+    document = None if args.no_retrieval else (args.doc or source_document(folder))
+    settings = (GenerationSettings.tutorial_sampling if args.sampling else GenerationSettings.greedy)(args.max_new_tokens)
+    judge = None
+    if args.judge_base_url:
+        if not args.judge_model:
+            raise StudioError("--judge-base-url needs --judge-model.")
+        judge = TeacherConfig(args.judge_base_url, args.judge_model, key_from_env(args.judge_api_key_env))
+    job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge)
+    follow(job, print_event)
+    if job.status is JobStatus.FAILED:
+        raise StudioError(job.error)
+    print(format_table(job.result))
+    if args.out:
+        print(f"[log] report written to {write_report(job.result, Path(args.out))}")
+    return 0
+
+
+COMMANDS = {None: run_ui, "compare": run_compare, "chat": run_chat, "build-dataset": run_build_dataset, "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> int:

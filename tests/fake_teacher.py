@@ -32,6 +32,8 @@ def _paraphrase_reply(question: str, n: int) -> str:
 
 def good_reply(request: dict) -> str:
     system, user = request["messages"][0]["content"], request["messages"][-1]["content"]
+    if "评测员" in system:
+        return json.dumps({"score": 4, "reason": "基本一致"}, ensure_ascii=False)
     if "paraphrases" in system:
         question = re.search(r"原问题：(.*)", user).group(1)
         n = int(re.search(r"请给出 (\d+) 种", user).group(1))

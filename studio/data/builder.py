@@ -147,9 +147,10 @@ class DatasetBuild:
     """One run of the two-stage pipeline; `run(job)` is the job's target."""
 
     def __init__(self, document: str, name: str, teacher: Teacher, teacher_id: str, settings: BuildSettings,
-                 data_dir: Path, builds_dir: Path):
+                 data_dir: Path, builds_dir: Path, source: str = ""):
         self.document, self.name, self.teacher, self.settings = document, safe_name(name), teacher, settings
         self.teacher_id = teacher_id  # model id + base URL: part of every cache key, never the API key
+        self.source = source  # the document's path, kept on every row so evaluation can retrieve from it
         self.data_dir = Path(data_dir)
         self.folder = build_folder(Path(builds_dir), name, document)
         self.title = document_title(document, name)
@@ -296,6 +297,8 @@ class DatasetBuild:
                 seen.add(dedup_key(question))
                 base = {"instruction": question, "output": pair["output"], "group": pair["group"],
                         "kind": "base", "section": pair["section"]}
+                if self.source:
+                    base["source"] = self.source
                 base_rows.append(base)
                 rows.append(base)
                 for variant in self._paraphrases.get(pair["group"], []):

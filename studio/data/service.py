@@ -33,7 +33,8 @@ def start_build(board: JobBoard, manager: ModelManager, paths: StudioPaths, docu
             raise DataError("The teacher needs a base URL and a model id.")
         teacher_obj, teacher_id, on_exit = OpenAITeacher(teacher), f"{teacher.model}@{teacher.base_url}", None
     try:
-        build = DatasetBuild(document, name, teacher_obj, teacher_id, settings, paths.data_dir, paths.builds_dir)
+        build = DatasetBuild(document, name, teacher_obj, teacher_id, settings, paths.data_dir, paths.builds_dir,
+                             source=str(document_path.resolve()))
     except Exception:
         if on_exit:
             on_exit(None)

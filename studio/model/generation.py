@@ -137,3 +137,67 @@ class StopSignals:
             return False
         event.set()
         return True
+
+
+class _BatchStreamer:
+    """Collects each row's new tokens step by step and hands out the decoded texts of all rows."""
+
+    def __init__(self, tokenizer):
+        import queue
+
+        self.tokenizer = tokenizer
+        self.queue: "queue.Queue" = queue.Queue()
+        self.rows: list[list[int]] | None = None
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        if self.rows is None:
+            self.rows = [[] for _ in tokens]
+        for row, token in zip(self.rows, tokens):
+            row.append(token)
+        self.queue.put([self.tokenizer.decode(row, skip_special_tokens=True) for row in self.rows])
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, stop: threading.Event,
+                 adapter_names: list[str] | None = None) -> Iterator[list[str]]:
+    """Yield the growing replies of several prompts generated in one batch (left-padded).
+
+    With `adapter_names` (peft's mixed-adapter batch; "__base__" = no adapter) each row runs with its
+    own adapter in the same forward pass, so comparing base and fine-tuned costs about one generation.
+    """
+    from transformers import StoppingCriteriaList
+
+    inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True,
+                       padding_side="left").to(model.device)
+    streamer = _BatchStreamer(tokenizer)
+    failure: list[BaseException] = []
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+
+    def run() -> None:
+        try:
+            model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], streamer=streamer,
+                           stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           **settings.generate_kwargs(), **extra)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            streamer.end()
+
+    worker = threading.Thread(target=run, name="studio-generate-batch", daemon=True)
+    worker.start()
+    try:
+        while (texts := streamer.queue.get()) is not None:
+            yield texts
+    finally:
+        stop.set()
+        worker.join()
+    if failure:
+        raise failure[0]

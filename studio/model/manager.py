@@ -20,7 +20,7 @@ from typing import Iterator
 from studio.errors import ModelBusyError, ModelNotLoadedError
 from studio.model import card as model_card
 from studio.model import loading
-from studio.model.generation import GenerationSettings, render_prompt, stream_text
+from studio.model.generation import GenerationSettings, render_prompt, stream_batch, stream_text
 
 
 class ModelState(str, Enum):
@@ -213,6 +213,21 @@ class ModelManager:
             stop.set()
             lease.release()
 
+    def stream_side_by_side(self, messages: list[dict], adapter: str, settings: GenerationSettings | None = None,
+                            stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
+        """Yield growing (base reply, adapter reply) for the same messages, in one batched generation.
+
+        Row 0 runs with every adapter off (peft's "__base__"), row 1 with `adapter`: the base column
+        really is the base model, whatever adapter is active elsewhere.
+        """
+        stop = stop or threading.Event()
+        lease = self.acquire("comparing base and adapter")
+        try:
+            yield from side_by_side(lease.loaded, messages, adapter, settings or GenerationSettings(), stop)
+        finally:
+            stop.set()
+            lease.release()
+
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None, adapter: str | None = None) -> str:
         reply = ""
         for reply in self.stream_chat(messages, settings, adapter):
@@ -238,6 +253,19 @@ def stream_reply(loaded: LoadedModel, messages: list[dict], settings: Generation
         for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop):
             reply += piece
             yield reply
+
+
+def side_by_side(loaded: LoadedModel, messages: list[dict], adapter: str, settings: GenerationSettings,
+                 stop: threading.Event) -> Iterator[tuple[str, str]]:
+    """(base, adapter) replies for a caller that already holds the lease."""
+    model = loaded.model
+    if not hasattr(model, "peft_config") or adapter not in model.peft_config:
+        from studio.errors import AdapterError
+
+        raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
+    prompt = render_prompt(loaded.tokenizer, messages)
+    for base, tuned in stream_batch(model, loaded.tokenizer, [prompt, prompt], settings, stop, ["__base__", adapter]):
+        yield base, tuned
 
 
 def reply_text(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None = None) -> str:

@@ -81,3 +81,40 @@ def check_adapter_folder(folder: Path, model) -> dict:
         raise AdapterError(f"The adapter in {folder} was made for another base model "
                            f"({metadata.get('base_model', 'unknown')}): {differences}. Load that base first.")
     return metadata
+
+
+def is_attached(loaded, name: str) -> bool:
+    return hasattr(loaded.model, "peft_config") and name in loaded.model.peft_config
+
+
+def attach(loaded, folder: Path, name: str | None = None) -> str:
+    """Attach the adapter in `folder` to the loaded base (the caller holds the lease); returns its name."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    check_adapter_folder(folder, loaded.model)
+    name = name or folder.name
+    if is_attached(loaded, name):
+        return name
+    try:
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(str(folder), adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=name)
+    except Exception as exc:  # shapes that do not fit, unknown modules, damaged weights
+        raise AdapterError(f"Could not attach {folder}: {exc.__class__.__name__}: {str(exc)[:300]}") from None
+    loaded.model.eval()
+    loaded.adapters[name] = str(folder)
+    return name
+
+
+def detach(loaded, name: str) -> None:
+    """Remove an adapter from the model; with the last one gone the plain base model is back."""
+    if not is_attached(loaded, name):
+        loaded.adapters.pop(name, None)
+        return
+    if len(loaded.model.peft_config) == 1:
+        loaded.model = loaded.model.unload()
+    else:
+        loaded.model.delete_adapter(name)
+    loaded.adapters.pop(name, None)

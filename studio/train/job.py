@@ -139,13 +139,7 @@ class TrainingRun:
         return model
 
     def _remove_adapter(self) -> None:
-        model = self.loaded.model
-        if hasattr(model, "peft_config") and self.name in model.peft_config:
-            if len(model.peft_config) == 1:
-                self.loaded.model = model.unload()  # strips the LoRA layers: back to the plain base
-            else:
-                model.delete_adapter(self.name)
-        self.loaded.adapters.pop(self.name, None)
+        adapters.detach(self.loaded, self.name)
 
     # ----- the run -----------------------------------------------------------------------------
     def run(self, job: Job) -> dict:
@@ -220,6 +214,14 @@ class TrainingRun:
                 "final_train_loss": metadata["final_train_loss"], "final_eval_loss": metadata["final_eval_loss"],
                 "steps": outcome["step"]}
 
+    def _source_document(self) -> str | None:
+        """The document the dataset was built from, when its rows say so (for the retrieval baseline)."""
+        try:
+            first = read_dataset(self.request.dataset)[0]
+        except Exception:
+            return None
+        return first.get("source")
+
     def _metadata(self, outcome: dict, n_train: int, n_heldout: int, seconds: float, status: str) -> dict:
         from studio.model.card import parameter_counts
 
@@ -233,6 +235,7 @@ class TrainingRun:
             "base_quant": self.loaded.spec.quant,
             "base_fingerprint": adapters.base_fingerprint(self.loaded.model),
             "dataset": str(request.dataset),
+            "source_document": self._source_document(),
             "dataset_sha256": file_sha256(Path(request.dataset)),
             "split": {"train_rows": n_train, "heldout_rows": n_heldout, "heldout_file": "heldout.jsonl",
                       "train_file": "train_split.jsonl", "heldout_per_group": request.train.heldout_per_group},

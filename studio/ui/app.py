@@ -7,11 +7,10 @@ import gradio as gr
 from studio.model.generation import StopSignals
 from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
+from studio.ui.compare_tab import build_compare_tab
 from studio.ui.dataset_tab import build_dataset_tab
 from studio.ui.train_tab import build_train_tab
 from studio.ui.strings import strings
-
-PENDING_NOTE = "This tab arrives with its own issue; nothing here pretends to work yet."
 
 
 def build_app(services: Services) -> gr.Blocks:
@@ -26,9 +25,7 @@ def build_app(services: Services) -> gr.Blocks:
             build_chat_tab(services, stops)
             build_dataset_tab(services)
             build_train_tab(services)
-            for tab in ("compare",):
-                with gr.Tab(strings(tab)["tab"], id=tab):
-                    gr.Markdown(PENDING_NOTE)
+            build_compare_tab(services)
         timer = gr.Timer(2.0)
         timer.tick(lambda: services.manager.status().describe(), None, model_status, api_name=False,
                    show_progress="hidden", queue=False)
