@@ -15,10 +15,14 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training shapes change every step; expandable segments keep the CUDA allocator from fragmenting.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from studio.access import AccessPolicy  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
+from studio.model.fast_decode import DECODE_MODES  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
+from studio.model.manager import DEFAULT_DECODE_MODE  # noqa: E402
 from studio.train.settings import PRESETS  # noqa: E402
 from studio.services import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, PROJECT_ROOT, StudioPaths  # noqa: E402
 
@@ -30,6 +34,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"hub id or local model folder (default {DEFAULT_MODEL})")
     parser.add_argument("--quant", choices=QUANT_CHOICES, default="4bit",
                         help="4bit = NF4 + double quant + bf16 compute, as the tutorial (default); 8bit; none")
+    parser.add_argument("--decode", choices=DECODE_MODES, default=DEFAULT_DECODE_MODE,
+                        help="GPU decoding: static (default; a static KV cache), cudagraphs (fastest, compiles "
+                             "for ~20 s on the first reply), inductor, or eager (plain generate)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +124,7 @@ def build_services(args: argparse.Namespace):
 
     paths = StudioPaths(Path(args.workdir) / "data", Path(args.workdir) / "runs") if args.workdir else StudioPaths()
     policy = AccessPolicy.demo() if getattr(args, "share", False) and not getattr(args, "auth", None) else AccessPolicy.full()
-    return Services(manager=ModelManager(), policy=policy, paths=paths.ensure(),
+    return Services(manager=ModelManager(decode_mode=args.decode), policy=policy, paths=paths.ensure(),
                     default_model=args.model, default_quant=args.quant)
 
 
@@ -212,13 +219,27 @@ def train_request(args: argparse.Namespace, loaded, runs_dir):
     return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
 
 
+def print_estimate(loaded, request) -> None:
+    from studio.data.datasets import read_dataset
+    from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
+
+    try:
+        rows = read_dataset(request.dataset)
+    except StudioError:
+        return  # the job reports the dataset problem
+    lengths = dataset_lengths(loaded.tokenizer, rows, request.system_prompt, request.train.max_length)
+    print("[log] " + estimate_peak(loaded.model, request.train, lengths, request.lora).describe(free_gpu_gib()), flush=True)
+
+
 def run_train(args: argparse.Namespace, services) -> int:
     from studio.jobs import JobStatus, follow
     from studio.model.loading import ModelSpec
     from studio.train.service import start_training
 
     services.manager.load(ModelSpec(args.model, args.quant))
-    request = train_request(args, services.manager._require_loaded(), services.paths.runs_dir)
+    loaded = services.manager._require_loaded()
+    request = train_request(args, loaded, services.paths.runs_dir)
+    print_estimate(loaded, request)
     job = start_training(services.jobs, services.manager, request)
     print(f"[log] run folder: {request.run_dir}", flush=True)
     follow(job, print_event)

@@ -63,7 +63,7 @@ def test_columns_are_the_honest_greedy_outputs(trained, tiny_model_dir):
     base, tuned = updates[-1]
     assert len(updates) > 2
     assert base == base_expected
-    assert tuned == tuned_expected and char_f1(tuned, FACTS[1][1]) > 0.9
+    assert tuned == tuned_expected and max(char_f1(tuned, answer) for _, answer in FACTS) > 0.9
     assert base != tuned
 
 

@@ -10,7 +10,7 @@ def test_fenced_and_prose_wrapped_replies():
     assert parse_pairs(f"```json\n{PAIR}\n```").items == expected
     assert parse_pairs(f"好的，结果如下：{PAIR} 以上。").items == expected
     assert parse_pairs(f'{{"pairs": [{PAIR}]}}').items == expected
-    assert parse_pairs(f'{{"question": "如何锻造潮汐长枪？", "answer": "找石阿满，支付300枚灯贝。"}}').items == expected
+    assert parse_pairs('{"question": "如何锻造潮汐长枪？", "answer": "找石阿满，支付300枚灯贝。"}').items == expected
 
 
 def test_truncated_array_keeps_complete_items():

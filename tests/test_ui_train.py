@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from gradio_client import Client
 
 from studio.jobs import JobStatus
-from test_training import FACTS, SYSTEM, write_dataset
+from test_training import SYSTEM, write_dataset
 from uihelpers import launched
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +24,9 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
         split, guard = client.predict(str(dataset), SYSTEM, 1, api_name="/template_guard")
         assert "15 rows → 12 for training, 3 held out (3 groups)" in split
         assert "✅ the training prompt is exactly the inference prompt" in guard and "<mark" in guard
-        settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True]
+        settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True, False]
+        estimate = client.predict(str(dataset), SYSTEM, ["q_proj", "v_proj"], 8, *settings, api_name="/estimate_memory")
+        assert estimate.startswith("Estimated peak") and "tokens in the largest forward pass" in estimate
         started = client.predict(str(dataset), "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, *settings,
                                  api_name="/start_training")
         assert started.startswith("Training started: ui-run_")

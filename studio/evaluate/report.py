@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.data.datasets import write_text_atomic

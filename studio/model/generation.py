@@ -73,11 +73,32 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, stop: threading.Event) -> Iterator[str]:
+def _start(run, submit) -> "object":
+    """Run `run` on the model's own GPU thread when one is given (compiled CUDA graphs keep per-thread
+    state, so every generation must happen on the same thread), else on a new thread."""
+    if submit is not None:
+        return submit(run)
+    worker = threading.Thread(target=run, name="studio-generate", daemon=True)
+    worker.start()
+    return worker
+
+
+def _join(handle) -> None:
+    if isinstance(handle, threading.Thread):
+        handle.join()
+    else:
+        handle.result()
+
+
+def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, stop: threading.Event,
+                decode_mode: str = "eager", submit=None) -> Iterator[str]:
     """Yield the reply to `prompt` piece by piece; stop early when `stop` is set or the caller leaves."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+    from studio.model.fast_decode import decode_kwargs
+
     inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
+    extra = decode_kwargs(model, decode_mode, inputs["input_ids"].shape[1], settings.max_new_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
 
@@ -91,27 +112,28 @@ def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, sto
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 **settings.generate_kwargs(),
+                **extra,
             )
         except BaseException as exc:  # surfaced to the consumer below
             failure.append(exc)
             streamer.end()
 
-    worker = threading.Thread(target=run, name="studio-generate", daemon=True)
-    worker.start()
+    handle = _start(run, submit)
     try:
         for piece in streamer:
             if piece:
                 yield piece
     finally:
         stop.set()
-        worker.join()
+        _join(handle)
     if failure:
         raise failure[0]
 
 
-def generate_text(model, tokenizer, prompt: str, settings: GenerationSettings) -> str:
+def generate_text(model, tokenizer, prompt: str, settings: GenerationSettings, decode_mode: str = "eager",
+                  submit=None) -> str:
     """The whole reply at once (used by evaluation and the CLI)."""
-    return "".join(stream_text(model, tokenizer, prompt, settings, threading.Event()))
+    return "".join(stream_text(model, tokenizer, prompt, settings, threading.Event(), decode_mode, submit))
 
 
 class StopSignals:
@@ -166,7 +188,7 @@ class _BatchStreamer:
 
 
 def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, stop: threading.Event,
-                 adapter_names: list[str] | None = None) -> Iterator[list[str]]:
+                 adapter_names: list[str] | None = None, decode_mode: str = "eager", submit=None) -> Iterator[list[str]]:
     """Yield the growing replies of several prompts generated in one batch (left-padded).
 
     With `adapter_names` (peft's mixed-adapter batch; "__base__" = no adapter) each row runs with its
@@ -176,9 +198,13 @@ def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSetti
 
     inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True,
                        padding_side="left").to(model.device)
+    from studio.model.fast_decode import decode_kwargs
+
     streamer = _BatchStreamer(tokenizer)
     failure: list[BaseException] = []
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    extra = decode_kwargs(model, decode_mode, inputs["input_ids"].shape[1], settings.max_new_tokens)
+    if adapter_names:
+        extra["adapter_names"] = adapter_names
 
     def run() -> None:
         try:
@@ -191,13 +217,12 @@ def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSetti
         finally:
             streamer.end()
 
-    worker = threading.Thread(target=run, name="studio-generate-batch", daemon=True)
-    worker.start()
+    handle = _start(run, submit)
     try:
         while (texts := streamer.queue.get()) is not None:
             yield texts
     finally:
         stop.set()
-        worker.join()
+        _join(handle)
     if failure:
         raise failure[0]

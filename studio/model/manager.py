@@ -22,6 +22,8 @@ from studio.model import card as model_card
 from studio.model import loading
 from studio.model.generation import GenerationSettings, render_prompt, stream_batch, stream_text
 
+DEFAULT_DECODE_MODE = "static"
+
 
 class ModelState(str, Enum):
     EMPTY = "empty"
@@ -63,6 +65,8 @@ class LoadedModel:
     tokenizer: object
     device: str
     adapters: dict[str, str] = field(default_factory=dict)
+    decode_mode: str = "eager"  # see studio.model.fast_decode; applies on CUDA only
+    submit: object = None  # runs a generation on the manager's one GPU thread
 
 
 class Lease:
@@ -85,8 +89,12 @@ class Lease:
 class ModelManager:
     """Loads one base model, attaches adapters to it, and serialises every use of it."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, decode_mode: str = DEFAULT_DECODE_MODE):
         self._device = device
+        self.decode_mode = decode_mode
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-gpu")
         self._gpu_lock = threading.Lock()
         self._fields_lock = threading.Lock()
         self._loaded: LoadedModel | None = None
@@ -166,7 +174,8 @@ class ModelManager:
             self._drop_model()
             model, tokenizer, device = loading.load_model(spec, self._device, report)
             with self._fields_lock:
-                self._loaded = LoadedModel(spec, model, tokenizer, device)
+                self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
+                                           submit=self._gpu_thread.submit)
         finally:
             lease.release()
         return self.status()
@@ -250,7 +259,8 @@ def stream_reply(loaded: LoadedModel, messages: list[dict], settings: Generation
     prompt = render_prompt(loaded.tokenizer, messages)
     with adapter_context(loaded, adapter):
         reply = ""
-        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop):
+        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop, loaded.decode_mode,
+                                 loaded.submit):
             reply += piece
             yield reply
 
@@ -264,7 +274,8 @@ def side_by_side(loaded: LoadedModel, messages: list[dict], adapter: str, settin
 
         raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
     prompt = render_prompt(loaded.tokenizer, messages)
-    for base, tuned in stream_batch(model, loaded.tokenizer, [prompt, prompt], settings, stop, ["__base__", adapter]):
+    for base, tuned in stream_batch(model, loaded.tokenizer, [prompt, prompt], settings, stop, ["__base__", adapter],
+                                    loaded.decode_mode, loaded.submit):
         yield base, tuned
 
 

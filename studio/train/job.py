@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.data.datasets import read_dataset, write_jsonl_atomic, write_text_atomic
@@ -61,6 +60,35 @@ class RunRequest:
     resume: bool = False
 
 
+class PackedCollator:
+    """Flattens a batch into one row without padding; position ids restart at each sequence.
+
+    With no attention mask and no cache, transformers derives a block-diagonal causal mask from the
+    position ids, so no sequence attends to another and the loss is the same as unpacked.
+    """
+
+    def __init__(self):
+        self.tokens_seen = 0
+        self.counting = True
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids, labels, positions = [], [], []
+        for feature in features:
+            ids += feature["input_ids"]
+            labels += [IGNORE] + feature["labels"][1:]  # never predict across a sequence boundary
+            positions += list(range(len(feature["input_ids"])))
+        if self.counting:
+            self.tokens_seen += len(ids)
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
+def make_collator(settings: TrainSettings, pad_id: int):
+    return PackedCollator() if settings.packing else Collator(pad_id)
+
+
 class Collator:
     """Pads a batch (input_ids with the pad id, labels with -100) and counts the real tokens it saw."""
 
@@ -95,6 +123,22 @@ def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int) -> 
     return examples, truncated
 
 
+def add_trainable_adapter(model, name: str, lora: LoraSettings, seed: int):
+    """Add (or re-create) the adapter `name` on `model` and make it the only trainable one."""
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(seed)  # the same seed gives the same initial adapter, run after run
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        model.add_adapter(name, lora.to_peft())
+    else:
+        model = get_peft_model(model, lora.to_peft(), adapter_name=name)
+    model.set_adapter(name)
+    return model
+
+
 class TrainingRun:
     """One training run on the leased model; `run(job)` is the job's target."""
 
@@ -125,17 +169,8 @@ class TrainingRun:
 
     # ----- the adapter on the shared model -----------------------------------------------------
     def _attach_trainable_adapter(self) -> object:
-        from peft import PeftModel, get_peft_model
-
-        model, config = self.loaded.model, self.request.lora.to_peft()
-        if isinstance(model, PeftModel):
-            if self.name in model.peft_config:
-                model.delete_adapter(self.name)
-            model.add_adapter(self.name, config)
-        else:
-            model = get_peft_model(model, config, adapter_name=self.name)
-            self.loaded.model = model
-        model.set_adapter(self.name)
+        model = add_trainable_adapter(self.loaded.model, self.name, self.request.lora, self.request.train.seed)
+        self.loaded.model = model
         return model
 
     def _remove_adapter(self) -> None:
@@ -170,10 +205,13 @@ class TrainingRun:
         return self._finish(job, outcome, len(train_rows), len(heldout_rows), time.time() - started)
 
     def _train(self, job: Job, model, train_set, eval_set, checkpoint) -> dict:
-        from studio.train.trainer import build_trainer
+        from studio.train.trainer import ProgressTracker, build_trainer
 
-        collator = Collator(self.loaded.tokenizer.pad_token_id)
-        trainer, tracker = build_trainer(self, job, model, train_set, eval_set, collator)
+        collator = make_collator(self.request.train, self.loaded.tokenizer.pad_token_id)
+        tracker = ProgressTracker(self, job, collator)
+        trainer = build_trainer(model, self.request.train, self.loaded.device, self.run_dir / "checkpoints", self.name,
+                                train_set, eval_set, collator, (tracker, *self.extra_callbacks))
+        tracker.trainer = trainer
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         return tracker.outcome(trainer)
 

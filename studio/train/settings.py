@@ -45,6 +45,7 @@ class TrainSettings:
     max_length: int = field(default=2048, metadata={"help": "Longer training sequences are cut to this many tokens."})
     precision: str = field(default="auto", metadata={"help": "auto = bf16 where supported, else fp16 on GPU, fp32 on CPU."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
+    packing: bool = field(default=False, metadata={"help": "Flatten each batch into one padding-free sequence (position ids restart per row, so rows never attend to each other)."})
     seed: int = field(default=42, metadata={"help": "Random seed for the split, initialisation and shuffling."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (0 = never); the last two are kept."})
     heldout_per_group: int = field(default=1, metadata={"help": "Phrasings of each fact kept out of training (groups of 4+)."})
@@ -54,6 +55,10 @@ class TrainSettings:
 PRESETS: dict[str, tuple[str, TrainSettings]] = {
     "tutorial": ("Tutorial recipe: lr 1e-3, 4 epochs, batch 1 x grad-accum 8, linear, 3% warmup, checkpointing",
                  TrainSettings()),
+    "fast": ("Fast (large GPU): the same 8 sequences per step packed into one padding-free forward pass, no checkpointing",
+             TrainSettings(batch_size=8, grad_accum=1, packing=True, gradient_checkpointing=False)),
+    "gpu24": ("24 GB card: the same 8 sequences per step in one padded forward pass, with checkpointing",
+              TrainSettings(batch_size=8, grad_accum=1, packing=False, gradient_checkpointing=True)),
 }
 
 

@@ -113,11 +113,12 @@ def precision_flags(precision: str, device: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def build_trainer(run, job, model, train_set, eval_set, collator):
-    s = run.request.train
+def build_trainer(model, s, device: str, output_dir: Path, adapter_name: str, train_set, eval_set, collator,
+                  callbacks=()) -> StudioTrainer:
+    """A StudioTrainer for `model` with settings `s` (a TrainSettings); used by the job and the benches."""
     collator.counting = True
     args = TrainingArguments(
-        output_dir=str(run.run_dir / "checkpoints"),
+        output_dir=str(output_dir),
         per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum,
@@ -141,17 +142,14 @@ def build_trainer(run, job, model, train_set, eval_set, collator):
         dataloader_num_workers=0,
         gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        **precision_flags(s.precision, run.loaded.device),
+        **precision_flags(s.precision, device),
     )
     model.config.use_cache = False
     trainer = StudioTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                             data_collator=collator)
-    trainer.adapter_name = run.name
+    trainer.adapter_name = adapter_name
     trainer.remove_callback(PrinterCallback)  # progress goes to the job's event log, not stdout
     trainer.remove_callback(ProgressCallback)
-    tracker = ProgressTracker(run, job, collator)
-    tracker.trainer = trainer
-    trainer.add_callback(tracker)
-    for callback in run.extra_callbacks:
+    for callback in callbacks:
         trainer.add_callback(callback)
-    return trainer, tracker
+    return trainer

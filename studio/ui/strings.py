@@ -121,6 +121,8 @@ EN = {
         "heldout": "Held-out phrasings per group",
         "seed": "Seed",
         "checkpointing": "Gradient checkpointing",
+        "packing": "Pack each batch (padding-free)",
+        "estimate": "Estimate peak GPU memory",
         "start": "Start training",
         "stop": "Stop",
         "resume": "Resume",

@@ -11,6 +11,7 @@ from studio.data import datasets
 from studio.errors import StudioError
 from studio.model.card import human_count
 from studio.train.estimate import lora_param_count
+from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
 from studio.train.formatting import guard_html, template_guard
 from studio.train.job import RunRequest
 from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
@@ -21,7 +22,7 @@ from studio.ui.common import job_panel, user_errors
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
-                  "save_every", "heldout_per_group", "seed", "gradient_checkpointing")
+                  "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing")
 
 
 def _datasets(services: Services) -> list[str]:
@@ -80,6 +81,9 @@ def build_train_tab(services: Services) -> None:
                     with gr.Row():
                         seed = gr.Number(defaults.seed, label=s["seed"], precision=0)
                         checkpointing = gr.Checkbox(defaults.gradient_checkpointing, label=s["checkpointing"])
+                        packing = gr.Checkbox(defaults.packing, label=s["packing"])
+                    estimate_btn = gr.Button(s["estimate"], size="sm")
+                    estimate_md = gr.Markdown()
         with gr.Row():
             start_btn = gr.Button(s["start"], variant="primary")
             stop_btn = gr.Button(s["stop"], variant="stop")
@@ -90,7 +94,8 @@ def build_train_tab(services: Services) -> None:
             result_md = gr.Markdown()
             loss_png = gr.Image(type="filepath", label="loss.png", height=300)
 
-        setting_inputs = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, heldout, seed, checkpointing]
+        setting_inputs = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, heldout, seed, checkpointing,
+                          packing]
 
         def settings_from(*values) -> TrainSettings:
             kinds = {f: type(getattr(defaults, f)) for f in SETTING_FIELDS}
@@ -121,6 +126,18 @@ def build_train_tab(services: Services) -> None:
             count = lora_param_count(model, chosen, int(rank or 0))
             total = manager.card().total_params
             return s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
+
+        @user_errors
+        def estimate(path, prompt, chosen, rank, *values):
+            if not path:
+                raise StudioError(s["no_dataset"])
+            if not manager.is_loaded:
+                raise StudioError(strings("chat")["no_model"])
+            settings = settings_from(*values)
+            loaded = manager._require_loaded()
+            lengths = dataset_lengths(loaded.tokenizer, datasets.read_dataset(path), prompt, settings.max_length)
+            lora = LoraSettings(r=int(rank), targets=tuple(chosen))
+            return estimate_peak(loaded.model, settings, lengths, lora).describe(free_gpu_gib())
 
         def peft_default():
             if not manager.is_loaded:
@@ -171,6 +188,7 @@ def build_train_tab(services: Services) -> None:
             return text, str(png) if png.exists() else None, gr.update(choices=_runs(services))
 
         preset_pick.change(apply_preset, preset_pick, setting_inputs, api_name=False)
+        estimate_btn.click(estimate, [dataset, system, targets, r] + setting_inputs, estimate_md, api_name="estimate_memory")
         refresh.click(refresh_lists, None, [dataset, targets, resume_pick], api_name=False)
         guard_btn.click(show_guard, [dataset, system, heldout], [split_md, guard], api_name="template_guard")
         dataset.change(show_guard, [dataset, system, heldout], [split_md, guard], api_name=False)

@@ -1,0 +1,151 @@
+"""Chat speed: the tutorial's chat() (plain generate) against the studio's streaming path, in one run.
+
+On the GPU: the random-weight Qwen2.5-7B shape in 4-bit NF4, batch 1, 256 new tokens, greedy. Each
+studio decode mode is timed after one warm-up call (compilation happens there); every mode must give
+the same first 32 tokens as the tutorial's function. Then the Compare tab's cost: base and adapter
+columns in one batched generation against one column alone.
+
+    python bench/chat_speed.py [--modes static cudagraphs inductor]
+    python bench/chat_speed.py --tiny      # a quick CPU smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import build_model, write_results  # noqa: F401  (sets sys.path)
+
+from studio.model.generation import GenerationSettings, build_messages  # noqa: E402
+from studio.model.loading import ModelSpec  # noqa: E402
+from studio.model.manager import ModelManager  # noqa: E402
+
+SYSTEM, QUESTION = "你是《雾灯岛》领域助手，回答准确、简明。", "我该怎么成为天命人？"
+
+
+def tutorial_chat(model, tokenizer, user_message, system_message=SYSTEM, max_new_tokens=256):
+    """The tutorial's chat() (section 3.1.2), greedy so outputs can be compared."""
+    messages = [{"role": "system", "content": system_message}, {"role": "user", "content": user_message}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    model_inputs = tokenizer([text], return_tensors="pt").to(model.device)
+    generated_ids = model.generate(input_ids=model_inputs.input_ids, attention_mask=model_inputs.attention_mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False)
+    generated_ids = [out[len(inp):] for inp, out in zip(model_inputs.input_ids, generated_ids)]
+    return tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0], len(generated_ids[0])
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    started = time.perf_counter()
+    value = fn()
+    sync()
+    return value, time.perf_counter() - started
+
+
+def studio_reply(manager, tokens, adapter=None):
+    return manager.chat(build_messages(SYSTEM, [], QUESTION), GenerationSettings.greedy(tokens), adapter=adapter)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model-dir", default="/tmp/qwen25-7b-random")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--modes", nargs="+", default=["static", "cudagraphs"])
+    parser.add_argument("--compare-only", metavar="MODE", default=None,
+                        help="only measure the Compare tab's two-column cost, with this decode mode")
+    args = parser.parse_args()
+
+    folder = build_model(Path(args.model_dir + ("-tiny" if args.tiny else "")), args.tiny)
+    manager = ModelManager(decode_mode="eager")
+    manager.load(ModelSpec(str(folder), "4bit"))
+    loaded = manager._require_loaded()
+    payload = {"model": "tiny" if args.tiny else "Qwen2.5-7B shape, random weights, 4-bit NF4", "new_tokens": args.tokens,
+               "batch": 1, "decoding": "greedy", "modes": {}}
+
+    def save():
+        write_results("chat_speed-tiny" if args.tiny else "chat_speed", payload)
+
+    if args.compare_only:
+        loaded.decode_mode = args.compare_only
+        payload["compare"] = compare_cost(manager, args.tokens)
+        print("compare", payload["compare"], flush=True)
+        write_results("compare_cost-tiny" if args.tiny else "compare_cost", payload)
+        return
+
+    reference32, _ = tutorial_chat(loaded.model, loaded.tokenizer, QUESTION, max_new_tokens=32)
+    tutorial_chat(loaded.model, loaded.tokenizer, QUESTION, max_new_tokens=8)  # warm-up
+    (_, count), seconds = timed(lambda: tutorial_chat(loaded.model, loaded.tokenizer, QUESTION, max_new_tokens=args.tokens))
+    payload["tutorial"] = {"tokens": count, "seconds": round(seconds, 2), "tokens_per_s": round(count / seconds, 1)}
+    print("tutorial", payload["tutorial"], flush=True)
+    save()
+    best = None
+    for mode in args.modes:
+        loaded.decode_mode = mode
+        try:
+            _, warmup = timed(lambda: studio_reply(manager, args.tokens))
+            first32 = studio_reply(manager, 32)
+            _, seconds = timed(lambda: studio_reply(manager, args.tokens))
+        except Exception as exc:  # a mode that does not work here is reported, not fatal
+            payload["modes"][mode] = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+            print(mode, payload["modes"][mode], flush=True)
+            save()
+            continue
+        rate = args.tokens / seconds
+        entry = {"warmup_s": round(warmup, 1), "seconds": round(seconds, 2), "tokens_per_s": round(rate, 1),
+                 "ratio_to_tutorial": round(rate / payload["tutorial"]["tokens_per_s"], 2),
+                 "same_first_32_tokens": first32 == reference32}
+        payload["modes"][mode] = entry
+        print(mode, entry, flush=True)
+        if entry["same_first_32_tokens"] and (best is None or rate > payload["modes"][best]["tokens_per_s"]):
+            best = mode
+        save()
+    payload["best_mode"] = best
+    loaded.decode_mode = best or "eager"
+    try:
+        payload["compare"] = compare_cost(manager, args.tokens)
+    except Exception as exc:
+        payload["compare"] = {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+    print("compare", payload["compare"], flush=True)
+    save()
+
+
+def compare_cost(manager, tokens: int) -> dict:
+    """Two columns (base and adapter, one batched generation) against one column (the adapter alone)."""
+    from peft import LoraConfig, get_peft_model
+
+    from studio.train.settings import ALL_PROJECTIONS
+
+    with manager.using("benchmark") as loaded:
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=list(ALL_PROJECTIONS), init_lora_weights=False,
+                            task_type="CAUSAL_LM")
+        loaded.model = get_peft_model(loaded.model, config, adapter_name="bench")
+        loaded.model.eval()
+        loaded.adapters["bench"] = "(random)"
+    messages = build_messages(SYSTEM, [], QUESTION)
+    settings = GenerationSettings.greedy(tokens)
+
+    def both():
+        result = None
+        for result in manager.stream_side_by_side(messages, "bench", settings):
+            pass
+        return result
+
+    studio_reply(manager, tokens, adapter="bench")
+    both()  # warm-up for both shapes
+    single, one = timed(lambda: studio_reply(manager, tokens, adapter="bench"))
+    (base, tuned), two = timed(both)
+    return {"decode_mode": manager._require_loaded().decode_mode, "one_column_s": round(one, 2),
+            "two_columns_s": round(two, 2), "ratio": round(two / one, 2), "adapter_column_matches_single": tuned == single}
+
+
+if __name__ == "__main__":
+    main()
