@@ -35,6 +35,8 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
     services = Services(manager=ModelManager(), paths=workspace)
     with launched(services) as url:
         client = Client(url, verbose=False)
+        connected = client.predict(teacher.base_url, "teacher-x", "", 5, api_name="/test_teacher")
+        assert connected.startswith(f"Connected to teacher-x @ {teacher.base_url}")
         message, table = client.predict(None, str(SAMPLE_DOC), 100, 3000, ["##", "###"], api_name="/split")
         assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
         started = client.predict(None, str(SAMPLE_DOC), "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
@@ -43,7 +45,7 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         assert started == "Build started: wudeng."
         job = services.jobs.wait(services.jobs.latest("dataset"), 60)
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
-        assert teacher.auth_headers[0] == f"Bearer {KEY}"  # the key came from the environment
+        assert teacher.auth_headers[-1] == f"Bearer {KEY}"  # the key came from the environment
         frame, opened, stem = client.predict(job.result["dataset_path"], api_name="/open_dataset")
         assert opened.startswith("60 rows") and frame["headers"][:4] == ["instruction", "output", "group", "kind"]
         # edit: change one answer, delete one row, save as a new file

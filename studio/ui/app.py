@@ -23,9 +23,9 @@ def build_app(services: Services) -> gr.Blocks:
             model_status = gr.Markdown(services.manager.status().describe(), elem_id="model-status")
         with gr.Tabs():
             build_chat_tab(services, stops)
-            build_dataset_tab(services)
-            build_train_tab(services)
-            build_compare_tab(services)
+            build_dataset_tab(services, app)
+            build_train_tab(services, app)
+            build_compare_tab(services, app)
         timer = gr.Timer(2.0)
         timer.tick(lambda: services.manager.status().describe(), None, model_status, api_name=False,
                    show_progress="hidden", queue=False)

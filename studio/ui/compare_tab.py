@@ -24,8 +24,9 @@ ADAPTER_COLUMNS = ["name", "status", "attached", "train loss", "eval loss", "dat
 
 def _adapter_frame(services: Services) -> pd.DataFrame:
     entries = service.list_adapters(services.manager, services.paths.runs_dir)
-    return pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", e.train_loss, e.eval_loss, e.dataset,
-                          e.base_model, e.problem] for e in entries], columns=ADAPTER_COLUMNS)
+    rounded = lambda value: None if value is None else round(value, 4)  # noqa: E731
+    return pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", rounded(e.train_loss), rounded(e.eval_loss),
+                          e.dataset, e.base_model, e.problem] for e in entries], columns=ADAPTER_COLUMNS)
 
 
 def _run_choices(services: Services) -> list[tuple[str, str]]:
@@ -38,7 +39,7 @@ def _settings(decoding: str, max_new: int, s: dict) -> GenerationSettings:
     return GenerationSettings.greedy(int(max_new))
 
 
-def build_compare_tab(services: Services) -> None:
+def build_compare_tab(services: Services, app: gr.Blocks) -> None:
     s = strings("compare")
     manager, policy, board = services.manager, services.policy, services.jobs
 
@@ -57,7 +58,7 @@ def build_compare_tab(services: Services) -> None:
         with gr.Row():
             question = gr.Textbox(label=s["question"], lines=2, scale=3)
             with gr.Column(scale=2):
-                preset = gr.Dropdown([q for q, _ in service.PRESET_QUESTIONS], label=s["preset"])
+                preset = gr.Dropdown([q for q, _ in service.PRESET_QUESTIONS], value=None, label=s["preset"])
                 heldout = gr.Dropdown([], label=s["heldout"])
         reference = gr.Markdown()
         with gr.Row():
@@ -86,9 +87,12 @@ def build_compare_tab(services: Services) -> None:
             report_btn = gr.Button(s["run_report"], variant="primary")
             panel = job_panel(board, service.JOB_KIND, s)
             warning = gr.Markdown()
-            summary = gr.Dataframe(label=s["summary"], interactive=False)
+            summary = gr.Dataframe(pd.DataFrame(columns=["column", "char_f1", "rouge_l", "judge_mean", "improved", "worse"]),
+                                   label=s["summary"], interactive=False)
             chart = gr.BarPlot(x="column", y="score", color="metric", label=s["chart"], height=260)
-            per_question = gr.Dataframe(label=s["per_question"], interactive=False, wrap=True, max_height=420)
+            per_question = gr.Dataframe(pd.DataFrame(columns=["#", "question", "reference", "column", "answer", "char_f1",
+                                                              "rouge_l", "judge", "judge_reason"]),
+                                        label=s["per_question"], interactive=False, wrap=True, max_height=420)
             exports = gr.File(label=s["exports"], file_count="multiple")
 
         def refresh():
@@ -185,6 +189,7 @@ def build_compare_tab(services: Services) -> None:
         detach_btn.click(detach, run_pick, [adapter_msg, adapters_table, run_pick], api_name="detach_adapter")
         delete_btn.click(delete, [run_pick, confirm], [adapter_msg, adapters_table, run_pick], api_name="delete_adapter")
         run_pick.change(pick_run, run_pick, [heldout, document], api_name=False)
+        app.load(pick_run, run_pick, [heldout, document], api_name=False)
         preset.change(pick_preset, preset, [question, reference], api_name=False)
         heldout.change(pick_heldout, [heldout, run_pick], [question, reference], api_name=False)
         compare_btn.click(compare, [question, run_pick, use_retrieval, document, top_k, decoding, max_new],

@@ -40,7 +40,7 @@ def _dataset_choices(services: Services) -> list[str]:
     return [str(p) for p in datasets.list_datasets(services.paths.data_dir)]
 
 
-def build_dataset_tab(services: Services) -> None:
+def build_dataset_tab(services: Services, app: gr.Blocks) -> None:
     s = strings("dataset")
     policy, board = services.policy, services.jobs
 
@@ -164,6 +164,7 @@ def build_dataset_tab(services: Services) -> None:
 
         provider.change(fill_preset, provider, [base_url, teacher_model], api_name=False)
         split_btn.click(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name="split")
+        app.load(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name=False)
         upload.change(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name=False)
         test_btn.click(test, [base_url, teacher_model, api_key, timeout], test_msg, api_name="test_teacher")
         build_btn.click(start, [upload, doc_path, name, min_chars, max_chars, levels, use_local, base_url,

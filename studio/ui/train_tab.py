@@ -25,6 +25,10 @@ SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_ac
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing")
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _datasets(services: Services) -> list[str]:
     return [str(p) for p in datasets.list_datasets(services.paths.data_dir)]
 
@@ -33,7 +37,7 @@ def _runs(services: Services) -> list[str]:
     return [str(p) for p in list_runs(services.paths.runs_dir)]
 
 
-def build_train_tab(services: Services) -> None:
+def build_train_tab(services: Services, app: gr.Blocks) -> None:
     s = strings("train")
     manager, policy, board = services.manager, services.policy, services.jobs
     defaults = TrainSettings()
@@ -183,7 +187,7 @@ def build_train_tab(services: Services) -> None:
             result = job.result
             png = Path(result.get("run_dir", "")) / "loss.png"
             text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} steps · "
-                    f"train loss {result.get('final_train_loss')} · eval loss {result.get('final_eval_loss')} · "
+                    f"train loss {_fmt(result.get('final_train_loss'))} · eval loss {_fmt(result.get('final_eval_loss'))} · "
                     f"folder `{result.get('run_dir')}`")
             return text, str(png) if png.exists() else None, gr.update(choices=_runs(services))
 
@@ -192,8 +196,11 @@ def build_train_tab(services: Services) -> None:
         refresh.click(refresh_lists, None, [dataset, targets, resume_pick], api_name=False)
         guard_btn.click(show_guard, [dataset, system, heldout], [split_md, guard], api_name="template_guard")
         dataset.change(show_guard, [dataset, system, heldout], [split_md, guard], api_name=False)
+        app.load(lambda *values: show_guard(*values) if values[0] else ("", ""), [dataset, system, heldout],
+                 [split_md, guard], api_name=False)
         for control in (targets, r):
             control.change(count_trainable, [targets, r], trainable, api_name=False)
+        app.load(count_trainable, [targets, r], trainable, api_name=False)
         all_btn.click(lambda: gr.update(value=list(ALL_PROJECTIONS)), None, targets, api_name=False)
         peft_btn.click(peft_default, None, targets, api_name=False)
         start_btn.click(start, [dataset, run_name, system, targets, r, alpha, dropout] + setting_inputs, panel.message,
