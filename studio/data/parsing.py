@@ -80,12 +80,7 @@ def parse_pairs(text: str | None, finish_reason: str | None = None) -> Parsed:
     pairs = [p for value in values for p in _pairs_in(value)]
     if not pairs and "{" in body:  # truncated mid-array: take each complete inner object
         pairs = [p for value in _inner_objects(body) for p in _pairs_in(value)]
-    problem = None
-    if finish_reason == "length":
-        problem = "truncated"
-    elif not pairs:
-        problem = "wrong_schema" if values else "no_json"
-    return Parsed(_dedupe(pairs), problem)
+    return _parsed(pairs, values, finish_reason)
 
 
 def _inner_objects(text: str) -> list:
@@ -118,12 +113,17 @@ def parse_strings(text: str | None, finish_reason: str | None = None, key: str =
         tail = body[body.find("[") + 1:]
         strings = [json.loads(f'"{m.group(1)}"').strip() for m in _STRING.finditer(tail)]
         strings = [s for s in strings if s and s != key]
+    return _parsed(strings, values, finish_reason)
+
+
+def _parsed(items: list, values: list, finish_reason: str | None) -> Parsed:
+    """The extracted items, with why the reply was cut short or unusable."""
     problem = None
     if finish_reason == "length":
         problem = "truncated"
-    elif not strings:
+    elif not items:
         problem = "wrong_schema" if values else "no_json"
-    return Parsed(_dedupe(strings), problem)
+    return Parsed(_dedupe(items), problem)
 
 
 def _dedupe(items: list) -> list:
