@@ -200,6 +200,11 @@ class ModelManager:
         """The exact templated string for `messages` (no lock needed: it only uses the tokenizer)."""
         return render_prompt(self._require_loaded().tokenizer, messages)
 
+    def adapter_folder(self, name: str) -> str | None:
+        """Where an attached adapter was loaded from (its run folder), or None."""
+        loaded = self._loaded
+        return loaded.adapters.get(name) if loaded is not None else None
+
     def _require_loaded(self) -> LoadedModel:
         loaded = self._loaded
         if loaded is None:

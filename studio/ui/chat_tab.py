@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from studio.model.card import ModelCard, human_bytes, human_count
 from studio.model.generation import GenerationSettings, StopSignals, build_messages
 from studio.model.loading import QUANT_CHOICES, ModelSpec
 from studio.services import MODEL_PRESETS, Services
+from studio.train.adapters import read_metadata
 from studio.ui.common import user_errors
 from studio.ui.strings import strings
 
@@ -116,6 +119,13 @@ def build_chat_tab(services: Services, stops: StopSignals) -> None:
         def refresh_adapters():
             return gr.update(choices=adapter_choices(services, s))
 
+        def adapter_prompt(name, current):
+            """Chat with an adapter under the system prompt it was trained with (stored in its studio.json)."""
+            folder = manager.adapter_folder(name) if name else None
+            if not folder:
+                return gr.skip()
+            return read_metadata(Path(folder)).get("system_prompt", current)
+
         load_outputs = [load_status, card_md, card_tree, card_template, adapter]
         load_btn.click(load, [model_box, quant], load_outputs, concurrency_limit=1)
         unload_btn.click(unload, None, load_outputs)
@@ -126,3 +136,4 @@ def build_chat_tab(services: Services, stops: StopSignals) -> None:
         clear_btn.click(lambda: ([], ""), None, [chatbot, preview], api_name=False)
         system.change(render_preview, [chatbot, system], preview, api_name=False)
         adapter.focus(refresh_adapters, None, adapter, api_name=False)
+        adapter.change(adapter_prompt, [adapter, system], system, api_name=False)

@@ -26,7 +26,7 @@ EN = {
         "temperature": "Temperature (0 = greedy)",
         "top_p": "Top-p",
         "repetition_penalty": "Repetition penalty",
-        "adapter": "Answer with",
+        "adapter": "Answer with (an adapter brings the system prompt it was trained with)",
         "adapter_base": "base model (no adapter)",
         "message": "Message",
         "message_placeholder": "Ask the base model about your document, e.g. 我该怎么成为守灯人？",
