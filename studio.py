@@ -237,7 +237,7 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.train.service import start_training
 
     services.manager.load(ModelSpec(args.model, args.quant))
-    loaded = services.manager._require_loaded()
+    loaded = services.manager.require_loaded()
     request = train_request(args, loaded, services.paths.runs_dir)
     print_estimate(loaded, request)
     job = start_training(services.jobs, services.manager, request)

@@ -67,7 +67,7 @@ def main() -> None:
     folder = build_model(Path(args.model_dir + ("-tiny" if args.tiny else "")), args.tiny)
     manager = ModelManager(decode_mode="eager")
     manager.load(ModelSpec(str(folder), "4bit"))
-    loaded = manager._require_loaded()
+    loaded = manager.require_loaded()
     payload = {"model": "tiny" if args.tiny else "Qwen2.5-7B shape, random weights, 4-bit NF4", "new_tokens": args.tokens,
                "batch": 1, "decoding": "greedy", "modes": {}}
 
@@ -143,7 +143,7 @@ def compare_cost(manager, tokens: int) -> dict:
     both()  # warm-up for both shapes
     single, one = timed(lambda: studio_reply(manager, tokens, adapter="bench"))
     (base, tuned), two = timed(both)
-    return {"decode_mode": manager._require_loaded().decode_mode, "one_column_s": round(one, 2),
+    return {"decode_mode": manager.require_loaded().decode_mode, "one_column_s": round(one, 2),
             "two_columns_s": round(two, 2), "ratio": round(two / one, 2), "adapter_column_matches_single": tuned == single}
 
 

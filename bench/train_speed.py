@@ -126,7 +126,7 @@ def main() -> None:
     question = build_messages("你是《雾灯岛》领域助手。", [], "我该怎么成为守灯人？")
     base_before = manager.chat(question, GenerationSettings.greedy(16))
     static_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    vocab = manager._require_loaded().model.config.vocab_size if args.tiny else 150000
+    vocab = manager.require_loaded().model.config.vocab_size if args.tiny else 150000
     rows = synthetic_examples(8 * args.steps + 16, vocab)
     results, notes = [], {}
     with manager.using("benchmark") as loaded:

@@ -20,7 +20,7 @@ SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
 def test_loads_in_4bit_on_cpu(manager):
     import bitsandbytes as bnb
 
-    loaded = manager._require_loaded()
+    loaded = manager.require_loaded()
     projections = [m for n, m in loaded.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert projections and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
     assert loaded.model.model.layers[0].self_attn.q_proj.weight.quant_state.quant_type == "nf4"
@@ -33,14 +33,14 @@ def test_model_card_facts(manager, tiny_model_dir):
     assert card.linear4bit_layers == 2 * 7
     assert card.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert "Linear4bit(in_features=64, out_features=64, bias=True)" in card.module_tree
-    tokenizer = manager._require_loaded().tokenizer
+    tokenizer = manager.require_loaded().tokenizer
     assert card.tokenizer_tuple() == ("<|endoftext|>", "<|im_end|>", tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                                       tokenizer.convert_tokens_to_ids("<|im_end|>"))
     assert card.vocab_size == len(tokenizer)
     assert "<|im_start|>" in card.chat_template
     assert card.trainable_params == 0  # the base is frozen
     # logical parameter count: 4-bit weights count as their full shape, not the packed bytes
-    loaded = manager._require_loaded()
+    loaded = manager.require_loaded()
     config = loaded.model.config
     per_layer_linear = (64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 3 * 64 * 128
     embeddings = 2 * config.vocab_size * 64
@@ -66,7 +66,7 @@ def test_streaming_grows_and_matches_plain_generate(manager):
     pieces = list(manager.stream_chat(messages, settings))
     assert len(pieces) > 1
     assert all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:]))
-    loaded = manager._require_loaded()
+    loaded = manager.require_loaded()
     prompt = manager.render_prompt(messages)
     assert pieces[-1] == generate_text(loaded.model, loaded.tokenizer, prompt, settings)
     # only new tokens are decoded: the reply does not echo the prompt
@@ -74,7 +74,7 @@ def test_streaming_grows_and_matches_plain_generate(manager):
 
 
 def test_stop_ends_generation_within_two_tokens_and_model_stays_usable(manager):
-    loaded = manager._require_loaded()
+    loaded = manager.require_loaded()
     forwards = []
     handle = loaded.model.register_forward_hook(lambda *args: forwards.append(1))
     stop = threading.Event()
@@ -115,7 +115,7 @@ def test_second_action_while_busy_is_refused_at_once(manager):
 
 
 def test_unload_frees_the_model(manager):
-    model_ref = weakref.ref(manager._require_loaded().model)
+    model_ref = weakref.ref(manager.require_loaded().model)
     manager.unload()
     gc.collect()
     assert model_ref() is None
@@ -164,6 +164,6 @@ def test_full_precision_and_8bit_load(tiny_model_dir):
     assert mgr.card().linear4bit_layers == 0
     mgr.load(ModelSpec(str(tiny_model_dir), "8bit"))
     assert mgr.card().linear8bit_layers == 14
-    layer = mgr._require_loaded().model.model.layers[0].mlp.up_proj
+    layer = mgr.require_loaded().model.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt)
     mgr.unload()

@@ -52,7 +52,7 @@ def greedy(manager, question, adapter=None, tokens=40):
 
 
 def test_supervised_tokens_are_exactly_the_answer_and_end_of_turn(manager):
-    tokenizer = manager._require_loaded().tokenizer
+    tokenizer = manager.require_loaded().tokenizer
     question, answer = FACTS[1]
     example = format_example(tokenizer, SYSTEM, question, answer, 2048)
     assert supervised_text(tokenizer, example) == answer + "<|im_end|>"

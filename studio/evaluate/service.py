@@ -48,7 +48,7 @@ class AdapterEntry:
 
 def list_adapters(manager: ModelManager, runs_dir: Path) -> list[AdapterEntry]:
     """Finished or stopped runs under runs_dir; `problem` says why one cannot go on the loaded base."""
-    loaded = manager._loaded
+    loaded = manager.loaded_or_none()
     entries = []
     for folder in sorted(Path(runs_dir).glob("*"), key=lambda p: p.stat().st_mtime, reverse=True):
         if not (folder / adapters.METADATA_FILE).is_file() and not (folder / adapters.CONFIG_FILE).is_file():

@@ -192,20 +192,24 @@ class ModelManager:
 
     # ----- what the model is -------------------------------------------------------------------
     def card(self) -> model_card.ModelCard:
-        loaded = self._require_loaded()
+        loaded = self.require_loaded()
         return model_card.build_card(loaded.model, loaded.tokenizer, loaded.spec.name_or_path, loaded.spec.quant,
                                      loaded.device, loaded.adapters)
 
     def render_prompt(self, messages: list[dict]) -> str:
         """The exact templated string for `messages` (no lock needed: it only uses the tokenizer)."""
-        return render_prompt(self._require_loaded().tokenizer, messages)
+        return render_prompt(self.require_loaded().tokenizer, messages)
+
+    def loaded_or_none(self) -> LoadedModel | None:
+        """The model in memory, or None (for read-only views such as listing compatible adapters)."""
+        return self._loaded
 
     def adapter_folder(self, name: str) -> str | None:
         """Where an attached adapter was loaded from (its run folder), or None."""
         loaded = self._loaded
         return loaded.adapters.get(name) if loaded is not None else None
 
-    def _require_loaded(self) -> LoadedModel:
+    def require_loaded(self) -> LoadedModel:
         loaded = self._loaded
         if loaded is None:
             raise ModelNotLoadedError("No model is loaded. Load a base model in the Baseline Chat tab first.")

@@ -119,14 +119,14 @@ def build_train_tab(services: Services, app: gr.Blocks) -> None:
             split = f"**{s['split']}:** {len(rows)} rows → {len(train_rows)} for training, {len(held)} held out ({groups} groups)."
             if not manager.is_loaded:
                 return split, ""
-            tokenizer = manager._require_loaded().tokenizer
+            tokenizer = manager.require_loaded().tokenizer
             first = train_rows[0]
             return split, guard_html(template_guard(tokenizer, first.get("system") or prompt, first["instruction"], first["output"]))
 
         def count_trainable(chosen, rank):
             if not manager.is_loaded or not chosen:
                 return ""
-            model = manager._require_loaded().model
+            model = manager.require_loaded().model
             count = lora_param_count(model, chosen, int(rank or 0))
             total = manager.card().total_params
             return s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
@@ -138,7 +138,7 @@ def build_train_tab(services: Services, app: gr.Blocks) -> None:
             if not manager.is_loaded:
                 raise StudioError(strings("chat")["no_model"])
             settings = settings_from(*values)
-            loaded = manager._require_loaded()
+            loaded = manager.require_loaded()
             lengths = dataset_lengths(loaded.tokenizer, datasets.read_dataset(path), prompt, settings.max_length)
             lora = LoraSettings(r=int(rank), targets=tuple(chosen))
             return estimate_peak(loaded.model, settings, lengths, lora).describe(free_gpu_gib())
@@ -146,7 +146,7 @@ def build_train_tab(services: Services, app: gr.Blocks) -> None:
         def peft_default():
             if not manager.is_loaded:
                 return gr.update(value=["q_proj", "v_proj"])
-            model_type = manager._require_loaded().model.config.model_type
+            model_type = manager.require_loaded().model.config.model_type
             return gr.update(value=list(peft_default_targets(model_type)))
 
         def refresh_lists():
