@@ -32,108 +32,129 @@ def card_markdown(card: ModelCard) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def adapter_choices(services: Services, s: dict) -> list[tuple[str, str]]:
-    status = services.manager.status()
-    return [(s["adapter_base"], "")] + [(name, name) for name in status.adapters]
+class ChatTab:
+    """Builds the tab's components, then wires each event to one handler method."""
 
+    def __init__(self, services: Services, stops: StopSignals):
+        self.services, self.stops, self.s = services, stops, strings("chat")
+        self.manager, self.policy = services.manager, services.policy
+        with gr.Tab(self.s["tab"], id="chat"):
+            self._layout()
+        self._wire()
 
-def build_chat_tab(services: Services, stops: StopSignals) -> None:
-    s = strings("chat")
-    manager, policy = services.manager, services.policy
-
-    with gr.Tab(s["tab"], id="chat"):
+    # ----- layout ------------------------------------------------------------------------------
+    def _layout(self) -> None:
+        s = self.s
         with gr.Row(equal_height=True):
-            model_box = gr.Dropdown(list(MODEL_PRESETS), value=services.default_model, allow_custom_value=True,
-                                    label=s["model"], info=s["model_info"], scale=4)
-            quant = gr.Radio(list(QUANT_CHOICES), value=services.default_quant, label=s["quant"],
-                             info=s["quant_info"], scale=2)
-            load_btn = gr.Button(s["load"], variant="primary", scale=1)
-            unload_btn = gr.Button(s["unload"], scale=1)
-        load_status = gr.Markdown(s["no_model"])
+            self.model_box = gr.Dropdown(list(MODEL_PRESETS), value=self.services.default_model, allow_custom_value=True,
+                                         label=s["model"], info=s["model_info"], scale=4)
+            self.quant = gr.Radio(list(QUANT_CHOICES), value=self.services.default_quant, label=s["quant"],
+                                  info=s["quant_info"], scale=2)
+            self.load_btn = gr.Button(s["load"], variant="primary", scale=1)
+            self.unload_btn = gr.Button(s["unload"], scale=1)
+        self.load_status = gr.Markdown(s["no_model"])
         with gr.Accordion(s["card"], open=False):
-            card_md = gr.Markdown()
-            card_tree = gr.Code(label=s["card_tree"], language=None, lines=12, max_lines=30)
-            card_template = gr.Code(label=s["card_template"], language="jinja2", lines=6, max_lines=20)
+            self.card_md = gr.Markdown()
+            self.card_tree = gr.Code(label=s["card_tree"], language=None, lines=12, max_lines=30)
+            self.card_template = gr.Code(label=s["card_template"], language="jinja2", lines=6, max_lines=20)
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(height=460, label=s["tab"], buttons=["copy"])
-                message = gr.Textbox(label=s["message"], placeholder=s["message_placeholder"], lines=2)
-                with gr.Row():
-                    send_btn = gr.Button(s["send"], variant="primary")
-                    stop_btn = gr.Button(s["stop"], variant="stop")
-                    clear_btn = gr.Button(s["clear"])
+                self._conversation()
             with gr.Column(scale=2):
-                system = gr.Textbox(services.default_system_prompt, label=s["system"], info=s["system_info"], lines=3)
-                adapter = gr.Dropdown(adapter_choices(services, s), value="", label=s["adapter"])
-                with gr.Accordion(s["settings"], open=False):
-                    max_new = gr.Slider(16, 2048, value=256, step=16, label=s["max_new_tokens"])
-                    temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label=s["temperature"])
-                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=s["top_p"])
-                    rep = gr.Slider(1.0, 2.0, value=1.05, step=0.01, label=s["repetition_penalty"])
-                preview = gr.Textbox(label=s["preview"], lines=10, max_lines=30, interactive=False,
-                                     elem_classes=["mono"], buttons=["copy"], elem_id="prompt-preview")
+                self._options()
 
-        @user_errors
-        def load(name, quant_choice, progress=gr.Progress()):
-            policy.require("load_model")
-            manager.load(ModelSpec(name, quant_choice), progress=lambda f, m: progress(f, desc=m))
-            card = manager.card()
-            return (s["loaded"].format(name=card.name, quant=card.quant, device=card.device),
-                    card_markdown(card), card.module_tree, card.chat_template,
-                    gr.update(choices=adapter_choices(services, s), value=""))
+    def _conversation(self) -> None:
+        s = self.s
+        self.chatbot = gr.Chatbot(height=460, label=s["tab"], buttons=["copy"])
+        self.message = gr.Textbox(label=s["message"], placeholder=s["message_placeholder"], lines=2)
+        with gr.Row():
+            self.send_btn = gr.Button(s["send"], variant="primary")
+            self.stop_btn = gr.Button(s["stop"], variant="stop")
+            self.clear_btn = gr.Button(s["clear"])
 
-        @user_errors
-        def unload():
-            policy.require("load_model")
-            manager.unload()
-            return s["unloaded"], "", "", "", gr.update(choices=adapter_choices(services, s), value="")
+    def _options(self) -> None:
+        s = self.s
+        self.system = gr.Textbox(self.services.default_system_prompt, label=s["system"], info=s["system_info"], lines=3)
+        self.adapter = gr.Dropdown(self.adapter_choices(), value="", label=s["adapter"])
+        with gr.Accordion(s["settings"], open=False):
+            self.max_new = gr.Slider(16, 2048, value=256, step=16, label=s["max_new_tokens"])
+            self.temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label=s["temperature"])
+            self.top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=s["top_p"])
+            self.rep = gr.Slider(1.0, 2.0, value=1.05, step=0.01, label=s["repetition_penalty"])
+        self.preview = gr.Textbox(label=s["preview"], lines=10, max_lines=30, interactive=False,
+                                  elem_classes=["mono"], buttons=["copy"], elem_id="prompt-preview")
 
-        def render_preview(history, system_prompt, pending=None):
-            if not manager.is_loaded:
-                return ""
-            return manager.render_prompt(build_messages(system_prompt, history or [], pending))
+    # ----- wiring ------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        load_outputs = [self.load_status, self.card_md, self.card_tree, self.card_template, self.adapter]
+        chat_inputs = [self.message, self.chatbot, self.system, self.adapter, self.max_new, self.temperature,
+                       self.top_p, self.rep]
+        chat_outputs = [self.chatbot, self.message, self.preview]
+        self.load_btn.click(self.load, [self.model_box, self.quant], load_outputs, concurrency_limit=1)
+        self.unload_btn.click(self.unload, None, load_outputs)
+        send_event = self.send_btn.click(self.respond, chat_inputs, chat_outputs, api_name="chat")
+        submit_event = self.message.submit(self.respond, chat_inputs, chat_outputs, api_name=False)
+        self.stop_btn.click(self.stop, None, None, cancels=[send_event, submit_event], api_name="stop")
+        self.clear_btn.click(lambda: ([], ""), None, [self.chatbot, self.preview], api_name=False)
+        self.system.change(self.render_preview, [self.chatbot, self.system], self.preview, api_name=False)
+        self.adapter.focus(lambda: gr.update(choices=self.adapter_choices()), None, self.adapter, api_name=False)
+        self.adapter.change(self.adapter_prompt, [self.adapter, self.system], self.system, api_name=False)
 
-        @user_errors
-        def respond(text, history, system_prompt, adapter_name, max_tokens, temp, p, penalty, request: gr.Request):
-            policy.require("chat")
-            if not text or not text.strip():
-                raise gr.Error(s["empty_message"])
-            history = list(history or [])
-            settings = GenerationSettings(int(max_tokens), float(temp), float(p), float(penalty))
-            messages = build_messages(system_prompt, history, text)
-            stop = stops.fresh(request.session_hash or "cli")
-            replies = manager.stream_chat(messages, settings, adapter_name or None, stop)
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-            prompt = manager.render_prompt(messages)
-            try:
-                for reply in replies:
-                    history[-1]["content"] = reply
-                    yield history, "", prompt
-            finally:
-                replies.close()
-            yield history, "", prompt
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        return [(self.s["adapter_base"], "")] + [(name, name) for name in self.manager.status().adapters]
 
-        def stop(request: gr.Request):
-            stops.stop(request.session_hash or "cli")
+    # ----- the model ---------------------------------------------------------------------------
+    @user_errors
+    def load(self, name, quant, progress=gr.Progress()):
+        self.policy.require("load_model")
+        self.manager.load(ModelSpec(name, quant), progress=lambda fraction, message: progress(fraction, desc=message))
+        card = self.manager.card()
+        return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card),
+                card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))
 
-        def refresh_adapters():
-            return gr.update(choices=adapter_choices(services, s))
+    @user_errors
+    def unload(self):
+        self.policy.require("load_model")
+        self.manager.unload()
+        return self.s["unloaded"], "", "", "", gr.update(choices=self.adapter_choices(), value="")
 
-        def adapter_prompt(name, current):
-            """Chat with an adapter under the system prompt it was trained with (stored in its studio.json)."""
-            folder = manager.adapter_folder(name) if name else None
-            if not folder:
-                return gr.skip()
-            return read_metadata(Path(folder)).get("system_prompt", current)
+    def adapter_prompt(self, name, current):
+        """Chat with an adapter under the system prompt it was trained with (stored in its studio.json)."""
+        folder = self.manager.adapter_folder(name) if name else None
+        if not folder:
+            return gr.skip()
+        return read_metadata(Path(folder)).get("system_prompt", current)
 
-        load_outputs = [load_status, card_md, card_tree, card_template, adapter]
-        load_btn.click(load, [model_box, quant], load_outputs, concurrency_limit=1)
-        unload_btn.click(unload, None, load_outputs)
-        chat_inputs = [message, chatbot, system, adapter, max_new, temperature, top_p, rep]
-        send_event = send_btn.click(respond, chat_inputs, [chatbot, message, preview], api_name="chat")
-        submit_event = message.submit(respond, chat_inputs, [chatbot, message, preview], api_name=False)
-        stop_btn.click(stop, None, None, cancels=[send_event, submit_event], api_name="stop")
-        clear_btn.click(lambda: ([], ""), None, [chatbot, preview], api_name=False)
-        system.change(render_preview, [chatbot, system], preview, api_name=False)
-        adapter.focus(refresh_adapters, None, adapter, api_name=False)
-        adapter.change(adapter_prompt, [adapter, system], system, api_name=False)
+    # ----- the conversation --------------------------------------------------------------------
+    def render_preview(self, history, system_prompt):
+        if not self.manager.is_loaded:
+            return ""
+        return self.manager.render_prompt(build_messages(system_prompt, history or []))
+
+    @user_errors
+    def respond(self, text, history, system_prompt, adapter_name, max_tokens, temperature, top_p, penalty,
+                request: gr.Request):
+        self.policy.require("chat")
+        if not text or not text.strip():
+            raise gr.Error(self.s["empty_message"])
+        history = list(history or [])
+        settings = GenerationSettings(int(max_tokens), float(temperature), float(top_p), float(penalty))
+        messages = build_messages(system_prompt, history, text)
+        stop = self.stops.fresh(request.session_hash or "cli")
+        replies = self.manager.stream_chat(messages, settings, adapter_name or None, stop)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        prompt = self.manager.render_prompt(messages)
+        try:
+            for reply in replies:
+                history[-1]["content"] = reply
+                yield history, "", prompt
+        finally:
+            replies.close()
+        yield history, "", prompt
+
+    def stop(self, request: gr.Request):
+        self.stops.stop(request.session_hash or "cli")
+
+
+def build_chat_tab(services: Services, stops: StopSignals) -> ChatTab:
+    return ChatTab(services, stops)

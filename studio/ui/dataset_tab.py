@@ -36,143 +36,173 @@ def _rows_frame(rows: list[dict]) -> pd.DataFrame:
     return frame[PREVIEW_COLUMNS + [c for c in frame.columns if c not in PREVIEW_COLUMNS]].fillna("")
 
 
-def _dataset_choices(services: Services) -> list[str]:
-    return [str(p) for p in datasets.list_datasets(services.paths.data_dir)]
+def _teacher_config(url, model, key, seconds) -> TeacherConfig:
+    return TeacherConfig(url.strip(), model.strip(), key or "", float(seconds or 120))
 
 
-def build_dataset_tab(services: Services, app: gr.Blocks) -> None:
-    s = strings("dataset")
-    policy, board = services.policy, services.jobs
+class DatasetTab:
+    """Builds the tab's components, then wires each event to one handler method."""
 
-    with gr.Tab(s["tab"], id="dataset"):
-        gr.Markdown(s["intro"])
+    def __init__(self, services: Services, app: gr.Blocks):
+        self.services, self.app, self.s = services, app, strings("dataset")
+        self.policy, self.board = services.policy, services.jobs
+        with gr.Tab(self.s["tab"], id="dataset"):
+            self._layout()
+        self._wire()
+
+    # ----- layout ------------------------------------------------------------------------------
+    def _layout(self) -> None:
+        gr.Markdown(self.s["intro"])
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label=s["document"], file_types=[".md", ".txt", ".markdown"], type="filepath")
-                doc_path = gr.Textbox(str(SAMPLE_DOCUMENT), label=s["doc_path"])
-                name = gr.Textbox(label=s["name"])
-                with gr.Row():
-                    min_chars = gr.Number(100, label=s["min_chars"], precision=0)
-                    max_chars = gr.Number(3000, label=s["max_chars"], precision=0)
-                levels = gr.CheckboxGroup(list(LEVELS), value=list(LEVELS), label=s["levels"])
-                split_btn = gr.Button(s["split"])
-                split_msg = gr.Markdown()
-                sections = gr.Dataframe(headers=["#", "heading", "chars", "first line"], interactive=False,
-                                        label=s["sections"], max_height=320)
+                self._document_controls()
             with gr.Column():
-                use_local = gr.Checkbox(False, label=s["use_local"])
-                provider = gr.Dropdown(list(PROVIDER_PRESETS), value="SiliconFlow", label=s["provider"])
-                base_url = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][0], label=s["base_url"])
-                teacher_model = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][1], label=s["teacher_model"])
-                api_key = gr.Textbox("", label=s["api_key"], type="password", placeholder=s["api_key_placeholder"])
-                test_btn = gr.Button(s["test"], size="sm")
-                test_msg = gr.Markdown()
-                per_section = gr.Textbox("auto", label=s["per_section"])
-                variants = gr.Slider(0, 30, value=14, step=1, label=s["variants"])
-                concurrency = gr.Slider(1, 32, value=8, step=1, label=s["concurrency"])
-                with gr.Accordion(s["advanced"], open=False):
-                    system_prompt = gr.Textbox(DEFAULT_PAIR_PROMPT, label=s["system_prompt"], lines=4)
-                    paraphrase_prompt = gr.Textbox(DEFAULT_PARAPHRASE_PROMPT, label=s["paraphrase_prompt"], lines=3)
-                    with gr.Row():
-                        temperature = gr.Number(0.2, label=s["temperature"])
-                        max_tokens = gr.Number(600, label=s["max_tokens"], precision=0)
-                        attempts = gr.Number(3, label=s["attempts"], precision=0)
-                        timeout = gr.Number(120, label=s["timeout"])
+                self._teacher_controls()
         with gr.Row():
-            build_btn = gr.Button(s["build"], variant="primary")
-            cancel_btn = gr.Button(s["cancel"], variant="stop")
-        panel = job_panel(board, JOB_KIND, s)
+            self.build_btn = gr.Button(self.s["build"], variant="primary")
+            self.cancel_btn = gr.Button(self.s["cancel"], variant="stop")
+        self.panel = job_panel(self.board, JOB_KIND, self.s)
+        self._result_controls()
+
+    def _document_controls(self) -> None:
+        s = self.s
+        self.upload = gr.File(label=s["document"], file_types=[".md", ".txt", ".markdown"], type="filepath")
+        self.doc_path = gr.Textbox(str(SAMPLE_DOCUMENT), label=s["doc_path"])
+        self.name = gr.Textbox(label=s["name"])
+        with gr.Row():
+            self.min_chars = gr.Number(100, label=s["min_chars"], precision=0)
+            self.max_chars = gr.Number(3000, label=s["max_chars"], precision=0)
+        self.levels = gr.CheckboxGroup(list(LEVELS), value=list(LEVELS), label=s["levels"])
+        self.split_btn = gr.Button(s["split"])
+        self.split_msg = gr.Markdown()
+        self.sections = gr.Dataframe(headers=["#", "heading", "chars", "first line"], interactive=False,
+                                     label=s["sections"], max_height=320)
+
+    def _teacher_controls(self) -> None:
+        s = self.s
+        self.use_local = gr.Checkbox(False, label=s["use_local"])
+        self.provider = gr.Dropdown(list(PROVIDER_PRESETS), value="SiliconFlow", label=s["provider"])
+        self.base_url = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][0], label=s["base_url"])
+        self.teacher_model = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][1], label=s["teacher_model"])
+        self.api_key = gr.Textbox("", label=s["api_key"], type="password", placeholder=s["api_key_placeholder"])
+        self.test_btn = gr.Button(s["test"], size="sm")
+        self.test_msg = gr.Markdown()
+        self.per_section = gr.Textbox("auto", label=s["per_section"])
+        self.variants = gr.Slider(0, 30, value=14, step=1, label=s["variants"])
+        self.concurrency = gr.Slider(1, 32, value=8, step=1, label=s["concurrency"])
+        with gr.Accordion(s["advanced"], open=False):
+            self.system_prompt = gr.Textbox(DEFAULT_PAIR_PROMPT, label=s["system_prompt"], lines=4)
+            self.paraphrase_prompt = gr.Textbox(DEFAULT_PARAPHRASE_PROMPT, label=s["paraphrase_prompt"], lines=3)
+            with gr.Row():
+                self.temperature = gr.Number(0.2, label=s["temperature"])
+                self.max_tokens = gr.Number(600, label=s["max_tokens"], precision=0)
+                self.attempts = gr.Number(3, label=s["attempts"], precision=0)
+                self.timeout = gr.Number(120, label=s["timeout"])
+
+    def _result_controls(self) -> None:
+        s = self.s
         with gr.Accordion(s["result"], open=True):
             with gr.Row():
-                dataset_pick = gr.Dropdown(_dataset_choices(services), label=s["datasets"], scale=4,
-                                           allow_custom_value=True)
-                open_btn = gr.Button(s["open"], scale=1)
-                import_file = gr.File(label=s["import"], file_types=[".jsonl", ".json"], type="filepath", scale=3)
-            preview = gr.Dataframe(_rows_frame([]), label=s["preview"], interactive=True, wrap=True, max_height=480)
+                self.dataset_pick = gr.Dropdown(self._datasets(), label=s["datasets"], scale=4, allow_custom_value=True)
+                self.open_btn = gr.Button(s["open"], scale=1)
+                self.import_file = gr.File(label=s["import"], file_types=[".jsonl", ".json"], type="filepath", scale=3)
+            self.preview = gr.Dataframe(_rows_frame([]), label=s["preview"], interactive=True, wrap=True, max_height=480)
             with gr.Row():
-                save_name = gr.Textbox(label=s["save_name"], scale=3)
-                save_btn = gr.Button(s["save"], scale=1)
-            result_msg = gr.Markdown()
+                self.save_name = gr.Textbox(label=s["save_name"], scale=3)
+                self.save_btn = gr.Button(s["save"], scale=1)
+            self.result_msg = gr.Markdown()
 
-        def fill_preset(choice):
-            url, model = PROVIDER_PRESETS[choice]
-            return url, model
+    # ----- wiring ------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        split_inputs = [self.upload, self.doc_path, self.min_chars, self.max_chars, self.levels]
+        split_outputs = [self.split_msg, self.sections]
+        build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
+            self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
+            self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
+            self.attempts, self.timeout]
+        preview_outputs = [self.preview, self.result_msg, self.save_name]
+        self.provider.change(lambda choice: PROVIDER_PRESETS[choice], self.provider, [self.base_url, self.teacher_model],
+                             api_name=False)
+        self.split_btn.click(self.split, split_inputs, split_outputs, api_name="split")
+        self.upload.change(self.split, split_inputs, split_outputs, api_name=False)
+        self.app.load(self.split, split_inputs, split_outputs, api_name=False)
+        self.test_btn.click(self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout], self.test_msg,
+                            api_name="test_teacher")
+        self.build_btn.click(self.start, build_inputs, self.panel.message, api_name="build_dataset")
+        self.cancel_btn.click(self.cancel, None, self.panel.message, api_name="cancel_build")
+        self.open_btn.click(self.open_dataset, self.dataset_pick, preview_outputs, api_name="open_dataset")
+        self.import_file.upload(self.import_rows, self.import_file, preview_outputs[:2] + [self.dataset_pick, self.save_name],
+                                api_name="import_dataset")
+        self.save_btn.click(self.save, [self.preview, self.save_name], [self.result_msg, self.dataset_pick],
+                            api_name="save_dataset")
+        self.panel.on_finish(self.on_finished, [self.preview, self.dataset_pick])
 
-        @user_errors
-        def split(upload_path, typed, lo, hi, lv):
-            path = _document_path(upload_path, typed)
-            found = split_sections(read_document(path), _split_settings(lo, hi, lv))
-            table = [[x.index, x.heading, x.chars, x.first_line] for x in found]
-            return s["sections_found"].format(count=len(found), chars=sum(x.chars for x in found)), table
+    def _datasets(self) -> list[str]:
+        return [str(p) for p in datasets.list_datasets(self.services.paths.data_dir)]
 
-        def teacher_config(url, model, key, seconds) -> TeacherConfig:
-            return TeacherConfig(url.strip(), model.strip(), key or "", float(seconds or 120))
+    # ----- document and teacher ----------------------------------------------------------------
+    @user_errors
+    def split(self, upload_path, typed, low, high, levels):
+        found = split_sections(read_document(_document_path(upload_path, typed)), _split_settings(low, high, levels))
+        table = [[x.index, x.heading, x.chars, x.first_line] for x in found]
+        return self.s["sections_found"].format(count=len(found), chars=sum(x.chars for x in found)), table
 
-        @user_errors
-        def test(url, model, key, seconds):
-            policy.require("build_dataset")
-            return check_connection(OpenAITeacher(teacher_config(url, model, key, seconds)))
+    @user_errors
+    def test(self, url, model, key, seconds):
+        self.policy.require("build_dataset")
+        return check_connection(OpenAITeacher(_teacher_config(url, model, key, seconds)))
 
-        @user_errors
-        def start(upload_path, typed, dataset_name, lo, hi, lv, local, url, model, key, per, n_variants, workers,
-                  sys_prompt, para_prompt, temp, tokens, tries, seconds):
-            policy.require("build_dataset")
-            settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
-                                     temperature=float(temp), max_tokens=int(tokens), system_prompt=sys_prompt,
-                                     paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries or 3)),
-                                     split=_split_settings(lo, hi, lv))
-            teacher = None if local else teacher_config(url, model, key, seconds)
-            job = start_build(board, services.manager, services.paths, _document_path(upload_path, typed), settings,
-                              teacher, dataset_name or "")
-            return s["started"].format(name=job.name)
+    # ----- the build job -----------------------------------------------------------------------
+    @user_errors
+    def start(self, upload_path, typed, dataset_name, low, high, levels, local, url, model, key, per, n_variants,
+              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds):
+        self.policy.require("build_dataset")
+        settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
+                                 temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
+                                 paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries or 3)),
+                                 split=_split_settings(low, high, levels))
+        teacher = None if local else _teacher_config(url, model, key, seconds)
+        job = start_build(self.board, self.services.manager, self.services.paths, _document_path(upload_path, typed),
+                          settings, teacher, dataset_name or "")
+        return self.s["started"].format(name=job.name)
 
-        @user_errors
-        def cancel():
-            policy.require("build_dataset")
-            job = board.latest(JOB_KIND)
-            if job is not None and job.running:
-                job.cancel()
-            return s["cancelled"]
+    @user_errors
+    def cancel(self):
+        self.policy.require("build_dataset")
+        job = self.board.latest(JOB_KIND)
+        if job is not None and job.running:
+            job.cancel()
+        return self.s["cancelled"]
 
-        @user_errors
-        def open_dataset(path):
-            rows = datasets.read_dataset(path)
-            return _rows_frame(rows), s["opened"].format(rows=len(rows), path=path), Path(path).stem
+    def on_finished(self, job):
+        path = job.result.get("dataset_path") if job is not None else None
+        if not path:
+            return gr.skip(), gr.skip()
+        return _rows_frame(datasets.read_dataset(path)), gr.update(choices=self._datasets(), value=path)
 
-        @user_errors
-        def import_rows(path):
-            policy.require("edit_dataset")
-            if not path:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            saved, rows = datasets.import_dataset(path, services.paths.data_dir)
-            message = s["imported"].format(rows=len(rows), source=Path(path).name, path=saved)
-            return _rows_frame(rows), message, gr.update(choices=_dataset_choices(services), value=str(saved)), saved.stem
+    # ----- the result table --------------------------------------------------------------------
+    @user_errors
+    def open_dataset(self, path):
+        rows = datasets.read_dataset(path)
+        return _rows_frame(rows), self.s["opened"].format(rows=len(rows), path=path), Path(path).stem
 
-        @user_errors
-        def save(frame, save_as):
-            policy.require("edit_dataset")
-            rows = frame.to_dict(orient="records") if isinstance(frame, pd.DataFrame) else []
-            path = datasets.save_rows(rows, save_as or "dataset", services.paths.data_dir)
-            return s["saved"].format(rows=sum(1 for _ in open(path, encoding="utf-8")), path=path), \
-                gr.update(choices=_dataset_choices(services), value=str(path))
+    @user_errors
+    def import_rows(self, path):
+        self.policy.require("edit_dataset")
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        saved, rows = datasets.import_dataset(path, self.services.paths.data_dir)
+        message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved)
+        return _rows_frame(rows), message, gr.update(choices=self._datasets(), value=str(saved)), saved.stem
 
-        def on_finished(job):
-            path = job.result.get("dataset_path") if job is not None else None
-            if not path:
-                return gr.skip(), gr.skip()
-            return _rows_frame(datasets.read_dataset(path)), gr.update(choices=_dataset_choices(services), value=path)
+    @user_errors
+    def save(self, frame, save_as):
+        self.policy.require("edit_dataset")
+        rows = frame.to_dict(orient="records") if isinstance(frame, pd.DataFrame) else []
+        path = datasets.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
+        count = sum(1 for _ in open(path, encoding="utf-8"))
+        return self.s["saved"].format(rows=count, path=path), gr.update(choices=self._datasets(), value=str(path))
 
-        provider.change(fill_preset, provider, [base_url, teacher_model], api_name=False)
-        split_btn.click(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name="split")
-        app.load(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name=False)
-        upload.change(split, [upload, doc_path, min_chars, max_chars, levels], [split_msg, sections], api_name=False)
-        test_btn.click(test, [base_url, teacher_model, api_key, timeout], test_msg, api_name="test_teacher")
-        build_btn.click(start, [upload, doc_path, name, min_chars, max_chars, levels, use_local, base_url,
-                                teacher_model, api_key, per_section, variants, concurrency, system_prompt,
-                                paraphrase_prompt, temperature, max_tokens, attempts, timeout],
-                        panel.message, api_name="build_dataset")
-        cancel_btn.click(cancel, None, panel.message, api_name="cancel_build")
-        open_btn.click(open_dataset, dataset_pick, [preview, result_msg, save_name], api_name="open_dataset")
-        import_file.upload(import_rows, import_file, [preview, result_msg, dataset_pick, save_name], api_name="import_dataset")
-        save_btn.click(save, [preview, save_name], [result_msg, dataset_pick], api_name="save_dataset")
-        panel.on_finish(on_finished, [preview, dataset_pick])
+
+def build_dataset_tab(services: Services, app: gr.Blocks) -> DatasetTab:
+    return DatasetTab(services, app)

@@ -10,201 +10,228 @@ import gradio as gr
 from studio.data import datasets
 from studio.errors import StudioError
 from studio.model.card import human_count
+from studio.services import Services
 from studio.train.estimate import lora_param_count
-from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
 from studio.train.formatting import guard_html, template_guard
 from studio.train.job import RunRequest
+from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
 from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
 from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainSettings, peft_default_targets, preset
 from studio.train.split import split_heldout
-from studio.services import Services
 from studio.ui.common import job_panel, user_errors
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing")
+SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
 
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _datasets(services: Services) -> list[str]:
-    return [str(p) for p in datasets.list_datasets(services.paths.data_dir)]
+def settings_from(*values) -> TrainSettings:
+    """TrainSettings from the tab's inputs, in SETTING_FIELDS order."""
+    return TrainSettings(**{f: SETTING_TYPES[f](v) for f, v in zip(SETTING_FIELDS, values)}, logging_steps=1)
 
 
-def _runs(services: Services) -> list[str]:
-    return [str(p) for p in list_runs(services.paths.runs_dir)]
+class TrainTab:
+    """Builds the tab's components, then wires each event to one handler method."""
 
+    def __init__(self, services: Services, app: gr.Blocks):
+        self.services, self.app, self.s = services, app, strings("train")
+        self.manager, self.policy, self.board = services.manager, services.policy, services.jobs
+        with gr.Tab(self.s["tab"], id="train"):
+            self._layout()
+        self._wire()
 
-def build_train_tab(services: Services, app: gr.Blocks) -> None:
-    s = strings("train")
-    manager, policy, board = services.manager, services.policy, services.jobs
-    defaults = TrainSettings()
-
-    with gr.Tab(s["tab"], id="train"):
+    # ----- layout ------------------------------------------------------------------------------
+    def _layout(self) -> None:
+        s = self.s
         gr.Markdown(s["intro"])
         with gr.Row():
-            dataset = gr.Dropdown(_datasets(services), value=(_datasets(services) or [None])[0], label=s["dataset"],
-                                  allow_custom_value=True, scale=4)
-            refresh = gr.Button(s["refresh"], scale=1, size="sm")
-            run_name = gr.Textbox(label=s["run_name"], scale=3)
-        system = gr.Textbox(services.default_system_prompt, label=s["system"], lines=2)
+            choices = self._datasets()
+            self.dataset = gr.Dropdown(choices, value=(choices or [None])[0], label=s["dataset"],
+                                       allow_custom_value=True, scale=4)
+            self.refresh = gr.Button(s["refresh"], scale=1, size="sm")
+            self.run_name = gr.Textbox(label=s["run_name"], scale=3)
+        self.system = gr.Textbox(self.services.default_system_prompt, label=s["system"], lines=2)
         with gr.Accordion(s["guard"], open=True):
-            guard_btn = gr.Button(s["guard_button"], size="sm")
-            split_md = gr.Markdown()
-            guard = gr.HTML()
+            self.guard_btn = gr.Button(s["guard_button"], size="sm")
+            self.split_md = gr.Markdown()
+            self.guard = gr.HTML()
         with gr.Row():
             with gr.Column():
-                with gr.Accordion(s["lora"], open=True):
-                    with gr.Row():
-                        r = gr.Number(16, label=s["r"], precision=0)
-                        alpha = gr.Number(32, label=s["alpha"], precision=0)
-                        dropout = gr.Number(0.05, label=s["dropout"])
-                    targets = gr.CheckboxGroup(list(ALL_PROJECTIONS), value=list(ALL_PROJECTIONS), label=s["targets"])
-                    with gr.Row():
-                        all_btn = gr.Button(s["all_targets"], size="sm")
-                        peft_btn = gr.Button(s["peft_default"], size="sm")
-                    trainable = gr.Markdown()
+                self._lora_controls()
             with gr.Column():
-                with gr.Accordion(s["training"], open=True):
-                    preset_pick = gr.Dropdown([(label, key) for key, (label, _) in PRESETS.items()], value="tutorial",
-                                              label=s["preset"])
-                    with gr.Row():
-                        lr = gr.Number(defaults.learning_rate, label=s["lr"])
-                        epochs = gr.Number(defaults.epochs, label=s["epochs"])
-                        max_steps = gr.Number(defaults.max_steps, label=s["max_steps"], precision=0)
-                    with gr.Row():
-                        batch = gr.Number(defaults.batch_size, label=s["batch"], precision=0)
-                        accum = gr.Number(defaults.grad_accum, label=s["accum"], precision=0)
-                        warmup = gr.Number(defaults.warmup_ratio, label=s["warmup"])
-                    with gr.Row():
-                        max_length = gr.Number(defaults.max_length, label=s["max_length"], precision=0)
-                        save_every = gr.Number(defaults.save_every, label=s["save_every"], precision=0)
-                        heldout = gr.Number(defaults.heldout_per_group, label=s["heldout"], precision=0)
-                    with gr.Row():
-                        seed = gr.Number(defaults.seed, label=s["seed"], precision=0)
-                        checkpointing = gr.Checkbox(defaults.gradient_checkpointing, label=s["checkpointing"])
-                        packing = gr.Checkbox(defaults.packing, label=s["packing"])
-                    estimate_btn = gr.Button(s["estimate"], size="sm")
-                    estimate_md = gr.Markdown()
+                self._training_controls()
         with gr.Row():
-            start_btn = gr.Button(s["start"], variant="primary")
-            stop_btn = gr.Button(s["stop"], variant="stop")
-            resume_pick = gr.Dropdown(_runs(services), label=s["resume_run"], allow_custom_value=True, scale=3)
-            resume_btn = gr.Button(s["resume"])
-        panel = job_panel(board, JOB_KIND, s, plots=True)
+            self.start_btn = gr.Button(s["start"], variant="primary")
+            self.stop_btn = gr.Button(s["stop"], variant="stop")
+            self.resume_pick = gr.Dropdown(self._runs(), label=s["resume_run"], allow_custom_value=True, scale=3)
+            self.resume_btn = gr.Button(s["resume"])
+        self.panel = job_panel(self.board, JOB_KIND, s, plots=True)
         with gr.Accordion(s["result"], open=True):
-            result_md = gr.Markdown()
-            loss_png = gr.Image(type="filepath", label="loss.png", height=300)
+            self.result_md = gr.Markdown()
+            self.loss_png = gr.Image(type="filepath", label="loss.png", height=300)
 
-        setting_inputs = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, heldout, seed, checkpointing,
-                          packing]
+    def _lora_controls(self) -> None:
+        s = self.s
+        with gr.Accordion(s["lora"], open=True):
+            with gr.Row():
+                self.r = gr.Number(16, label=s["r"], precision=0)
+                self.alpha = gr.Number(32, label=s["alpha"], precision=0)
+                self.dropout = gr.Number(0.05, label=s["dropout"])
+            self.targets = gr.CheckboxGroup(list(ALL_PROJECTIONS), value=list(ALL_PROJECTIONS), label=s["targets"])
+            with gr.Row():
+                self.all_btn = gr.Button(s["all_targets"], size="sm")
+                self.peft_btn = gr.Button(s["peft_default"], size="sm")
+            self.trainable = gr.Markdown()
 
-        def settings_from(*values) -> TrainSettings:
-            kinds = {f: type(getattr(defaults, f)) for f in SETTING_FIELDS}
-            return TrainSettings(**{f: kinds[f](v) for f, v in zip(SETTING_FIELDS, values)}, logging_steps=1)
+    def _training_controls(self) -> None:
+        s, d = self.s, TrainSettings()
+        with gr.Accordion(s["training"], open=True):
+            self.preset = gr.Dropdown([(label, key) for key, (label, _) in PRESETS.items()], value="tutorial",
+                                      label=s["preset"])
+            with gr.Row():
+                lr = gr.Number(d.learning_rate, label=s["lr"])
+                epochs = gr.Number(d.epochs, label=s["epochs"])
+                max_steps = gr.Number(d.max_steps, label=s["max_steps"], precision=0)
+            with gr.Row():
+                batch = gr.Number(d.batch_size, label=s["batch"], precision=0)
+                accum = gr.Number(d.grad_accum, label=s["accum"], precision=0)
+                warmup = gr.Number(d.warmup_ratio, label=s["warmup"])
+            with gr.Row():
+                max_length = gr.Number(d.max_length, label=s["max_length"], precision=0)
+                save_every = gr.Number(d.save_every, label=s["save_every"], precision=0)
+                self.heldout = gr.Number(d.heldout_per_group, label=s["heldout"], precision=0)
+            with gr.Row():
+                seed = gr.Number(d.seed, label=s["seed"], precision=0)
+                checkpointing = gr.Checkbox(d.gradient_checkpointing, label=s["checkpointing"])
+                packing = gr.Checkbox(d.packing, label=s["packing"])
+            self.estimate_btn = gr.Button(s["estimate"], size="sm")
+            self.estimate_md = gr.Markdown()
+        self.settings = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, self.heldout, seed,
+                         checkpointing, packing]
 
-        def apply_preset(name):
-            chosen = asdict(preset(name))
-            return [chosen[f] for f in SETTING_FIELDS]
+    # ----- wiring ------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        guard_inputs, guard_outputs = [self.dataset, self.system, self.heldout], [self.split_md, self.guard]
+        lora_inputs = [self.targets, self.r, self.alpha, self.dropout]
+        self.preset.change(self.apply_preset, self.preset, self.settings, api_name=False)
+        self.refresh.click(self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick], api_name=False)
+        self.guard_btn.click(self.show_guard, guard_inputs, guard_outputs, api_name="template_guard")
+        self.dataset.change(self.show_guard, guard_inputs, guard_outputs, api_name=False)
+        self.app.load(self.guard_on_load, guard_inputs, guard_outputs, api_name=False)
+        for control in (self.targets, self.r):
+            control.change(self.count_trainable, [self.targets, self.r], self.trainable, api_name=False)
+        self.app.load(self.count_trainable, [self.targets, self.r], self.trainable, api_name=False)
+        self.all_btn.click(lambda: gr.update(value=list(ALL_PROJECTIONS)), None, self.targets, api_name=False)
+        self.peft_btn.click(self.peft_default, None, self.targets, api_name=False)
+        self.estimate_btn.click(self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
+                                self.estimate_md, api_name="estimate_memory")
+        self.start_btn.click(self.start, [self.dataset, self.run_name, self.system] + lora_inputs + self.settings,
+                             self.panel.message, api_name="start_training")
+        self.stop_btn.click(self.stop, None, self.panel.message, api_name="stop_training")
+        self.resume_btn.click(self.resume, self.resume_pick, self.panel.message, api_name="resume_training")
+        self.panel.on_finish(self.on_finished, [self.result_md, self.loss_png, self.resume_pick])
 
-        @user_errors
-        def show_guard(path, prompt, per_group):
-            if not path:
-                raise StudioError(s["no_dataset"])
-            rows = datasets.read_dataset(path)
-            train_rows, held = split_heldout(rows, int(per_group or 0))
-            groups = len({row.get("group") for row in held})
-            split = f"**{s['split']}:** {len(rows)} rows → {len(train_rows)} for training, {len(held)} held out ({groups} groups)."
-            if not manager.is_loaded:
-                return split, ""
-            tokenizer = manager.require_loaded().tokenizer
-            first = train_rows[0]
-            return split, guard_html(template_guard(tokenizer, first.get("system") or prompt, first["instruction"], first["output"]))
+    # ----- lists -------------------------------------------------------------------------------
+    def _datasets(self) -> list[str]:
+        return [str(p) for p in datasets.list_datasets(self.services.paths.data_dir)]
 
-        def count_trainable(chosen, rank):
-            if not manager.is_loaded or not chosen:
-                return ""
-            model = manager.require_loaded().model
-            count = lora_param_count(model, chosen, int(rank or 0))
-            total = manager.card().total_params
-            return s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
+    def _runs(self) -> list[str]:
+        return [str(p) for p in list_runs(self.services.paths.runs_dir)]
 
-        @user_errors
-        def estimate(path, prompt, chosen, rank, *values):
-            if not path:
-                raise StudioError(s["no_dataset"])
-            if not manager.is_loaded:
-                raise StudioError(strings("chat")["no_model"])
-            settings = settings_from(*values)
-            loaded = manager.require_loaded()
-            lengths = dataset_lengths(loaded.tokenizer, datasets.read_dataset(path), prompt, settings.max_length)
-            lora = LoraSettings(r=int(rank), targets=tuple(chosen))
-            return estimate_peak(loaded.model, settings, lengths, lora).describe(free_gpu_gib())
+    def refresh_lists(self):
+        targets = self.manager.card().lora_targets if self.manager.is_loaded else list(ALL_PROJECTIONS)
+        return gr.update(choices=self._datasets()), gr.update(choices=targets), gr.update(choices=self._runs())
 
-        def peft_default():
-            if not manager.is_loaded:
-                return gr.update(value=["q_proj", "v_proj"])
-            model_type = manager.require_loaded().model.config.model_type
-            return gr.update(value=list(peft_default_targets(model_type)))
+    def apply_preset(self, name):
+        chosen = asdict(preset(name))
+        return [chosen[f] for f in SETTING_FIELDS]
 
-        def refresh_lists():
-            choices = list(ALL_PROJECTIONS)
-            if manager.is_loaded:
-                choices = manager.card().lora_targets
-            return gr.update(choices=_datasets(services)), gr.update(choices=choices), gr.update(choices=_runs(services))
+    # ----- before training ---------------------------------------------------------------------
+    @user_errors
+    def show_guard(self, path, prompt, per_group):
+        if not path:
+            raise StudioError(self.s["no_dataset"])
+        rows = datasets.read_dataset(path)
+        train_rows, held = split_heldout(rows, int(per_group or 0))
+        groups = len({row.get("group") for row in held})
+        split = (f"**{self.s['split']}:** {len(rows)} rows → {len(train_rows)} for training, {len(held)} held out "
+                 f"({groups} groups).")
+        if not self.manager.is_loaded:
+            return split, ""
+        first = train_rows[0]
+        guard = template_guard(self.manager.require_loaded().tokenizer, first.get("system") or prompt,
+                               first["instruction"], first["output"])
+        return split, guard_html(guard)
 
-        @user_errors
-        def start(path, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
-            policy.require("train")
-            if not path:
-                raise StudioError(s["no_dataset"])
-            lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
-            request = RunRequest(Path(path), prompt, lora, settings_from(*values),
-                                 new_run_dir(services.paths.runs_dir, name or Path(path).stem))
-            job = start_training(board, manager, request)
-            return s["started"].format(name=job.name)
+    def guard_on_load(self, path, prompt, per_group):
+        return self.show_guard(path, prompt, per_group) if path else ("", "")
 
-        @user_errors
-        def stop():
-            policy.require("train")
-            return s["stopping"] if stop_training(board) else s["not_running"]
+    def count_trainable(self, chosen, rank):
+        if not self.manager.is_loaded or not chosen:
+            return ""
+        count = lora_param_count(self.manager.require_loaded().model, chosen, int(rank or 0))
+        total = self.manager.card().total_params
+        return self.s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
 
-        @user_errors
-        def resume(run_dir):
-            policy.require("train")
-            if not run_dir:
-                raise StudioError(s["resume_run"])
-            job = start_training(board, manager, load_request(Path(run_dir)))
-            return s["started"].format(name=job.name)
+    def peft_default(self):
+        if not self.manager.is_loaded:
+            return gr.update(value=["q_proj", "v_proj"])
+        return gr.update(value=list(peft_default_targets(self.manager.require_loaded().model.config.model_type)))
 
-        def on_finished(job):
-            if job is None:
-                return gr.skip(), gr.skip(), gr.skip()
-            if job.error:
-                return f"**{job.status.value}:** {job.error}", None, gr.update(choices=_runs(services))
-            result = job.result
-            png = Path(result.get("run_dir", "")) / "loss.png"
-            text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} steps · "
-                    f"train loss {_fmt(result.get('final_train_loss'))} · eval loss {_fmt(result.get('final_eval_loss'))} · "
-                    f"folder `{result.get('run_dir')}`")
-            return text, str(png) if png.exists() else None, gr.update(choices=_runs(services))
+    @user_errors
+    def estimate(self, path, prompt, chosen, rank, *values):
+        if not path:
+            raise StudioError(self.s["no_dataset"])
+        if not self.manager.is_loaded:
+            raise StudioError(strings("chat")["no_model"])
+        settings = settings_from(*values)
+        loaded = self.manager.require_loaded()
+        lengths = dataset_lengths(loaded.tokenizer, datasets.read_dataset(path), prompt, settings.max_length)
+        lora = LoraSettings(r=int(rank), targets=tuple(chosen))
+        return estimate_peak(loaded.model, settings, lengths, lora).describe(free_gpu_gib())
 
-        preset_pick.change(apply_preset, preset_pick, setting_inputs, api_name=False)
-        estimate_btn.click(estimate, [dataset, system, targets, r] + setting_inputs, estimate_md, api_name="estimate_memory")
-        refresh.click(refresh_lists, None, [dataset, targets, resume_pick], api_name=False)
-        guard_btn.click(show_guard, [dataset, system, heldout], [split_md, guard], api_name="template_guard")
-        dataset.change(show_guard, [dataset, system, heldout], [split_md, guard], api_name=False)
-        app.load(lambda *values: show_guard(*values) if values[0] else ("", ""), [dataset, system, heldout],
-                 [split_md, guard], api_name=False)
-        for control in (targets, r):
-            control.change(count_trainable, [targets, r], trainable, api_name=False)
-        app.load(count_trainable, [targets, r], trainable, api_name=False)
-        all_btn.click(lambda: gr.update(value=list(ALL_PROJECTIONS)), None, targets, api_name=False)
-        peft_btn.click(peft_default, None, targets, api_name=False)
-        start_btn.click(start, [dataset, run_name, system, targets, r, alpha, dropout] + setting_inputs, panel.message,
-                        api_name="start_training")
-        stop_btn.click(stop, None, panel.message, api_name="stop_training")
-        resume_btn.click(resume, resume_pick, panel.message, api_name="resume_training")
-        panel.on_finish(on_finished, [result_md, loss_png, resume_pick])
+    # ----- the job -----------------------------------------------------------------------------
+    @user_errors
+    def start(self, path, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
+        self.policy.require("train")
+        if not path:
+            raise StudioError(self.s["no_dataset"])
+        lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
+        request = RunRequest(Path(path), prompt, lora, settings_from(*values),
+                             new_run_dir(self.services.paths.runs_dir, name or Path(path).stem))
+        job = start_training(self.board, self.manager, request)
+        return self.s["started"].format(name=job.name)
+
+    @user_errors
+    def stop(self):
+        self.policy.require("train")
+        return self.s["stopping"] if stop_training(self.board) else self.s["not_running"]
+
+    @user_errors
+    def resume(self, run_dir):
+        self.policy.require("train")
+        if not run_dir:
+            raise StudioError(self.s["resume_run"])
+        job = start_training(self.board, self.manager, load_request(Path(run_dir)))
+        return self.s["started"].format(name=job.name)
+
+    def on_finished(self, job):
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        if job.error:
+            return f"**{job.status.value}:** {job.error}", None, gr.update(choices=self._runs())
+        result = job.result
+        png = Path(result.get("run_dir", "")) / "loss.png"
+        text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} steps · "
+                f"train loss {_fmt(result.get('final_train_loss'))} · eval loss {_fmt(result.get('final_eval_loss'))} · "
+                f"folder `{result.get('run_dir')}`")
+        return text, str(png) if png.exists() else None, gr.update(choices=self._runs())
+
+
+def build_train_tab(services: Services, app: gr.Blocks) -> TrainTab:
+    return TrainTab(services, app)
