@@ -46,3 +46,26 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         assert "<|im_start|>user\n我该怎么成为守灯人？<|im_end|>" in preview
         page.screenshot(path="/tmp/chat.png", full_page=True)
         page.get_by_text("Ready: ").wait_for()
+
+
+def test_training_progress_survives_a_reload(page, services, workspace):
+    from test_training import SYSTEM, write_dataset
+
+    from studio.train.job import RunRequest
+    from studio.train.service import new_run_dir, start_training
+    from studio.train.settings import LoraSettings, TrainSettings
+
+    dataset = write_dataset(workspace.data_dir / "facts.jsonl")
+    with launched(services) as url:
+        request = RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(learning_rate=5e-3, epochs=15.0,
+                             batch_size=4, grad_accum=1, save_every=0), new_run_dir(workspace.runs_dir, "facts"))
+        job = start_training(services.jobs, services.manager, request)  # started without any page open
+        services.jobs.wait(job, 300)
+        for _ in range(2):  # the first visit, then a reload: both replay the job's whole log
+            page.goto(url)
+            page.get_by_role("tab", name="Train").click()
+            page.get_by_text(f"{job.name} · done · step 45/45").wait_for()
+            page.wait_for_function(
+                "() => document.querySelector('#train-log textarea').value.includes('ready to chat')")
+            assert "15 rows: 12 for training" in page.locator("#train-log textarea").input_value()
+            page.reload()

@@ -105,7 +105,7 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
             lr_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("lr_plot", "Learning rate"), height=280)
         plot_outputs = [loss_plot, lr_plot]
     log = gr.Textbox(label=s.get("log", "Log"), lines=8, max_lines=16, interactive=False, autoscroll=True,
-                     elem_classes=["mono"])
+                     elem_classes=["mono"], elem_id=f"{kind}-log")
     state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": []})
     timer = gr.Timer(poll_s)
     finished = gr.Textbox(visible=False)
