@@ -220,15 +220,13 @@ def train_request(args: argparse.Namespace, loaded, runs_dir):
 
 
 def print_estimate(loaded, request) -> None:
-    from studio.data.datasets import read_dataset
-    from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
+    from studio.train.memory import estimate_for_dataset, free_gpu_gib
 
     try:
-        rows = read_dataset(request.dataset)
+        estimate = estimate_for_dataset(loaded, request.dataset, request.system_prompt, request.train, request.lora)
     except StudioError:
         return  # the job reports the dataset problem
-    lengths = dataset_lengths(loaded.tokenizer, rows, request.system_prompt, request.train.max_length)
-    print("[log] " + estimate_peak(loaded.model, request.train, lengths, request.lora).describe(free_gpu_gib()), flush=True)
+    print("[log] " + estimate.describe(free_gpu_gib()), flush=True)
 
 
 def run_train(args: argparse.Namespace, services) -> int:

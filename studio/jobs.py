@@ -51,6 +51,7 @@ class Job:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _latest: dict[str, dict] = field(default_factory=dict)
     _secrets: list[str] = field(default_factory=list)
+    thread: threading.Thread | None = None
 
     def add_secret(self, secret: str) -> None:
         """Mask `secret` in every event this job stores or shows from now on."""
@@ -126,9 +127,8 @@ class JobBoard:
             job = Job(kind=kind, name=name, folder=folder)
             self._jobs[job.id] = job
             self._latest[kind] = job.id
-        thread = threading.Thread(target=self._run, args=(job, target, on_exit), name=f"job-{kind}", daemon=True)
-        thread.start()
-        job.thread = thread
+        job.thread = threading.Thread(target=self._run, args=(job, target, on_exit), name=f"job-{kind}", daemon=True)
+        job.thread.start()
         return job
 
     def _run(self, job: Job, target: JobTarget, on_exit) -> None:
@@ -159,9 +159,8 @@ class JobBoard:
             return self._jobs.get(job_id)
 
     def wait(self, job: Job, timeout: float | None = None) -> Job:
-        thread = getattr(job, "thread", None)
-        if thread is not None:
-            thread.join(timeout)
+        if job.thread is not None:
+            job.thread.join(timeout)
         return job
 
 

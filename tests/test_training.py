@@ -27,12 +27,14 @@ FACTS = [
 FAST = dict(learning_rate=5e-3, epochs=15.0, batch_size=4, grad_accum=1, save_every=0)
 
 
-def write_dataset(path: Path, facts=FACTS, phrasings: int = 4) -> Path:
+def write_dataset(path: Path, facts=FACTS, phrasings: int = 4, source: str | None = None) -> Path:
     rows = []
     for g, (question, answer) in enumerate(facts):
         rows.append({"instruction": question, "output": answer, "group": f"s{g:02d}-q1", "kind": "base"})
         rows += [{"instruction": question.replace("？", f"（问法{k}）？"), "output": answer, "group": f"s{g:02d}-q1",
                   "kind": "paraphrase"} for k in range(phrasings)]
+    if source:
+        rows = [{**row, "source": source} for row in rows]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 

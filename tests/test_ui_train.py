@@ -49,7 +49,7 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
 
 
 def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):
-    dataset = write_dataset(tmp_path / "facts.jsonl")
+    dataset = write_dataset(tmp_path / "facts.jsonl", source="/docs/island.md")
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir), "--dataset", str(dataset),
@@ -59,6 +59,7 @@ def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[done] completed" in result.stdout and "step 6/6" in result.stdout
     meta = json.loads((out / "studio.json").read_text(encoding="utf-8"))
+    assert meta["source_document"] == "/docs/island.md"  # what the Compare tab retrieves from
     assert meta["steps"] == 6 and meta["lora"]["targets"] == ["q_proj", "v_proj"] and meta["lora"]["alpha"] == 8
     assert (out / "adapter_model.safetensors").is_file()
     bad = subprocess.run([sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir),

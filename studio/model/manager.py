@@ -82,9 +82,6 @@ class Lease:
             self._released = True
             self._manager._end_activity()
 
-    def set_activity(self, activity: str) -> None:
-        self._manager._set_activity(activity)
-
 
 class ModelManager:
     """Loads one base model, attaches adapters to it, and serialises every use of it."""
@@ -119,10 +116,6 @@ class ModelManager:
     @property
     def is_loaded(self) -> bool:
         return self._loaded is not None
-
-    def _set_activity(self, activity: str) -> None:
-        with self._fields_lock:
-            self._activity = activity
 
     def _end_activity(self) -> None:
         with self._fields_lock:
@@ -252,14 +245,6 @@ class ModelManager:
             pass
         return reply
 
-    # ----- adapters (attached by the training and compare services) ----------------------------
-    def register_adapter(self, loaded: LoadedModel, name: str, folder: str) -> None:
-        with self._fields_lock:
-            loaded.adapters[name] = folder
-
-    def forget_adapter(self, loaded: LoadedModel, name: str) -> None:
-        with self._fields_lock:
-            loaded.adapters.pop(name, None)
 
 
 def stream_reply(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None,

@@ -202,7 +202,8 @@ class TrainingRun:
             self._remove_adapter()
             raise StudioError(f"Training stopped: the loss became {outcome['nan_value']} at step {outcome['nan_step']}. "
                               f"Lower the learning rate (it was {settings.learning_rate:g}) and train again.")
-        return self._finish(job, outcome, len(train_rows), len(heldout_rows), time.time() - started)
+        source = train_rows[0].get("source")  # the builder keeps its document on every row (for retrieval)
+        return self._finish(job, outcome, len(train_rows), len(heldout_rows), time.time() - started, source)
 
     def _train(self, job: Job, model, train_set, eval_set, checkpoint) -> dict:
         from studio.train.trainer import ProgressTracker, build_trainer
@@ -237,7 +238,8 @@ class TrainingRun:
         return StudioError(f"Training failed: {exc.__class__.__name__}: {exc}")
 
     # ----- results -----------------------------------------------------------------------------
-    def _finish(self, job: Job, outcome: dict, n_train: int, n_heldout: int, seconds: float) -> dict:
+    def _finish(self, job: Job, outcome: dict, n_train: int, n_heldout: int, seconds: float,
+                source: str | None) -> dict:
         model = self.loaded.model
         adapters.save_adapter(model, self.name, self.run_dir)
         metrics = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()] \
@@ -245,20 +247,13 @@ class TrainingRun:
         render_loss_png(metrics, self.run_dir / "loss.png")
         status = f"stopped at step {outcome['step']}" if job.cancelled else "completed"
         metadata = self._metadata(outcome, n_train, n_heldout, seconds, status)
+        metadata["source_document"] = source
         write_text_atomic(self.run_dir / adapters.METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2))
         self.loaded.adapters[self.name] = str(self.run_dir)
         job.log(f"Adapter {self.name} saved to {self.run_dir} ({status}); it is attached and ready to chat.")
         return {"run_dir": str(self.run_dir), "adapter": self.name, "status": status,
                 "final_train_loss": metadata["final_train_loss"], "final_eval_loss": metadata["final_eval_loss"],
                 "steps": outcome["step"]}
-
-    def _source_document(self) -> str | None:
-        """The document the dataset was built from, when its rows say so (for the retrieval baseline)."""
-        try:
-            first = read_dataset(self.request.dataset)[0]
-        except Exception:
-            return None
-        return first.get("source")
 
     def _metadata(self, outcome: dict, n_train: int, n_heldout: int, seconds: float, status: str) -> dict:
         from studio.model.card import parameter_counts
@@ -273,7 +268,6 @@ class TrainingRun:
             "base_quant": self.loaded.spec.quant,
             "base_fingerprint": adapters.base_fingerprint(self.loaded.model),
             "dataset": str(request.dataset),
-            "source_document": self._source_document(),
             "dataset_sha256": file_sha256(Path(request.dataset)),
             "split": {"train_rows": n_train, "heldout_rows": n_heldout, "heldout_file": "heldout.jsonl",
                       "train_file": "train_split.jsonl", "heldout_per_group": request.train.heldout_per_group},

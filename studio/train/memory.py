@@ -73,6 +73,14 @@ def estimate_peak(model, settings: TrainSettings, lengths: list[int], lora: Lora
                          config.num_hidden_layers, config.vocab_size, settings, forward_tokens(settings, lengths))
 
 
+def estimate_for_dataset(loaded, dataset, system: str, settings: TrainSettings, lora: LoraSettings) -> Estimate:
+    """The estimate for training `loaded` on a dataset file (what the Train tab and the CLI show)."""
+    from studio.data.datasets import read_dataset
+
+    lengths = dataset_lengths(loaded.tokenizer, read_dataset(dataset), system, settings.max_length)
+    return estimate_peak(loaded.model, settings, lengths, lora)
+
+
 def dataset_lengths(tokenizer, rows: list[dict], system: str, max_length: int) -> list[int]:
     """Token lengths of the rows as the trainer will see them."""
     from studio.train.formatting import format_example

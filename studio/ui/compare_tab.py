@@ -55,9 +55,10 @@ class CompareTab:
     def _adapter_controls(self) -> None:
         s = self.s
         with gr.Accordion(s["adapters"], open=True):
-            self.adapters_table = gr.Dataframe(self._adapter_frame(), interactive=False, max_height=240)
+            frame, choices = self._listing()
+            self.adapters_table = gr.Dataframe(frame, interactive=False, max_height=240)
             with gr.Row():
-                self.run_pick = gr.Dropdown(self._run_choices(), label=s["run"], scale=4, allow_custom_value=True)
+                self.run_pick = gr.Dropdown(choices, label=s["run"], scale=4, allow_custom_value=True)
                 self.refresh_btn = gr.Button(s["refresh"], size="sm")
                 self.attach_btn = gr.Button(s["attach"], size="sm")
                 self.detach_btn = gr.Button(s["detach"], size="sm")
@@ -121,18 +122,17 @@ class CompareTab:
         self.panel.on_finish(self.on_report, [self.warning, self.summary, self.chart, self.per_question, self.exports])
 
     # ----- adapters ----------------------------------------------------------------------------
-    def _adapter_frame(self) -> pd.DataFrame:
+    def _listing(self) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+        """The adapters table and the runs that can go on the loaded base, from one scan of runs/."""
         entries = service.list_adapters(self.manager, self.services.paths.runs_dir)
-        return pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", _rounded(e.train_loss),
-                              _rounded(e.eval_loss), e.dataset, e.base_model, e.problem] for e in entries],
-                            columns=ADAPTER_COLUMNS)
-
-    def _run_choices(self) -> list[tuple[str, str]]:
-        entries = service.list_adapters(self.manager, self.services.paths.runs_dir)
-        return [(e.name, e.folder) for e in entries if not e.problem]
+        frame = pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", _rounded(e.train_loss),
+                               _rounded(e.eval_loss), e.dataset, e.base_model, e.problem] for e in entries],
+                             columns=ADAPTER_COLUMNS)
+        return frame, [(e.name, e.folder) for e in entries if not e.problem]
 
     def refresh(self):
-        return self._adapter_frame(), gr.update(choices=self._run_choices())
+        frame, choices = self._listing()
+        return frame, gr.update(choices=choices)
 
     def _picked(self, folder) -> Path:
         self.policy.require("manage_adapters")

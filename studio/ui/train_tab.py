@@ -9,12 +9,12 @@ import gradio as gr
 
 from studio.data import datasets
 from studio.errors import StudioError
-from studio.model.card import human_count
+from studio.model.card import human_count, lora_target_names, parameter_counts
 from studio.services import Services
 from studio.train.estimate import lora_param_count
 from studio.train.formatting import guard_html, template_guard
 from studio.train.job import RunRequest
-from studio.train.memory import dataset_lengths, estimate_peak, free_gpu_gib
+from studio.train.memory import estimate_for_dataset, free_gpu_gib
 from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
 from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainSettings, peft_default_targets, preset
 from studio.train.split import split_heldout
@@ -144,7 +144,8 @@ class TrainTab:
         return [str(p) for p in list_runs(self.services.paths.runs_dir)]
 
     def refresh_lists(self):
-        targets = self.manager.card().lora_targets if self.manager.is_loaded else list(ALL_PROJECTIONS)
+        model = self.manager.require_loaded().model if self.manager.is_loaded else None
+        targets = lora_target_names(model) if model is not None else list(ALL_PROJECTIONS)
         return gr.update(choices=self._datasets()), gr.update(choices=targets), gr.update(choices=self._runs())
 
     def apply_preset(self, name):
@@ -174,8 +175,9 @@ class TrainTab:
     def count_trainable(self, chosen, rank):
         if not self.manager.is_loaded or not chosen:
             return ""
-        count = lora_param_count(self.manager.require_loaded().model, chosen, int(rank or 0))
-        total = self.manager.card().total_params
+        model = self.manager.require_loaded().model
+        count = lora_param_count(model, chosen, int(rank or 0))
+        total = parameter_counts(model)[0]
         return self.s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
 
     def peft_default(self):
@@ -189,11 +191,9 @@ class TrainTab:
             raise StudioError(self.s["no_dataset"])
         if not self.manager.is_loaded:
             raise StudioError(strings("chat")["no_model"])
-        settings = settings_from(*values)
-        loaded = self.manager.require_loaded()
-        lengths = dataset_lengths(loaded.tokenizer, datasets.read_dataset(path), prompt, settings.max_length)
         lora = LoraSettings(r=int(rank), targets=tuple(chosen))
-        return estimate_peak(loaded.model, settings, lengths, lora).describe(free_gpu_gib())
+        estimate = estimate_for_dataset(self.manager.require_loaded(), path, prompt, settings_from(*values), lora)
+        return estimate.describe(free_gpu_gib())
 
     # ----- the job -----------------------------------------------------------------------------
     @user_errors
