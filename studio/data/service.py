@@ -26,7 +26,7 @@ def start_build(board: JobBoard, manager: ModelManager, paths: StudioPaths, docu
     document = read_document(document_path)
     name = name.strip() or document_path.stem
     if teacher is None:
-        lease = manager.acquire("building a dataset (local teacher)")
+        lease = manager.acquire("building a dataset (local teacher)", changes_model=False)
         teacher_obj, teacher_id, on_exit = LocalTeacher(lease.loaded), f"local:{lease.loaded.spec.name_or_path}", (lambda job: lease.release())
     else:
         if not teacher.base_url.strip() or not teacher.model.strip():

@@ -9,8 +9,9 @@ not trigger a new compilation.
 
 from __future__ import annotations
 
-DECODE_MODES = ("eager", "static", "cudagraphs", "inductor")
-CACHE_BUCKET = 1024
+from studio.model.graph_decode import cache_length
+
+DECODE_MODES = ("graphs", "eager", "static", "cudagraphs", "inductor")
 
 
 def allow_compiled_decoding(model) -> None:
@@ -27,15 +28,15 @@ def allow_compiled_decoding(model) -> None:
 
 
 def decode_kwargs(model, mode: str, prompt_tokens: int, max_new_tokens: int) -> dict:
-    """Extra generate() arguments for a decode mode ('eager' adds nothing)."""
+    """Extra generate() arguments for a decode mode ('eager' adds nothing; 'graphs' does not use
+    generate() at all, see studio.model.graph_decode)."""
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {mode!r}")
-    if mode == "eager" or getattr(model, "device", None) is None or model.device.type != "cuda":
+    if mode in ("eager", "graphs") or getattr(model, "device", None) is None or model.device.type != "cuda":
         return {}
     from transformers import CompileConfig
 
-    needed = prompt_tokens + max_new_tokens
-    cache_len = -(-needed // CACHE_BUCKET) * CACHE_BUCKET
+    cache_len = cache_length(prompt_tokens, max_new_tokens)
     kwargs = {"cache_implementation": "static", "cache_config": {"max_cache_len": cache_len}}
     if mode == "static":
         kwargs["disable_compile"] = True

@@ -91,8 +91,10 @@ def _join(handle) -> None:
 
 
 def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, stop: threading.Event,
-                decode_mode: str = "eager", submit=None) -> Iterator[str]:
-    """Yield the reply to `prompt` piece by piece; stop early when `stop` is set or the caller leaves."""
+                decode_mode: str = "eager", submit=None, decoder=None) -> Iterator[str]:
+    """Yield the reply to `prompt` piece by piece; stop early when `stop` is set or the caller leaves.
+
+    With a `decoder` (studio.model.graph_decode) it generates instead of `model.generate`."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     from studio.model.fast_decode import decode_kwargs
@@ -104,6 +106,10 @@ def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, sto
 
     def run() -> None:
         try:
+            if decoder is not None:
+                decoder.generate(model, inputs["input_ids"], inputs["attention_mask"], settings, stop, streamer,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
+                return
             model.generate(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
@@ -131,9 +137,9 @@ def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, sto
 
 
 def generate_text(model, tokenizer, prompt: str, settings: GenerationSettings, decode_mode: str = "eager",
-                  submit=None) -> str:
+                  submit=None, decoder=None) -> str:
     """The whole reply at once (used by evaluation and the CLI)."""
-    return "".join(stream_text(model, tokenizer, prompt, settings, threading.Event(), decode_mode, submit))
+    return "".join(stream_text(model, tokenizer, prompt, settings, threading.Event(), decode_mode, submit, decoder))
 
 
 class StopSignals:
@@ -188,7 +194,8 @@ class _BatchStreamer:
 
 
 def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, stop: threading.Event,
-                 adapter_names: list[str] | None = None, decode_mode: str = "eager", submit=None) -> Iterator[list[str]]:
+                 adapter_names: list[str] | None = None, decode_mode: str = "eager", submit=None,
+                 decoder=None) -> Iterator[list[str]]:
     """Yield the growing replies of several prompts generated in one batch (left-padded).
 
     With `adapter_names` (peft's mixed-adapter batch; "__base__" = no adapter) each row runs with its
@@ -208,6 +215,10 @@ def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSetti
 
     def run() -> None:
         try:
+            if decoder is not None:
+                decoder.generate(model, inputs["input_ids"], inputs["attention_mask"], settings, stop, streamer,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, adapter_names)
+                return
             model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], streamer=streamer,
                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -21,8 +21,9 @@ from studio.errors import ModelBusyError, ModelNotLoadedError
 from studio.model import card as model_card
 from studio.model import loading
 from studio.model.generation import GenerationSettings, render_prompt, stream_batch, stream_text
+from studio.model.graph_decode import GraphDecoder
 
-DEFAULT_DECODE_MODE = "static"
+DEFAULT_DECODE_MODE = "graphs"
 
 
 class ModelState(str, Enum):
@@ -65,21 +66,37 @@ class LoadedModel:
     tokenizer: object
     device: str
     adapters: dict[str, str] = field(default_factory=dict)
-    decode_mode: str = "eager"  # see studio.model.fast_decode; applies on CUDA only
+    decode_mode: str = "eager"  # see studio.model.fast_decode
     submit: object = None  # runs a generation on the manager's one GPU thread
+    decoder: object = None  # studio.model.graph_decode.GraphDecoder, used in the "graphs" decode mode
+
+    def graph_decoder(self):
+        """The recorded-step decoder when the decode mode uses it, else None."""
+        return self.decoder if self.decode_mode == "graphs" else None
 
 
 class Lease:
-    """Exclusive use of the loaded model until `release()` (from any thread, once)."""
+    """Exclusive use of the loaded model until `release()` (from any thread, once).
 
-    def __init__(self, manager: "ModelManager", loaded: LoadedModel | None):
+    A lease that may change the model (train, attach, delete) drops the decoder's recorded steps when
+    it starts and when it ends: they replay the memory of the model as it was when recorded.
+    """
+
+    def __init__(self, manager: "ModelManager", loaded: LoadedModel | None, changes_model: bool = True):
         self._manager = manager
         self.loaded = loaded
         self._released = False
+        self.changes_model = changes_model
+        self._forget_recorded_steps()
+
+    def _forget_recorded_steps(self) -> None:
+        if self.changes_model and self.loaded is not None and self.loaded.decoder is not None:
+            self.loaded.decoder.clear()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self._forget_recorded_steps()
             self._manager._end_activity()
 
 
@@ -129,8 +146,10 @@ class ModelManager:
         return f"The model is busy ({what}). Wait for it to finish, or stop it, then try again."
 
     # ----- exclusive use -----------------------------------------------------------------------
-    def acquire(self, activity: str, need_model: bool = True) -> Lease:
-        """Take the model for `activity`, or raise ModelBusyError / ModelNotLoadedError at once."""
+    def acquire(self, activity: str, need_model: bool = True, changes_model: bool = True) -> Lease:
+        """Take the model for `activity`, or raise ModelBusyError / ModelNotLoadedError at once.
+
+        `changes_model=False` promises the activity only generates (chat, compare)."""
         if not self._gpu_lock.acquire(blocking=False):
             raise ModelBusyError(self._busy_message())
         if need_model and self._loaded is None:
@@ -139,11 +158,11 @@ class ModelManager:
         with self._fields_lock:
             self._activity = activity
             self._since = time.time()
-        return Lease(self, self._loaded)
+        return Lease(self, self._loaded, changes_model)
 
     @contextmanager
-    def using(self, activity: str, need_model: bool = True) -> Iterator[LoadedModel]:
-        lease = self.acquire(activity, need_model)
+    def using(self, activity: str, need_model: bool = True, changes_model: bool = True) -> Iterator[LoadedModel]:
+        lease = self.acquire(activity, need_model, changes_model)
         try:
             yield lease.loaded
         finally:
@@ -168,7 +187,8 @@ class ModelManager:
             model, tokenizer, device = loading.load_model(spec, self._device, report)
             with self._fields_lock:
                 self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
-                                           submit=self._gpu_thread.submit)
+                                           submit=self._gpu_thread.submit,
+                                           decoder=GraphDecoder(use_graphs=device.startswith("cuda")))
         finally:
             lease.release()
         return self.status()
@@ -217,7 +237,7 @@ class ModelManager:
         is stopped, or is abandoned by its consumer.
         """
         stop = stop or threading.Event()
-        lease = self.acquire("generating a reply")
+        lease = self.acquire("generating a reply", changes_model=False)
         try:
             yield from stream_reply(lease.loaded, messages, settings or GenerationSettings(), adapter, stop)
         finally:
@@ -232,7 +252,7 @@ class ModelManager:
         really is the base model, whatever adapter is active elsewhere.
         """
         stop = stop or threading.Event()
-        lease = self.acquire("comparing base and adapter")
+        lease = self.acquire("comparing base and adapter", changes_model=False)
         try:
             yield from side_by_side(lease.loaded, messages, adapter, settings or GenerationSettings(), stop)
         finally:
@@ -254,7 +274,7 @@ def stream_reply(loaded: LoadedModel, messages: list[dict], settings: Generation
     with adapter_context(loaded, adapter):
         reply = ""
         for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop, loaded.decode_mode,
-                                 loaded.submit):
+                                 loaded.submit, loaded.graph_decoder()):
             reply += piece
             yield reply
 
@@ -269,7 +289,7 @@ def side_by_side(loaded: LoadedModel, messages: list[dict], adapter: str, settin
         raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
     prompt = render_prompt(loaded.tokenizer, messages)
     for base, tuned in stream_batch(model, loaded.tokenizer, [prompt, prompt], settings, stop, ["__base__", adapter],
-                                    loaded.decode_mode, loaded.submit):
+                                    loaded.decode_mode, loaded.submit, loaded.graph_decoder()):
         yield base, tuned
 
 

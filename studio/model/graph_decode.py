@@ -1,0 +1,254 @@
+"""Fast decoding: a static KV cache and the one-token step replayed from a CUDA graph.
+
+Batch-1 decoding of a 4-bit 7B model is bound by kernel launches and Python, not by the GPU: one
+token runs about 1,500 small kernels, each started from Python. This decoder runs the prompt once
+(eagerly) into a static cache, records the one-token step once as a CUDA graph, and then replays
+that graph for every new token: the same kernels as eager decoding (so the same numbers), without
+the Python in between. Only choosing the next token (greedy, or the usual penalty, temperature and
+top-p) runs outside the graph.
+
+A recorded step belongs to one batch size, one cache size (rounded up to a bucket, so a new prompt
+length reuses it) and one adapter set-up. `clear()` forgets them all; the model manager calls it
+whenever the model may change (training, attaching or deleting adapters), since a graph replays the
+memory addresses it was recorded with. Without CUDA the same loop runs the step eagerly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+CACHE_BUCKET = 1024
+MAX_RECORDED_STEPS = 4
+
+
+def cache_length(prompt_tokens: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
+    """The static cache size for a prompt and reply, rounded up to a multiple of `bucket`."""
+    needed = prompt_tokens + max_new_tokens
+    return -(-needed // bucket) * bucket
+
+
+@dataclass
+class _Step:
+    """The static buffers of one recorded decode step (and the graph, once recorded)."""
+
+    cache: object
+    token_ids: object       # (batch, 1) the token fed to the step
+    positions: object       # (batch, 1) its rotary position per row (rows may be left-padded)
+    cache_position: object  # (1,) the cache slot it is written to
+    mask: object            # (batch, 1, 1, cache_len) bool: which cache slots each row may attend to
+    graph: object = None
+    logits: object = None   # the graph's output buffer
+    failure: str = ""       # why recording failed (the step then runs eagerly)
+
+
+class GraphDecoder:
+    """Generates with a static cache and a recorded decode step; one per loaded model."""
+
+    def __init__(self, use_graphs: bool):
+        self.use_graphs = use_graphs
+        self._steps: OrderedDict[tuple, _Step] = OrderedDict()
+        self._pool = None
+        self._lock = threading.Lock()
+        self.last_failure = ""
+
+    def clear(self) -> None:
+        """Forget every recorded step and its cache (the model is about to change)."""
+        with self._lock:
+            self._steps.clear()
+            self._pool = None
+
+    @property
+    def recorded_steps(self) -> int:
+        return sum(1 for step in self._steps.values() if step.graph is not None)
+
+    # ----- generation ----------------------------------------------------------------------------
+    def generate(self, model, input_ids, attention_mask, settings, stop: threading.Event, streamer,
+                 eos_token_id: int | None, pad_token_id: int, adapter_names: list[str] | None = None) -> None:
+        """Feed `streamer` the prompt, then each step's new tokens (one per row), then end it.
+
+        Same contract as `model.generate(..., streamer=streamer)`: stops at `max_new_tokens`, when every
+        row has produced `eos_token_id`, or at the next token once `stop` is set.
+        """
+        import torch
+
+        with self._lock, torch.inference_mode():
+            batch, prompt_len = input_ids.shape
+            step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapter_names)
+            logits = self._prefill(model, step, input_ids, attention_mask, adapter_names)
+            streamer.put(input_ids.cpu())
+            choose = _token_chooser(settings)
+            history = input_ids
+            finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+            for produced in range(1, int(settings.max_new_tokens) + 1):
+                next_ids = choose(history, logits)
+                next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+                if eos_token_id is not None:
+                    finished |= next_ids == eos_token_id
+                streamer.put(next_ids.cpu())
+                if settings.repetition_penalty != 1.0:
+                    history = torch.cat([history, next_ids[:, None]], dim=1)
+                if produced == settings.max_new_tokens or stop.is_set() or bool(finished.all()):
+                    break
+                logits = self._advance(model, step, next_ids, adapter_names)
+        streamer.end()
+
+    # ----- the steps -----------------------------------------------------------------------------
+    def _step_for(self, model, batch: int, cache_len: int, adapter_names) -> _Step:
+        import torch
+        from transformers import StaticCache
+
+        key = (id(model), batch, cache_len, tuple(adapter_names or ()), _adapter_setup(model))
+        if key in self._steps:
+            self._steps.move_to_end(key)
+            return self._steps[key]
+        while len(self._steps) >= MAX_RECORDED_STEPS:
+            self._steps.popitem(last=False)
+        device = model.device
+        step = _Step(cache=StaticCache(config=_config_of(model), max_cache_len=cache_len),
+                     token_ids=torch.zeros((batch, 1), dtype=torch.long, device=device),
+                     positions=torch.zeros((batch, 1), dtype=torch.long, device=device),
+                     cache_position=torch.zeros(1, dtype=torch.long, device=device),
+                     mask=torch.zeros((batch, 1, 1, cache_len), dtype=torch.bool, device=device))
+        self._steps[key] = step
+        return step
+
+    def _prefill(self, model, step: _Step, input_ids, attention_mask, adapter_names):
+        """Run the prompt into the (reset) cache; return the last position's logits, (batch, vocab)."""
+        import torch
+
+        _reset_cache(step.cache)
+        prompt_len = input_ids.shape[1]
+        attention_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        step.mask.zero_()
+        step.mask[:, 0, 0, :prompt_len] = attention_mask.bool()
+        out = _forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       cache=step.cache, cache_position=torch.arange(prompt_len, device=input_ids.device),
+                       adapter_names=adapter_names, logits_to_keep=1)
+        step.positions.copy_(positions[:, -1:] + 1)
+        step.cache_position.fill_(prompt_len)
+        return out.logits[:, -1, :].float()
+
+    def _advance(self, model, step: _Step, next_ids, adapter_names):
+        """Feed `next_ids` through one decode step; return the logits for the token after it."""
+        step.token_ids.copy_(next_ids[:, None])
+        if self.use_graphs and step.graph is None and not step.failure:
+            self._record(model, step, adapter_names)
+        if step.graph is not None:
+            step.graph.replay()
+            logits = step.logits
+        else:
+            logits = self._run_step(model, step, adapter_names)
+        step.positions.add_(1)
+        step.cache_position.add_(1)
+        return logits[:, -1, :].float()
+
+    def _run_step(self, model, step: _Step, adapter_names):
+        step.mask.index_fill_(-1, step.cache_position, True)
+        return _forward(model, input_ids=step.token_ids, attention_mask=step.mask, position_ids=step.positions,
+                        cache=step.cache, cache_position=step.cache_position, adapter_names=adapter_names).logits
+
+    def _record(self, model, step: _Step, adapter_names) -> None:
+        """Record the decode step as a CUDA graph (after two warm-up runs on a side stream).
+
+        The warm-ups write the same cache slot the first replay writes, so they change nothing the
+        replay will not overwrite; the cache's own write counter is put back afterwards.
+        """
+        import torch
+
+        written = _cache_counters(step.cache)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run_step(model, step, adapter_names)
+                    _set_cache_counters(step.cache, written)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._run_step(model, step, adapter_names)
+            step.graph, step.logits = graph, logits
+        except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly instead
+            torch.cuda.synchronize()
+            step.failure = self.last_failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+        finally:
+            _set_cache_counters(step.cache, written)
+
+
+def _token_chooser(settings) -> Callable:
+    """history (batch, t) and logits (batch, vocab) -> next ids (batch,), as generate() would choose."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(settings.repetition_penalty)))
+    sampling = bool(settings.temperature and settings.temperature > 0)
+    if sampling:
+        processors.append(TemperatureLogitsWarper(float(settings.temperature)))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(float(settings.top_p)))
+
+    def choose(history, logits):
+        scores = processors(history, logits) if processors else logits
+        if sampling:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    return choose
+
+
+def _forward(model, cache, adapter_names=None, **kwargs):
+    kwargs[_cache_argument(model)] = cache
+    if adapter_names:
+        kwargs["adapter_names"] = adapter_names
+    return model(use_cache=True, **kwargs)
+
+
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _config_of(model):
+    return _base_of(model).config
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.24 calls the cache `cache`; earlier 5.x releases call it `past_key_values`."""
+    parameters = inspect.signature(_base_of(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _adapter_setup(model) -> tuple:
+    """Which adapters the model runs with now (a recorded step replays exactly that)."""
+    if not hasattr(model, "peft_config"):
+        return ()
+    layer = next((m for m in model.modules() if hasattr(m, "_disable_adapters")), None)
+    disabled = bool(getattr(layer, "_disable_adapters", False))
+    return tuple(getattr(model, "active_adapters", ())), disabled
+
+
+def _cache_counters(cache) -> list:
+    return [layer.cumulative_length.clone() if hasattr(layer, "cumulative_length") else None
+            for layer in getattr(cache, "layers", [])]
+
+
+def _set_cache_counters(cache, values: list) -> None:
+    for layer, value in zip(getattr(cache, "layers", []), values):
+        if value is not None:
+            layer.cumulative_length.copy_(value)
+
+
+def _reset_cache(cache) -> None:
+    """Start writing at slot 0 again (old entries stay but are masked out)."""
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length.zero_()
