@@ -18,11 +18,13 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
+BASE_ROW = "__base__"  # as in peft's adapter_names: this row runs with no adapter
 
 
 def cache_length(prompt_tokens: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
@@ -43,6 +45,7 @@ class _Step:
     graph: object = None
     logits: object = None   # the graph's output buffer
     failure: str = ""       # why recording failed (the step then runs eagerly)
+    row_scales: dict = field(default_factory=dict)  # per-row adapter scales (see rows_with_adapter)
 
 
 class GraphDecoder:
@@ -78,23 +81,33 @@ class GraphDecoder:
         with self._lock, torch.inference_mode():
             batch, prompt_len = input_ids.shape
             step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapter_names)
-            logits = self._prefill(model, step, input_ids, attention_mask, adapter_names)
-            streamer.put(input_ids.cpu())
-            choose = _token_chooser(settings)
-            history = input_ids
-            finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-            for produced in range(1, int(settings.max_new_tokens) + 1):
-                next_ids = choose(history, logits)
-                next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-                if eos_token_id is not None:
-                    finished |= next_ids == eos_token_id
-                streamer.put(next_ids.cpu())
-                if settings.repetition_penalty != 1.0:
-                    history = torch.cat([history, next_ids[:, None]], dim=1)
-                if produced == settings.max_new_tokens or stop.is_set() or bool(finished.all()):
-                    break
-                logits = self._advance(model, step, next_ids, adapter_names)
+            with rows_with_adapter(model, adapter_names, step.row_scales):
+                self._decode(model, step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                             pad_token_id)
         streamer.end()
+
+    def _decode(self, model, step: _Step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                pad_token_id) -> None:
+        """Prefill, then one token per step until a stop condition (see `generate`)."""
+        import torch
+
+        batch = input_ids.shape[0]
+        logits = self._prefill(model, step, input_ids, attention_mask)
+        streamer.put(input_ids.cpu())
+        choose = _token_chooser(settings)
+        history = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for produced in range(1, int(settings.max_new_tokens) + 1):
+            next_ids = choose(history, logits)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
+            if eos_token_id is not None:
+                finished |= next_ids == eos_token_id
+            streamer.put(next_ids.cpu())
+            if settings.repetition_penalty != 1.0:
+                history = torch.cat([history, next_ids[:, None]], dim=1)
+            if produced == settings.max_new_tokens or stop.is_set() or bool(finished.all()):
+                break
+            logits = self._advance(model, step, next_ids)
 
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapter_names) -> _Step:
@@ -116,7 +129,7 @@ class GraphDecoder:
         self._steps[key] = step
         return step
 
-    def _prefill(self, model, step: _Step, input_ids, attention_mask, adapter_names):
+    def _prefill(self, model, step: _Step, input_ids, attention_mask):
         """Run the prompt into the (reset) cache; return the last position's logits, (batch, vocab)."""
         import torch
 
@@ -128,31 +141,31 @@ class GraphDecoder:
         step.mask[:, 0, 0, :prompt_len] = attention_mask.bool()
         out = _forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                        cache=step.cache, cache_position=torch.arange(prompt_len, device=input_ids.device),
-                       adapter_names=adapter_names, logits_to_keep=1)
+                       logits_to_keep=1)
         step.positions.copy_(positions[:, -1:] + 1)
         step.cache_position.fill_(prompt_len)
         return out.logits[:, -1, :].float()
 
-    def _advance(self, model, step: _Step, next_ids, adapter_names):
+    def _advance(self, model, step: _Step, next_ids):
         """Feed `next_ids` through one decode step; return the logits for the token after it."""
         step.token_ids.copy_(next_ids[:, None])
         if self.use_graphs and step.graph is None and not step.failure:
-            self._record(model, step, adapter_names)
+            self._record(model, step)
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
         else:
-            logits = self._run_step(model, step, adapter_names)
+            logits = self._run_step(model, step)
         step.positions.add_(1)
         step.cache_position.add_(1)
         return logits[:, -1, :].float()
 
-    def _run_step(self, model, step: _Step, adapter_names):
+    def _run_step(self, model, step: _Step):
         step.mask.index_fill_(-1, step.cache_position, True)
         return _forward(model, input_ids=step.token_ids, attention_mask=step.mask, position_ids=step.positions,
-                        cache=step.cache, cache_position=step.cache_position, adapter_names=adapter_names).logits
+                        cache=step.cache, cache_position=step.cache_position).logits
 
-    def _record(self, model, step: _Step, adapter_names) -> None:
+    def _record(self, model, step: _Step) -> None:
         """Record the decode step as a CUDA graph (after two warm-up runs on a side stream).
 
         The warm-ups write the same cache slot the first replay writes, so they change nothing the
@@ -168,12 +181,12 @@ class GraphDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._run_step(model, step, adapter_names)
+                    self._run_step(model, step)
                     _set_cache_counters(step.cache, written)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._run_step(model, step, adapter_names)
+                logits = self._run_step(model, step)
             step.graph, step.logits = graph, logits
         except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly instead
             torch.cuda.synchronize()
@@ -206,11 +219,45 @@ def _token_chooser(settings) -> Callable:
     return choose
 
 
-def _forward(model, cache, adapter_names=None, **kwargs):
+def _forward(model, cache, **kwargs):
     kwargs[_cache_argument(model)] = cache
-    if adapter_names:
-        kwargs["adapter_names"] = adapter_names
     return model(use_cache=True, **kwargs)
+
+
+@contextmanager
+def rows_with_adapter(model, adapter_names: list[str] | None, scales: dict):
+    """Run rows named BASE_ROW without the adapter and the other rows with it, in one batch.
+
+    Every LoRA layer adds `lora_B(lora_A(x)) * scaling`; for the duration, the adapter's `scaling`
+    becomes a per-row vector (its usual value, or 0), so a base row gets exactly the base layer's
+    output and an adapter row exactly its usual sum. Unlike peft's `adapter_names` (which indexes the
+    batch with Python lists), this can be recorded in a CUDA graph. The vectors are kept in `scales`
+    so that a recorded graph keeps reading the same memory.
+    """
+    if not adapter_names:
+        yield
+        return
+    named = {name for name in adapter_names if name != BASE_ROW}
+    if len(named) > 1 or not hasattr(model, "peft_config"):
+        raise ValueError(f"one adapter per batch (and {BASE_ROW!r} rows) is supported, got {adapter_names}")
+    name = named.pop() if named else next(iter(model.peft_config))
+    model.set_adapter(name)
+    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
+    if not scales:
+        import torch
+
+        for layer in layers:
+            rows = [0.0 if row == BASE_ROW else float(layer.scaling[name]) for row in adapter_names]
+            device = layer.lora_A[name].weight.device
+            scales[id(layer)] = torch.tensor(rows, dtype=torch.float32, device=device).view(-1, 1, 1)
+    saved = [(layer, layer.scaling[name]) for layer in layers]
+    try:
+        for layer in layers:
+            layer.scaling[name] = scales[id(layer)]
+        yield
+    finally:
+        for layer, value in saved:
+            layer.scaling[name] = value
 
 
 def _base_of(model):
