@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--model-dir", default="/tmp/qwen25-7b-random")
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--modes", nargs="+", default=["static", "cudagraphs"])
+    parser.add_argument("--modes", nargs="+", default=["graphs", "static", "cudagraphs"])
     parser.add_argument("--compare-only", metavar="MODE", default=None,
                         help="only measure the Compare tab's two-column cost, with this decode mode")
     args = parser.parse_args()
@@ -143,8 +143,36 @@ def compare_cost(manager, tokens: int) -> dict:
     both()  # warm-up for both shapes
     single, one = timed(lambda: studio_reply(manager, tokens, adapter="bench"))
     (base, tuned), two = timed(both)
-    return {"decode_mode": manager.require_loaded().decode_mode, "one_column_s": round(one, 2),
-            "two_columns_s": round(two, 2), "ratio": round(two / one, 2), "adapter_column_matches_single": tuned == single}
+    result = {"decode_mode": manager.require_loaded().decode_mode, "one_column_s": round(one, 2),
+              "two_columns_s": round(two, 2), "ratio": round(two / one, 2), "adapter_column_matches_single": tuned == single}
+    decoder = manager.require_loaded().graph_decoder()
+    if decoder is not None:
+        result["recorded_steps"] = step_costs(manager.require_loaded().model, decoder)
+    return result
+
+
+def step_costs(model, decoder) -> dict:
+    """Per recorded decode step (by batch size): replay time, and GPU kernel time and count of one eager run."""
+    import torch
+
+    costs = {}
+    if not torch.cuda.is_available():
+        return costs
+    for step in list(decoder._steps.values()):
+        if step.graph is None:
+            continue
+        _, seconds = timed(lambda: [step.graph.replay() for _ in range(50)])
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decoder._run_step(model, step)
+            sync()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        costs[f"batch {step.token_ids.shape[0]}"] = {
+            "replay_ms": round(seconds / 50 * 1000, 2),
+            "gpu_kernel_ms": round(sum(e.self_device_time_total for e in kernels) / 1000, 2),
+            "kernels": sum(e.count for e in kernels),
+            "top": [(e.key[:60], round(e.self_device_time_total / 1000, 2), e.count)
+                    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]]}
+    return costs
 
 
 if __name__ == "__main__":

@@ -84,8 +84,6 @@ def profile_training(manager, payload: dict, steps: int) -> None:
         fresh = synthetic_examples(8 * steps, vocab, seed=11)
         runs["fresh shapes"] = run_setup(loaded, "fresh", fast, fresh, steps)
         runs["same rows again"] = run_setup(loaded, "seen", fast, fresh, steps)
-        runs["fresh shapes, packed to multiples of 256"] = run_setup(
-            loaded, "multiple", replace(fast, pack_multiple=256), synthetic_examples(8 * steps, vocab, seed=14), steps)
         torch.backends.cuda.enable_cudnn_sdp(False)
         runs["fresh shapes, cuDNN attention off"] = run_setup(loaded, "no cudnn", fast,
                                                                synthetic_examples(8 * steps, vocab, seed=12), steps)

@@ -71,7 +71,10 @@ class ForwardSize:
         return batch
 
 
-def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], steps: int, warmup_steps: int = 2) -> dict:
+def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], steps: int, warmup_steps: int = 2,
+              studio_kernels: bool = True) -> dict:
+    """Train `steps` optimizer steps through the studio's trainer; `studio_kernels=False` keeps PyTorch's
+    default attention kernels, as the tutorial's own code gets them."""
     import gc
 
     import torch
@@ -84,6 +87,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     clock = StepClock(collator)
     trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / name, "bench", rows, [],
                             collator, (clock,))
+    trainer.avoid_cudnn_attention = studio_kernels
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -96,6 +100,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     result = {
         "setup": name, "steps": len(clock.times), "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
         "packing": settings.packing, "gradient_checkpointing": settings.gradient_checkpointing,
+        "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
     }
@@ -132,13 +137,15 @@ def main() -> None:
     with manager.using("benchmark") as loaded:
         setups = [("tutorial", preset("tutorial"), args.steps), ("fast", preset("fast"), args.steps),
                   ("gpu24", preset("gpu24"), args.steps),
+                  ("calibration: tutorial settings, studio attention kernels", preset("tutorial"), 6),
                   ("calibration: 4 packed, no checkpointing", replace(preset("fast"), batch_size=4), 6),
                   ("calibration: 16 packed, checkpointing", replace(preset("fast"), batch_size=16,
                                                                       gradient_checkpointing=True), 6),
                   ("calibration: batch 8 padded, no checkpointing", replace(preset("gpu24"), gradient_checkpointing=False), 6),
                   ("calibration: 8 packed, checkpointing", replace(preset("fast"), gradient_checkpointing=True), 6)]
         for name, settings, steps in setups:
-            result = run_setup(loaded, name, settings, rows, steps)
+            # the tutorial's recipe runs as its own code would: PyTorch's default attention kernels
+            result = run_setup(loaded, name, settings, rows, steps, studio_kernels=name != "tutorial")
             result["estimate_gib"] = round(estimate_peak(loaded.model, settings, [len(r["input_ids"]) for r in rows])
                                            .total_gib, 2)
             results.append(result)

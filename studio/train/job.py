@@ -64,14 +64,12 @@ class PackedCollator:
     """Flattens a batch into one row without padding; position ids restart at each sequence.
 
     With no attention mask and no cache, transformers derives a block-diagonal causal mask from the
-    position ids, so no sequence attends to another and the loss is the same as unpacked. With
-    `multiple`, a filler sequence (pad tokens, no loss) rounds the length up to a multiple of it.
+    position ids, so no sequence attends to another and the loss is the same as unpacked.
     """
 
-    def __init__(self, multiple: int = 0, pad_id: int = 0):
+    def __init__(self):
         self.tokens_seen = 0
         self.counting = True
-        self.multiple, self.pad_id = multiple, pad_id
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -83,14 +81,12 @@ class PackedCollator:
             positions += list(range(len(feature["input_ids"])))
         if self.counting:
             self.tokens_seen += len(ids)
-        filler = -len(ids) % self.multiple if self.multiple else 0
-        ids, labels, positions = ids + [self.pad_id] * filler, labels + [IGNORE] * filler, positions + list(range(filler))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
 
 
 def make_collator(settings: TrainSettings, pad_id: int):
-    return PackedCollator(settings.pack_multiple, pad_id) if settings.packing else Collator(pad_id)
+    return PackedCollator() if settings.packing else Collator(pad_id)
 
 
 class Collator:

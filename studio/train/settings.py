@@ -46,7 +46,6 @@ class TrainSettings:
     precision: str = field(default="auto", metadata={"help": "auto = bf16 where supported, else fp16 on GPU, fp32 on CPU."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
     packing: bool = field(default=False, metadata={"help": "Flatten each batch into one padding-free sequence (position ids restart per row, so rows never attend to each other)."})
-    pack_multiple: int = field(default=0, metadata={"help": "With packing: round each forward pass up to a multiple of this many tokens with a filler row that has no loss, so passes repeat a few shapes (0 = exact length)."})
     seed: int = field(default=42, metadata={"help": "Random seed for the split, initialisation and shuffling."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (0 = never); the last two are kept."})
     heldout_per_group: int = field(default=1, metadata={"help": "Phrasings of each fact kept out of training (groups of 4+)."})
