@@ -19,7 +19,7 @@ import inspect
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 CACHE_BUCKET = 1024
@@ -45,7 +45,6 @@ class _Step:
     graph: object = None
     logits: object = None   # the graph's output buffer
     failure: str = ""       # why recording failed (the step then runs eagerly)
-    row_scales: dict = field(default_factory=dict)  # per-row adapter scales (see rows_with_adapter)
 
 
 class GraphDecoder:
@@ -81,7 +80,7 @@ class GraphDecoder:
         with self._lock, torch.inference_mode():
             batch, prompt_len = input_ids.shape
             step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapter_names)
-            with rows_with_adapter(model, adapter_names, step.row_scales):
+            with rows_with_adapter(model, adapter_names):
                 self._decode(model, step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                              pad_token_id)
         streamer.end()
@@ -225,39 +224,48 @@ def _forward(model, cache, **kwargs):
 
 
 @contextmanager
-def rows_with_adapter(model, adapter_names: list[str] | None, scales: dict):
+def rows_with_adapter(model, adapter_names: list[str] | None):
     """Run rows named BASE_ROW without the adapter and the other rows with it, in one batch.
 
-    Every LoRA layer adds `lora_B(lora_A(x)) * scaling`; for the duration, the adapter's `scaling`
-    becomes a per-row vector (its usual value, or 0), so a base row gets exactly the base layer's
-    output and an adapter row exactly its usual sum. Unlike peft's `adapter_names` (which indexes the
-    batch with Python lists), this can be recorded in a CUDA graph. The vectors are kept in `scales`
-    so that a recorded graph keeps reading the same memory.
+    For the duration, each LoRA layer computes its base output for the whole batch and adds the
+    adapter's update (`lora_B(lora_A(x)) * scaling`, in the adapter's dtype, as peft does) to the
+    adapter rows only, which must be one contiguous block. A base row gets exactly the base layer's
+    output. Unlike peft's `adapter_names` (which indexes the batch with Python lists), this can be
+    recorded in a CUDA graph, and the update runs on the adapter rows alone, as in a one-row batch.
     """
     if not adapter_names:
         yield
         return
-    named = {name for name in adapter_names if name != BASE_ROW}
-    if len(named) > 1 or not hasattr(model, "peft_config"):
-        raise ValueError(f"one adapter per batch (and {BASE_ROW!r} rows) is supported, got {adapter_names}")
-    name = named.pop() if named else next(iter(model.peft_config))
-    model.set_adapter(name)
-    layers = [m for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
-    if not scales:
-        import torch
-
-        for layer in layers:
-            rows = [0.0 if row == BASE_ROW else float(layer.scaling[name]) for row in adapter_names]
-            device = layer.lora_A[name].weight.device
-            scales[id(layer)] = torch.tensor(rows, dtype=torch.float32, device=device).view(-1, 1, 1)
-    saved = [(layer, layer.scaling[name]) for layer in layers]
+    rows = _adapter_rows(adapter_names)
+    name = adapter_names[rows.start]
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {})]
+    if any(name in getattr(layer, "lora_variant", {}) for layer in layers):
+        raise ValueError(f"side-by-side decoding supports plain LoRA adapters; {name!r} is a LoRA variant (e.g. DoRA)")
     try:
         for layer in layers:
-            layer.scaling[name] = scales[id(layer)]
+            layer.forward = _forward_with_rows(layer, name, rows)
         yield
     finally:
-        for layer, value in saved:
-            layer.scaling[name] = value
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _adapter_rows(adapter_names: list[str]) -> slice:
+    named = [i for i, row in enumerate(adapter_names) if row != BASE_ROW]
+    if not named or len({adapter_names[i] for i in named}) > 1 or named != list(range(named[0], named[-1] + 1)):
+        raise ValueError(f"expected {BASE_ROW!r} rows and one block of rows with one adapter, got {adapter_names}")
+    return slice(named[0], named[-1] + 1)
+
+
+def _forward_with_rows(layer, name: str, rows: slice):
+    def forward(x, *args, **kwargs):
+        result = layer.base_layer(x, *args, **kwargs)
+        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+        update = lora_B(lora_A(x[rows].to(lora_A.weight.dtype))) * layer.scaling[name]
+        result[rows] += update.to(result.dtype)
+        return result
+
+    return forward
 
 
 def _base_of(model):
