@@ -1,0 +1,128 @@
+"""The graph decoder's loop (static cache, own token choice) gives what transformers' generate() gives.
+
+On the CPU the recorded CUDA graph is not used, but everything around it is: prefill into a static
+cache, the per-row mask and positions of a left-padded batch, reuse of a step across replies, the
+per-row adapter of side-by-side decoding, and forgetting recorded steps when the model may change.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from studio.model.generation import GenerationSettings, build_messages, render_prompt
+from studio.model.graph_decode import GraphDecoder, _adapter_rows, cache_length, rows_with_adapter
+
+SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
+
+
+class Collect:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.values, self.ended = [], False
+
+    def put(self, value):
+        self.values.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def decode(decoder, loaded, prompts, settings, adapter_names=None, stop=None):
+    tokenizer = loaded.tokenizer
+    inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True, padding_side="left")
+    sink = Collect()
+    decoder.generate(loaded.model, inputs["input_ids"], inputs["attention_mask"], settings, stop or threading.Event(),
+                     sink, tokenizer.eos_token_id, tokenizer.pad_token_id, adapter_names)
+    assert sink.ended
+    steps = sink.values[1:]  # the first put is the prompt, as generate() does
+    return [[step[row] for step in steps] for row in range(len(prompts))]
+
+
+def reference(loaded, prompt, settings):
+    import torch
+
+    inputs = loaded.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = loaded.model.generate(**inputs, pad_token_id=loaded.tokenizer.pad_token_id,
+                                    eos_token_id=loaded.tokenizer.eos_token_id, **settings.generate_kwargs())
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def prompt_for(loaded, question):
+    return render_prompt(loaded.tokenizer, build_messages(SYSTEM, [], question))
+
+
+def test_cache_length_rounds_up_to_buckets():
+    assert cache_length(10, 256) == 1024
+    assert cache_length(800, 224) == 1024
+    assert cache_length(800, 225) == 2048
+
+
+def test_greedy_tokens_equal_generate_for_a_left_padded_batch_and_a_reused_step(manager):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings.greedy(20)
+    short, long = prompt_for(loaded, "你好"), prompt_for(loaded, "潮汐长枪怎么锻造？需要哪些材料，在哪里找到它们？")
+    decoder = GraphDecoder(use_graphs=False)
+    rows = decode(decoder, loaded, [short, long], settings)
+    for row, prompt in zip(rows, [short, long]):
+        expected = reference(loaded, prompt, settings)
+        assert row[:len(expected)] == expected
+    # the same recorded step serves the next reply (another prompt length, same bucket)
+    again = decode(decoder, loaded, [long, short], settings)
+    assert again == [rows[1], rows[0]]
+    assert len(decoder._steps) == 1
+
+
+def test_repetition_penalty_matches_generate(manager):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.0, top_p=1.0, repetition_penalty=1.3)
+    prompt = prompt_for(loaded, "介绍雾灯岛")
+    assert decode(GraphDecoder(False), loaded, [prompt], settings)[0] == reference(loaded, prompt, settings)
+
+
+def test_sampling_gives_tokens_of_the_vocabulary(manager):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.9, top_p=0.8, repetition_penalty=1.1)
+    row = decode(GraphDecoder(False), loaded, [prompt_for(loaded, "你好")], settings)[0]
+    assert 1 <= len(row) <= 12 and all(0 <= token < len(loaded.tokenizer) for token in row)
+
+
+def test_stop_event_ends_after_the_current_token(manager):
+    loaded = manager.require_loaded()
+    stop = threading.Event()
+    stop.set()
+    row = decode(GraphDecoder(False), loaded, [prompt_for(loaded, "你好")], GenerationSettings.greedy(50), stop=stop)[0]
+    assert len(row) == 1
+
+
+def test_adapter_rows_must_be_one_block_of_one_adapter():
+    assert _adapter_rows(["__base__", "a"]) == slice(1, 2)
+    assert _adapter_rows(["a", "a", "__base__"]) == slice(0, 2)
+    for bad in (["__base__", "__base__"], ["a", "b"], ["a", "__base__", "a"]):
+        with pytest.raises(ValueError):
+            _adapter_rows(bad)
+
+
+def test_rows_with_adapter_restores_every_layer(manager):
+    from peft import LoraConfig, get_peft_model
+
+    with manager.using("test") as loaded:
+        loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False), adapter_name="a")
+        layers = [m for m in loaded.model.modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
+        with rows_with_adapter(loaded.model, ["__base__", "a"]):
+            assert all("forward" in layer.__dict__ for layer in layers)
+        assert layers and not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_a_lease_that_may_change_the_model_forgets_recorded_steps(manager):
+    loaded = manager.require_loaded()
+    manager.chat(build_messages(SYSTEM, [], "你好"), GenerationSettings.greedy(4))
+    assert len(loaded.decoder._steps) == 1  # chat keeps its step for the next reply
+    manager.chat(build_messages(SYSTEM, [], "你好"), GenerationSettings.greedy(4))
+    assert len(loaded.decoder._steps) == 1
+    with manager.using("attaching an adapter"):
+        assert len(loaded.decoder._steps) == 0
