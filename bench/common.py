@@ -38,7 +38,9 @@ def build_model(folder: Path, tiny: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder, (ROOT / "data" / "wudeng_lighthouse.md").read_text(encoding="utf-8"))
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    config = Qwen2Config(**(TINY if tiny else QWEN25_7B), eos_token_id=tokenizer.eos_token_id,
+    shape = dict(TINY if tiny else QWEN25_7B)
+    shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
+    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

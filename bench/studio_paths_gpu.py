@@ -1,0 +1,89 @@
+"""The studio's own paths on the GPU, end to end: chat, a training job, chat again, side by side.
+
+Not a timing bench: it drives the model manager and the training job exactly as the tabs do, on the
+random-weight Qwen2.5-7B shape in 4-bit, and checks what a user relies on:
+- the graph decoder's base reply is the same before and after training (adapter disabled);
+- a training job with the Fast preset runs to the end and saves its adapter (time and tokens/s);
+- the recorded decode steps are forgotten when the job takes the model and re-recorded after;
+- side by side, the base column equals the base reply and the adapter column the adapter's reply
+  within the first tokens (the 4-bit kernel for two rows rounds differently on the GPU).
+
+    python bench/studio_paths_gpu.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import build_model, write_results  # noqa: F401  (sets sys.path)
+
+from studio.jobs import JobBoard, JobStatus  # noqa: E402
+from studio.model.generation import GenerationSettings, build_messages  # noqa: E402
+from studio.model.loading import ModelSpec  # noqa: E402
+from studio.model.manager import ModelManager  # noqa: E402
+from studio.train.job import RunRequest  # noqa: E402
+from studio.train.service import new_run_dir, start_training  # noqa: E402
+from studio.train.settings import LoraSettings, preset  # noqa: E402
+
+SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
+
+
+def write_dataset(path: Path, rows: int = 64) -> Path:
+    facts = [(f"雾灯岛第{i}座灯塔叫什么？", f"第{i}座灯塔叫“潮声{i}号”，由守灯人阿岚在第{i + 3}年点亮。") for i in range(rows)]
+    path.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n" for q, a in facts),
+                    encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model-dir", default="/tmp/qwen25-7b-random")
+    args = parser.parse_args()
+    folder = build_model(Path(args.model_dir + ("-tiny" if args.tiny else "")), args.tiny)
+    manager = ModelManager()  # the studio's default decode mode
+    manager.load(ModelSpec(str(folder), "4bit"))
+    loaded = manager.require_loaded()
+    question = build_messages(SYSTEM, [], "雾灯岛第3座灯塔叫什么？")
+    settings = GenerationSettings.greedy(48)
+    base_before = manager.chat(question, settings)
+    checks = {"decode_mode": loaded.decode_mode, "recorded_before_training": loaded.decoder.recorded_steps}
+
+    work = Path(tempfile.mkdtemp(prefix="studio-paths-"))
+    board = JobBoard()
+    train = preset("fast")
+    train.epochs, train.save_every = 2.0, 0
+    request = RunRequest(write_dataset(work / "facts.jsonl"), SYSTEM, LoraSettings(), train,
+                         new_run_dir(work / "runs", "facts"))
+    started = time.perf_counter()
+    job = board.wait(start_training(board, manager, request), 600)
+    checks["training_status"] = job.status.value
+    checks["training_s"] = round(time.perf_counter() - started, 1)
+    checks["training_result"] = {k: job.result.get(k) for k in ("adapter", "steps", "status", "final_train_loss")} \
+        if job.status is JobStatus.DONE else job.error
+    checks["recorded_after_training_job"] = loaded.decoder.recorded_steps
+    print(checks, flush=True)
+    adapter = job.result["adapter"]
+
+    base_after = manager.chat(question, settings)
+    tuned = manager.chat(question, settings, adapter=adapter)
+    base_column, tuned_column = list(manager.stream_side_by_side(question, adapter, settings))[-1]
+    checks.update({
+        "base_unchanged_after_training": base_after == base_before,
+        "side_by_side_base_equals_base_reply": base_column == base_after,
+        "side_by_side_adapter_equals_adapter_reply": tuned_column == tuned,
+        "adapter_reply_differs_from_base": tuned != base_after,
+        "recorded_steps_at_end": loaded.decoder.recorded_steps,
+        "decoder_failure": loaded.decoder.last_failure,
+        "replies": {"base": base_after[:80], "adapter": tuned[:80], "side_by_side_adapter": tuned_column[:80]},
+    })
+    print(json.dumps(checks, ensure_ascii=False, indent=1), flush=True)
+    write_results("studio_paths-tiny" if args.tiny else "studio_paths", {"checks": checks})
+
+
+if __name__ == "__main__":
+    main()
