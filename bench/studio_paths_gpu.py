@@ -39,6 +39,28 @@ def write_dataset(path: Path, rows: int = 64) -> Path:
     return path
 
 
+def eager_reply(manager, messages, settings) -> str:
+    """The reply through plain generate() (decode mode 'eager')."""
+    loaded = manager.require_loaded()
+    mode, loaded.decode_mode = loaded.decode_mode, "eager"
+    try:
+        return manager.chat(messages, settings)
+    finally:
+        loaded.decode_mode = mode
+
+
+def prompt_logits(manager, messages):
+    """The base model's logits over the prompt (every adapter off), one plain forward pass."""
+    import torch
+
+    from studio.model.manager import adapter_context
+
+    with manager.using("checking", changes_model=False) as loaded:
+        inputs = loaded.tokenizer([manager.render_prompt(messages)], return_tensors="pt").to(loaded.model.device)
+        with adapter_context(loaded, None), torch.inference_mode():
+            return loaded.model(**inputs, use_cache=False).logits.float().cpu()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -51,7 +73,11 @@ def main() -> None:
     question = build_messages(SYSTEM, [], "雾灯岛第3座灯塔叫什么？")
     settings = GenerationSettings.greedy(48)
     base_before = manager.chat(question, settings)
-    checks = {"decode_mode": loaded.decode_mode, "recorded_before_training": loaded.decoder.recorded_steps}
+    checks = {"decode_mode": loaded.decode_mode, "recorded_before_training": loaded.decoder.recorded_steps,
+              "graph_reply_repeatable": manager.chat(question, settings) == base_before}
+    eager_before = eager_reply(manager, question, settings)
+    checks["graph_reply_equals_eager"] = base_before == eager_before
+    logits_before = prompt_logits(manager, question)
 
     work = Path(tempfile.mkdtemp(prefix="studio-paths-"))
     board = JobBoard()
@@ -70,6 +96,9 @@ def main() -> None:
     adapter = job.result["adapter"]
 
     base_after = manager.chat(question, settings)
+    checks["base_prompt_logits_max_abs_diff"] = float((prompt_logits(manager, question) - logits_before).abs().max())
+    checks["eager_base_unchanged_after_training"] = eager_reply(manager, question, settings) == eager_before
+    checks["graph_base_equals_eager_base"] = base_after == eager_before
     tuned = manager.chat(question, settings, adapter=adapter)
     base_column, tuned_column = list(manager.stream_side_by_side(question, adapter, settings))[-1]
     checks.update({

@@ -92,6 +92,9 @@ class GraphDecoder:
 
         batch = input_ids.shape[0]
         logits = self._prefill(model, step, input_ids, attention_mask)
+        if self.use_graphs and step.graph is None and not step.failure:
+            self._record(model, step)  # its warm-up runs write to the cache: fill it again
+            logits = self._prefill(model, step, input_ids, attention_mask)
         streamer.put(input_ids.cpu())
         choose = _token_chooser(settings)
         history = input_ids
@@ -148,8 +151,6 @@ class GraphDecoder:
     def _advance(self, model, step: _Step, next_ids):
         """Feed `next_ids` through one decode step; return the logits for the token after it."""
         step.token_ids.copy_(next_ids[:, None])
-        if self.use_graphs and step.graph is None and not step.failure:
-            self._record(model, step)
         if step.graph is not None:
             step.graph.replay()
             logits = step.logits
@@ -167,8 +168,10 @@ class GraphDecoder:
     def _record(self, model, step: _Step) -> None:
         """Record the decode step as a CUDA graph (after two warm-up runs on a side stream).
 
-        The warm-ups write the same cache slot the first replay writes, so they change nothing the
-        replay will not overwrite; the cache's own write counter is put back afterwards.
+        Recording happens right after a prefill, on whatever token is in the step's input; the
+        warm-ups write to the cache, so the caller runs the prefill again before decoding (a reply
+        decoded while its step was being recorded came out different from the replayed ones on an
+        H200; starting from a clean prefill makes every reply the same as eager decoding).
         """
         import torch
 
