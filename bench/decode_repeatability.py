@@ -76,12 +76,17 @@ def main() -> None:
         checks["graphs: one replayed step bit-identical from the same state"] = f"{type(exc).__name__}: {exc}"
 
     def zero_cache():
+        with torch.inference_mode():  # the cache was made in inference mode
+            zero_all()
+
+    def zero_all():
         for step in loaded.decoder._steps.values():
             for layer in step.cache.layers:
                 if getattr(layer, "keys", None) is not None:
                     layer.keys.zero_()
                     layer.values.zero_()
 
+    print(checks, flush=True)
     zeroed = replies(manager, before=zero_cache)
     checks["graphs, cache zeroed before each reply: repeatable"] = same(zeroed)
     loaded.decode_mode = "eager"
