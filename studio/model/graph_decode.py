@@ -169,9 +169,8 @@ class GraphDecoder:
         """Record the decode step as a CUDA graph (after two warm-up runs on a side stream).
 
         Recording happens right after a prefill, on whatever token is in the step's input; the
-        warm-ups write to the cache, so the caller runs the prefill again before decoding (a reply
-        decoded while its step was being recorded came out different from the replayed ones on an
-        H200; starting from a clean prefill makes every reply the same as eager decoding).
+        warm-ups write to the cache, so the caller runs the prefill again, and the reply that
+        records starts from the same state as every later one.
         """
         import torch
 
