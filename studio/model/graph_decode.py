@@ -15,6 +15,7 @@ memory addresses it was recorded with. Without CUDA the same loop runs the step 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections import OrderedDict
@@ -280,7 +281,12 @@ def _config_of(model):
 
 def _cache_argument(model) -> str:
     """transformers 5.24 calls the cache `cache`; earlier 5.x releases call it `past_key_values`."""
-    parameters = inspect.signature(_base_of(model).forward).parameters
+    return _cache_argument_of(type(_base_of(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
