@@ -231,3 +231,53 @@ def test_studio_trainer_adds_no_syncs_or_callbacks_to_the_plain_trainer(manager,
     plain_types = {type(c) for c in plain.callback_handler.callbacks}
     extra = {type(c) for c in studio.callback_handler.callbacks} - plain_types
     assert extra == {ProgressTracker}, extra
+
+
+# ----- the memory estimate against GPU measurements --------------------------------------------------
+def newest_measurements():
+    import json
+
+    from studio.train.memory import measurement_rows, newest_result_file
+
+    path = newest_result_file(ROOT / "bench" / "results")
+    return path, measurement_rows(json.loads(path.read_text(encoding="utf-8")))
+
+
+def test_memory_fit_predicts_rows_it_was_not_fitted_to_within_10_percent():
+    from studio.train.memory import fit, held_out, predict
+
+    path, measured = newest_measurements()
+    coefficients = fit([row for i, row in enumerate(measured) if not held_out(i)])
+    checked = [(setup, predict(features, coefficients).total_gib, peak)
+               for i, (setup, features, peak) in enumerate(measured) if held_out(i)]
+    assert checked, path
+    for setup, estimate, peak in checked:
+        assert abs(estimate - peak) / peak < 0.10, (path.name, setup, estimate, peak)
+
+
+def test_shipped_memory_estimate_is_within_10_percent_on_every_row_of_the_newest_results():
+    import json
+
+    from studio.train.memory import FIT_FILE, fitted, predict
+
+    path, measured = newest_measurements()
+    source = json.loads(FIT_FILE.read_text(encoding="utf-8"))["source"]
+    assert source == path.name, f"{FIT_FILE.name} was fitted to {source}, not {path.name}: run bench/fit_memory.py"
+    assert len(measured) >= 8
+    for setup, features, peak in measured:
+        estimate = predict(features, fitted()).total_gib
+        assert abs(estimate - peak) / peak < 0.10, (setup, estimate, peak)
+
+
+def test_memory_estimate_follows_the_switches(manager):
+    from studio.train.memory import estimate_peak
+
+    lengths = [120, 400, 300, 250, 200, 180, 150, 390]
+    with manager.using("test") as loaded:
+        plain = estimate_peak(loaded.model, preset("gpu24"), lengths)
+        dense = estimate_peak(loaded.model, replace(preset("gpu24"), dequantize_base=True), lengths)
+        half = estimate_peak(loaded.model, replace(preset("gpu24"), checkpoint_fraction=0.5), lengths)
+        fast = estimate_peak(loaded.model, preset("fast"), lengths)
+    assert dense.model_gib > plain.model_gib  # the bf16 copies of the 4-bit layers
+    assert plain.activations_gib < half.activations_gib
+    assert fast.forward_tokens == sum(lengths) and plain.forward_tokens == 8 * 400
