@@ -226,7 +226,6 @@ def test_studio_trainer_adds_no_syncs_or_callbacks_to_the_plain_trainer(manager,
         _, studio, _ = studio_losses(loaded, preset("tutorial"), examples, tmp_path, steps=steps)
         studio_syncs = dict(counts)
         monkeypatch.undo()
-    print("syncs: studio", studio_syncs, "plain", plain_syncs)
     assert sum(studio_syncs.values()) <= sum(plain_syncs.values()), (studio_syncs, plain_syncs)
     plain_types = {type(c) for c in plain.callback_handler.callbacks}
     extra = {type(c) for c in studio.callback_handler.callbacks} - plain_types
