@@ -65,6 +65,15 @@ class CompareTab:
                 self.confirm = gr.Checkbox(False, label=s["confirm"])
                 self.delete_btn = gr.Button(s["delete"], size="sm", variant="stop")
             self.adapter_msg = gr.Markdown()
+            self._export_controls()
+
+    def _export_controls(self) -> None:
+        s = self.s
+        with gr.Row():
+            self.export_merge = gr.Checkbox(False, label=s["export_merge"], scale=3)
+            self.export_btn = gr.Button(s["export"], size="sm")
+        self.export_msg = gr.Markdown()
+        self.export_files = gr.File(label=s["export_files"], file_count="multiple", interactive=False)
 
     def _question_controls(self) -> None:
         s = self.s
@@ -110,6 +119,8 @@ class CompareTab:
         self.attach_btn.click(self.attach, self.run_pick, listing, api_name="attach_adapter")
         self.detach_btn.click(self.detach, self.run_pick, listing, api_name="detach_adapter")
         self.delete_btn.click(self.delete, [self.run_pick, self.confirm], listing, api_name="delete_adapter")
+        self.export_btn.click(self.export, [self.run_pick, self.export_merge], [self.export_msg, self.export_files],
+                              api_name="export_adapter")
         self.run_pick.change(self.pick_run, self.run_pick, [self.heldout, self.document], api_name=False)
         self.app.load(self.pick_run, self.run_pick, [self.heldout, self.document], api_name=False)
         self.preset.change(self.pick_preset, self.preset, [self.question, self.reference], api_name=False)
@@ -156,6 +167,20 @@ class CompareTab:
         folder = self._picked(folder)
         service.delete_run(self.manager, folder, bool(sure))
         return (self.s["deleted"].format(name=folder.name),) + self.refresh()
+
+    @user_errors
+    def export(self, folder, merge):
+        """Export the picked run (adapter + zip, or merged bf16 model) as a job; show its commands and files."""
+        from studio.export import ExportRequest, export_folder, start_export, shown_files
+
+        folder = self._picked(folder)
+        out = export_folder(self.services.paths.runs_dir.parent / "exports", folder.name, bool(merge))
+        job = start_export(self.board, ExportRequest(folder, out, bool(merge)))
+        yield self.s["export_started"].format(name=folder.name, folder=out), gr.skip()
+        self.board.wait(job)
+        if job.error:
+            raise StudioError(job.error)
+        yield f"```\n{job.result['instructions']}\n```", shown_files(job.result)
 
     # ----- questions ---------------------------------------------------------------------------
     def pick_run(self, folder):
