@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
+
 from studio.errors import ModelBusyError, ModelNotLoadedError, PermissionDenied, StudioError
 
 RETRY_AFTER_S = 5
@@ -208,11 +210,13 @@ def generate(lease, adapter: str | None, request: ChatRequest, stop_event: threa
     yield reply, False  # the end: nothing is held back any more
 
 
-def usage(loaded, messages: list[dict], reply: str) -> dict:
+def usage(loaded, messages: list[dict], reply: str, max_tokens: int) -> dict:
+    """Token counts; the reply's by tokenizing its text again (capped at max_tokens: a reply cut in the
+    middle of a character can tokenize to more pieces than were generated)."""
     from studio.model.generation import render_prompt
 
     prompt = len(loaded.tokenizer(render_prompt(loaded.tokenizer, messages), add_special_tokens=False)["input_ids"])
-    completion = len(loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else 0
+    completion = min(len(loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]), max_tokens) if reply else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -223,7 +227,7 @@ def finish_reason(stopped: bool, counts: dict, request: ChatRequest) -> str:
 # ----- the routes ------------------------------------------------------------------------------------
 def mount_openai_routes(fastapi_app, services, api_key: str = "") -> None:
     """Add /v1/models and /v1/chat/completions to `fastapi_app`, answering from `services.manager`."""
-    from fastapi import APIRouter, Request
+    from fastapi import APIRouter
 
     router = APIRouter(prefix="/v1")
 
@@ -281,7 +285,8 @@ def complete(lease, adapter: str | None, request: ChatRequest):
         text, stopped = "", False
         for text, stopped in generate(lease, adapter, request, threading.Event()):
             pass
-        counts = usage(lease.loaded, with_system_prompt(lease.loaded, adapter, request.messages), text)
+        messages = with_system_prompt(lease.loaded, adapter, request.messages)
+        counts = usage(lease.loaded, messages, text, request.max_tokens)
     except StudioError as exc:
         return ApiError(400, str(exc)).response()
     finally:
@@ -318,7 +323,8 @@ def stream_response(lease, adapter: str | None, request: ChatRequest):
                 if len(text) > len(shown):
                     pieces.put(chunk({"content": text[len(shown):]}))
                     shown = text
-            counts = usage(lease.loaded, with_system_prompt(lease.loaded, adapter, request.messages), shown)
+            messages = with_system_prompt(lease.loaded, adapter, request.messages)
+            counts = usage(lease.loaded, messages, shown, request.max_tokens)
             pieces.put(chunk({}, finish_reason(stopped, counts, request)))
             if request.include_usage:
                 pieces.put(f"data: {json.dumps({**base, 'choices': [], 'usage': counts})}\n\n")
