@@ -291,8 +291,8 @@ def run_chat(args: argparse.Namespace, services) -> int:
 
 
 def print_load_progress(fraction: float, message: str) -> None:
-    """The model load's progress on the command line (downloads report their bytes here)."""
-    print(f"[load] {fraction:4.0%} {message}", flush=True)
+    """The model load's progress on stderr (downloads report their bytes here); stdout keeps the output."""
+    print(f"[load] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
 
 
 def print_event(event: dict) -> None:
