@@ -3,6 +3,7 @@ with the same greedy answers as base + adapter; an adapter of another base is re
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,22 @@ def test_export_refuses_a_non_empty_folder_and_an_incomplete_run(adapter_run, tm
     (half / "adapter_config.json").write_text((adapter_run / "adapter_config.json").read_text())
     with pytest.raises(StudioError, match="adapter_model.safetensors is missing"):
         _export(half, tmp_path / "new", merge=False)
+
+
+def test_compare_tab_export_button(services, adapter_run, tmp_path):
+    """The Compare tab's Export: the run's adapter, its zip and the commands, offered for download."""
+    import shutil
+
+    from gradio_client import Client
+
+    from uihelpers import launched
+
+    run = services.paths.runs_dir / adapter_run.name
+    shutil.copytree(adapter_run, run)
+    with launched(services) as url:
+        message, files = Client(url, verbose=False).predict(str(run), False, api_name="/export_adapter")
+    assert "--enable-lora --lora-modules" in message
+    assert sorted(Path(f["path"] if isinstance(f, dict) else f).name for f in files) == \
+        sorted([f"{run.name}-adapter.zip", "HOW_TO_USE.txt"])
+    exported = next((services.paths.runs_dir.parent / "exports").glob(f"{run.name}-adapter-*"))
+    assert (exported / "adapter" / "adapter_model.safetensors").is_file()
