@@ -272,6 +272,8 @@ def check_api_flags(args: argparse.Namespace) -> str:
 
     if args.serve_key_env and not args.api:
         raise StudioError("--api-key-env protects the API that --api adds; add --api or drop --api-key-env.")
+    if args.api and args.share and not args.serve_key_env:
+        raise StudioError("--api with --share would put the API on a public link without a key: add --api-key-env VAR.")
     return server_key(args.serve_key_env) if args.api else ""
 
 
