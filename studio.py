@@ -3,6 +3,7 @@
 
     python studio.py                      # the studio UI (add --load to load the model at start)
     python studio.py chat --message TEXT  # one reply from the base model, then exit
+    python studio.py export|serve ...     # use the adapter elsewhere: files for vLLM/Ollama, an OpenAI-compatible API
 
 Arguments are parsed here, the services are built once here, and handed to the UI or the command.
 """
@@ -40,11 +41,37 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "cache), cudagraphs or inductor (generate with torch.compile), eager (plain generate)")
 
 
+CPU_NOTES = {
+    None: "Without a GPU the studio still runs on the CPU (4-bit weights through bitsandbytes' CPU kernels), "
+          "many times slower: chat and training are practical only with the smallest models (0.5B-1.5B).",
+    "chat": "Without a GPU the model answers on the CPU, slowly: a 7B model takes seconds per token; "
+            "try --model Qwen/Qwen2.5-0.5B-Instruct.",
+    "build-dataset": "A remote teacher needs no GPU here. With --local-teacher and no GPU the teacher runs on "
+                     "the CPU and a build takes hours with a 7B model.",
+    "train": "Without a GPU training runs on the CPU: practical only for the smallest models (0.5B) and short "
+             "runs (--max-steps); a 7B run would take days.",
+    "compare": "Without a GPU every answer is generated on the CPU, slowly: a report over many held-out "
+               "questions with a 7B model takes hours.",
+    "export": "Needs no GPU: the adapter is copied, and --merge loads the base in bf16 on the CPU "
+              "(about 2 bytes of RAM per parameter: ~15 GB for a 7B).",
+    "serve": "Without a GPU the answers are generated on the CPU, slowly; requests are served one at a time "
+             "(a second one gets HTTP 503 with Retry-After).",
+}
+
+
+def command_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command's parser, whose --help ends with what happens on a CPU-only machine."""
+    return commands.add_parser(name, help=help_text, description=help_text, epilog=f"CPU only: {CPU_NOTES[name]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="studio.py",
         description="QLoRA Studio: baseline chat, dataset building, QLoRA training and before/after "
                     "comparison of Qwen2.5 models. Without a command it launches the UI.",
+        epilog="Options before a command apply to it when the command has them too (--model, --quant, --decode, "
+               "--host, --port), or when they concern every command (--workdir); UI-only options given before a "
+               f"command are refused. CPU only: {CPU_NOTES[None]}",
     )
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve the UI on (default 127.0.0.1)")
@@ -63,14 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the teacher/judge URL (or a provider preset's name) that may receive the key from the "
                              "environment; default STUDIO_TEACHER_BASE_URL, else the provider presets' URLs. A URL "
                              "typed in the page gets only the key typed with it")
-    parser.add_argument("--api-key-env", default=None,
+    parser.add_argument("--teacher-key-env", dest="api_key_env", metavar="VAR", default=None,
                         help="environment variable with that key (default STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     parser.add_argument("--load", action="store_true", help="load --model at start instead of on request")
     parser.add_argument("--workdir", default=None,
                         help="folder for data/ and runs/ (default: the project folder)")
+    parser.add_argument("--api", action="store_true",
+                        help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions) beside the UI")
+    parser.add_argument("--api-key-env", dest="serve_key_env", metavar="VAR", default=None,
+                        help="with --api: require the bearer key held in this environment variable")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-    chat = commands.add_parser("chat", help="print one reply of the model to --message and exit")
+    chat = command_parser(commands, "chat", "print one reply of the model to --message and exit")
     add_model_options(chat)
     chat.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: the sample domain's)")
     chat.add_argument("--message", required=True, help="the user message")
@@ -78,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     chat.add_argument("--repetition-penalty", type=float, default=1.05, help="default 1.05")
-    build = commands.add_parser("build-dataset", help="turn a document into an instruction dataset through a teacher")
+    build = command_parser(commands, "build-dataset", "turn a document into an instruction dataset through a teacher")
     build.add_argument("--doc", required=True, help="Markdown or text document")
     build.add_argument("--name", default="", help="dataset name (default: the document's file name)")
     build.add_argument("--out-dir", default=None, help="where the JSONL files go (default: data/)")
-    build.add_argument("--base-url", default=None, help="OpenAI-compatible base URL of the teacher")
-    build.add_argument("--model", dest="teacher", default=None, help="teacher model id")
-    build.add_argument("--api-key-env", default=None,
+    build.add_argument("--teacher-base-url", "--base-url", dest="teacher_base_url", default=None,
+                       help="OpenAI-compatible base URL of the teacher (--base-url is the old name)")
+    build.add_argument("--teacher-model", "--model", dest="teacher_model", default=None,
+                       help="teacher model id; with --local-teacher the hub id or folder of the local teacher "
+                            "(default: the --model given before the command). --model is the old name")
+    build.add_argument("--api-key-env", "--teacher-key-env", dest="api_key_env", default=None,
                        help="environment variable holding the API key (default: STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     build.add_argument("--variants", type=int, default=14, help="rephrasings per base question (default 14)")
     build.add_argument("--per-section", default="auto", help="questions per section: a number or auto (default)")
@@ -93,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
     build.add_argument("--min-chars", type=int, default=100, help="shortest section kept (default 100)")
     build.add_argument("--local-teacher", action="store_true", help="use a local model as the teacher (no API key)")
-    build.add_argument("--teacher-model", default=None, help="with --local-teacher: hub id or folder of that model")
     build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
-    train = commands.add_parser("train", help="train a QLoRA adapter on a dataset and write a run folder")
+    train = command_parser(commands, "train", "train a QLoRA adapter on a dataset and write a run folder")
     add_model_options(train)
     train.add_argument("--dataset", required=True, help="JSONL dataset (studio, Alpaca or chat-messages rows)")
     train.add_argument("--output", default=None, help="run folder (default: runs/<dataset>_<timestamp>)")
@@ -111,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
     train.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt stored with the adapter")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    compare = commands.add_parser("compare", help="score base, retrieval and an adapter on questions; write a report")
+    compare = command_parser(commands, "compare", "score base, retrieval and an adapter on questions; write a report")
     add_model_options(compare)
     compare.add_argument("--adapter", required=True, help="run folder of the adapter (from train)")
     source = compare.add_mutually_exclusive_group()
@@ -125,7 +158,87 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of an LLM judge")
     compare.add_argument("--judge-model", default=None, help="judge model id")
     compare.add_argument("--judge-api-key-env", default=None, help="environment variable with the judge's key")
+    add_export_command(commands)
+    add_serve_command(commands)
     return parser
+
+
+def add_export_command(commands) -> None:
+    export = command_parser(commands, "export", "write an adapter (or a merged bf16 model) for vLLM, Ollama or "
+                                                "plain transformers, with ready commands")
+    export.add_argument("--model", default=None,
+                        help="the adapter's base: hub id, local folder or modelscope:ID (default: the base recorded "
+                             "in the run's studio.json)")
+    export.add_argument("--adapter", required=True, metavar="RUN_DIR", help="run folder of the adapter (from train)")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write (must be empty or new)")
+    export.add_argument("--merge", action="store_true",
+                        help="merge the adapter into a bf16 copy of the base (safetensors + tokenizer + Modelfile)")
+    export.add_argument("--name", default=None, help="model name in the printed commands (default: the run's name)")
+
+
+def add_serve_command(commands) -> None:
+    serve = command_parser(commands, "serve", "serve the base model and adapters over an OpenAI-compatible API")
+    add_model_options(serve)
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                       help="attach an adapter under a model name (repeatable); a request's model picks it")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key-env", dest="serve_key_env", metavar="VAR", default=None,
+                       help="require `Authorization: Bearer <key>` with the key held in this environment variable")
+
+
+UI_ONLY_HINT = "it applies to the UI only"
+ALWAYS_HONOURED = {"workdir"}  # concerns every command
+
+
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse like build_parser().parse_args, but options given before a command reach the command.
+
+    argparse lets a command's own defaults overwrite values given before the command; here every
+    default is held back during parsing and filled in afterwards, so `studio.py --model DIR chat`
+    chats with DIR. An option before a command that the command does not use is refused by name.
+    """
+    parser = build_parser()
+    sub_parsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    top_defaults = _hold_back_defaults(parser)
+    sub_defaults = {name: _hold_back_defaults(sub) for name, sub in sub_parsers.items()}
+    args = parser.parse_args(argv)
+    given = set(vars(args)) - {"command"}
+    command = args.command
+    if command is not None:
+        own = set(sub_defaults[command])
+        ignored = sorted(given & set(top_defaults) - own - ALWAYS_HONOURED - _extra_globals(command))
+        if ignored:
+            options = ", ".join(_option_name(parser, dest) for dest in ignored)
+            parser.error(f"{options} given before the {command} command does nothing for it ({UI_ONLY_HINT} or "
+                         f"to other commands). Remove it, or see: studio.py {command} --help")
+    for dest, value in {**top_defaults, **(sub_defaults.get(command) or {})}.items():
+        if dest not in given:
+            setattr(args, dest, value)
+    args.given_options = given
+    return args
+
+
+def _extra_globals(command: str) -> set[str]:
+    """Options before a command that it honours although it has no option of that name."""
+    return {"build-dataset": {"model", "quant", "decode"}}.get(command, set())  # the local teacher's model
+
+
+def _hold_back_defaults(parser: argparse.ArgumentParser) -> dict:
+    defaults = {}
+    for action in parser._actions:
+        if action.dest in (argparse.SUPPRESS, "help", "command") or isinstance(action, argparse._SubParsersAction):
+            continue
+        defaults[action.dest] = action.default
+        action.default = argparse.SUPPRESS
+    return defaults
+
+
+def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[0]
+    return dest
 
 
 def build_services(args: argparse.Namespace):
@@ -187,18 +300,36 @@ def run_ui(args: argparse.Namespace, services) -> int:
     warning = share_warning(services, args.share, args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    api_key = check_api_flags(args)
     app.queue(default_concurrency_limit=8).launch(
-        server_name=args.host, server_port=args.port, share=args.share,
+        server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
         **launch_options(services, logins=read_logins(args)),
     )
+    if args.api:
+        from studio.serve import mount_openai_routes
+
+        mount_openai_routes(app.app, services, api_key=api_key)
+        print(f"[api] OpenAI-compatible API at {app.local_url.rstrip('/')}/v1", flush=True)
+    app.block_thread()
     return 0
+
+
+def check_api_flags(args: argparse.Namespace) -> str:
+    """The API's bearer key ('' = none); --api-key-env without --api is refused, not ignored."""
+    from studio.serve import server_key
+
+    if args.serve_key_env and not args.api:
+        raise StudioError("--api-key-env protects the API that --api adds; add --api or drop --api-key-env.")
+    if args.api and args.share and not args.serve_key_env:
+        raise StudioError("--api with --share would put the API on a public link without a key: add --api-key-env VAR.")
+    return server_key(args.serve_key_env) if args.api else ""
 
 
 def run_chat(args: argparse.Namespace, services) -> int:
     from studio.model.generation import GenerationSettings, build_messages
     from studio.model.loading import ModelSpec
 
-    services.manager.load(ModelSpec(args.model, args.quant))
+    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     shown = ""
     for reply in services.manager.stream_chat(build_messages(args.system, [], args.message), settings):
@@ -207,6 +338,11 @@ def run_chat(args: argparse.Namespace, services) -> int:
         shown = reply
     sys.stdout.write("\n")
     return 0
+
+
+def print_load_progress(fraction: float, message: str) -> None:
+    """The model load's progress on stderr (downloads report their bytes here); stdout keeps the output."""
+    print(f"[load] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
 
 
 def print_event(event: dict) -> None:
@@ -231,12 +367,16 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
                              retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
     if args.local_teacher:
-        services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant))
+        services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=print_load_progress)
         teacher = None
     else:
-        if not args.base_url or not args.teacher:
-            raise StudioError("build-dataset needs --base-url and --model (or --local-teacher).")
-        teacher = TeacherConfig(args.base_url, args.teacher, key_from_env(args.api_key_env), args.timeout)
+        local_only = sorted({"model", "quant", "decode"} & set(getattr(args, "given_options", ())))
+        if local_only:
+            raise StudioError(f"--{', --'.join(local_only)} before build-dataset set the local teacher's model; with a "
+                              "remote teacher give --teacher-model after the command (or add --local-teacher).")
+        if not args.teacher_base_url or not args.teacher_model:
+            raise StudioError("build-dataset needs --teacher-base-url and --teacher-model (or --local-teacher).")
+        teacher = TeacherConfig(args.teacher_base_url, args.teacher_model, key_from_env(args.api_key_env), args.timeout)
     job = start_build(services.jobs, services.manager, paths, args.doc, settings, teacher, args.name)
     follow(job, print_event)
     if job.status is JobStatus.FAILED:
@@ -283,7 +423,7 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.train.service import start_training
 
-    services.manager.load(ModelSpec(args.model, args.quant))
+    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     loaded = services.manager.require_loaded()
     request = train_request(args, loaded, services.paths.runs_dir)
     print_estimate(loaded, request)
@@ -308,7 +448,7 @@ def run_compare(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.secrets import key_from_env
 
-    services.manager.load(ModelSpec(args.model, args.quant))
+    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     folder = Path(args.adapter)
     questions = read_dataset(args.questions) if args.questions else None
     document = None if args.no_retrieval else (args.doc or source_document(folder))
@@ -328,11 +468,41 @@ def run_compare(args: argparse.Namespace, services) -> int:
     return 0
 
 
-COMMANDS = {None: run_ui, "compare": run_compare, "chat": run_chat, "build-dataset": run_build_dataset, "train": run_train}
+def run_export(args: argparse.Namespace, services) -> int:
+    from pathlib import Path
+
+    from studio.export import ExportRequest, start_export
+    from studio.jobs import JobStatus, follow
+
+    request = ExportRequest(Path(args.adapter), Path(args.out), args.merge, args.model, args.name)
+    job = start_export(services.jobs, request)
+    follow(job, print_event)
+    if job.status is JobStatus.FAILED:
+        raise StudioError(job.error)
+    print(job.result["instructions"], flush=True)
+    return 0
+
+
+def run_serve(args: argparse.Namespace, services) -> int:
+    from studio.model.loading import ModelSpec
+    from studio.serve import attach_named_adapters, create_api_app, run_server, server_key
+
+    key = server_key(args.serve_key_env)
+    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    names = attach_named_adapters(services.manager, args.adapter)
+    app = create_api_app(services, api_key=key)
+    print(f"[serve] OpenAI-compatible API on http://{args.host}:{args.port}/v1 ; models: "
+          f"{', '.join([args.model, *names])}" + ("; bearer key required" if key else ""), flush=True)
+    run_server(app, args.host, args.port)
+    return 0
+
+
+COMMANDS = {None: run_ui, "compare": run_compare, "chat": run_chat, "build-dataset": run_build_dataset, "train": run_train,
+            "export": run_export, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         services = build_services(args)
         return COMMANDS[args.command](args, services)

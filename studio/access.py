@@ -30,6 +30,7 @@ ACTIONS = (
     "manage_adapters",  # attach, detach, delete adapters
     "write_reports",    # score a run and write report files into its folder
     "outbound",         # call a teacher or judge server
+    "export",           # write an exported adapter or merged model under exports/
 )
 DEMO_ACTIONS = frozenset({"view", "chat", "compare"})
 DEMO_SUMMARY = ("demo mode: visitors can chat with the base model and the adapters you attached, and compare them "

@@ -3,12 +3,20 @@
 The 4-bit setting is the tutorial's: NF4 with double quantization and bf16 compute. Errors come fast
 and say what to do: a hub id that is not cached while the hub is unreachable fails in well under a
 second instead of retrying for most of a minute.
+
+Where a model comes from (`resolve_source`):
+- a local folder (any path, or a name that exists on disk);
+- a Hugging Face hub id, from the cache or downloaded now, from `HF_ENDPOINT` when it is set (a mirror
+  such as https://hf-mirror.com), with the download's bytes reported to the progress callback;
+- `modelscope:ORG/NAME`, through the optional `modelscope` package (`pip install modelscope`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +26,12 @@ from studio.errors import ModelLoadError
 
 QUANT_CHOICES = ("4bit", "8bit", "none")
 HUB_PROBE_TIMEOUT_S = 3.0
+MODELSCOPE_PREFIX = "modelscope:"
+MODELSCOPE_DEFAULT_HOST = "https://www.modelscope.cn"
+# What a model load needs from a hub repository: weights in safetensors, configs, tokenizer files.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+PROGRESS_EVERY_S = 0.5
+DOWNLOAD_SHARE = (0.05, 0.3)  # the part of a load's progress bar that a download fills
 
 Progress = Callable[[float, str], None]
 
@@ -57,17 +71,22 @@ def _check_model_folder(folder: Path) -> Path:
     return folder
 
 
-def _hub_host() -> tuple[str, int]:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+def _hub_endpoint() -> str:
+    """The hub the studio downloads from: HF_ENDPOINT (a mirror) when set, else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def _host_of(endpoint: str) -> tuple[str, int]:
     parsed = urlparse(endpoint)
-    return parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme != "http" else 80)
+    return parsed.hostname or endpoint, parsed.port or (443 if parsed.scheme != "http" else 80)
 
 
-def _hub_offline_reason() -> str | None:
-    """Why the hub cannot be used right now, or None when it answers."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "the hub is switched off (HF_HUB_OFFLINE=1)"
-    host, port = _hub_host()
+def _hub_host() -> tuple[str, int]:
+    return _host_of(_hub_endpoint())
+
+
+def _unreachable(endpoint: str) -> str | None:
+    host, port = _host_of(endpoint)
     try:
         socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
     except OSError as exc:
@@ -75,25 +94,180 @@ def _hub_offline_reason() -> str | None:
     return None
 
 
-def resolve_source(name_or_path: str) -> str:
-    """Return a local folder for a model, or the hub id when it can be downloaded now."""
+def _hub_offline_reason() -> str | None:
+    """Why the hub cannot be used right now, or None when it answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "the hub is switched off (HF_HUB_OFFLINE=1)"
+    return _unreachable(_hub_endpoint())
+
+
+def resolve_source(name_or_path: str, progress: Progress | None = None) -> str:
+    """Return a local folder for a model: a folder given as such, a cached or newly downloaded hub
+    snapshot, or a ModelScope snapshot (`modelscope:ORG/NAME`). Downloads report to `progress`."""
     name = name_or_path.strip()
+    if name.lower().startswith(MODELSCOPE_PREFIX):
+        return resolve_modelscope(name[len(MODELSCOPE_PREFIX):].strip(), progress)
     if _looks_like_path(name):
         return str(_check_model_folder(Path(name).expanduser()))
+    return resolve_hub(name, progress)
+
+
+def resolve_hub(repo_id: str, progress: Progress | None = None) -> str:
+    """The cached snapshot of a hub model, or download it now (from HF_ENDPOINT when set)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, local_files_only=True)
+        return snapshot_download(repo_id, local_files_only=True)
     except Exception:
         pass
     reason = _hub_offline_reason()
     if reason:
+        mirror = " (or set HF_ENDPOINT to a reachable mirror such as https://hf-mirror.com)" \
+            if "HF_HUB_OFFLINE" not in reason else ""
         raise ModelLoadError(
-            f"Model {name!r} is not in the local cache and {reason}. "
-            f"Download it on a connected machine (huggingface-cli download {name}) "
+            f"Model {repo_id!r} is not in the local cache and {reason}. "
+            f"Download it on a connected machine with: hf download {repo_id}{mirror}; "
             "or enter the path of a local model folder."
         )
-    return name
+    return download_hub(repo_id, progress)
+
+
+def download_hub(repo_id: str, progress: Progress | None = None) -> str:
+    """Download a hub model's weights, config and tokenizer into the cache, reporting bytes."""
+    from huggingface_hub import snapshot_download
+
+    endpoint = _hub_endpoint()
+    report = DownloadReporter(f"Downloading {repo_id} from {urlparse(endpoint).hostname}", progress)
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, endpoint=endpoint,
+                                   tqdm_class=report.tqdm_class())
+        if not any(Path(folder).glob("*.safetensors")):  # an older repository with .bin weights only
+            folder = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS + ["*.bin"], endpoint=endpoint,
+                                       tqdm_class=report.tqdm_class())
+    except Exception as exc:
+        raise ModelLoadError(f"Could not download {repo_id!r} from {endpoint}: {exc.__class__.__name__}: "
+                             f"{str(exc)[:300]}. Check the id, or download it with: hf download {repo_id}") from None
+    report.finish()
+    return folder
+
+
+def resolve_modelscope(model_id: str, progress: Progress | None = None) -> str:
+    """A ModelScope model (`modelscope:ORG/NAME`): the local snapshot, or download it now."""
+    if not model_id or "/" not in model_id:
+        raise ModelLoadError(f"A ModelScope id looks like modelscope:Qwen/Qwen2.5-7B-Instruct, not {model_id!r}.")
+    try:
+        from modelscope import snapshot_download
+    except ImportError:
+        raise ModelLoadError(
+            f"Loading modelscope:{model_id} needs the optional ModelScope client: pip install modelscope"
+        ) from None
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:
+        pass
+    endpoint = os.environ.get("MODELSCOPE_DOMAIN", "").strip() or MODELSCOPE_DEFAULT_HOST
+    if "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    reason = _unreachable(endpoint)
+    if reason:
+        raise ModelLoadError(
+            f"ModelScope model {model_id!r} is not downloaded and {reason}. "
+            f"Download it on a connected machine with: modelscope download --model {model_id}"
+        )
+    report = DownloadReporter(f"Downloading {model_id} from ModelScope", progress)
+    try:
+        folder = snapshot_download(model_id, allow_patterns=DOWNLOAD_PATTERNS, **report.modelscope_kwargs())
+    except Exception as exc:
+        raise ModelLoadError(f"Could not download modelscope:{model_id}: {exc.__class__.__name__}: "
+                             f"{str(exc)[:300]}. Try: modelscope download --model {model_id}") from None
+    report.finish()
+    return folder
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+class DownloadReporter:
+    """Turns a download's byte counts into the load's progress callback, at most twice a second."""
+
+    def __init__(self, label: str, progress: Progress | None):
+        self.label = label
+        self.progress = progress or (lambda fraction, message: None)
+        self.done = 0
+        self.total = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, n: int, total: int | None = None, force: bool = False) -> None:
+        with self._lock:
+            self.done += int(n or 0)
+            if total:
+                self.total = max(self.total, int(total))
+            now = time.monotonic()
+            if not force and now - self._last < PROGRESS_EVERY_S:
+                return
+            self._last = now
+            done, total = self.done, self.total
+        share = done / total if total else 0.0
+        low, high = DOWNLOAD_SHARE
+        size = f"{human_size(done)} of {human_size(total)}" if total else human_size(done)
+        self.progress(low + (high - low) * min(share, 1.0), f"{self.label}: {size}" + (f" ({share:.0%})" if total else ""))
+
+    def finish(self) -> None:
+        self.add(0, force=True)
+
+    def tqdm_class(self):
+        """A silent tqdm for huggingface_hub whose byte counter reports here."""
+        from tqdm.auto import tqdm
+
+        reporter = self
+
+        class ReportingTqdm(tqdm):
+            def __init__(self, *args, **kwargs):
+                # huggingface_hub reports written bytes on its "Reconstructing" bar (totals summed over files)
+                self._counts_bytes = str(kwargs.get("desc", "")).startswith("Reconstructing")
+                kwargs.pop("name", None)
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+            def update(self, n=1):
+                if self._counts_bytes:
+                    reporter.add(n or 0, self.total)
+                return super().update(n)
+
+        return ReportingTqdm
+
+    def modelscope_kwargs(self) -> dict:
+        """`progress_callbacks` for modelscope's snapshot_download, where the installed version has them."""
+        import inspect
+
+        from modelscope import snapshot_download
+
+        try:
+            from modelscope.hub.callback import ProgressCallback
+        except ImportError:
+            return {}
+        if "progress_callbacks" not in inspect.signature(snapshot_download).parameters:
+            return {}
+
+        reporter = self
+
+        class Reporting(ProgressCallback):
+            def __init__(self, filename: str, file_size: int):
+                super().__init__(filename, file_size)
+                reporter.add(0, reporter.total + int(file_size or 0))
+
+            def update(self, size: int):
+                reporter.add(size)
+
+            def end(self):
+                pass
+
+        return {"progress_callbacks": [Reporting]}
 
 
 def quantization_config(quant: str, compute_dtype):
@@ -144,7 +318,7 @@ def load_model(spec: ModelSpec, device: str | None = None, progress: Progress | 
     progress = progress or (lambda fraction, message: None)
     device = device or pick_device()
     progress(0.05, f"Resolving {spec.name_or_path}")
-    source = resolve_source(spec.name_or_path)
+    source = resolve_source(spec.name_or_path, progress)
     progress(0.15, "Loading tokenizer")
     tokenizer = load_tokenizer(source)
     progress(0.3, f"Loading weights ({spec.quant}) on {device}")

@@ -67,6 +67,15 @@ class CompareTab:
                 self.confirm = gr.Checkbox(False, label=s["confirm"])
                 self.delete_btn = gr.Button(s["delete"], size="sm", variant="stop")
             self.adapter_msg = gr.Markdown()
+            self._export_controls()
+
+    def _export_controls(self) -> None:
+        s = self.s
+        with gr.Row():
+            self.export_merge = gr.Checkbox(False, label=s["export_merge"], scale=3)
+            self.export_btn = gr.Button(s["export"], size="sm")
+        self.export_msg = gr.Markdown()
+        self.export_files = gr.File(label=s["export_files"], file_count="multiple", interactive=False)
 
     def _question_controls(self) -> None:
         s = self.s
@@ -120,6 +129,8 @@ class CompareTab:
                name="detach_adapter", args=(run,))
         reg.on(self.delete_btn.click, self.delete, [self.run_pick, self.confirm], listing, action="manage_adapters",
                name="delete_adapter", args=(run, ANY))
+        reg.on(self.export_btn.click, self.export, [self.run_pick, self.export_merge],
+               [self.export_msg, self.export_files], action="export", name="export_adapter", args=(run, ANY))
         picked = (Id("Run", "runs", optional=True),)
         reg.on(self.run_pick.change, self.pick_run, self.run_pick, [self.heldout, self.document], action="compare",
                args=picked)
@@ -173,6 +184,20 @@ class CompareTab:
         folder = self.catalog.resolve_run(run_id)
         service.delete_run(self.manager, folder, sure is True, policy=self.policy)
         return (self.s["deleted"].format(name=folder.name),) + self.refresh()
+
+    def export(self, run_id, merge):
+        """Export the picked run (adapter + zip, or merged bf16 model) as a job; show its commands and files."""
+        from studio.export import ExportRequest, export_folder, start_export, shown_files
+
+        self.policy.require("export")
+        folder = self.catalog.resolve_run(run_id)
+        out = export_folder(self.services.paths.runs_dir.parent / "exports", folder.name, bool(merge))
+        job = start_export(self.board, ExportRequest(folder, out, bool(merge)))
+        yield self.s["export_started"].format(name=folder.name, folder=out), gr.skip()
+        self.board.wait(job)
+        if job.error:
+            raise StudioError(job.error)
+        yield f"```\n{job.result['instructions']}\n```", shown_files(job.result)
 
     # ----- questions ---------------------------------------------------------------------------
     def pick_run(self, run_id):

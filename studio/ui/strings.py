@@ -185,6 +185,11 @@ EN = {
         "exports": "Report files",
         "pick_run": "Pick a run first.",
         "started": "Report started: {name}.",
+        "export": "Export",
+        "export_merge": "Merge into a bf16 copy of the base (for Ollama, vLLM without LoRA, plain transformers); "
+                        "otherwise the adapter alone and a zip",
+        "export_files": "Exported files",
+        "export_started": "Exporting {name} to {folder}…",
     },
 }
 
