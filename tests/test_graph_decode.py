@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from studio.model.generation import GenerationSettings, build_messages, render_prompt
-from studio.model.graph_decode import GraphDecoder, _adapter_rows, cache_length, rows_with_adapter
+from studio.model.graph_decode import GraphDecoder, cache_length
+from studio.model.routing import adapter_block, route_rows
 
 SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
 
@@ -99,23 +100,26 @@ def test_stop_event_ends_after_the_current_token(manager):
 
 
 def test_adapter_rows_must_be_one_block_of_one_adapter():
-    assert _adapter_rows(["__base__", "a"]) == slice(1, 2)
-    assert _adapter_rows(["a", "a", "__base__"]) == slice(0, 2)
-    for bad in (["__base__", "__base__"], ["a", "b"], ["a", "__base__", "a"]):
+    assert adapter_block([None, "a"]) == ("a", slice(1, 2))
+    assert adapter_block(["a", "a", None]) == ("a", slice(0, 2))
+    assert adapter_block([None, None]) == (None, slice(0, 0))
+    for bad in (["a", "b"], ["a", None, "a"]):
         with pytest.raises(ValueError):
-            _adapter_rows(bad)
+            adapter_block(bad)
 
 
 def test_rows_with_adapter_restores_every_layer(manager):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     with manager.using("test") as loaded:
         loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                init_lora_weights=False), adapter_name="a")
         layers = [m for m in loaded.model.modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
-        with rows_with_adapter(loaded.model, ["__base__", "a"]):
-            assert all("forward" in layer.__dict__ for layer in layers)
-        assert layers and not any("forward" in layer.__dict__ for layer in layers)
+        linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+        with route_rows(loaded.model, [None, "a"]):
+            assert all("forward" in layer.__dict__ for layer in layers + linears)
+        assert layers and not any("forward" in layer.__dict__ for layer in layers + linears)
 
 
 def test_a_lease_that_may_change_the_model_forgets_recorded_steps(manager):
