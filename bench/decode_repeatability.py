@@ -46,17 +46,17 @@ def same(values) -> bool:
     return all(v == values[0] for v in values)
 
 
-def ask_paths(manager, tokens: int) -> dict:
-    """Each path TIMES times per question; which are repeatable, and do the columns equal the chats."""
+def ask_paths(manager, tokens: int, times: int = TIMES, questions=tuple(QUESTIONS)) -> dict:
+    """Each path `times` times per question; which are repeatable, and do the columns equal the chats."""
     settings = GenerationSettings.greedy(tokens)
     retriever = SectionRetriever.from_document(str(DOC))
     request = ReportRequest("bench", [], SYSTEM, settings, retriever, 2)
     result = {"repeatable": {}, "base_column_equals_base_chat": [], "adapter_column_equals_adapter_chat": []}
-    for question in QUESTIONS:
+    for question in questions:
         messages = build_messages(SYSTEM, [], question)
         runs = {"chat base (batch 1)": [], "chat adapter (batch 1)": [], "side by side (batch 2)": [],
                 "report path": []}
-        for _ in range(TIMES):
+        for _ in range(times):
             runs["chat base (batch 1)"].append(manager.chat(messages, settings))
             runs["chat adapter (batch 1)"].append(manager.chat(messages, settings, adapter="bench"))
             runs["side by side (batch 2)"].append(list(manager.stream_side_by_side(messages, "bench", settings))[-1])
@@ -70,7 +70,7 @@ def ask_paths(manager, tokens: int) -> dict:
         base_column, adapter_column = runs["side by side (batch 2)"][0]
         result["base_column_equals_base_chat"].append(base_column == runs["chat base (batch 1)"][0])
         result["adapter_column_equals_adapter_chat"].append(adapter_column == runs["chat adapter (batch 1)"][0])
-        result.setdefault("replies", []).append({"base": base_column[:60], "adapter": adapter_column[:60]})
+        result.setdefault("replies", []).append({"base": base_column, "adapter": adapter_column})
     result["all_repeatable"] = all(all(v) for v in result["repeatable"].values())
     return result
 
@@ -83,17 +83,21 @@ def part_repeatable(args) -> dict:
     add_random_adapter(manager, "bench", SEVEN, seed=1)
     manager.require_loaded().model.set_adapter("other")  # another adapter, attached and active
     out = {}
-    for mode, rows_alone in (("graphs", True), ("eager", True), ("graphs", False)):
+    # the studio's default in full; plain generate() (slow on a GPU) and the batched-rows variant in short
+    for mode, rows_alone, times, questions in (("graphs", True, TIMES, QUESTIONS), ("eager", True, 2, QUESTIONS[:1]),
+                                               ("graphs", False, 2, QUESTIONS[:1])):
         use_decoder(manager, mode)
         manager.require_loaded().decoder.rows_alone = rows_alone
         label = mode + ("" if rows_alone else ", rows batched (rows_alone off)")
         started = time.perf_counter()
-        out[label] = ask_paths(manager, args.tokens)
+        out[label] = ask_paths(manager, args.tokens if mode == "graphs" else min(args.tokens, 24), times, questions)
+        out[label]["times_asked"] = times
         out[label]["seconds"] = round(time.perf_counter() - started, 1)
         out[label]["decoder_problem"] = manager.require_loaded().decoder.problem
         print(label, json.dumps(out[label], ensure_ascii=False), flush=True)
-    graphs, eager = out["graphs"]["replies"], out["eager"]["replies"]
-    out["graphs_equals_eager_on_random_weights"] = graphs == eager  # near-ties: informative only
+    graphs, eager = out["graphs"]["replies"][0], out["eager"]["replies"][0]
+    # near-ties everywhere: informative only (eager asked for fewer tokens: its reply is a prefix)
+    out["graphs_equals_eager_on_random_weights"] = all(graphs[k].startswith(eager[k].rstrip("\ufffd")) for k in graphs)
     return out
 
 
