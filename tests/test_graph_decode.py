@@ -130,3 +130,29 @@ def test_a_lease_that_may_change_the_model_forgets_recorded_steps(manager):
     assert len(loaded.decoder._steps) == 1
     with manager.using("attaching an adapter"):
         assert len(loaded.decoder._steps) == 0
+
+
+def test_a_failed_recording_is_shown_in_the_model_status_and_the_log(manager, caplog):
+    loaded = manager.require_loaded()
+    loaded.decoder.use_graphs = True  # on the CPU, recording a CUDA graph fails
+    messages = build_messages(SYSTEM, [], "你好")
+    with caplog.at_level("WARNING", logger="studio.model.graph_decode"):
+        reply = manager.chat(messages, GenerationSettings.greedy(6))
+    assert reply == manager.chat(messages, GenerationSettings.greedy(6))  # decoded step by step instead
+    status = manager.status()
+    assert status.decoder == "graphs" and "recording the decode step failed" in status.decoder_problem
+    assert "Warning: recording the decode step failed, decoding step by step, about 10x slower" in status.describe()
+    assert any("recording the decode step failed" in record.getMessage() for record in caplog.records)
+
+
+def test_the_decode_mode_is_chosen_once_at_load(tiny_model_dir):
+    from studio.model.decoding import GenerateDecoder
+    from studio.model.loading import ModelSpec
+    from studio.model.manager import ModelManager
+
+    for mode, kind in (("graphs", GraphDecoder), ("eager", GenerateDecoder), ("static", GenerateDecoder)):
+        manager = ModelManager(decode_mode=mode)
+        manager.load(ModelSpec(str(tiny_model_dir)))
+        decoder = manager.require_loaded().decoder
+        assert type(decoder) is kind and manager.status().decoder == ("graphs" if mode == "graphs" else "eager")
+        assert not manager.status().decoder_problem

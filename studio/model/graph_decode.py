@@ -204,7 +204,8 @@ class GraphDecoder(Decoder):
                 logits = self._run_step(model, step)
             step.graph, step.logits = graph, logits
         except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly, and say so
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             step.failure = self._failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
             self.problem = f"recording the decode step failed, decoding step by step, about 10x slower: {step.failure}"
             log.warning("Graph decoder: %s", self.problem)
