@@ -164,15 +164,19 @@ def step_costs(model, decoder) -> dict:
     costs = {}
     if not torch.cuda.is_available():
         return costs
-    for step in list(decoder._steps.values()):
+    from studio.model.routing import route_rows
+
+    for key, step in list(decoder._steps.items()):
         if step.graph is None:
             continue
         _, seconds = timed(lambda: [step.graph.replay() for _ in range(50)])
-        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        adapters, rows_alone = key[3], key[4]  # see GraphDecoder._step_for
+        with torch.inference_mode(), route_rows(model, adapters, rows_alone), \
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             decoder._run_step(model, step)
             sync()
         kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        costs[f"batch {step.token_ids.shape[0]}"] = {
+        costs[f"rows {list(adapters)}" + ("" if rows_alone else ", batched")] = {
             "replay_ms": round(seconds / 50 * 1000, 2),
             "gpu_kernel_ms": round(sum(e.self_device_time_total for e in kernels) / 1000, 2),
             "kernels": sum(e.count for e in kernels),
