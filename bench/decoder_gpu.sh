@@ -10,8 +10,8 @@ set -u
 cd "$(dirname "$0")/.."
 failed=""
 run() {
-  echo "== python bench/$*" >&2
-  python bench/"$@" || failed="$failed $1"
+  echo "== bench/$*" >&2
+  "${PYTHON:-python3}" bench/"$@" || failed="$failed $1"
 }
 if [ "${1:-}" = "--tiny" ]; then
   run decode_repeatability.py --tiny
