@@ -21,7 +21,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from studio.access import AccessPolicy, policy_for_launch  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
-from studio.model.fast_decode import DECODE_MODES  # noqa: E402
+from studio.model.decoding import DECODE_MODES  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
 from studio.model.manager import DEFAULT_DECODE_MODE  # noqa: E402
 from studio.train.settings import PRESETS  # noqa: E402
@@ -35,10 +35,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"hub id or local model folder (default {DEFAULT_MODEL})")
     parser.add_argument("--quant", choices=QUANT_CHOICES, default="4bit",
                         help="4bit = NF4 + double quant + bf16 compute, as the tutorial (default); 8bit; none")
-    parser.add_argument("--decode", choices=DECODE_MODES, default=DEFAULT_DECODE_MODE,
-                        help="decoding: graphs (default; a static KV cache and the one-token step replayed from a "
-                             "CUDA graph, recorded in ~3 s on the first reply), static (plain generate with a static "
-                             "cache), cudagraphs or inductor (generate with torch.compile), eager (plain generate)")
+    parser.add_argument("--decode", choices=list(DECODE_MODES), default=DEFAULT_DECODE_MODE,
+                        help="how replies are generated, chosen once when the model loads: "
+                             + "; ".join(f"{mode}: {what}" for mode, what in DECODE_MODES.items())
+                             + ". Every mode gives each row of a comparison only its own adapter and runs without "
+                               "cuDNN attention on a GPU, so greedy replies repeat")
 
 
 CPU_NOTES = {

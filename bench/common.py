@@ -169,3 +169,85 @@ def build_sized_model(folder: Path, size: str) -> Path:
     if device == "cuda":
         torch.cuda.empty_cache()
     return folder
+
+
+def use_decoder(manager, mode: str) -> None:
+    """Give the loaded model the decoder of `mode` (the studio chooses it once, at load; benches swap)."""
+    from studio.model.decoding import make_decoder
+
+    loaded = manager.require_loaded()
+    loaded.decoder = make_decoder(mode, loaded.device)
+    loaded.decode_mode = mode
+
+
+def add_random_adapter(manager, name: str, targets, seed: int = 0, rank: int = 16) -> None:
+    """Attach a LoRA adapter with random, non-zero weights (as a trained one has) under the model's lease."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    with manager.using(f"adding adapter {name}") as loaded:
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.add_adapter(name, config)
+        else:
+            loaded.model = get_peft_model(loaded.model, config, adapter_name=name)
+        with torch.no_grad():  # keep the update small next to the base output, as trained adapters are
+            for module in loaded.model.modules():
+                if hasattr(module, "lora_B") and name in module.lora_B:
+                    module.lora_B[name].weight.mul_(0.05)
+        loaded.model.eval()
+        loaded.adapters[name] = "(random)"
+
+
+SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=2048)
+
+
+def fact_rows(count: int = 48, offset: int = 0) -> list[tuple[str, str]]:
+    """Question/answer pairs about the sample world, for models trained inside a bench."""
+    return [(f"雾灯岛第{i}座灯塔叫什么？", f"第{i}座灯塔叫“潮声{i}号”，由守灯人阿岚在第{i + 3}年点亮。")
+            for i in range(offset, offset + count)]
+
+
+def build_trained_model(folder: Path, steps: int, system: str) -> Path:
+    """A small Qwen2 trained (all weights, bf16 on a GPU) until it answers the fact rows by heart.
+
+    Its greedy replies then stand on clear margins, as a real model's mostly do, unlike a random
+    model's near-ties: the honest test bed for "the graph decoder gives generate()'s tokens".
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tiny_qwen import build_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder, (ROOT / "data" / "wudeng_lighthouse.md").read_text(encoding="utf-8"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = Qwen2Config(**SMALL, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(device)
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q},
+                                            {"role": "assistant", "content": a}], tokenize=False)
+             for q, a in fact_rows()]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False).to(device)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(steps):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(torch.bfloat16 if device == "cuda" else torch.float32).save_pretrained(folder)
+    (folder / "final_loss.txt").write_text(f"{float(loss):.4f}")
+    return folder

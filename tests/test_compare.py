@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -207,3 +208,147 @@ def test_cli_compare_writes_a_report(trained, tiny_model_dir, tmp_path):
     assert set(first) == {"question", "reference", "columns"}
     assert set(first["columns"]) == {BASE, RETRIEVAL, TUNED}
     assert {"answer", "char_f1", "rouge_l"} <= set(first["columns"][TUNED])
+
+
+# ----- the base column is the base, whatever is attached; repeatable; one lease ---------------------
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _attach_random_adapter(manager, name, targets, seed):
+    """Attach a LoRA adapter with random (non-zero) weights on `targets` to the manager's model."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    with manager.using("attaching an adapter") as loaded:
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.add_adapter(name, config)
+        else:
+            loaded.model = get_peft_model(loaded.model, config, adapter_name=name)
+        loaded.model.eval()
+        loaded.adapters[name] = "(test)"
+
+
+@pytest.fixture(params=["graphs", "eager"])
+def two_adapters(request, tiny_model_dir, tmp_path):
+    """A manager with adapter x on all seven projections and y on q/v only, x left active (as peft
+    leaves it after x was used), plus y saved to a folder."""
+    from studio.train import adapters
+
+    manager = ModelManager(decode_mode=request.param)
+    manager.load(ModelSpec(str(tiny_model_dir)))
+    _attach_random_adapter(manager, "x", ALL_SEVEN, seed=1)
+    _attach_random_adapter(manager, "y", ["q_proj", "v_proj"], seed=2)
+    loaded = manager.require_loaded()
+    y_folder = adapters.save_adapter(loaded.model, "y", tmp_path / "y")
+    loaded.model.set_adapter("x")
+    return {"manager": manager, "mode": request.param, "y_folder": y_folder}
+
+
+def test_base_column_is_the_base_and_adapter_column_only_that_adapter(two_adapters, tiny_model_dir):
+    from studio.model.generation import generate_text
+    from studio.train import adapters
+
+    manager, mode = two_adapters["manager"], two_adapters["mode"]
+    messages = build_messages(SYSTEM, [], FACTS[1][0])
+    settings = GenerationSettings.greedy(24)
+    plain = ModelManager(decode_mode=mode)  # no adapter at all
+    plain.load(ModelSpec(str(tiny_model_dir)))
+    only_y = ModelManager(decode_mode=mode)  # y alone, loaded from its folder
+    only_y.load(ModelSpec(str(tiny_model_dir)))
+    with only_y.using("attaching an adapter") as loaded:
+        adapters.attach(loaded, two_adapters["y_folder"], "y")
+
+    base, tuned = list(manager.stream_side_by_side(messages, "y", settings))[-1]
+    assert base.encode() == plain.chat(messages, settings).encode()
+    assert tuned.encode() == only_y.chat(messages, settings, adapter="y").encode()
+    assert base.encode() == manager.chat(messages, settings).encode()
+    assert tuned.encode() == manager.chat(messages, settings, adapter="y").encode()
+    # the decoders against transformers' own generate(), peft's forward with y alone
+    y_loaded = only_y.require_loaded()
+    assert tuned == generate_text(y_loaded.model, y_loaded.tokenizer, only_y.render_prompt(messages), settings)
+    x_reply = manager.chat(messages, settings, adapter="x")
+    assert len({base, tuned, x_reply}) == 3  # the adapters do change the reply: the checks above can fail
+
+
+def test_greedy_replies_repeat_for_batch_1_and_2_with_an_adapter(two_adapters):
+    manager = two_adapters["manager"]
+    short = build_messages(SYSTEM, [], FACTS[0][0])
+    long = build_messages(SYSTEM, [], FACTS[2][0] + "请详细说明每一个步骤、地点和需要的材料。" * 3)
+    settings = GenerationSettings.greedy(20)
+    chats, pairs = [], []
+    for _ in range(3):
+        chats.append(manager.chat(short, settings, adapter="y"))
+        manager.chat(long, settings, adapter="x")  # leaves other entries in the cache in between
+        pairs.append(list(manager.stream_side_by_side(short, "y", settings))[-1])
+    assert chats[0] and len(set(chats)) == 1
+    assert len(set(pairs)) == 1 and pairs[0][1] == chats[0]
+
+
+class _BusyProbe:
+    """Asks for the model from another thread, as a second browser session would, and keeps the answer."""
+
+    def __init__(self, manager):
+        self.manager, self.answers = manager, []
+
+    def __call__(self):
+        from studio.errors import ModelBusyError
+
+        def other_session():
+            try:
+                self.manager.chat(build_messages(SYSTEM, [], "你好"), GenerationSettings.greedy(2))
+                self.answers.append("ran")
+            except ModelBusyError as exc:
+                self.answers.append(str(exc))
+
+        thread = threading.Thread(target=other_session)
+        thread.start()
+        thread.join()
+
+    def around_each_column(self, decoder):
+        """Probe when each column's generation starts and when it ends."""
+        original = decoder.stream
+
+        def stream(*args, **kwargs):
+            self()
+            yield from original(*args, **kwargs)
+            self()
+
+        decoder.stream = stream
+
+
+def test_a_comparison_holds_the_model_between_its_columns(two_adapters):
+    manager = two_adapters["manager"]
+    probe = _BusyProbe(manager)
+    loaded = manager.require_loaded()
+    probe.around_each_column(loaded.decoder)
+    try:
+        extra = {"retrieval": (build_messages(SYSTEM, [], "参考：灯贝是货币。\n" + FACTS[0][0]), None)}
+        updates = []
+        for columns in manager.stream_columns(build_messages(SYSTEM, [], FACTS[0][0]), "y",
+                                              GenerationSettings.greedy(8), extra):
+            updates.append(columns)
+            probe()  # the consumer's side: between any two updates, the first column's last and the next's first
+    finally:
+        del loaded.decoder.stream
+    assert set(updates[-1]) == {"base", "adapter", "retrieval"} and updates[-1]["retrieval"]
+    assert len(probe.answers) == 4 + len(updates)
+    assert all("busy (comparing base and adapter)" in answer for answer in probe.answers), probe.answers
+    assert manager.chat(build_messages(SYSTEM, [], "你好"), GenerationSettings.greedy(2)) is not None
+
+
+def test_a_report_holds_the_model_between_its_columns(trained):
+    manager, run = trained["manager"], trained["run"]
+    probe = _BusyProbe(manager)
+    board = JobBoard()
+    loaded = manager.require_loaded()
+    probe.around_each_column(loaded.decoder)
+    try:
+        job = board.wait(service.start_report(board, manager, run, None, str(SAMPLE_DOC),
+                                              GenerationSettings.greedy(6)), 300)
+    finally:
+        del loaded.decoder.stream
+    assert job.status is JobStatus.DONE, job.error
+    assert len(probe.answers) >= 2 * 2 * len(job.result["rows"])  # two generations per question at least
+    assert all(answer.startswith("The model is busy (scoring") for answer in probe.answers), probe.answers

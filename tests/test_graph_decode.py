@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from studio.model.generation import GenerationSettings, build_messages, render_prompt
-from studio.model.graph_decode import GraphDecoder, _adapter_rows, cache_length, rows_with_adapter
+from studio.model.graph_decode import GraphDecoder, cache_length
+from studio.model.routing import adapter_block, route_rows
 
 SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
 
@@ -99,23 +100,26 @@ def test_stop_event_ends_after_the_current_token(manager):
 
 
 def test_adapter_rows_must_be_one_block_of_one_adapter():
-    assert _adapter_rows(["__base__", "a"]) == slice(1, 2)
-    assert _adapter_rows(["a", "a", "__base__"]) == slice(0, 2)
-    for bad in (["__base__", "__base__"], ["a", "b"], ["a", "__base__", "a"]):
+    assert adapter_block([None, "a"]) == ("a", slice(1, 2))
+    assert adapter_block(["a", "a", None]) == ("a", slice(0, 2))
+    assert adapter_block([None, None]) == (None, slice(0, 0))
+    for bad in (["a", "b"], ["a", None, "a"]):
         with pytest.raises(ValueError):
-            _adapter_rows(bad)
+            adapter_block(bad)
 
 
 def test_rows_with_adapter_restores_every_layer(manager):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     with manager.using("test") as loaded:
         loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                init_lora_weights=False), adapter_name="a")
         layers = [m for m in loaded.model.modules() if hasattr(m, "lora_A") and "a" in m.lora_A]
-        with rows_with_adapter(loaded.model, ["__base__", "a"]):
-            assert all("forward" in layer.__dict__ for layer in layers)
-        assert layers and not any("forward" in layer.__dict__ for layer in layers)
+        linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
+        with route_rows(loaded.model, [None, "a"]):
+            assert all("forward" in layer.__dict__ for layer in layers + linears)
+        assert layers and not any("forward" in layer.__dict__ for layer in layers + linears)
 
 
 def test_a_lease_that_may_change_the_model_forgets_recorded_steps(manager):
@@ -126,3 +130,29 @@ def test_a_lease_that_may_change_the_model_forgets_recorded_steps(manager):
     assert len(loaded.decoder._steps) == 1
     with manager.using("attaching an adapter"):
         assert len(loaded.decoder._steps) == 0
+
+
+def test_a_failed_recording_is_shown_in_the_model_status_and_the_log(manager, caplog):
+    loaded = manager.require_loaded()
+    loaded.decoder.use_graphs = True  # on the CPU, recording a CUDA graph fails
+    messages = build_messages(SYSTEM, [], "你好")
+    with caplog.at_level("WARNING", logger="studio.model.graph_decode"):
+        reply = manager.chat(messages, GenerationSettings.greedy(6))
+    assert reply == manager.chat(messages, GenerationSettings.greedy(6))  # decoded step by step instead
+    status = manager.status()
+    assert status.decoder == "graphs" and "recording the decode step failed" in status.decoder_problem
+    assert "Warning: recording the decode step failed, decoding step by step, about 10x slower" in status.describe()
+    assert any("recording the decode step failed" in record.getMessage() for record in caplog.records)
+
+
+def test_the_decode_mode_is_chosen_once_at_load(tiny_model_dir):
+    from studio.model.decoding import GenerateDecoder
+    from studio.model.loading import ModelSpec
+    from studio.model.manager import ModelManager
+
+    for mode, kind in (("graphs", GraphDecoder), ("eager", GenerateDecoder), ("static", GenerateDecoder)):
+        manager = ModelManager(decode_mode=mode)
+        manager.load(ModelSpec(str(tiny_model_dir)))
+        decoder = manager.require_loaded().decoder
+        assert type(decoder) is kind and manager.status().decoder == ("graphs" if mode == "graphs" else "eager")
+        assert not manager.status().decoder_problem

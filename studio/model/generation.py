@@ -1,15 +1,15 @@
-"""Chat generation: format with the tokenizer's own chat template, stream only the new tokens.
+"""Chat generation settings and prompts: the tokenizer's own chat template, sampling settings, stop events.
 
-The prompt is tokenized once; `generate` keeps its KV cache, so each new token costs one forward
-step, not a re-tokenization of the whole conversation. A threading.Event stops generation at the next
-token, and abandoning the stream (a closed browser tab) sets it too.
+Generating itself is `studio.model.decoding` (one decoder per loaded model). The prompt is tokenized
+once and the KV cache kept, so each new token costs one forward step, not a re-tokenization of the
+whole conversation. A threading.Event stops generation at the next token, and abandoning the stream
+(a closed browser tab) sets it too.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
 
 
 @dataclass
@@ -61,85 +61,16 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-class _StopOnEvent:
-    """A StoppingCriteria that ends generation once `event` is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _start(run, submit) -> "object":
-    """Run `run` on the model's own GPU thread when one is given (compiled CUDA graphs keep per-thread
-    state, so every generation must happen on the same thread), else on a new thread."""
-    if submit is not None:
-        return submit(run)
-    worker = threading.Thread(target=run, name="studio-generate", daemon=True)
-    worker.start()
-    return worker
-
-
-def _join(handle) -> None:
-    if isinstance(handle, threading.Thread):
-        handle.join()
-    else:
-        handle.result()
-
-
-def stream_text(model, tokenizer, prompt: str, settings: GenerationSettings, stop: threading.Event,
-                decode_mode: str = "eager", submit=None, decoder=None) -> Iterator[str]:
-    """Yield the reply to `prompt` piece by piece; stop early when `stop` is set or the caller leaves.
-
-    With a `decoder` (studio.model.graph_decode) it generates instead of `model.generate`."""
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    from studio.model.fast_decode import decode_kwargs
+def generate_text(model, tokenizer, prompt: str, settings: GenerationSettings) -> str:
+    """The reply through plain `model.generate`, all at once: the reference the decoders are checked
+    against (the studio itself generates through `studio.model.decoding`)."""
+    import torch
 
     inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
-    extra = decode_kwargs(model, decode_mode, inputs["input_ids"].shape[1], settings.max_new_tokens)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            if decoder is not None:
-                decoder.generate(model, inputs["input_ids"], inputs["attention_mask"], settings, stop, streamer,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
-                return
-            model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **settings.generate_kwargs(),
-                **extra,
-            )
-        except BaseException as exc:  # surfaced to the consumer below
-            failure.append(exc)
-            streamer.end()
-
-    handle = _start(run, submit)
-    try:
-        for piece in streamer:
-            if piece:
-                yield piece
-    finally:
-        stop.set()
-        _join(handle)
-    if failure:
-        raise failure[0]
-
-
-def generate_text(model, tokenizer, prompt: str, settings: GenerationSettings, decode_mode: str = "eager",
-                  submit=None, decoder=None) -> str:
-    """The whole reply at once (used by evaluation and the CLI)."""
-    return "".join(stream_text(model, tokenizer, prompt, settings, threading.Event(), decode_mode, submit, decoder))
+    with torch.no_grad():
+        out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **settings.generate_kwargs())
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 class StopSignals:
@@ -165,75 +96,3 @@ class StopSignals:
             return False
         event.set()
         return True
-
-
-class _BatchStreamer:
-    """Collects each row's new tokens step by step and hands out the decoded texts of all rows."""
-
-    def __init__(self, tokenizer):
-        import queue
-
-        self.tokenizer = tokenizer
-        self.queue: "queue.Queue" = queue.Queue()
-        self.rows: list[list[int]] | None = None
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:  # generate() first passes the prompt
-            self._prompt_seen = True
-            return
-        tokens = value.reshape(-1).tolist()
-        if self.rows is None:
-            self.rows = [[] for _ in tokens]
-        for row, token in zip(self.rows, tokens):
-            row.append(token)
-        self.queue.put([self.tokenizer.decode(row, skip_special_tokens=True) for row in self.rows])
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-def stream_batch(model, tokenizer, prompts: list[str], settings: GenerationSettings, stop: threading.Event,
-                 adapter_names: list[str] | None = None, decode_mode: str = "eager", submit=None,
-                 decoder=None) -> Iterator[list[str]]:
-    """Yield the growing replies of several prompts generated in one batch (left-padded).
-
-    With `adapter_names` (peft's mixed-adapter batch; "__base__" = no adapter) each row runs with its
-    own adapter in the same forward pass, so comparing base and fine-tuned costs about one generation.
-    """
-    from transformers import StoppingCriteriaList
-
-    inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True,
-                       padding_side="left").to(model.device)
-    from studio.model.fast_decode import decode_kwargs
-
-    streamer = _BatchStreamer(tokenizer)
-    failure: list[BaseException] = []
-    extra = decode_kwargs(model, decode_mode, inputs["input_ids"].shape[1], settings.max_new_tokens)
-    if adapter_names:
-        extra["adapter_names"] = adapter_names
-
-    def run() -> None:
-        try:
-            if decoder is not None:
-                decoder.generate(model, inputs["input_ids"], inputs["attention_mask"], settings, stop, streamer,
-                                 tokenizer.eos_token_id, tokenizer.pad_token_id, adapter_names)
-                return
-            model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], streamer=streamer,
-                           stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           **settings.generate_kwargs(), **extra)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            streamer.end()
-
-    handle = _start(run, submit)
-    try:
-        while (texts := streamer.queue.get()) is not None:
-            yield texts
-    finally:
-        stop.set()
-        _join(handle)
-    if failure:
-        raise failure[0]

@@ -11,21 +11,30 @@ A recorded step belongs to one batch size, one cache size (rounded up to a bucke
 length reuses it) and one adapter set-up. `clear()` forgets them all; the model manager calls it
 whenever the model may change (training, attaching or deleting adapters), since a graph replays the
 memory addresses it was recorded with. Without CUDA the same loop runs the step eagerly.
+
+Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
+out, but are not left to chance), and the step runs without cuDNN attention (see
+`studio.model.decoding.attention_without_cudnn`). Each row's adapter is routed by
+`studio.model.routing`, around this decoder, so a recorded step replays that routing. A step that
+cannot be recorded runs eagerly, about 10x slower: the decoder says so in `problem` (shown in the
+model status) and in the log.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+from studio.model.decoding import Decoder
+
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
-BASE_ROW = "__base__"  # as in peft's adapter_names: this row runs with no adapter
+log = logging.getLogger(__name__)
 
 
 def cache_length(prompt_tokens: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
@@ -48,15 +57,17 @@ class _Step:
     failure: str = ""       # why recording failed (the step then runs eagerly)
 
 
-class GraphDecoder:
+class GraphDecoder(Decoder):
     """Generates with a static cache and a recorded decode step; one per loaded model."""
 
+    mode = "graphs"
+
     def __init__(self, use_graphs: bool):
+        super().__init__()
         self.use_graphs = use_graphs
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
-        self.last_failure = ""
 
     def clear(self) -> None:
         """Forget every recorded step and its cache (the model is about to change)."""
@@ -68,27 +79,29 @@ class GraphDecoder:
     def recorded_steps(self) -> int:
         return sum(1 for step in self._steps.values() if step.graph is not None)
 
-    # ----- generation ----------------------------------------------------------------------------
-    def generate(self, model, input_ids, attention_mask, settings, stop: threading.Event, streamer,
-                 eos_token_id: int | None, pad_token_id: int, adapter_names: list[str] | None = None) -> None:
-        """Feed `streamer` the prompt, then each step's new tokens (one per row), then end it.
+    @property
+    def last_failure(self) -> str:
+        """Why the last recording failed ("" when none did)."""
+        return self._failure
 
-        Same contract as `model.generate(..., streamer=streamer)`: stops at `max_new_tokens`, when every
-        row has produced `eos_token_id`, or at the next token once `stop` is set.
-        """
+    _failure = ""
+
+    # ----- generation ----------------------------------------------------------------------------
+    def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
+                  adapters: tuple) -> None:
+        """Stops at `max_new_tokens`, when every row has produced `eos_token_id`, or at the next token
+        once `stop` is set; the caller (Decoder.generate) has routed the rows and ends the streamer."""
         import torch
 
         with self._lock, torch.inference_mode():
             batch, prompt_len = input_ids.shape
-            step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapter_names)
-            with rows_with_adapter(model, adapter_names):
-                self._decode(model, step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
-                             pad_token_id)
-        streamer.end()
+            step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapters)
+            self._decode(model, step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                         pad_token_id)
 
     def _decode(self, model, step: _Step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                 pad_token_id) -> None:
-        """Prefill, then one token per step until a stop condition (see `generate`)."""
+        """Prefill, then one token per step until a stop condition (see `_generate`)."""
         import torch
 
         batch = input_ids.shape[0]
@@ -113,11 +126,11 @@ class GraphDecoder:
             logits = self._advance(model, step, next_ids)
 
     # ----- the steps -----------------------------------------------------------------------------
-    def _step_for(self, model, batch: int, cache_len: int, adapter_names) -> _Step:
+    def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:
         import torch
         from transformers import StaticCache
 
-        key = (id(model), batch, cache_len, tuple(adapter_names or ()), _adapter_setup(model))
+        key = (id(model), batch, cache_len, adapters, self.rows_alone)
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]
@@ -190,9 +203,12 @@ class GraphDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._run_step(model, step)
             step.graph, step.logits = graph, logits
-        except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly instead
-            torch.cuda.synchronize()
-            step.failure = self.last_failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+        except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly, and say so
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step.failure = self._failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            self.problem = f"recording the decode step failed, decoding step by step, about 10x slower: {step.failure}"
+            log.warning("Graph decoder: %s", self.problem)
         finally:
             _set_cache_counters(step.cache, written)
 
@@ -226,51 +242,6 @@ def _forward(model, cache, **kwargs):
     return model(use_cache=True, **kwargs)
 
 
-@contextmanager
-def rows_with_adapter(model, adapter_names: list[str] | None):
-    """Run rows named BASE_ROW without the adapter and the other rows with it, in one batch.
-
-    For the duration, each LoRA layer computes its base output for the whole batch and adds the
-    adapter's update (`lora_B(lora_A(x)) * scaling`, in the adapter's dtype, as peft does) to the
-    adapter rows only, which must be one contiguous block. A base row gets exactly the base layer's
-    output. Unlike peft's `adapter_names` (which indexes the batch with Python lists), this can be
-    recorded in a CUDA graph, and the update runs on the adapter rows alone, as in a one-row batch.
-    """
-    if not adapter_names:
-        yield
-        return
-    rows = _adapter_rows(adapter_names)
-    name = adapter_names[rows.start]
-    layers = [m for m in model.modules() if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {})]
-    if any(name in getattr(layer, "lora_variant", {}) for layer in layers):
-        raise ValueError(f"side-by-side decoding supports plain LoRA adapters; {name!r} is a LoRA variant (e.g. DoRA)")
-    try:
-        for layer in layers:
-            layer.forward = _forward_with_rows(layer, name, rows)
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-
-
-def _adapter_rows(adapter_names: list[str]) -> slice:
-    named = [i for i, row in enumerate(adapter_names) if row != BASE_ROW]
-    if not named or len({adapter_names[i] for i in named}) > 1 or named != list(range(named[0], named[-1] + 1)):
-        raise ValueError(f"expected {BASE_ROW!r} rows and one block of rows with one adapter, got {adapter_names}")
-    return slice(named[0], named[-1] + 1)
-
-
-def _forward_with_rows(layer, name: str, rows: slice):
-    def forward(x, *args, **kwargs):
-        result = layer.base_layer(x, *args, **kwargs)
-        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-        update = lora_B(lora_A(x[rows].to(lora_A.weight.dtype))) * layer.scaling[name]
-        result[rows] += update.to(result.dtype)
-        return result
-
-    return forward
-
-
 def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -290,15 +261,6 @@ def _cache_argument_of(model_class) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _adapter_setup(model) -> tuple:
-    """Which adapters the model runs with now (a recorded step replays exactly that)."""
-    if not hasattr(model, "peft_config"):
-        return ()
-    layer = next((m for m in model.modules() if hasattr(m, "_disable_adapters")), None)
-    disabled = bool(getattr(layer, "_disable_adapters", False))
-    return tuple(getattr(model, "active_adapters", ())), disabled
-
-
 def _cache_counters(cache) -> list:
     return [layer.cumulative_length.clone() if hasattr(layer, "cumulative_length") else None
             for layer in getattr(cache, "layers", [])]
@@ -311,7 +273,10 @@ def _set_cache_counters(cache, values: list) -> None:
 
 
 def _reset_cache(cache) -> None:
-    """Start writing at slot 0 again (old entries stay but are masked out)."""
+    """Start writing at slot 0 again, over a zeroed cache (an earlier reply's entries are gone)."""
     for layer in getattr(cache, "layers", []):
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length.zero_()
+        for name in ("keys", "values"):
+            if getattr(layer, name, None) is not None:
+                getattr(layer, name).zero_()

@@ -20,10 +20,11 @@ from typing import Iterator
 from studio.errors import ModelBusyError, ModelNotLoadedError
 from studio.model import card as model_card
 from studio.model import loading
-from studio.model.generation import GenerationSettings, render_prompt, stream_batch, stream_text
-from studio.model.graph_decode import GraphDecoder
+from studio.model.decoding import Decoder, make_decoder
+from studio.model.generation import GenerationSettings, render_prompt
 
 DEFAULT_DECODE_MODE = "graphs"
+BASE_COLUMN, ADAPTER_COLUMN = "base", "adapter"
 
 
 class ModelState(str, Enum):
@@ -45,6 +46,9 @@ class ManagerStatus:
     progress: float = 0.0
     adapters: tuple[str, ...] = ()
     since: float = 0.0
+    decoder: str = ""  # the decode mode (studio.model.decoding.DECODE_MODES)
+    decoder_problem: str = ""  # why decoding runs slower than its mode promises, e.g. a failed graph recording
+
 
     def describe(self) -> str:
         if self.state is ModelState.EMPTY:
@@ -54,7 +58,8 @@ class ManagerStatus:
         where = f"{self.model_name} ({self.quant}, {self.device})"
         if self.state is ModelState.BUSY:
             return f"Busy: {self.activity} for {time.time() - self.since:.0f}s. Model: {where}"
-        return f"Ready: {where}" + (f"; adapters: {', '.join(self.adapters)}" if self.adapters else "")
+        return (f"Ready: {where}" + (f"; adapters: {', '.join(self.adapters)}" if self.adapters else "")
+                + (f". Warning: {self.decoder_problem}" if self.decoder_problem else ""))
 
 
 @dataclass
@@ -66,13 +71,9 @@ class LoadedModel:
     tokenizer: object
     device: str
     adapters: dict[str, str] = field(default_factory=dict)
-    decode_mode: str = "eager"  # see studio.model.fast_decode
+    decode_mode: str = "graphs"  # see studio.model.decoding.DECODE_MODES
     submit: object = None  # runs a generation on the manager's one GPU thread
-    decoder: object = None  # studio.model.graph_decode.GraphDecoder, used in the "graphs" decode mode
-
-    def graph_decoder(self):
-        """The recorded-step decoder when the decode mode uses it, else None."""
-        return self.decoder if self.decode_mode == "graphs" else None
+    decoder: Decoder | None = None  # chosen once, when the model loads (studio.model.decoding.make_decoder)
 
 
 class Lease:
@@ -128,7 +129,9 @@ class ModelManager:
                 return ManagerStatus(ModelState.EMPTY, activity=activity, since=self._since)
             state = ModelState.BUSY if activity else ModelState.READY
             return ManagerStatus(state, loaded.spec.name_or_path, loaded.spec.quant, loaded.device, activity,
-                                 adapters=tuple(loaded.adapters), since=self._since)
+                                 adapters=tuple(loaded.adapters), since=self._since,
+                                 decoder=loaded.decoder.mode if loaded.decoder else "",
+                                 decoder_problem=loaded.decoder.problem if loaded.decoder else "")
 
     @property
     def is_loaded(self) -> bool:
@@ -188,7 +191,7 @@ class ModelManager:
             with self._fields_lock:
                 self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
                                            submit=self._gpu_thread.submit,
-                                           decoder=GraphDecoder(use_graphs=device.startswith("cuda")))
+                                           decoder=make_decoder(self.decode_mode, device))
         finally:
             lease.release()
         return self.status()
@@ -248,13 +251,26 @@ class ModelManager:
                             stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
         """Yield growing (base reply, adapter reply) for the same messages, in one batched generation.
 
-        Row 0 runs with every adapter off (peft's "__base__"), row 1 with `adapter`: the base column
-        really is the base model, whatever adapter is active elsewhere.
+        Row 0 runs with every adapter off, row 1 with only `adapter` (studio.model.routing): the base
+        column really is the base model, whatever other adapters are attached or active.
+        """
+        for columns in self.stream_columns(messages, adapter, settings, stop=stop):
+            yield columns[BASE_COLUMN], columns[ADAPTER_COLUMN]
+
+    def stream_columns(self, messages: list[dict], adapter: str, settings: GenerationSettings | None = None,
+                       extra: dict[str, tuple[list[dict], str | None]] | None = None,
+                       stop: threading.Event | None = None) -> Iterator[dict[str, str]]:
+        """Yield every column of a comparison as it grows, all under one lease.
+
+        BASE_COLUMN and ADAPTER_COLUMN come from one batched generation; then each `extra` column
+        (name -> (messages, adapter or None)) in turn. Nothing else runs on the model between the
+        columns: another session that asks for it is told the model is busy.
         """
         stop = stop or threading.Event()
         lease = self.acquire("comparing base and adapter", changes_model=False)
         try:
-            yield from side_by_side(lease.loaded, messages, adapter, settings or GenerationSettings(), stop)
+            yield from comparison_columns(lease.loaded, messages, adapter, settings or GenerationSettings(),
+                                          extra or {}, stop)
         finally:
             stop.set()
             lease.release()
@@ -269,28 +285,34 @@ class ModelManager:
 
 def stream_reply(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None,
                  stop: threading.Event) -> Iterator[str]:
-    """The growing reply, for a caller that already holds the model's lease."""
-    prompt = render_prompt(loaded.tokenizer, messages)
-    with adapter_context(loaded, adapter):
-        reply = ""
-        for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings, stop, loaded.decode_mode,
-                                 loaded.submit, loaded.graph_decoder()):
-            reply += piece
-            yield reply
+    """The growing reply (with only `adapter`, or the plain base when None), for a caller that holds the lease."""
+    for texts in loaded.decoder.stream(loaded, [messages], settings, [adapter], stop):
+        yield texts[0]
 
 
 def side_by_side(loaded: LoadedModel, messages: list[dict], adapter: str, settings: GenerationSettings,
                  stop: threading.Event) -> Iterator[tuple[str, str]]:
-    """(base, adapter) replies for a caller that already holds the lease."""
-    model = loaded.model
-    if not hasattr(model, "peft_config") or adapter not in model.peft_config:
+    """(base, adapter) replies in one batched generation, for a caller that already holds the lease."""
+    if not hasattr(loaded.model, "peft_config") or adapter not in loaded.model.peft_config:
         from studio.errors import AdapterError
 
         raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
-    prompt = render_prompt(loaded.tokenizer, messages)
-    for base, tuned in stream_batch(model, loaded.tokenizer, [prompt, prompt], settings, stop, ["__base__", adapter],
-                                    loaded.decode_mode, loaded.submit, loaded.graph_decoder()):
+    for base, tuned in loaded.decoder.stream(loaded, [messages, messages], settings, [None, adapter], stop):
         yield base, tuned
+
+
+def comparison_columns(loaded: LoadedModel, messages: list[dict], adapter: str, settings: GenerationSettings,
+                       extra: dict[str, tuple[list[dict], str | None]], stop: threading.Event) -> Iterator[dict[str, str]]:
+    """Every column of a comparison as it grows (see ModelManager.stream_columns), under the caller's lease."""
+    columns = {BASE_COLUMN: "", ADAPTER_COLUMN: ""}
+    for columns[BASE_COLUMN], columns[ADAPTER_COLUMN] in side_by_side(loaded, messages, adapter, settings, stop):
+        yield dict(columns)
+    for name, (column_messages, column_adapter) in extra.items():
+        if stop.is_set():
+            return
+        columns[name] = ""
+        for columns[name] in stream_reply(loaded, column_messages, settings, column_adapter, stop):
+            yield dict(columns)
 
 
 def reply_text(loaded: LoadedModel, messages: list[dict], settings: GenerationSettings, adapter: str | None = None) -> str:
@@ -299,26 +321,6 @@ def reply_text(loaded: LoadedModel, messages: list[dict], settings: GenerationSe
     for reply in stream_reply(loaded, messages, settings, adapter, threading.Event()):
         pass
     return reply
-
-
-@contextmanager
-def adapter_context(loaded: LoadedModel, adapter: str | None):
-    """Run with exactly `adapter` active, or with every adapter disabled when it is None."""
-    model = loaded.model
-    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-    if adapter is None:
-        if is_peft:
-            with model.disable_adapter():
-                yield
-        else:
-            yield
-        return
-    if not is_peft or adapter not in model.peft_config:
-        from studio.errors import AdapterError
-
-        raise AdapterError(f"Adapter {adapter!r} is not attached to the loaded model.")
-    model.set_adapter(adapter)
-    yield
 
 
 def free_memory() -> None:

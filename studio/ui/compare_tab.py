@@ -244,15 +244,15 @@ class CompareTab:
         document = self._retrieval_document(folder, retrieval_on, document_id)
         system = adapters.read_metadata(folder).get("system_prompt", self.services.default_system_prompt)
         settings = self._settings(mode, tokens)
-        base = tuned = rag = hits_md = ""
-        for base, tuned in self.manager.stream_side_by_side(build_messages(system, [], text), name, settings):
-            yield base, "", tuned, gr.skip()
+        hits_md, extra = "", {}
         if document is not None:
             hits = SectionRetriever.from_document(document).search(text, int(k))
             hits_md = "\n\n".join(f"**{h.section.heading}** (score {h.score:.2f})\n\n{h.section.text}" for h in hits)
-            for rag in self.manager.stream_chat(retrieval_messages(system, text, hits), settings):
-                yield base, rag, tuned, hits_md
-        yield base, rag, tuned, hits_md or "—"
+            extra["retrieval"] = (retrieval_messages(system, text, hits), None)
+        columns: dict = {}
+        for columns in self.manager.stream_columns(build_messages(system, [], text), name, settings, extra):
+            yield columns["base"], columns.get("retrieval", ""), columns["adapter"], gr.skip()
+        yield columns.get("base", ""), columns.get("retrieval", ""), columns.get("adapter", ""), hits_md or "—"
 
     # ----- the report --------------------------------------------------------------------------
     def report(self, run_id, source, upload_path, retrieval_on, document_id, k, mode, tokens, url, model, key):

@@ -1,0 +1,222 @@
+"""One way to generate: a `Decoder` streams the replies of a batch of conversations, one adapter per row.
+
+The model manager holds one decoder, chosen once when the model loads (`make_decoder`, from the
+`--decode` mode). A chat is a batch of one row; side by side is a batch of a base row and an adapter
+row, generated together. Every generation, whatever the decoder:
+- routes each row to its adapter (`studio.model.routing`: a base row runs with every adapter off, an
+  adapter row with only that adapter, whatever else is attached or active);
+- runs without cuDNN's fused attention on a GPU: over the graph decoder's static cache it gave
+  different replies to the same question on an H200, and it builds a plan for every new length;
+- runs on the manager's one GPU thread and streams each row's text as it grows; a set `stop` event
+  (or a consumer that goes away) ends it at the next token.
+
+Two implementations: `GenerateDecoder` (transformers' `generate`, optionally with a static cache) and
+`GraphDecoder` (`studio.model.graph_decode`: a static cache and the one-token step replayed from a
+recorded CUDA graph).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from studio.model.generation import GenerationSettings, render_prompt
+from studio.model.routing import route_rows
+
+# What each --decode mode does, on a GPU and on the CPU (the CLI's --help and the README say the same).
+DECODE_MODES = {
+    "graphs": "default. GPU: a static KV cache and the one-token step recorded once as a CUDA graph (about 3 s "
+              "on the first reply of a batch and cache size) and replayed for every token, about 10x the "
+              "tutorial's generate(). CPU: the same loop with the step run eagerly, tokens equal to generate()'s",
+    "eager": "plain transformers generate(), the tutorial's path. GPU and CPU: the reference; slowest on a GPU",
+    "static": "generate() with a static KV cache, no compilation. GPU: about 2x the tutorial's speed. CPU: the "
+              "same as eager",
+}
+
+
+def make_decoder(mode: str, device: str) -> "Decoder":
+    """The decoder for a decode mode on a device (called once, when the model loads)."""
+    from studio.model.graph_decode import GraphDecoder
+
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+    on_gpu = str(device).startswith("cuda")
+    if mode == "graphs":
+        return GraphDecoder(use_graphs=on_gpu)
+    return GenerateDecoder(static_cache=mode == "static" and on_gpu)
+
+
+class Decoder:
+    """Streams the replies of a batch of conversations; subclasses provide `_generate`."""
+
+    mode = ""
+    rows_alone = True  # see studio.model.routing: each row of a batch runs one-row kernels
+
+    def __init__(self) -> None:
+        self.problem = ""  # why the decoder runs slower than its mode promises ("" when it does not)
+
+    def clear(self) -> None:
+        """Forget anything that belongs to the model as it is now (the model is about to change)."""
+
+    # ----- the one entry point -----------------------------------------------------------------------
+    def stream(self, loaded, conversations: Sequence[list[dict]], settings: GenerationSettings,
+               adapters: Sequence[str | None], stop: threading.Event) -> Iterator[list[str]]:
+        """Yield the growing replies of all rows; `adapters[i]` is row i's adapter (None = the base)."""
+        if len(adapters) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(adapters)} adapters")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        prompts = [render_prompt(tokenizer, messages) for messages in conversations]
+        inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True,
+                           padding_side="left").to(model.device)
+        sink = RowTexts(tokenizer)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(model, inputs["input_ids"], inputs["attention_mask"], settings, stop, sink,
+                              tokenizer.eos_token_id, tokenizer.pad_token_id, list(adapters))
+            except BaseException as exc:  # surfaced to the consumer below
+                failure.append(exc)
+                sink.end()
+
+        handle = _start(run, getattr(loaded, "submit", None))
+        finished = False
+        try:
+            while (texts := sink.queue.get()) is not None:
+                yield texts
+            finished = True
+        finally:
+            if not finished:  # the consumer stopped reading: end the generation at the next token
+                stop.set()
+            _join(handle)
+        if failure:
+            raise failure[0]
+
+    def generate(self, model, input_ids, attention_mask, settings: GenerationSettings, stop: threading.Event,
+                 streamer, eos_token_id: int | None, pad_token_id: int,
+                 adapters: Sequence[str | None] | None = None) -> None:
+        """Feed `streamer` the prompt, then each step's new tokens (one per row), then end it, as
+        `model.generate(..., streamer=streamer)` does; runs on the calling thread."""
+        adapters = list(adapters) if adapters else [None] * input_ids.shape[0]
+        try:
+            with route_rows(model, adapters, self.rows_alone), attention_without_cudnn(input_ids.device):
+                self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                               pad_token_id, tuple(adapters))
+        finally:
+            streamer.end()
+
+    def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
+                  adapters: tuple) -> None:
+        raise NotImplementedError
+
+
+class GenerateDecoder(Decoder):
+    """transformers' `generate` (with a static KV cache when `static_cache`)."""
+
+    def __init__(self, static_cache: bool = False):
+        super().__init__()
+        self.static_cache = static_cache
+        self.mode = "static" if static_cache else "eager"
+
+    def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
+                  adapters) -> None:
+        from transformers import StoppingCriteriaList
+
+        extra = {}
+        if self.static_cache:
+            from studio.model.graph_decode import cache_length
+
+            extra = {"cache_implementation": "static", "disable_compile": True,
+                     "cache_config": {"max_cache_len": cache_length(input_ids.shape[1], settings.max_new_tokens)}}
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                       stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]), pad_token_id=pad_token_id,
+                       eos_token_id=eos_token_id, **settings.generate_kwargs(), **extra)
+
+
+class StopOnEvent:
+    """A StoppingCriteria that ends generation once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class RowTexts:
+    """A streamer that collects each row's new tokens and queues the decoded texts of all rows.
+
+    While the reply grows, a row's text leaves out a trailing half character (a Chinese character is
+    often several tokens); the last texts, queued when generation ends, are the full decode.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.queue: "queue.Queue" = queue.Queue()
+        self.rows: list[list[int]] | None = None
+        self._prompt_seen = False
+        self._ended = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        if self.rows is None:
+            self.rows = [[] for _ in tokens]
+        for row, token in zip(self.rows, tokens):
+            row.append(token)
+        self.queue.put([text.rstrip("\ufffd") for text in self.texts()])
+
+    def texts(self) -> list[str]:
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in self.rows or []]
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.rows is not None:
+            self.queue.put(self.texts())
+        self.queue.put(None)
+
+
+@contextmanager
+def attention_without_cudnn(device):
+    """Generate with PyTorch's flash / memory-efficient attention instead of cuDNN's (GPU only).
+
+    Measured on an H200 (bench/decode_repeatability.py): with cuDNN's fused attention over the static
+    cache, the same question gave different greedy replies; without it, the same reply every time.
+    The switch is process-wide; the model's lease makes this generation the only user of it.
+    """
+    import torch
+
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
+
+def _start(run, submit):
+    """Run `run` on the model's own GPU thread when one is given (recorded CUDA graphs and cuBLAS
+    handles are per thread, so every generation happens on the same thread), else on a new thread."""
+    if submit is not None:
+        return submit(run)
+    worker = threading.Thread(target=run, name="studio-generate", daemon=True)
+    worker.start()
+    return worker
+
+
+def _join(handle) -> None:
+    if isinstance(handle, threading.Thread):
+        handle.join()
+    else:
+        handle.result()

@@ -1,0 +1,140 @@
+"""Which adapter each row of a batch runs with, whatever adapters are attached or active.
+
+A comparison is only honest when its base column is the base model and its adapter column is the base
+plus that one adapter. peft's own switches (`set_adapter`, `disable_adapter`, `adapter_names`) act on
+the adapters peft considers active, layer by layer, so a layer that holds another attached adapter can
+leak it into a column. Here every LoRA layer is told, for the duration of one generation, exactly what
+to compute:
+
+- a base row (`None`) gets the base layer's output, with every adapter off;
+- an adapter row gets the base layer's output plus that adapter's update, computed as peft computes it
+  for a model that holds only that adapter; a layer the adapter does not touch gives the base output.
+
+Both decoders (`studio.model.decoding`) run every generation inside `route_rows`: a chat is a batch of
+one row, side by side a batch of a base row and an adapter row. With `rows_alone` (the default), the
+linear layers of a batch of several rows compute row by row, so each row runs the very kernels a
+one-row chat runs: on a GPU a two-row matrix product may add in another order than a one-row one (the
+4-bit kernel for one row is a different kernel altogether), which would make the base column differ
+from a base chat in the last bits, and greedy decoding on near-ties differ in words.
+The overrides are plain Python that a CUDA graph records like any other code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from studio.errors import AdapterError
+
+BASE_ROW = None  # the row's adapter: None = the base model
+
+
+def lora_layers(model) -> list:
+    """peft's LoRA layers of `model` (empty for a plain base model)."""
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+
+
+@contextmanager
+def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True) -> Iterator[None]:
+    """Run rows whose adapter is None as the base model and the others with only their adapter.
+
+    The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
+    base row, then the adapter row). Raises AdapterError for an adapter that is not attached and
+    ValueError for a set-up these overrides cannot honour (a merged adapter, a LoRA variant such as
+    DoRA, LoRA on embeddings, modules_to_save).
+    """
+    name, rows = adapter_block(adapters)
+    layers = lora_layers(model)
+    if name is not None and name not in getattr(model, "peft_config", {}):
+        raise AdapterError(f"Adapter {name!r} is not attached to the loaded model.")
+    _refuse_unsupported(model, layers, name)
+    patched: list = []
+    try:
+        for layer in layers:
+            _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
+        if rows_alone and len(adapters) > 1:
+            for module in _linear_modules(model):
+                _override(patched, module, _row_by_row(module.forward))
+        yield
+    finally:
+        for module, saved in reversed(patched):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+
+
+def adapter_block(adapters: Sequence[str | None]) -> tuple[str | None, slice]:
+    """(the one adapter named, the slice of rows that use it); (None, empty slice) for base rows only."""
+    named = [i for i, adapter in enumerate(adapters) if adapter is not BASE_ROW]
+    if not named:
+        return None, slice(0, 0)
+    if len({adapters[i] for i in named}) > 1 or named != list(range(named[0], named[-1] + 1)):
+        raise ValueError(f"expected base rows (None) and one block of rows with one adapter, got {list(adapters)}")
+    return adapters[named[0]], slice(named[0], named[-1] + 1)
+
+
+def _refuse_unsupported(model, layers: list, name: str | None) -> None:
+    for adapter, config in getattr(model, "peft_config", {}).items():
+        if getattr(config, "modules_to_save", None):
+            raise ValueError(f"adapter {adapter!r} saves whole modules (modules_to_save); the studio compares "
+                             "plain LoRA adapters only")
+    for layer in layers:
+        if getattr(layer, "merged_adapters", None):
+            raise ValueError("an adapter is merged into the base weights; the base model is no longer the base")
+        if getattr(layer, "lora_embedding_A", None):
+            raise ValueError("LoRA on embeddings is not supported; the studio compares adapters on linear layers")
+        if name is not None and name in getattr(layer, "lora_variant", {}):
+            raise ValueError(f"{name!r} is a LoRA variant (e.g. DoRA); the studio compares plain LoRA adapters only")
+
+
+def _override(patched: list, module, forward) -> None:
+    patched.append((module, module.__dict__.get("forward")))
+    module.forward = forward
+
+
+def _routed_forward(layer, name: str | None, rows: slice):
+    """The layer's forward with exactly `name`'s update on `rows` (peft's arithmetic, in its order)."""
+    base = layer.base_layer
+    if name is None:
+        return lambda x, *args, **kwargs: base(x, *args, **kwargs)
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
+    # peft's 4/8-bit layers cast the update to the output's dtype before adding; its plain Linear adds first
+    cast_update_first = type(layer).__module__.endswith(".bnb")
+
+    def forward(x, *args, **kwargs):
+        result = base(x, *args, **kwargs)
+        whole = rows.start == 0 and rows.stop >= x.shape[0]
+        part_x = x if whole else x[rows]
+        part = result if whole else result[rows]
+        update = lora_B(lora_A(dropout(part_x.to(lora_A.weight.dtype)))) * scaling
+        if cast_update_first:
+            routed = part + update.to(part.dtype)
+        else:
+            routed = (part + update).to(part.dtype)
+        if whole:
+            return routed
+        result[rows] = routed
+        return result
+
+    return forward
+
+
+def _linear_modules(model) -> list:
+    """Every linear layer (4-bit and 8-bit ones included), the output head too."""
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _row_by_row(forward):
+    """`forward` applied to each row of the batch on its own, the results stacked again."""
+    import torch
+
+    def forward_rows(x, *args, **kwargs):
+        if x.shape[0] == 1:
+            return forward(x, *args, **kwargs)
+        return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(x.shape[0])])
+
+    return forward_rows
