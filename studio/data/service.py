@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from studio.data.builder import BuildSettings, DatasetBuild
+from studio.data.builder import BuildSettings, DatasetBuild, validate_settings
 from studio.data.documents import read_document
 from studio.data.teacher import LocalTeacher, OpenAITeacher, TeacherConfig
 from studio.errors import DataError
@@ -22,6 +22,9 @@ def start_build(board: JobBoard, manager: ModelManager, paths: StudioPaths, docu
     With the local teacher the job holds the model for its whole run (the model shows as busy),
     and gives it back when the job ends, however it ends.
     """
+    validate_settings(settings)
+    if teacher is not None and not teacher.timeout_s > 0:
+        raise DataError(f"The teacher's time-out must be more than 0 seconds, not {teacher.timeout_s} (--timeout).")
     document_path = Path(document_path)
     document = read_document(document_path)
     name = name.strip() or document_path.stem
