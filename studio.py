@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--timeout", type=float, default=120.0, help="seconds per teacher call (default 120)")
     build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
     build.add_argument("--min-chars", type=int, default=100, help="shortest section kept (default 100)")
+    build.add_argument("--max-calls", type=int, default=500,
+                       help="refuse a build that would make more teacher calls than this (default 500; 0 = no limit)")
     build.add_argument("--local-teacher", action="store_true", help="use a local model as the teacher (no API key)")
     build.add_argument("--teacher-model", default=None, help="with --local-teacher: hub id or folder of that model")
     build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
@@ -182,6 +184,7 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
         paths = StudioPaths(Path(args.out_dir), paths.runs_dir).ensure()
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
                              retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
+    print_build_cost(args, settings)
     if args.local_teacher:
         services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant))
         teacher = None
@@ -194,6 +197,24 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     return 0 if job.result.get("rows") else 1
+
+
+def print_build_cost(args: argparse.Namespace, settings) -> None:
+    """Check the document, the numbers and the cost before a model loads or the teacher is called."""
+    from studio.data.builder import check_cost, estimate_cost, validate_settings
+    from studio.data.documents import read_document
+
+    validate_settings(settings)
+    if args.timeout <= 0:
+        raise StudioError(f"--timeout must be more than 0 seconds, not {args.timeout:g}.")
+    if args.max_calls < 0:
+        raise StudioError(f"--max-calls must be 0 (no limit) or more, not {args.max_calls}.")
+    cost = estimate_cost(read_document(args.doc), settings)
+    if not cost.sections:
+        raise StudioError(f"No section of at least {args.min_chars} characters was found in {args.doc}. "
+                          "Lower --min-chars or check the headings.")
+    print(f"[log] {cost.describe()}", flush=True)
+    check_cost(cost, args.max_calls)
 
 
 def train_request(args: argparse.Namespace, loaded, runs_dir):

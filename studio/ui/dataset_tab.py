@@ -8,7 +8,8 @@ import gradio as gr
 import pandas as pd
 
 from studio.data import datasets
-from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings
+from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
+                                 validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
@@ -18,6 +19,7 @@ from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
 LEVELS = {"##": 2, "###": 3}
+CONFIRM_ABOVE_CALLS = 200  # a build that makes more teacher calls starts on a second click, after its cost is shown
 
 
 def _split_settings(min_chars, max_chars, levels) -> SplitSettings:
@@ -61,6 +63,8 @@ class DatasetTab:
         with gr.Row():
             self.build_btn = gr.Button(self.s["build"], variant="primary")
             self.cancel_btn = gr.Button(self.s["cancel"], variant="stop")
+        self.cost = gr.Markdown()
+        self.cost_seen = gr.State(None)  # the cost this session was shown: a second Build click confirms it
         self.panel = job_panel(self.board, JOB_KIND, self.s)
         self._result_controls()
 
@@ -128,7 +132,12 @@ class DatasetTab:
         self.app.load(self.split, split_inputs, split_outputs, api_name=False)
         self.test_btn.click(self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout], self.test_msg,
                             api_name="test_teacher")
-        self.build_btn.click(self.start, build_inputs, self.panel.message, api_name="build_dataset")
+        self.build_btn.click(self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
+                             api_name="build_dataset")
+        cost_inputs = split_inputs + [self.per_section, self.variants]
+        for event in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
+                      self.app.load):
+            event(self.show_cost, cost_inputs, self.cost, api_name=False)
         self.cancel_btn.click(self.cancel, None, self.panel.message, api_name="cancel_build")
         self.open_btn.click(self.open_dataset, self.dataset_pick, preview_outputs, api_name="open_dataset")
         self.import_file.upload(self.import_rows, self.import_file, preview_outputs[:2] + [self.dataset_pick, self.save_name],
@@ -154,17 +163,28 @@ class DatasetTab:
 
     # ----- the build job -----------------------------------------------------------------------
     @user_errors
+    def show_cost(self, upload_path, typed, low, high, levels, per, n_variants):
+        settings = BuildSettings(per_section=str(per), variants=int(n_variants or 0), split=_split_settings(low, high, levels))
+        return self.s["cost"].format(cost=estimate_cost(read_document(_document_path(upload_path, typed)), settings).describe())
+
+    @user_errors
     def start(self, upload_path, typed, dataset_name, low, high, levels, local, url, model, key, per, n_variants,
-              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds):
+              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, cost_seen=None):
         self.policy.require("build_dataset")
         settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
                                  temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
-                                 paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries or 3)),
+                                 paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries if tries is not None else 3)),
                                  split=_split_settings(low, high, levels))
+        validate_settings(settings)
+        document_path = _document_path(upload_path, typed)
+        cost = estimate_cost(read_document(document_path), settings)
+        signature = [str(document_path), cost.calls, cost.chars_sent]
+        if (cost.calls > CONFIRM_ABOVE_CALLS or cost.warnings) and cost_seen != signature:
+            return self.s["confirm_cost"].format(cost=cost.describe()), signature
         teacher = None if local else _teacher_config(url, model, key, seconds)
-        job = start_build(self.board, self.services.manager, self.services.paths, _document_path(upload_path, typed),
+        job = start_build(self.board, self.services.manager, self.services.paths, document_path,
                           settings, teacher, dataset_name or "")
-        return self.s["started"].format(name=job.name)
+        return self.s["started"].format(name=job.name), None
 
     @user_errors
     def cancel(self):
