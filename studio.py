@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
     train = commands.add_parser("train", help="train a QLoRA adapter on a dataset and write a run folder")
     add_model_options(train)
-    train.add_argument("--dataset", required=True, help="JSONL dataset (studio, Alpaca or chat-messages rows)")
+    train.add_argument("--dataset", default=None,
+                       help="JSONL dataset (studio, Alpaca or chat-messages rows); not needed with --resume")
     train.add_argument("--output", default=None, help="run folder (default: runs/<dataset>_<timestamp>)")
     train.add_argument("--preset", default="tutorial", choices=sorted(PRESETS), help="training preset (default tutorial)")
     train.add_argument("--epochs", type=float, default=None, help="passes over the data (preset: 4)")
@@ -152,6 +153,10 @@ def run_chat(args: argparse.Namespace, services) -> int:
     from studio.model.generation import GenerationSettings, build_messages
     from studio.model.loading import ModelSpec
 
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        raise StudioError("chat needs --max-new-tokens of at least 1, --temperature of 0 or more, --top-p in (0, 1] "
+                          f"and --repetition-penalty above 0 (got {args.max_new_tokens}, {args.temperature:g}, "
+                          f"{args.top_p:g}, {args.repetition_penalty:g}).")
     services.manager.load(ModelSpec(args.model, args.quant))
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     shown = ""
@@ -217,7 +222,24 @@ def print_build_cost(args: argparse.Namespace, settings) -> None:
     check_cost(cost, args.max_calls)
 
 
-def train_request(args: argparse.Namespace, loaded, runs_dir):
+def checked_train_request(args: argparse.Namespace, runs_dir):
+    """The run to start, with its arguments, dataset or run folder checked before the model loads."""
+    from pathlib import Path
+
+    from studio.train.job import last_complete_checkpoint
+    from studio.train.service import validate_request
+
+    request = train_request(args, None, runs_dir)
+    if args.resume:
+        if args.dataset:
+            print("[log] --dataset is ignored with --resume: the run continues on its own training split.", flush=True)
+        if last_complete_checkpoint(Path(args.resume)) is None:
+            raise StudioError(f"{args.resume} has no complete checkpoint to resume from.")
+    validate_request(request)
+    return request
+
+
+def train_request(args: argparse.Namespace, loaded, runs_dir, run_dir=None):
     from dataclasses import replace
     from pathlib import Path
 
@@ -227,17 +249,19 @@ def train_request(args: argparse.Namespace, loaded, runs_dir):
 
     if args.resume:
         return load_request(Path(args.resume))
+    if not args.dataset:
+        raise StudioError("train needs --dataset (a JSONL file), or --resume RUN_DIR to continue a stopped run.")
     overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "save_every": args.save_every}
     settings = replace(preset(args.preset), **{k: v for k, v in overrides.items() if v is not None})
     if args.targets == "all":
         targets = ALL_PROJECTIONS
     elif args.targets == "peft-default":
-        targets = peft_default_targets(loaded.model.config.model_type)
+        targets = peft_default_targets(loaded.model.config.model_type) if loaded is not None else ("q_proj", "v_proj")
     else:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, targets=targets)
-    run_dir = Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem)
+    run_dir = run_dir or (Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem))
     return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
 
 
@@ -256,9 +280,11 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.train.service import start_training
 
+    request = checked_train_request(args, services.paths.runs_dir)
     services.manager.load(ModelSpec(args.model, args.quant))
     loaded = services.manager.require_loaded()
-    request = train_request(args, loaded, services.paths.runs_dir)
+    if args.targets == "peft-default" and not args.resume:
+        request = train_request(args, loaded, services.paths.runs_dir, run_dir=request.run_dir)
     print_estimate(loaded, request)
     job = start_training(services.jobs, services.manager, request)
     print(f"[log] run folder: {request.run_dir}", flush=True)
@@ -281,10 +307,18 @@ def run_compare(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.secrets import key_from_env
 
-    services.manager.load(ModelSpec(args.model, args.quant))
+    from studio.data.documents import read_document
+    from studio.train.adapters import require_adapter_files
+
     folder = Path(args.adapter)
+    require_adapter_files(folder)  # every input is checked before the model loads
     questions = read_dataset(args.questions) if args.questions else None
     document = None if args.no_retrieval else (args.doc or source_document(folder))
+    if document:
+        read_document(document)
+    if args.max_new_tokens < 1:
+        raise StudioError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}.")
+    services.manager.load(ModelSpec(args.model, args.quant))
     settings = (GenerationSettings.tutorial_sampling if args.sampling else GenerationSettings.greedy)(args.max_new_tokens)
     judge = None
     if args.judge_base_url:

@@ -24,6 +24,7 @@ from studio.data.parsing import Parsed, parse_pairs, parse_strings
 from studio.data.teacher import FATAL_REASONS, RetryPolicy, Teacher, TeacherCallError, call_with_retries
 from studio.errors import DataError
 from studio.jobs import Job
+from studio.logs import cut_torn_tail
 
 DEFAULT_PAIR_PROMPT = (
     "你是“{title}”相关资料的资深整理者。"
@@ -189,6 +190,8 @@ class CallJournal:
         self.failures_path = folder / "failures.jsonl"
         self._lock = threading.Lock()
         self._done: dict[str, list] = {}
+        # a line torn by a crash is cut off, so the next record starts on its own line
+        self.notes = [note for note in (cut_torn_tail(self.path), cut_torn_tail(self.failures_path)) if note]
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -328,6 +331,8 @@ class DatasetBuild:
         job.add_secret_from(self.teacher)
         write_text_atomic(self.folder / "build.json", json.dumps(self._manifest(), ensure_ascii=False, indent=2))
         job.log(f"{len(self.sections)} sections from {self.name}; teacher {self.teacher.label}; build folder {self.folder}")
+        for note in self.journal.notes:
+            job.log(note)
         workers = max(1, min(self.settings.concurrency, self.teacher.max_concurrency))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher") as pool:
             pending: set[Future] = {pool.submit(self._pair_task, job, s) for s in self.sections}

@@ -104,6 +104,7 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
                  retrieval_k: int = 2) -> Job:
     """Score held-out (or given) questions through every column as a job that holds the model."""
     folder = Path(folder)
+    adapters.require_adapter_files(folder)  # an empty, missing or unfinished run says so, not "no held-out rows"
     meta = adapters.read_metadata(folder)
     questions = questions if questions is not None else run_questions(folder, "heldout.jsonl")
     if not questions:
