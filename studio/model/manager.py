@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterator
 
-from studio.errors import ModelBusyError, ModelNotLoadedError
+from studio.errors import ModelBusyError, ModelLoadError, ModelNotLoadedError
 from studio.model import card as model_card
 from studio.model import loading
 from studio.model.generation import GenerationSettings, render_prompt, stream_batch, stream_text
@@ -170,7 +170,10 @@ class ModelManager:
 
     # ----- load / unload -----------------------------------------------------------------------
     def load(self, spec: loading.ModelSpec, progress: loading.Progress | None = None) -> ManagerStatus:
-        """Load `spec`, replacing any model in memory. Refused while the model is busy."""
+        """Load `spec`, replacing any model in memory. Refused while the model is busy.
+
+        The new model's folder (or hub id), config and tokenizer are checked before the current model is
+        released, so a mistyped name or a broken folder leaves the current model loaded and ready."""
         lease = self.acquire(f"loading {spec.name_or_path}", need_model=False)
         with self._fields_lock:
             self._loading_spec = spec
@@ -183,8 +186,9 @@ class ModelManager:
                 progress(fraction, message)
 
         try:
-            self._drop_model()
-            model, tokenizer, device = loading.load_model(spec, self._device, report)
+            report(0.02, f"Checking {spec.name_or_path}")
+            loading.check_source(spec)  # a typo or a broken folder leaves the current model loaded and ready
+            spec, model, tokenizer, device = self._replace_model(spec, report)
             with self._fields_lock:
                 self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
                                            submit=self._gpu_thread.submit,
@@ -192,6 +196,24 @@ class ModelManager:
         finally:
             lease.release()
         return self.status()
+
+    def _replace_model(self, spec: loading.ModelSpec, report) -> tuple:
+        """Drop the current model and load `spec`; if its weights fail to load, load the previous one again."""
+        previous = self._loaded.spec if self._loaded is not None else None
+        self._drop_model()
+        try:
+            return (spec, *loading.load_model(spec, self._device, report))
+        except ModelLoadError as exc:
+            if previous is None:
+                raise
+            failure = str(exc)
+        model, tokenizer, device = loading.load_model(previous, self._device, report)
+        with self._fields_lock:
+            self._loaded = LoadedModel(previous, model, tokenizer, device, decode_mode=self.decode_mode,
+                                       submit=self._gpu_thread.submit,
+                                       decoder=GraphDecoder(use_graphs=device.startswith("cuda")))
+        raise ModelLoadError(f"{failure} The previous model {previous.name_or_path} was loaded again "
+                             "(without its adapters).")
 
     def unload(self) -> ManagerStatus:
         with self.using("unloading", need_model=False):
