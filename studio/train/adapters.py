@@ -82,6 +82,11 @@ def require_adapter_files(folder: Path) -> None:
         raise AdapterError(f"{folder} is empty: it holds no adapter. Give a run folder under runs/ (from train).")
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if not missing:
+        try:
+            json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
+        read_metadata(folder)
         return
     if (folder / "run.json").is_file():
         resumable = any((folder / "checkpoints").glob("checkpoint-*"))
@@ -96,10 +101,6 @@ def check_adapter_folder(folder: Path, model) -> dict:
     """The adapter's metadata, or AdapterError when the folder is damaged or made for another base."""
     folder = Path(folder)
     require_adapter_files(folder)
-    try:
-        json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
     metadata = read_metadata(folder)
     expected = metadata.get("base_fingerprint")
     actual = base_fingerprint(model)
