@@ -301,7 +301,7 @@ def run_compare(args: argparse.Namespace, services) -> int:
     from studio.data.datasets import read_dataset
     from studio.data.teacher import TeacherConfig
     from studio.evaluate.report import format_table, write_report
-    from studio.evaluate.service import source_document, start_report
+    from studio.evaluate.service import run_questions, source_document, start_report
     from studio.jobs import JobStatus, follow
     from studio.model.generation import GenerationSettings
     from studio.model.loading import ModelSpec
@@ -313,6 +313,9 @@ def run_compare(args: argparse.Namespace, services) -> int:
     folder = Path(args.adapter)
     require_adapter_files(folder)  # every input is checked before the model loads
     questions = read_dataset(args.questions) if args.questions else None
+    if questions is None and not run_questions(folder, "heldout.jsonl"):
+        raise StudioError(f"{folder.name} has no held-out rows to ask: give --questions FILE.jsonl "
+                          "(instruction/output rows).")
     document = None if args.no_retrieval else (args.doc or source_document(folder))
     if document:
         read_document(document)
