@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Training shapes change every step; expandable segments keep the CUDA allocator from fragmenting.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from studio.access import AccessPolicy  # noqa: E402
+from studio.access import AccessPolicy, policy_for_launch  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.model.fast_decode import DECODE_MODES  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
@@ -50,10 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve the UI on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port of the UI (default 7860)")
     parser.add_argument("--share", action="store_true",
-                        help="also open a temporary public link (needs internet). Without --auth the shared "
-                             "studio runs in demo mode: chat only")
+                        help="also open a temporary public link (needs internet). Without a login the shared "
+                             "studio runs in demo mode: chat and compare on the adapters you attached, nothing else")
     parser.add_argument("--auth", metavar="USER:PASSWORD",
-                        help="require this login for the UI; with it a shared studio allows every action")
+                        help="require this login for the UI; with it a shared studio allows every action. "
+                             "Prefer --auth-file or STUDIO_AUTH, which keep the password out of shell history")
+    parser.add_argument("--auth-file", metavar="FILE", help="logins for the UI, one USER:PASSWORD a line")
+    parser.add_argument("--demo", action="store_true",
+                        help="demo mode even with a login or on 127.0.0.1: chat and compare only")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file the page accepts (default 20)")
+    parser.add_argument("--teacher-base-url", default=None,
+                        help="the teacher/judge URL (or a provider preset's name) that may receive the key from the "
+                             "environment; default STUDIO_TEACHER_BASE_URL, else the provider presets' URLs. A URL "
+                             "typed in the page gets only the key typed with it")
+    parser.add_argument("--api-key-env", default=None,
+                        help="environment variable with that key (default STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     parser.add_argument("--load", action="store_true", help="load --model at start instead of on request")
     parser.add_argument("--workdir", default=None,
                         help="folder for data/ and runs/ (default: the project folder)")
@@ -126,10 +137,45 @@ def build_services(args: argparse.Namespace):
     from studio.model.manager import ModelManager
     from studio.services import Services
 
+    from studio.catalog import Catalog
+    from studio.data.teacher import key_routing
+    from studio.services import SAMPLE_DOCUMENT
+
     paths = StudioPaths(Path(args.workdir) / "data", Path(args.workdir) / "runs") if args.workdir else StudioPaths()
-    policy = AccessPolicy.demo() if getattr(args, "share", False) and not getattr(args, "auth", None) else AccessPolicy.full()
-    return Services(manager=ModelManager(decode_mode=args.decode), policy=policy, paths=paths.ensure(),
-                    default_model=args.model, default_quant=args.quant)
+    paths = paths.ensure()
+    policy = AccessPolicy.full()
+    if args.command is None:  # the UI; the commands below run in the owner's shell
+        policy = policy_for_launch(args.share, args.host, bool(read_logins(args)), args.demo)
+    keys = key_routing(getattr(args, "teacher_base_url", None), getattr(args, "api_key_env", None))
+    return Services(manager=ModelManager(decode_mode=args.decode), policy=policy, paths=paths,
+                    default_model=args.model, default_quant=args.quant, catalog=Catalog(paths, SAMPLE_DOCUMENT),
+                    keys=keys, max_upload_mb=getattr(args, "max_upload_mb", 20.0))
+
+
+def read_logins(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Logins from --auth, --auth-file and STUDIO_AUTH (each USER:PASSWORD; a file or the variable may hold several)."""
+    from pathlib import Path
+
+    lines = []
+    if getattr(args, "auth", None):
+        lines.append(("--auth", args.auth))
+    if getattr(args, "auth_file", None):
+        try:
+            text = Path(args.auth_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise StudioError(f"--auth-file {args.auth_file}: cannot read it ({exc.strerror}).") from None
+        lines += [(f"--auth-file line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")]
+    for item in os.environ.get("STUDIO_AUTH", "").replace("\n", ",").split(","):
+        if item.strip():
+            lines.append(("STUDIO_AUTH", item.strip()))
+    logins = []
+    for where, line in lines:
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise StudioError(f"{where}: a login is USER:PASSWORD with both parts non-empty.")
+        logins.append((user.strip(), password))
+    return logins
 
 
 def run_ui(args: argparse.Namespace, services) -> int:
@@ -138,13 +184,15 @@ def run_ui(args: argparse.Namespace, services) -> int:
 
     if args.load:
         services.manager.load(ModelSpec(args.model, args.quant), progress=lambda f, m: print(f"[load] {m}", flush=True))
+    from studio.ui.launch import launch_options, share_warning
+
     app = build_app(services)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    if auth is not None and len(auth) != 2:
-        raise StudioError("--auth takes USER:PASSWORD")
+    warning = share_warning(services, args.share, args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     app.queue(default_concurrency_limit=8).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-        show_error=True, footer_links=["api"], css_paths=[ASSETS / "studio.css"],
+        server_name=args.host, server_port=args.port, share=args.share,
+        **launch_options(services, logins=read_logins(args)),
     )
     return 0
 

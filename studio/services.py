@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.access import AccessPolicy
+from studio.catalog import Catalog
 from studio.jobs import JobBoard
 from studio.model.manager import ModelManager
 
@@ -51,3 +52,14 @@ class Services:
     default_model: str = DEFAULT_MODEL
     default_quant: str = "4bit"
     default_system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    catalog: Catalog | None = None  # built from `paths` when not given
+    keys: object = None  # secrets.KeyRouting: where the environment key may go (default: the provider presets)
+    max_upload_mb: float = 20.0
+
+    def __post_init__(self):
+        if self.catalog is None:
+            self.catalog = Catalog(self.paths, SAMPLE_DOCUMENT)
+        if self.keys is None:
+            from studio.data.teacher import key_routing
+
+            self.keys = key_routing()

@@ -184,9 +184,9 @@ def test_ui_runs_a_comparison(trained):
     services = Services(manager=trained["manager"], paths=trained["paths"])
     with launched(services) as url:
         client = Client(url, verbose=False)
-        run = str(trained["run"])
+        run = trained["run"].name
         question = FACTS[0][0]
-        job = client.submit(question, run, True, str(SAMPLE_DOC), 1, "greedy", 48, api_name="/compare")
+        job = client.submit(question, run, True, SAMPLE_DOC.name, 1, "greedy", 48, api_name="/compare")
         updates = list(job)
         base, rag, tuned, retrieved = updates[-1]
         assert tuned.startswith(FACTS[0][1]) and base and rag

@@ -14,6 +14,7 @@ from gradio_client import Client, handle_file
 
 from fake_teacher import Behaviour, FakeTeacher
 from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT
+from studio.data.teacher import key_routing
 from studio.model.manager import ModelManager
 from studio.services import Services
 from uihelpers import launched
@@ -32,28 +33,28 @@ def teacher():
 
 def test_build_through_the_ui(workspace, teacher, monkeypatch):
     monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
-    services = Services(manager=ModelManager(), paths=workspace)
+    services = Services(manager=ModelManager(), paths=workspace, keys=key_routing(teacher.base_url))
     with launched(services) as url:
         client = Client(url, verbose=False)
         connected = client.predict(teacher.base_url, "teacher-x", "", 5, api_name="/test_teacher")
         assert connected.startswith(f"Connected to teacher-x @ {teacher.base_url}")
-        message, table = client.predict(None, str(SAMPLE_DOC), 100, 3000, ["##", "###"], api_name="/split")
+        message, table = client.predict(None, SAMPLE_DOC.name, 100, 3000, ["##", "###"], api_name="/split")
         assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
-        started = client.predict(None, str(SAMPLE_DOC), "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
+        started = client.predict(None, SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
                                  "teacher-x", "", "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT,
                                  0.2, 600, 3, 10, api_name="/build_dataset")
         assert started == "Build started: wudeng."
         job = services.jobs.wait(services.jobs.latest("dataset"), 60)
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
-        assert teacher.auth_headers[-1] == f"Bearer {KEY}"  # the key came from the environment
-        frame, opened, stem = client.predict(job.result["dataset_path"], api_name="/open_dataset")
+        assert teacher.auth_headers[-1] == f"Bearer {KEY}"  # the key came from the environment, for the owner's URL
+        frame, opened, stem = client.predict(Path(job.result["dataset_path"]).name, api_name="/open_dataset")
         assert opened.startswith("60 rows") and frame["headers"][:4] == ["instruction", "output", "group", "kind"]
         # edit: change one answer, delete one row, save as a new file
         data = frame["data"]
         data[0][1] = "改过的答案"
         data[1][0] = data[1][1] = ""
         saved, _ = client.predict({"headers": frame["headers"], "data": data}, "edited", api_name="/save_dataset")
-        path = Path(saved.split(" to ")[1].rstrip("."))
+        path = workspace.data_dir / saved.split(" to ")[1].rstrip(".")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == 59 and rows[0]["output"] == "改过的答案" and rows[0]["group"] == "s00-q1"
         config = urllib.request.urlopen(url + "config").read().decode("utf-8")
@@ -64,10 +65,10 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
 
 def test_a_costly_build_shows_its_cost_and_starts_on_a_second_click(workspace, teacher, monkeypatch):
     monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
-    services = Services(manager=ModelManager(), paths=workspace)
+    services = Services(manager=ModelManager(), paths=workspace, keys=key_routing(teacher.base_url))
     with launched(services) as url:
         client = Client(url, verbose=False)
-        inputs = (None, str(SAMPLE_DOC), "costly", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "",
+        inputs = (None, SAMPLE_DOC.name, "costly", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "",
                   "12", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10)
         first = client.predict(*inputs, api_name="/build_dataset")
         assert first.startswith("**Not started yet.** Cost before retries: 19 sections -> 247 teacher calls")

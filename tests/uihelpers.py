@@ -1,4 +1,4 @@
-"""Launch the studio UI on a free local port for end-to-end tests."""
+"""Launch the studio UI on a free local port for end-to-end tests, as studio.py launches it."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched(services):
+def launched(services, logins=None, throttle=None):
     from studio.ui.app import build_app
+    from studio.ui.launch import launch_options
 
     app = build_app(services)
     port = free_port()
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               show_error=True)
+                       **launch_options(services, logins=logins, throttle=throttle))
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

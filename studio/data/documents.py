@@ -23,6 +23,18 @@ class SplitSettings:
     levels: tuple[int, ...] = field(default=(2, 3), metadata={"help": "Heading levels that start a section (## and ###)."})
     max_chars: int = field(default=3000, metadata={"help": "Cut longer sections at paragraph boundaries."})
 
+    MIN_MAX_CHARS = 200
+    LIMIT = 1_000_000
+
+    def __post_init__(self):
+        if not (isinstance(self.min_chars, int) and 0 <= self.min_chars <= self.LIMIT):
+            raise DataError(f"Shortest section kept must be between 0 and {self.LIMIT:,} characters (got {self.min_chars}).")
+        if not (isinstance(self.max_chars, int) and self.MIN_MAX_CHARS <= self.max_chars <= self.LIMIT):
+            raise DataError(f"Maximum section length must be between {self.MIN_MAX_CHARS} and {self.LIMIT:,} "
+                            f"characters (got {self.max_chars}).")
+        if any(level not in (1, 2, 3, 4, 5, 6) for level in self.levels):
+            raise DataError(f"Heading levels must be 1 to 6 (got {list(self.levels)}).")
+
 
 @dataclass(frozen=True)
 class Section:
@@ -186,9 +198,10 @@ def _cut_long(heading: str, block: str, max_chars: int) -> list[tuple[str, str]]
     head_line = lines[0] if lines[0].lstrip().startswith("#") else ""
     body = lines[1] if head_line and len(lines) > 1 else block
     parts, current = [], ""
+    room = max(max_chars - len(head_line) - 2, max_chars // 2, 1)  # a very long heading line still leaves room
     for paragraph in _paragraphs(body):
-        for chunk in _hard_wrap(paragraph, max_chars - len(head_line) - 2):
-            if current and len(current) + len(chunk) + 2 > max_chars - len(head_line) - 2:
+        for chunk in _hard_wrap(paragraph, room):
+            if current and len(current) + len(chunk) + 2 > room:
                 parts.append(current)
                 current = chunk
             else:
@@ -200,7 +213,12 @@ def _cut_long(heading: str, block: str, max_chars: int) -> list[tuple[str, str]]
 
 
 def _hard_wrap(paragraph: str, limit: int) -> list[str]:
-    """A single paragraph longer than the limit is cut at sentence ends, then anywhere."""
+    """A single paragraph longer than the limit is cut at sentence ends, then anywhere.
+
+    The limit is at least 1 character: a heading line longer than the section limit leaves a
+    non-positive room, which would otherwise never shorten a sentence.
+    """
+    limit = max(int(limit), 1)
     if len(paragraph) <= limit:
         return [paragraph]
     sentences = re.split(r"(?<=[。！？!?\.])", paragraph)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from studio.access import AccessPolicy
 from studio.data.builder import BuildSettings, DatasetBuild, validate_settings
 from studio.data.documents import read_document
 from studio.data.teacher import LocalTeacher, OpenAITeacher, TeacherConfig
@@ -16,12 +17,18 @@ JOB_KIND = "dataset"
 
 
 def start_build(board: JobBoard, manager: ModelManager, paths: StudioPaths, document_path: str | Path,
-                settings: BuildSettings, teacher: TeacherConfig | None, name: str = "") -> Job:
+                settings: BuildSettings, teacher: TeacherConfig | None, name: str = "", *,
+                policy: AccessPolicy = AccessPolicy.full()) -> Job:
     """Start building a dataset from `document_path`; `teacher=None` uses the loaded model.
+
+    Refused unless `policy` allows building (and, for a remote teacher, calling out).
 
     With the local teacher the job holds the model for its whole run (the model shows as busy),
     and gives it back when the job ends, however it ends.
     """
+    policy.require("build_dataset", "read_files")
+    if teacher is not None:
+        policy.require("outbound")
     validate_settings(settings)
     if teacher is not None and not teacher.timeout_s > 0:
         raise DataError(f"The teacher's time-out must be more than 0 seconds, not {teacher.timeout_s} (--timeout).")

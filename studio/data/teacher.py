@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from studio.errors import StudioError
-from studio.secrets import key_from_env, redact
+from studio.secrets import KeyRouting, redact
 
 PROVIDER_PRESETS: dict[str, tuple[str, str]] = {
     # name: (base URL, a suggested teacher model)
@@ -29,17 +29,29 @@ PROVIDER_PRESETS: dict[str, tuple[str, str]] = {
 MAX_RETRY_AFTER_S = 60.0
 
 
+def key_routing(owner_base_url: str | None = None, env_var: str | None = None) -> KeyRouting:
+    """Where the environment key may go: `owner_base_url` (a URL or a preset's name, else
+    STUDIO_TEACHER_BASE_URL), or, when none is configured, the presets' fixed URLs."""
+    import os
+
+    owner = (owner_base_url or os.environ.get("STUDIO_TEACHER_BASE_URL", "")).strip()
+    owner = PROVIDER_PRESETS[owner][0] if owner in PROVIDER_PRESETS else owner
+    return KeyRouting(owner, env_var, tuple(url for url, _ in PROVIDER_PRESETS.values()))
+
+
 @dataclass
 class TeacherConfig:
     """Where the teacher is. The key is never stored on disk or shown; repr() hides it."""
 
     base_url: str = field(default=PROVIDER_PRESETS["SiliconFlow"][0], metadata={"help": "OpenAI-compatible base URL."})
     model: str = field(default=PROVIDER_PRESETS["SiliconFlow"][1], metadata={"help": "Teacher model id."})
-    api_key: str = field(default="", repr=False, metadata={"help": "Empty = read STUDIO_TEACHER_API_KEY / OPENAI_API_KEY."})
+    api_key: str = field(default="", repr=False, metadata={
+        "help": "The key sent to base_url; empty = none. The server's environment key is put here only for the URL "
+                "the owner configured (see secrets.KeyRouting)."})
     timeout_s: float = field(default=120.0, metadata={"help": "Seconds to wait for one reply."})
 
     def resolved_key(self) -> str:
-        return self.api_key.strip() or key_from_env()
+        return self.api_key.strip()
 
 
 @dataclass

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.access import AccessPolicy
 from studio.data.datasets import read_dataset
 from studio.data.teacher import OpenAITeacher, TeacherConfig
 from studio.errors import AdapterError, StudioError
@@ -68,25 +69,54 @@ def list_adapters(manager: ModelManager, runs_dir: Path) -> list[AdapterEntry]:
     return entries
 
 
-def attach_run(manager: ModelManager, folder: Path) -> str:
+FULL = AccessPolicy.full()
+
+
+def attach_run(manager: ModelManager, folder: Path, *, policy: AccessPolicy = FULL) -> str:
+    policy.require("manage_adapters")
     with manager.using("attaching an adapter") as loaded:
         return adapters.attach(loaded, Path(folder))
 
 
-def detach_run(manager: ModelManager, name: str) -> None:
+def detach_run(manager: ModelManager, name: str, *, policy: AccessPolicy = FULL) -> None:
+    policy.require("manage_adapters")
     with manager.using("detaching an adapter") as loaded:
         adapters.detach(loaded, name)
 
 
-def delete_run(manager: ModelManager, folder: Path, confirmed: bool) -> None:
+def delete_run(manager: ModelManager, folder: Path, confirmed: bool, *, policy: AccessPolicy = FULL) -> None:
+    policy.require("manage_adapters")
     folder = Path(folder)
     if not confirmed:
         raise StudioError(f"Tick the confirmation to delete {folder.name}: its adapter and checkpoints are removed for good.")
     if not (folder / "run.json").is_file() and not (folder / adapters.METADATA_FILE).is_file():
         raise StudioError(f"{folder} is not a studio run folder; nothing was deleted.")
     if manager.is_loaded:
-        detach_run(manager, folder.name)
+        detach_run(manager, folder.name, policy=policy)
     shutil.rmtree(folder)
+
+
+def comparable_run(manager: ModelManager, catalog, run_id: str, policy: AccessPolicy = FULL) -> Path:
+    """The run folder of `run_id` from the catalog. Where adapters cannot be managed (demo mode) only
+    runs whose adapter the owner attached can be compared."""
+    folder = catalog.resolve_run(run_id)
+    if not policy.allows("manage_adapters") and not _attached_from(manager, folder):
+        raise StudioError(f"unknown run '{folder.name}': only the adapters the owner attached can be compared here.")
+    return folder
+
+
+def _attached_from(manager: ModelManager, folder: Path) -> bool:
+    attached = manager.adapter_folder(folder.name)
+    return attached is not None and Path(attached).resolve() == Path(folder).resolve()
+
+
+def side_by_side_adapter(manager: ModelManager, folder: Path, policy: AccessPolicy = FULL) -> str:
+    """The adapter name for a side-by-side run: attached already, or attached now if the policy allows it."""
+    policy.require("compare")
+    folder = Path(folder)
+    if _attached_from(manager, folder):
+        return folder.name
+    return attach_run(manager, folder, policy=policy)
 
 
 def run_questions(folder: Path, name: str) -> list[dict]:
@@ -101,8 +131,15 @@ def source_document(folder: Path) -> str | None:
 
 def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions: list[dict] | None,
                  document: str | None, settings: GenerationSettings, judge: TeacherConfig | None = None,
-                 retrieval_k: int = 2) -> Job:
-    """Score held-out (or given) questions through every column as a job that holds the model."""
+                 retrieval_k: int = 2, *, policy: AccessPolicy = FULL) -> Job:
+    """Score held-out (or given) questions through every column as a job that holds the model.
+
+    It attaches the run's adapter and writes the report into the run folder; a judge is a call out."""
+    policy.require("write_reports", "manage_adapters")
+    if judge is not None:
+        policy.require("outbound")
+    if not 1 <= int(retrieval_k) <= 10:
+        raise StudioError(f"Sections retrieved must be between 1 and 10 (got {retrieval_k}).")
     folder = Path(folder)
     adapters.require_adapter_files(folder)  # an empty, missing or unfinished run says so, not "no held-out rows"
     meta = adapters.read_metadata(folder)

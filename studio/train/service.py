@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from studio.access import AccessPolicy
 from studio.data.datasets import read_dataset, safe_name, timestamp, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job, JobBoard
@@ -100,8 +101,10 @@ def check_same_base(request: RunRequest, loaded) -> None:
                           f"Load that base (--model {base}) and resume again.")
 
 
-def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = ()) -> Job:
+def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = (), *,
+                   policy: AccessPolicy = AccessPolicy.full()) -> Job:
     """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it."""
+    policy.require("train")
     current = board.latest(JOB_KIND)
     if current is not None and current.running:
         raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
@@ -122,7 +125,8 @@ def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, 
         raise
 
 
-def stop_training(board: JobBoard) -> bool:
+def stop_training(board: JobBoard, *, policy: AccessPolicy = AccessPolicy.full()) -> bool:
+    policy.require("train")
     job = board.latest(JOB_KIND)
     if job is None or not job.running:
         return False

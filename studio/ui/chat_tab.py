@@ -11,7 +11,7 @@ from studio.model.generation import GenerationSettings, StopSignals, build_messa
 from studio.model.loading import QUANT_CHOICES, ModelSpec
 from studio.services import MODEL_PRESETS, Services
 from studio.train.adapters import read_metadata
-from studio.ui.common import user_errors
+from studio.ui.registry import ANY, Choice, Num, Text
 from studio.ui.strings import strings
 
 
@@ -37,7 +37,7 @@ class ChatTab:
 
     def __init__(self, services: Services, stops: StopSignals):
         self.services, self.stops, self.s = services, stops, strings("chat")
-        self.manager, self.policy = services.manager, services.policy
+        self.manager, self.policy, self.registry = services.manager, services.policy, services.registry
         with gr.Tab(self.s["tab"], id="chat"):
             self._layout()
         self._wire()
@@ -86,35 +86,46 @@ class ChatTab:
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:
+        reg = self.registry
         load_outputs = [self.load_status, self.card_md, self.card_tree, self.card_template, self.adapter]
         chat_inputs = [self.message, self.chatbot, self.system, self.adapter, self.max_new, self.temperature,
                        self.top_p, self.rep]
+        chat_args = (Text("Message", 8000), ANY, Text("System prompt", 4000),
+                     Choice("Adapter", self.attached_names, optional=True), Num("Max new tokens", 1, 2048, True),
+                     Num("Temperature", 0.0, 2.0), Num("Top-p", 0.01, 1.0), Num("Repetition penalty", 1.0, 2.0))
         chat_outputs = [self.chatbot, self.message, self.preview]
-        self.load_btn.click(self.load, [self.model_box, self.quant], load_outputs, concurrency_limit=1)
-        self.unload_btn.click(self.unload, None, load_outputs)
-        send_event = self.send_btn.click(self.respond, chat_inputs, chat_outputs, api_name="chat")
-        submit_event = self.message.submit(self.respond, chat_inputs, chat_outputs, api_name=False)
-        self.stop_btn.click(self.stop, None, None, cancels=[send_event, submit_event], api_name="stop")
-        self.clear_btn.click(lambda: ([], ""), None, [self.chatbot, self.preview], api_name=False)
-        self.system.change(self.render_preview, [self.chatbot, self.system], self.preview, api_name=False)
-        self.adapter.focus(lambda: gr.update(choices=self.adapter_choices()), None, self.adapter, api_name=False)
-        self.adapter.change(self.adapter_prompt, [self.adapter, self.system], self.system, api_name=False)
+        if reg.demo:
+            self.model_box.value = reg.scrub_text(self.model_box.value)
+        reg.on(self.load_btn.click, self.load, [self.model_box, self.quant], load_outputs, action="load_model",
+               name="load", args=(Text("Model", 500), Choice("Quantization", QUANT_CHOICES)), concurrency_limit=1)
+        reg.on(self.unload_btn.click, self.unload, None, load_outputs, action="load_model", name="unload")
+        send_event = reg.on(self.send_btn.click, self.respond, chat_inputs, chat_outputs, action="chat", name="chat",
+                            args=chat_args)
+        submit_event = reg.on(self.message.submit, self.respond, chat_inputs, chat_outputs, action="chat",
+                              args=chat_args)
+        reg.on(self.stop_btn.click, self.stop, None, None, action="chat", name="stop",
+               cancels=[e for e in (send_event, submit_event) if e is not None])
+        reg.on(self.clear_btn.click, lambda: ([], ""), None, [self.chatbot, self.preview], action="view")
+        reg.on(self.system.change, self.render_preview, [self.chatbot, self.system], self.preview, action="chat",
+               args=(ANY, Text("System prompt", 4000)))
+        reg.on(self.adapter.focus, lambda: gr.update(choices=self.adapter_choices()), None, self.adapter, action="view")
+        reg.on(self.adapter.change, self.adapter_prompt, [self.adapter, self.system], self.system, action="chat",
+               args=(Choice("Adapter", self.attached_names, optional=True), Text("System prompt", 4000)))
+
+    def attached_names(self) -> list[str]:
+        return list(self.manager.status().adapters)
 
     def adapter_choices(self) -> list[tuple[str, str]]:
         return [(self.s["adapter_base"], "")] + [(name, name) for name in self.manager.status().adapters]
 
     # ----- the model ---------------------------------------------------------------------------
-    @user_errors
     def load(self, name, quant, progress=gr.Progress()):
-        self.policy.require("load_model")
         self.manager.load(ModelSpec(name, quant), progress=lambda fraction, message: progress(fraction, desc=message))
         card = self.manager.card()
         return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))
 
-    @user_errors
     def unload(self):
-        self.policy.require("load_model")
         self.manager.unload()
         return self.s["unloaded"], "", "", "", gr.update(choices=self.adapter_choices(), value="")
 
@@ -131,10 +142,8 @@ class ChatTab:
             return ""
         return self.manager.render_prompt(build_messages(system_prompt, history or []))
 
-    @user_errors
     def respond(self, text, history, system_prompt, adapter_name, max_tokens, temperature, top_p, penalty,
                 request: gr.Request):
-        self.policy.require("chat")
         if not text or not text.strip():
             raise gr.Error(self.s["empty_message"])
         history = list(history or [])

@@ -1,4 +1,4 @@
-"""Helpers shared by the tabs: turning studio errors into Gradio messages, permission checks."""
+"""Helpers shared by the tabs: turning studio errors into Gradio messages, the job panel."""
 
 from __future__ import annotations
 
@@ -53,11 +53,22 @@ class JobPanel:
     state: gr.State
     timer: gr.Timer
     finished: gr.Textbox
+    poll: object = None
+    poll_outputs: list = None
 
-    def on_finish(self, fn, outputs) -> None:
-        """Run `fn(job)` once per session when the latest job ends (or is found ended after a reload)."""
-        self.finished.change(lambda job_id: fn(self.board.get(job_id)) if job_id else (gr.skip(),) * len(outputs),
-                             self.finished, outputs, api_name=False)
+    def wire(self, registry, action: str, on_finish=None, finish_outputs=()) -> None:
+        """Poll the job log on the timer and run `on_finish(job)` once per session when the latest job ends
+        (or is found ended after a reload); both through the registry under `action`."""
+        registry.on(self.timer.tick, self.poll, self.state, self.poll_outputs, action=action,
+                    show_progress="hidden")
+        if on_finish is not None:
+            outputs = list(finish_outputs)
+
+            def finished(job_id):
+                job = self.board.get(job_id) if isinstance(job_id, str) and job_id else None
+                return on_finish(job) if job is not None else (gr.skip(),) * len(outputs)
+
+            registry.on(self.finished.change, finished, self.finished, outputs, action=action)
 
 
 LOG_LINES = 300
@@ -113,6 +124,8 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
     skips = (gr.skip(),) * len(plot_outputs)
 
     def poll(view: dict):
+        view = view if isinstance(view, dict) and isinstance(view.get("cursor", 0), int) else {}
+        view = {"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": [], **view}
         job = board.latest(kind)
         if job is None:
             return (gr.skip(), gr.skip(), view, gr.skip()) + skips
@@ -132,5 +145,5 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         return (progress_html(job), "\n".join(lines) if events else gr.skip(), view,
                 job.id if newly_finished else gr.skip()) + tuple(plot_values)
 
-    timer.tick(poll, state, [progress, log, state, finished] + plot_outputs, api_name=False, show_progress="hidden")
+    panel.poll, panel.poll_outputs = poll, [progress, log, state, finished] + plot_outputs
     return panel

@@ -16,7 +16,8 @@ from studio.evaluate.retrieval import SectionRetriever, retrieval_messages
 from studio.model.generation import GenerationSettings, build_messages
 from studio.services import SAMPLE_DOCUMENT, Services
 from studio.train import adapters
-from studio.ui.common import job_panel, user_errors
+from studio.ui.common import job_panel
+from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload
 from studio.ui.strings import strings
 
 ADAPTER_COLUMNS = ["name", "status", "attached", "train loss", "eval loss", "dataset", "base", "problem"]
@@ -34,6 +35,7 @@ class CompareTab:
     def __init__(self, services: Services, app: gr.Blocks):
         self.services, self.app, self.s = services, app, strings("compare")
         self.manager, self.policy, self.board = services.manager, services.policy, services.jobs
+        self.catalog, self.registry = services.catalog, getattr(services, "registry", None)
         with gr.Tab(self.s["tab"], id="compare"):
             self._layout()
         self._wire()
@@ -76,7 +78,8 @@ class CompareTab:
         self.reference = gr.Markdown()
         with gr.Row():
             self.use_retrieval = gr.Checkbox(True, label=s["use_retrieval"])
-            self.document = gr.Textbox(str(SAMPLE_DOCUMENT), label=s["document"], scale=3)
+            self.document = gr.Dropdown(self.services.catalog.ids("documents"), value=SAMPLE_DOCUMENT.name,
+                                        label=s["document"], scale=3)
             self.top_k = gr.Slider(1, 5, value=2, step=1, label=s["top_k"])
             self.decoding = gr.Radio([s["greedy"], s["sampling"]], value=s["greedy"], label=s["decoding"])
             self.max_new = gr.Slider(16, 1024, value=256, step=16, label=s["max_new_tokens"])
@@ -104,75 +107,94 @@ class CompareTab:
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:
+        reg = self.registry
         listing = [self.adapter_msg, self.adapters_table, self.run_pick]
         generation = [self.use_retrieval, self.document, self.top_k, self.decoding, self.max_new]
-        self.refresh_btn.click(self.refresh, None, listing[1:], api_name=False)
-        self.attach_btn.click(self.attach, self.run_pick, listing, api_name="attach_adapter")
-        self.detach_btn.click(self.detach, self.run_pick, listing, api_name="detach_adapter")
-        self.delete_btn.click(self.delete, [self.run_pick, self.confirm], listing, api_name="delete_adapter")
-        self.run_pick.change(self.pick_run, self.run_pick, [self.heldout, self.document], api_name=False)
-        self.app.load(self.pick_run, self.run_pick, [self.heldout, self.document], api_name=False)
-        self.preset.change(self.pick_preset, self.preset, [self.question, self.reference], api_name=False)
-        self.heldout.change(self.pick_heldout, [self.heldout, self.run_pick], [self.question, self.reference],
-                            api_name=False)
-        self.compare_btn.click(self.compare, [self.question, self.run_pick] + generation,
-                               [self.base_out, self.rag_out, self.tuned_out, self.retrieved], api_name="compare")
-        self.report_btn.click(self.report, [self.run_pick, self.report_source, self.upload] + generation +
-                              [self.judge_url, self.judge_model, self.judge_key], self.panel.message, api_name="run_report")
-        self.panel.on_finish(self.on_report, [self.warning, self.summary, self.chart, self.per_question, self.exports])
+        run = Id("Run", "runs")
+        gen_args = (ANY, Id("Document", "documents", optional=True), Num("Sections retrieved", 1, 10, True),
+                    Choice("Decoding", (self.s["greedy"], self.s["sampling"])), Num("Max new tokens", 1, 1024, True))
+        reg.on(self.refresh_btn.click, self.refresh, None, listing[1:], action="view", scrub=True)
+        reg.on(self.attach_btn.click, self.attach, self.run_pick, listing, action="manage_adapters",
+               name="attach_adapter", args=(run,))
+        reg.on(self.detach_btn.click, self.detach, self.run_pick, listing, action="manage_adapters",
+               name="detach_adapter", args=(run,))
+        reg.on(self.delete_btn.click, self.delete, [self.run_pick, self.confirm], listing, action="manage_adapters",
+               name="delete_adapter", args=(run, ANY))
+        picked = (Id("Run", "runs", optional=True),)
+        reg.on(self.run_pick.change, self.pick_run, self.run_pick, [self.heldout, self.document], action="compare",
+               args=picked)
+        reg.on(self.app.load, self.pick_run, self.run_pick, [self.heldout, self.document], action="compare", args=picked)
+        reg.on(self.preset.change, self.pick_preset, self.preset, [self.question, self.reference], action="view",
+               args=(Text("Preset", 500),))
+        reg.on(self.heldout.change, self.pick_heldout, [self.heldout, self.run_pick], [self.question, self.reference],
+               action="compare", args=(Num("Held-out question", 0, 100_000, True, optional=True), picked[0]))
+        reg.on(self.compare_btn.click, self.compare, [self.question, self.run_pick] + generation,
+               [self.base_out, self.rag_out, self.tuned_out, self.retrieved], action="compare", name="compare",
+               args=(Text("Question", 4000), run) + gen_args)
+        reg.on(self.report_btn.click, self.report, [self.run_pick, self.report_source, self.upload] + generation +
+               [self.judge_url, self.judge_model, self.judge_key], self.panel.message, action="write_reports",
+               name="run_report", args=(run, Choice("Questions", (self.s["source_heldout"], self.s["source_upload"])),
+                                        Upload("Questions file", (".jsonl", ".json"))) + gen_args +
+               (Text("Judge URL", 500), Text("Judge model", 200), Text("Judge key", 500)))
+        self.panel.wire(reg, "write_reports", self.on_report,
+                        [self.warning, self.summary, self.chart, self.per_question, self.exports])
 
     # ----- adapters ----------------------------------------------------------------------------
     def _listing(self) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-        """The adapters table and the runs that can go on the loaded base, from one scan of runs/."""
+        """The adapters table and the runs that can go on the loaded base, from one scan of runs/.
+
+        In demo mode only the adapters the owner attached are listed, and the base model by name only.
+        """
         entries = service.list_adapters(self.manager, self.services.paths.runs_dir)
+        if self.policy.is_demo:
+            entries = [e for e in entries if e.attached]
         frame = pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", _rounded(e.train_loss),
-                               _rounded(e.eval_loss), e.dataset, e.base_model, e.problem] for e in entries],
-                             columns=ADAPTER_COLUMNS)
-        return frame, [(e.name, e.folder) for e in entries if not e.problem]
+                               _rounded(e.eval_loss), e.dataset, self._public(e.base_model), self._public(e.problem)]
+                              for e in entries], columns=ADAPTER_COLUMNS)
+        return frame, [(e.name, e.name) for e in entries if not e.problem]
+
+    def _public(self, text: str) -> str:
+        return self.registry.scrub_text(text) if self.registry is not None else text
 
     def refresh(self):
         frame, choices = self._listing()
         return frame, gr.update(choices=choices)
 
-    def _picked(self, folder) -> Path:
-        self.policy.require("manage_adapters")
-        if not folder:
-            raise StudioError(self.s["pick_run"])
-        return Path(folder)
-
-    @user_errors
-    def attach(self, folder):
-        name = service.attach_run(self.manager, self._picked(folder))
+    def attach(self, run_id):
+        name = service.attach_run(self.manager, self.catalog.resolve_run(run_id), policy=self.policy)
         return (self.s["attached"].format(name=name),) + self.refresh()
 
-    @user_errors
-    def detach(self, folder):
-        folder = self._picked(folder)
-        service.detach_run(self.manager, folder.name)
+    def detach(self, run_id):
+        folder = self.catalog.resolve_run(run_id)
+        service.detach_run(self.manager, folder.name, policy=self.policy)
         return (self.s["detached"].format(name=folder.name),) + self.refresh()
 
-    @user_errors
-    def delete(self, folder, sure):
-        folder = self._picked(folder)
-        service.delete_run(self.manager, folder, bool(sure))
+    def delete(self, run_id, sure):
+        folder = self.catalog.resolve_run(run_id)
+        service.delete_run(self.manager, folder, sure is True, policy=self.policy)
         return (self.s["deleted"].format(name=folder.name),) + self.refresh()
 
     # ----- questions ---------------------------------------------------------------------------
-    def pick_run(self, folder):
-        if not folder:
+    def pick_run(self, run_id):
+        if not run_id:
             return gr.update(choices=[]), gr.skip()
-        rows = service.run_questions(Path(folder), "heldout.jsonl")
-        document = service.source_document(Path(folder))
+        folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy)
+        rows = service.run_questions(folder, "heldout.jsonl")
+        document = self.catalog.document_id(service.source_document(folder))
         return gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None), document or gr.skip()
 
     def pick_preset(self, text):
         answer = dict(service.PRESET_QUESTIONS).get(text, "")
         return text, f"**{self.s['reference']}:** {answer}" if answer else ""
 
-    def pick_heldout(self, index, folder):
-        if index is None or not folder:
+    def pick_heldout(self, index, run_id):
+        if index is None or not run_id:
             return gr.skip(), gr.skip()
-        row = service.run_questions(Path(folder), "heldout.jsonl")[int(index)]
+        folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy)
+        rows = service.run_questions(folder, "heldout.jsonl")
+        if not 0 <= int(index) < len(rows):
+            raise StudioError(f"Held-out question {index} is not in {run_id}.")
+        row = rows[int(index)]
         return row["instruction"], f"**{self.s['reference']}:** {row['output']}"
 
     def _settings(self, mode: str, tokens) -> GenerationSettings:
@@ -180,21 +202,27 @@ class CompareTab:
             return GenerationSettings.tutorial_sampling(int(tokens))
         return GenerationSettings.greedy(int(tokens))
 
+    def _retrieval_document(self, folder: Path, retrieval_on, document_id) -> Path | None:
+        """The document for the retrieval column, by id. In demo mode only the run's own source document."""
+        if not retrieval_on or not document_id:
+            return None
+        if self.policy.is_demo and document_id != self.catalog.document_id(service.source_document(folder)):
+            raise StudioError("In demo mode the retrieval column reads only the run's own source document.")
+        return self.catalog.resolve_document(document_id)
+
     # ----- side by side ------------------------------------------------------------------------
-    @user_errors
-    def compare(self, text, folder, retrieval_on, document, k, mode, tokens):
-        self.policy.require("chat")
-        if not folder:
-            raise StudioError(self.s["pick_run"])
+    def compare(self, text, run_id, retrieval_on, document_id, k, mode, tokens):
         if not text or not text.strip():
             raise StudioError("Type a question first.")
-        name = service.attach_run(self.manager, Path(folder))
-        system = adapters.read_metadata(Path(folder)).get("system_prompt", self.services.default_system_prompt)
+        folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy)
+        name = service.side_by_side_adapter(self.manager, folder, self.policy)
+        document = self._retrieval_document(folder, retrieval_on, document_id)
+        system = adapters.read_metadata(folder).get("system_prompt", self.services.default_system_prompt)
         settings = self._settings(mode, tokens)
         base = tuned = rag = hits_md = ""
         for base, tuned in self.manager.stream_side_by_side(build_messages(system, [], text), name, settings):
             yield base, "", tuned, gr.skip()
-        if retrieval_on and document:
+        if document is not None:
             hits = SectionRetriever.from_document(document).search(text, int(k))
             hits_md = "\n\n".join(f"**{h.section.heading}** (score {h.score:.2f})\n\n{h.section.text}" for h in hits)
             for rag in self.manager.stream_chat(retrieval_messages(system, text, hits), settings):
@@ -202,15 +230,15 @@ class CompareTab:
         yield base, rag, tuned, hits_md or "—"
 
     # ----- the report --------------------------------------------------------------------------
-    @user_errors
-    def report(self, folder, source, upload_path, retrieval_on, document, k, mode, tokens, url, model, key):
-        self.policy.require("chat")
-        if not folder:
-            raise StudioError(self.s["pick_run"])
+    def report(self, run_id, source, upload_path, retrieval_on, document_id, k, mode, tokens, url, model, key):
+        folder = self.catalog.resolve_run(run_id)
         questions = read_dataset(upload_path) if source == self.s["source_upload"] and upload_path else None
-        judge = TeacherConfig(url.strip(), model.strip(), key or "") if url and url.strip() else None
-        job = service.start_report(self.board, self.manager, Path(folder), questions,
-                                   document if retrieval_on else None, self._settings(mode, tokens), judge, int(k))
+        judge = None
+        if url and url.strip():
+            judge = TeacherConfig(url.strip(), model.strip(), self.services.keys.key_for(url, key))
+        job = service.start_report(self.board, self.manager, folder, questions,
+                                   self._retrieval_document(folder, retrieval_on, document_id),
+                                   self._settings(mode, tokens), judge, int(k), policy=self.policy)
         return self.s["started"].format(name=job.name)
 
     def on_report(self, job):

@@ -14,7 +14,8 @@ from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.services import SAMPLE_DOCUMENT, Services
-from studio.ui.common import job_panel, user_errors
+from studio.ui.common import job_panel
+from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload
 from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
@@ -26,10 +27,6 @@ def _split_settings(min_chars, max_chars, levels) -> SplitSettings:
     return SplitSettings(int(min_chars or 100), tuple(LEVELS[level] for level in levels or []), int(max_chars or 3000))
 
 
-def _document_path(upload, typed_path) -> Path:
-    return Path(upload) if upload else Path(typed_path or SAMPLE_DOCUMENT)
-
-
 def _rows_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     for column in PREVIEW_COLUMNS:
@@ -38,16 +35,12 @@ def _rows_frame(rows: list[dict]) -> pd.DataFrame:
     return frame[PREVIEW_COLUMNS + [c for c in frame.columns if c not in PREVIEW_COLUMNS]].fillna("")
 
 
-def _teacher_config(url, model, key, seconds) -> TeacherConfig:
-    return TeacherConfig(url.strip(), model.strip(), key or "", float(seconds or 120))
-
-
 class DatasetTab:
     """Builds the tab's components, then wires each event to one handler method."""
 
     def __init__(self, services: Services, app: gr.Blocks):
         self.services, self.app, self.s = services, app, strings("dataset")
-        self.policy, self.board = services.policy, services.jobs
+        self.policy, self.board, self.registry = services.policy, services.jobs, services.registry
         with gr.Tab(self.s["tab"], id="dataset"):
             self._layout()
         self._wire()
@@ -71,7 +64,7 @@ class DatasetTab:
     def _document_controls(self) -> None:
         s = self.s
         self.upload = gr.File(label=s["document"], file_types=[".md", ".txt", ".markdown"], type="filepath")
-        self.doc_path = gr.Textbox(str(SAMPLE_DOCUMENT), label=s["doc_path"])
+        self.doc_path = gr.Dropdown(self.services.catalog.ids("documents"), value=SAMPLE_DOCUMENT.name, label=s["doc_path"])
         self.name = gr.Textbox(label=s["name"])
         with gr.Row():
             self.min_chars = gr.Number(100, label=s["min_chars"], precision=0)
@@ -118,77 +111,98 @@ class DatasetTab:
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:
+        reg = self.registry
         split_inputs = [self.upload, self.doc_path, self.min_chars, self.max_chars, self.levels]
+        split_args = (Upload("Document", (".md", ".txt", ".markdown")), Id("Document", "documents", optional=True),
+                      Num("Shortest section", 0, 1_000_000, True), Num("Maximum section length", 200, 1_000_000, True),
+                      Choice("Heading levels", tuple(LEVELS), many=True))
         split_outputs = [self.split_msg, self.sections]
         build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
             self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
             self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
             self.attempts, self.timeout]
+        teacher_args = (Text("Base URL", 500), Text("Teacher model", 200), Text("API key", 500))
+        timeout = Num("Timeout (s)", 1, 600)
+        build_args = split_args[:2] + (Text("Dataset name", 200),) + split_args[2:] + (ANY,) + teacher_args + (
+            NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True), Num("Concurrency", 1, 32, True),
+            Text("System prompt"), Text("Paraphrase prompt"), Num("Temperature", 0, 2), Num("Max tokens", 16, 8192, True),
+            Num("Attempts", 1, 10, True), timeout)
         preview_outputs = [self.preview, self.result_msg, self.save_name]
-        self.provider.change(lambda choice: PROVIDER_PRESETS[choice], self.provider, [self.base_url, self.teacher_model],
-                             api_name=False)
-        self.split_btn.click(self.split, split_inputs, split_outputs, api_name="split")
-        self.upload.change(self.split, split_inputs, split_outputs, api_name=False)
-        self.app.load(self.split, split_inputs, split_outputs, api_name=False)
-        self.test_btn.click(self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout], self.test_msg,
-                            api_name="test_teacher")
-        self.build_btn.click(self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
-                             api_name="build_dataset")
-        cost_inputs = split_inputs + [self.per_section, self.variants]
-        for event in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
-                      self.app.load):
-            event(self.show_cost, cost_inputs, self.cost, api_name=False)
-        self.cancel_btn.click(self.cancel, None, self.panel.message, api_name="cancel_build")
-        self.open_btn.click(self.open_dataset, self.dataset_pick, preview_outputs, api_name="open_dataset")
-        self.import_file.upload(self.import_rows, self.import_file, preview_outputs[:2] + [self.dataset_pick, self.save_name],
-                                api_name="import_dataset")
-        self.save_btn.click(self.save, [self.preview, self.save_name], [self.result_msg, self.dataset_pick],
-                            api_name="save_dataset")
-        self.panel.on_finish(self.on_finished, [self.preview, self.dataset_pick])
+        if self.services.keys.owner_base_url:
+            self.base_url.value = self.services.keys.owner_base_url
+        reg.on(self.provider.change, lambda choice: PROVIDER_PRESETS[choice], self.provider,
+               [self.base_url, self.teacher_model], action="build_dataset", args=(Choice("Provider", tuple(PROVIDER_PRESETS)),))
+        reg.on(self.split_btn.click, self.split, split_inputs, split_outputs, action="read_files", name="split",
+               args=split_args)
+        reg.on(self.upload.change, self.split, split_inputs, split_outputs, action=("read_files", "upload"),
+               args=split_args)
+        reg.on(self.app.load, self.split, split_inputs, split_outputs, action="read_files", args=split_args)
+        reg.on(self.test_btn.click, self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout],
+               self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
+        reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
+               action="build_dataset", name="build_dataset", args=build_args + (ANY,))
+        cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True))
+        for trigger in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
+                        self.app.load):
+            reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants], self.cost,
+                   action="read_files", args=cost_args)
+        reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
+        reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs, action="read_files",
+               name="open_dataset", args=(Id("Dataset", "datasets"),))
+        reg.on(self.import_file.upload, self.import_rows, self.import_file,
+               preview_outputs[:2] + [self.dataset_pick, self.save_name], action=("upload", "edit_dataset"),
+               name="import_dataset", args=(Upload("Dataset file", (".jsonl", ".json")),))
+        reg.on(self.save_btn.click, self.save, [self.preview, self.save_name], [self.result_msg, self.dataset_pick],
+               action="edit_dataset", name="save_dataset", args=(ANY, Text("Save as", 200)))
+        self.panel.wire(reg, "build_dataset", self.on_finished, [self.preview, self.dataset_pick])
 
     def _datasets(self) -> list[str]:
-        return [str(p) for p in datasets.list_datasets(self.services.paths.data_dir)]
+        return self.services.catalog.ids("datasets")
+
+    def _document(self, upload_path, document_id) -> Path:
+        """The uploaded file, or a catalog document by id (the sample when none is picked)."""
+        return Path(upload_path) if upload_path else self.services.catalog.resolve_document(
+            document_id or SAMPLE_DOCUMENT.name)
+
+    def _teacher(self, url, model, key, seconds) -> TeacherConfig:
+        """The environment key goes only to the URL the owner configured; a typed URL gets the typed key."""
+        return TeacherConfig(url.strip(), model.strip(), self.services.keys.key_for(url, key), float(seconds or 120))
 
     # ----- document and teacher ----------------------------------------------------------------
-    @user_errors
-    def split(self, upload_path, typed, low, high, levels):
-        found = split_sections(read_document(_document_path(upload_path, typed)), _split_settings(low, high, levels))
+    def split(self, upload_path, document_id, low, high, levels):
+        found = split_sections(read_document(self._document(upload_path, document_id)),
+                               _split_settings(low, high, levels))
         table = [[x.index, x.heading, x.chars, x.first_line] for x in found]
         return self.s["sections_found"].format(count=len(found), chars=sum(x.chars for x in found)), table
 
-    @user_errors
     def test(self, url, model, key, seconds):
-        self.policy.require("build_dataset")
-        return check_connection(OpenAITeacher(_teacher_config(url, model, key, seconds)))
+        self.policy.require("outbound")
+        return check_connection(OpenAITeacher(self._teacher(url, model, key, seconds)))
 
     # ----- the build job -----------------------------------------------------------------------
-    @user_errors
-    def show_cost(self, upload_path, typed, low, high, levels, per, n_variants):
+    def show_cost(self, upload_path, document_id, low, high, levels, per, n_variants):
         settings = BuildSettings(per_section=str(per), variants=int(n_variants or 0), split=_split_settings(low, high, levels))
-        return self.s["cost"].format(cost=estimate_cost(read_document(_document_path(upload_path, typed)), settings).describe())
+        document = read_document(self._document(upload_path, document_id))
+        return self.s["cost"].format(cost=estimate_cost(document, settings).describe())
 
-    @user_errors
-    def start(self, upload_path, typed, dataset_name, low, high, levels, local, url, model, key, per, n_variants,
-              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, cost_seen=None):
-        self.policy.require("build_dataset")
+    def start(self, upload_path, document_id, dataset_name, low, high, levels, local, url, model, key, per,
+              n_variants, workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, cost_seen=None):
         settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
                                  temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
                                  paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries if tries is not None else 3)),
                                  split=_split_settings(low, high, levels))
         validate_settings(settings)
-        document_path = _document_path(upload_path, typed)
+        document_path = self._document(upload_path, document_id)
         cost = estimate_cost(read_document(document_path), settings)
         signature = [str(document_path), cost.calls, cost.chars_sent]
         if (cost.calls > CONFIRM_ABOVE_CALLS or cost.warnings) and cost_seen != signature:
             return self.s["confirm_cost"].format(cost=cost.describe()), signature
-        teacher = None if local else _teacher_config(url, model, key, seconds)
-        job = start_build(self.board, self.services.manager, self.services.paths, document_path,
-                          settings, teacher, dataset_name or "")
+        teacher = None if local is True else self._teacher(url, model, key, seconds)
+        job = start_build(self.board, self.services.manager, self.services.paths, document_path, settings, teacher,
+                          dataset_name or "", policy=self.policy)
         return self.s["started"].format(name=job.name), None
 
-    @user_errors
     def cancel(self):
-        self.policy.require("build_dataset")
         job = self.board.latest(JOB_KIND)
         if job is not None and job.running:
             job.cancel()
@@ -198,30 +212,26 @@ class DatasetTab:
         path = job.result.get("dataset_path") if job is not None else None
         if not path:
             return gr.skip(), gr.skip()
-        return _rows_frame(datasets.read_dataset(path)), gr.update(choices=self._datasets(), value=path)
+        return _rows_frame(datasets.read_dataset(path)), gr.update(choices=self._datasets(),
+                                                                   value=self.services.catalog.dataset_id(path))
 
     # ----- the result table --------------------------------------------------------------------
-    @user_errors
-    def open_dataset(self, path):
-        rows = datasets.read_dataset(path)
-        return _rows_frame(rows), self.s["opened"].format(rows=len(rows), path=path), Path(path).stem
+    def open_dataset(self, dataset_id):
+        rows = datasets.read_dataset(self.services.catalog.resolve_dataset(dataset_id))
+        return _rows_frame(rows), self.s["opened"].format(rows=len(rows), path=dataset_id), Path(dataset_id).stem
 
-    @user_errors
     def import_rows(self, path):
-        self.policy.require("edit_dataset")
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         saved, rows = datasets.import_dataset(path, self.services.paths.data_dir)
-        message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved)
-        return _rows_frame(rows), message, gr.update(choices=self._datasets(), value=str(saved)), saved.stem
+        message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved.name)
+        return _rows_frame(rows), message, gr.update(choices=self._datasets(), value=saved.name), saved.stem
 
-    @user_errors
     def save(self, frame, save_as):
-        self.policy.require("edit_dataset")
         rows = frame.to_dict(orient="records") if isinstance(frame, pd.DataFrame) else []
         path = datasets.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
         count = sum(1 for _ in open(path, encoding="utf-8"))
-        return self.s["saved"].format(rows=count, path=path), gr.update(choices=self._datasets(), value=str(path))
+        return self.s["saved"].format(rows=count, path=path.name), gr.update(choices=self._datasets(), value=path.name)
 
 
 def build_dataset_tab(services: Services, app: gr.Blocks) -> DatasetTab:

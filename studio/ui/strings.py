@@ -59,7 +59,7 @@ EN = {
         "base_url": "Base URL (OpenAI-compatible)",
         "teacher_model": "Teacher model id",
         "api_key": "API key",
-        "api_key_placeholder": "empty = read STUDIO_TEACHER_API_KEY or OPENAI_API_KEY; never saved",
+        "api_key_placeholder": "empty = the server's key, sent only to the URL the owner configured; never saved",
         "test": "Test connection",
         "per_section": "Questions per section ('auto' = about one per 600 characters)",
         "variants": "Rephrasings per question (stage 2)",

@@ -18,12 +18,19 @@ from studio.train.memory import estimate_for_dataset, free_gpu_gib
 from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
 from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainSettings, peft_default_targets, preset
 from studio.train.split import split_heldout
-from studio.ui.common import job_panel, user_errors
+from studio.ui.common import job_panel
+from studio.ui.registry import ANY, Choice, Id, Num, Text
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing")
 SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
+# Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
+SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
+                 Num("Batch size", 1, 256, True), Num("Gradient accumulation", 1, 1024, True), Num("Warmup", 0, 1),
+                 Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
+                 Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True), ANY, ANY)
+RANK = Num("LoRA rank", 1, 512, True)
 
 
 def _fmt(value) -> str:
@@ -41,6 +48,7 @@ class TrainTab:
     def __init__(self, services: Services, app: gr.Blocks):
         self.services, self.app, self.s = services, app, strings("train")
         self.manager, self.policy, self.board = services.manager, services.policy, services.jobs
+        self.catalog, self.registry = services.catalog, services.registry
         with gr.Tab(self.s["tab"], id="train"):
             self._layout()
         self._wire()
@@ -116,32 +124,42 @@ class TrainTab:
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:
+        reg = self.registry
         guard_inputs, guard_outputs = [self.dataset, self.system, self.heldout], [self.split_md, self.guard]
+        guard_args = (Id("Dataset", "datasets"), Text("System prompt", 4000), SETTING_SPECS[8])
         lora_inputs = [self.targets, self.r, self.alpha, self.dropout]
-        self.preset.change(self.apply_preset, self.preset, self.settings, api_name=False)
-        self.refresh.click(self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick], api_name=False)
-        self.guard_btn.click(self.show_guard, guard_inputs, guard_outputs, api_name="template_guard")
-        self.dataset.change(self.show_guard, guard_inputs, guard_outputs, api_name=False)
-        self.app.load(self.guard_on_load, guard_inputs, guard_outputs, api_name=False)
-        for control in (self.targets, self.r):
-            control.change(self.count_trainable, [self.targets, self.r], self.trainable, api_name=False)
-        self.app.load(self.count_trainable, [self.targets, self.r], self.trainable, api_name=False)
-        self.all_btn.click(lambda: gr.update(value=list(ALL_PROJECTIONS)), None, self.targets, api_name=False)
-        self.peft_btn.click(self.peft_default, None, self.targets, api_name=False)
-        self.estimate_btn.click(self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
-                                self.estimate_md, api_name="estimate_memory")
-        self.start_btn.click(self.start, [self.dataset, self.run_name, self.system] + lora_inputs + self.settings,
-                             self.panel.message, api_name="start_training")
-        self.stop_btn.click(self.stop, None, self.panel.message, api_name="stop_training")
-        self.resume_btn.click(self.resume, self.resume_pick, self.panel.message, api_name="resume_training")
-        self.panel.on_finish(self.on_finished, [self.result_md, self.loss_png, self.resume_pick])
+        lora_args = (ANY, RANK, Num("LoRA alpha", 1, 4096, True), Num("LoRA dropout", 0, 0.9))
+        reg.on(self.preset.change, self.apply_preset, self.preset, self.settings, action="train",
+               args=(Choice("Preset", tuple(PRESETS)),))
+        reg.on(self.refresh.click, self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick],
+               action="read_files")
+        reg.on(self.guard_btn.click, self.show_guard, guard_inputs, guard_outputs, action="read_files",
+               name="template_guard", args=guard_args)
+        reg.on(self.dataset.change, self.show_guard, guard_inputs, guard_outputs, action="read_files", args=guard_args)
+        reg.on(self.app.load, self.guard_on_load, guard_inputs, guard_outputs, action="read_files",
+               args=(Id("Dataset", "datasets", optional=True),) + guard_args[1:])
+        for trigger in (self.targets.change, self.r.change, self.app.load):
+            reg.on(trigger, self.count_trainable, [self.targets, self.r], self.trainable, action="train",
+                   args=(ANY, Num("LoRA rank", 0, 512, True, optional=True)))
+        reg.on(self.all_btn.click, lambda: gr.update(value=list(ALL_PROJECTIONS)), None, self.targets, action="train")
+        reg.on(self.peft_btn.click, self.peft_default, None, self.targets, action="train")
+        reg.on(self.estimate_btn.click, self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
+               self.estimate_md, action="read_files", name="estimate_memory",
+               args=guard_args[:2] + (ANY, RANK) + SETTING_SPECS)
+        reg.on(self.start_btn.click, self.start, [self.dataset, self.run_name, self.system] + lora_inputs + self.settings,
+               self.panel.message, action="train", name="start_training",
+               args=(guard_args[0], Text("Run name", 200), guard_args[1]) + lora_args + SETTING_SPECS)
+        reg.on(self.stop_btn.click, self.stop, None, self.panel.message, action="train", name="stop_training")
+        reg.on(self.resume_btn.click, self.resume, self.resume_pick, self.panel.message, action="train",
+               name="resume_training", args=(Id("Run", "runs"),))
+        self.panel.wire(reg, "train", self.on_finished, [self.result_md, self.loss_png, self.resume_pick])
 
     # ----- lists -------------------------------------------------------------------------------
     def _datasets(self) -> list[str]:
-        return [str(p) for p in datasets.list_datasets(self.services.paths.data_dir)]
+        return self.services.catalog.ids("datasets")
 
     def _runs(self) -> list[str]:
-        return [str(p) for p in list_runs(self.services.paths.runs_dir)]
+        return [p.name for p in list_runs(self.services.paths.runs_dir)]
 
     def refresh_lists(self):
         model = self.manager.require_loaded().model if self.manager.is_loaded else None
@@ -153,11 +171,8 @@ class TrainTab:
         return [chosen[f] for f in SETTING_FIELDS]
 
     # ----- before training ---------------------------------------------------------------------
-    @user_errors
-    def show_guard(self, path, prompt, per_group):
-        if not path:
-            raise StudioError(self.s["no_dataset"])
-        rows = datasets.read_dataset(path)
+    def show_guard(self, dataset_id, prompt, per_group):
+        rows = datasets.read_dataset(self.catalog.resolve_dataset(dataset_id))
         train_rows, held = split_heldout(rows, int(per_group or 0))
         groups = len({row.get("group") for row in held})
         split = (f"**{self.s['split']}:** {len(rows)} rows → {len(train_rows)} for training, {len(held)} held out "
@@ -185,10 +200,8 @@ class TrainTab:
             return gr.update(value=["q_proj", "v_proj"])
         return gr.update(value=list(peft_default_targets(self.manager.require_loaded().model.config.model_type)))
 
-    @user_errors
-    def estimate(self, path, prompt, chosen, rank, *values):
-        if not path:
-            raise StudioError(self.s["no_dataset"])
+    def estimate(self, dataset_id, prompt, chosen, rank, *values):
+        path = self.catalog.resolve_dataset(dataset_id)
         if not self.manager.is_loaded:
             raise StudioError(strings("chat")["no_model"])
         lora = LoraSettings(r=int(rank), targets=tuple(chosen))
@@ -196,28 +209,19 @@ class TrainTab:
         return estimate.describe(free_gpu_gib())
 
     # ----- the job -----------------------------------------------------------------------------
-    @user_errors
-    def start(self, path, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
-        self.policy.require("train")
-        if not path:
-            raise StudioError(self.s["no_dataset"])
+    def start(self, dataset_id, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
+        path = self.catalog.resolve_dataset(dataset_id)
         lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
         request = RunRequest(Path(path), prompt, lora, settings_from(*values),
                              new_run_dir(self.services.paths.runs_dir, name or Path(path).stem))
-        job = start_training(self.board, self.manager, request)
+        job = start_training(self.board, self.manager, request, policy=self.policy)
         return self.s["started"].format(name=job.name)
 
-    @user_errors
     def stop(self):
-        self.policy.require("train")
-        return self.s["stopping"] if stop_training(self.board) else self.s["not_running"]
+        return self.s["stopping"] if stop_training(self.board, policy=self.policy) else self.s["not_running"]
 
-    @user_errors
-    def resume(self, run_dir):
-        self.policy.require("train")
-        if not run_dir:
-            raise StudioError(self.s["resume_run"])
-        job = start_training(self.board, self.manager, load_request(Path(run_dir)))
+    def resume(self, run_id):
+        job = start_training(self.board, self.manager, load_request(self.catalog.resolve_run(run_id)), policy=self.policy)
         return self.s["started"].format(name=job.name)
 
     def on_finished(self, job):

@@ -1,0 +1,188 @@
+"""An ASGI middleware in front of Gradio's routes, for what Gradio itself does not do.
+
+- Failed logins are throttled per client address: after `free` failures in a row each further attempt
+  is refused (429, Retry-After) until a lock that doubles with every failure has run out, even with the
+  right password. A success clears the count.
+- Uploads: refused outright in demo mode; otherwise only files named .md .txt .jsonl .json, and no
+  request larger than the size limit (Gradio checks the size too, but accepts any file type).
+- The login page (served before a login) carries no endpoint list: Gradio embeds its API description
+  in every page, the login page included.
+- `/file=<http URL>` is refused: Gradio would fetch the URL from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+from studio.catalog import UPLOAD_SUFFIXES
+
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
+_FILENAME = re.compile(rb'filename\*?=(?:"([^"]*)"|([^;\r\n]*))', re.IGNORECASE)
+
+
+@dataclass
+class LoginThrottle:
+    """Failed logins per client; `free` failures are let through, then the lock doubles from `base_s`."""
+
+    free: int = 5
+    base_s: float = 30.0
+    max_s: float = 3600.0
+    _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait_s(self, client: str, now: float | None = None) -> float:
+        """Seconds this client must wait before its next attempt (0: it may try now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            _, locked_until = self._failures.get(client, (0, 0.0))
+        return max(0.0, locked_until - now)
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            count = self._failures.get(client, (0, 0.0))[0] + 1
+            lock = 0.0 if count < self.free else min(self.base_s * 2 ** (count - self.free), self.max_s)
+            self._failures[client] = (count, now + lock)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+async def _reply(send, status: int, text: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": text}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+def upload_names(content_type: bytes, body: bytes) -> list[str] | None:
+    """The file names of a multipart body's file parts; None when the body is not multipart."""
+    match = re.search(rb'boundary="?([^";]+)"?', content_type)
+    if not content_type.lower().startswith(b"multipart/form-data") or not match:
+        return None
+    names = []
+    for part in body.split(b"--" + match.group(1))[1:]:
+        headers = part.split(b"\r\n\r\n", 1)[0]
+        for line in headers.split(b"\r\n"):
+            if line.lower().startswith(b"content-disposition") and b"filename" in line.lower():
+                found = _FILENAME.search(line)
+                value = (found.group(1) or found.group(2) or b"") if found else b""
+                names.append(value.decode("utf-8", "replace").strip().split("''")[-1])
+    return names
+
+
+class StudioGuard:
+    """The middleware; one per launched app (see studio/ui/launch.py)."""
+
+    def __init__(self, app, throttle: LoginThrottle | None = None, max_upload_bytes: int = 20 * 2**20,
+                 uploads_allowed: bool = True, login_required: bool = False, suffixes=UPLOAD_SUFFIXES):
+        self.app = app
+        self.throttle = throttle or LoginThrottle()
+        self.max_upload_bytes = max_upload_bytes
+        self.uploads_allowed = uploads_allowed
+        self.login_required = login_required
+        self.suffixes = tuple(suffixes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        tail = path.rstrip("/").rsplit("/", 1)[-1]
+        if "/file=http:" in path or "/file=https:" in path or "/file=//" in path:
+            return await _reply(send, 403, "Fetching URLs through this server is disabled.")
+        if method == "POST" and tail == "login":
+            return await self._login(scope, receive, send)
+        if method == "POST" and tail == "upload":
+            return await self._upload(scope, receive, send)
+        if method == "GET" and self.login_required and "." not in tail and "gradio_api" not in path:
+            return await self._page(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    # ----- login -------------------------------------------------------------------------------
+    async def _login(self, scope, receive, send):
+        client = _client(scope)
+        wait = self.throttle.wait_s(client)
+        if wait > 0:
+            return await _reply(send, 429, f"Too many failed logins from this address; try again in {wait:.0f} s.",
+                                [(b"retry-after", str(int(wait) + 1).encode())])
+        status = {}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status.get("code") == 200:
+            self.throttle.succeeded(client)
+        elif status.get("code") in (400, 401, 403):
+            self.throttle.failed(client)
+
+    # ----- uploads -----------------------------------------------------------------------------
+    async def _upload(self, scope, receive, send):
+        if not self.uploads_allowed:
+            return await _reply(send, 403, "Uploads are disabled on this server (demo mode).")
+        limit = self.max_upload_bytes + 64 * 1024  # the multipart framing around the file
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _reply(send, 413, f"The file is larger than {self.max_upload_bytes / 2**20:g} MB.")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await _reply(send, 413, f"The file is larger than {self.max_upload_bytes / 2**20:g} MB.")
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        names = upload_names(headers.get(b"content-type", b""), body)
+        if names is None or not names or any(PurePath(n).suffix.lower() not in self.suffixes for n in names):
+            return await _reply(send, 415, f"Only {', '.join(self.suffixes)} files are accepted.")
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    # ----- the login page ----------------------------------------------------------------------
+    async def _page(self, scope, receive, send):
+        """Drop the embedded endpoint list from a page served to a visitor who has not logged in."""
+        start, parts = {}, []
+
+        async def hold(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(parts)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            is_html = any(k.lower() == b"content-type" and b"text/html" in v for k, v in headers)
+            if is_html and b'"auth_required":true' in body.replace(b" ", b""):
+                body = _API_INFO.sub(b"window.gradio_api_info = {};</script>", body)
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, hold)

@@ -1,0 +1,316 @@
+"""One place that registers every event handler of the studio's page.
+
+Each tab asks the registry to wire its events: `registry.on(button.click, handler, inputs, outputs,
+action="train", name="start_training", args=(...))`. The registry
+
+- skips the event entirely when the access policy forbids its action (a demo page has no endpoint
+  for loading, files, datasets, training, adapters, reports or teacher calls, named or by fn_index);
+- checks the policy again on every call (services check it a third time);
+- checks every argument against its spec on the server (numbers in range, a choice from its list,
+  an id from the catalog, an upload of an allowed type and size, text of bounded length), because the
+  browser's sliders and dropdowns bound nothing for a caller of the HTTP API;
+- turns a StudioError into a gr.Error with its message, and any other error into a short message
+  without a traceback; in demo mode, server paths in messages and marked outputs are cut to file names;
+- remembers the uploads each session handed to a handler and deletes them when the session ends.
+
+`registry.table()` lists what was registered and what was left out, for tests and for the README.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from studio.catalog import UPLOAD_SUFFIXES
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)(?:[^\s/\"'`|,;()<>*]+/)+([^\s/\"'`|,;()<>*]*)")
+
+
+class BadArgument(StudioError):
+    """An argument outside its allowed range or list."""
+
+
+# ----- argument specs ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Num:
+    """A number between `lo` and `hi` (inclusive); `integer` refuses fractions; None/'' allowed when `optional`."""
+
+    label: str
+    lo: float
+    hi: float
+    integer: bool = False
+    optional: bool = False
+
+    def check(self, value, ctx):
+        if value is None or value == "":
+            if self.optional:
+                return value
+            raise BadArgument(f"{self.label}: a number is needed.")
+        if isinstance(value, bool):
+            raise BadArgument(f"{self.label}: a number is needed (got {value!r}).")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise BadArgument(f"{self.label}: a number is needed (got {str(value)[:40]!r}).") from None
+        if not math.isfinite(number) or not self.lo <= number <= self.hi:
+            raise BadArgument(f"{self.label} must be between {self.lo:g} and {self.hi:g} (got {str(value)[:40]}).")
+        if self.integer:
+            if number != int(number):
+                raise BadArgument(f"{self.label} must be a whole number (got {value}).")
+            return int(number)
+        return number
+
+
+@dataclass(frozen=True)
+class NumOrWord:
+    """A whole number in range, or one of a few words (e.g. 'auto')."""
+
+    label: str
+    lo: int
+    hi: int
+    words: tuple[str, ...] = ("auto", "")
+
+    def check(self, value, ctx):
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
+        return str(Num(self.label, self.lo, self.hi, integer=True).check(value, ctx))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One value (or, with `many`, a list of values) from `options` (a tuple or a function returning one)."""
+
+    label: str
+    options: Any
+    many: bool = False
+    optional: bool = False
+
+    def check(self, value, ctx):
+        allowed = list(self.options() if callable(self.options) else self.options)
+        values = value if self.many else [value]
+        if self.many and not isinstance(value, (list, tuple)):
+            raise BadArgument(f"{self.label}: a list is needed.")
+        for item in values:
+            if self.optional and item in (None, ""):
+                continue
+            if item not in allowed:
+                raise BadArgument(f"{self.label}: unknown choice '{str(item)[:60]}'.")
+        return value
+
+
+@dataclass(frozen=True)
+class Id:
+    """An id from the catalog's list of `kind` (documents, datasets, runs); refused as 'unknown' otherwise."""
+
+    label: str
+    kind: str
+    optional: bool = False
+
+    def check(self, value, ctx):
+        if self.optional and value in (None, ""):
+            return value
+        if isinstance(value, str) and value in ctx.catalog.ids(self.kind):
+            return value
+        raise BadArgument(f"unknown {self.kind.rstrip('s')} '{Path(str(value)[:60]).name}': pick one from the list.")
+
+
+@dataclass(frozen=True)
+class Text:
+    label: str
+    max_chars: int = 20_000
+
+    def check(self, value, ctx):
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise BadArgument(f"{self.label}: text is needed.")
+        if len(value) > self.max_chars:
+            raise BadArgument(f"{self.label} is too long ({len(value):,} characters; at most {self.max_chars:,}).")
+        return value
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file the browser uploaded (Gradio only passes files from its upload folder): type and size checked."""
+
+    label: str
+    suffixes: tuple[str, ...] = UPLOAD_SUFFIXES
+
+    def check(self, value, ctx):
+        if value in (None, ""):
+            return None
+        path = Path(str(value))
+        if path.suffix.lower() not in self.suffixes:
+            raise BadArgument(f"{self.label}: only {', '.join(self.suffixes)} files are accepted.")
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise BadArgument(f"{self.label}: the upload is gone; upload it again.") from None
+        if size > ctx.max_upload_bytes:
+            raise BadArgument(f"{self.label}: the file is larger than {ctx.max_upload_bytes / 2**20:g} MB.")
+        ctx.remember_upload(path)
+        return str(path)
+
+
+class Any_:
+    """No check: a value a component's own preprocessing already bounds (a checkbox, a table, a gr.State)."""
+
+    def check(self, value, ctx):
+        return value
+
+
+ANY = Any_()
+
+
+# ----- the registry -----------------------------------------------------------------------------
+@dataclass
+class Registered:
+    name: str
+    actions: tuple[str, ...]
+    registered: bool
+    dependency: Any = None
+
+
+@dataclass
+class Registry:
+    """Wires a tab's events through the policy, argument checks and error mapping. One per app."""
+
+    policy: Any
+    catalog: Any
+    max_upload_bytes: int = 20 * 2**20
+    entries: list[Registered] = field(default_factory=list)
+    _uploads: dict[str, set[Path]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def for_services(cls, services) -> "Registry":
+        return cls(services.policy, services.catalog, int(services.max_upload_mb * 2**20))
+
+    @property
+    def demo(self) -> bool:
+        return self.policy.is_demo
+
+    def on(self, trigger: Callable, fn: Callable, inputs=None, outputs=None, *, action: str | tuple[str, ...],
+           name: str | None = None, args: tuple = (), scrub: bool = False, **event_kwargs):
+        """Register `fn` on `trigger` (a bound event such as `button.click`) unless the policy forbids `action`.
+
+        `name` becomes the api_name (None: a hidden endpoint, still callable by fn_index, still checked).
+        `args` holds one spec per input. Returns the event (for `cancels=`/`.then`) or None if left out.
+        """
+        actions = (action,) if isinstance(action, str) else tuple(action)
+        label = name or getattr(fn, "__name__", "handler")
+        if not all(self.policy.allows(a) for a in actions):
+            self.entries.append(Registered(label, actions, False))
+            return None
+        inputs_list = inputs if isinstance(inputs, (list, tuple)) else ([] if inputs is None else [inputs])
+        if args and len(args) != len(inputs_list):
+            raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
+        wrapped = self._wrap(fn, actions, tuple(args), label, scrub)
+        event = trigger(wrapped, inputs, outputs, api_name=name if name else False, **event_kwargs)
+        self.entries.append(Registered(label, actions, True, event))
+        return event
+
+    def unload(self, app: gr.Blocks, fn: Callable | None = None) -> None:
+        """On session end: run `fn(request)` (if any) and delete the uploads that session handed in."""
+        def on_close(request: gr.Request):
+            try:
+                if fn is not None:
+                    fn(request)
+            finally:
+                self.forget_uploads(request.session_hash or "")
+
+        app.unload(on_close)
+        self.entries.append(Registered("session end", ("view",), True))
+
+    def table(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        return [(e.name, e.actions, e.registered) for e in self.entries]
+
+    # ----- uploads -------------------------------------------------------------------------------
+    def remember_upload(self, path: Path) -> None:
+        from gradio.context import LocalContext
+
+        request = LocalContext.request.get(None)
+        session = getattr(request, "session_hash", None) or ""
+        with self._lock:
+            self._uploads.setdefault(session, set()).add(path)
+
+    def forget_uploads(self, session: str) -> None:
+        with self._lock:
+            paths = self._uploads.pop(session, set())
+        for path in paths:
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # Gradio keeps each upload in a folder named by its hash
+            except OSError:
+                pass
+
+    # ----- the wrapper ---------------------------------------------------------------------------
+    def scrub_text(self, text: str) -> str:
+        """In demo mode, absolute paths cut to their last part; unchanged otherwise."""
+        return _ABS_PATH.sub(lambda m: m.group(1) or "…", text) if self.demo and isinstance(text, str) else text
+
+    def _scrub_value(self, value):
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, tuple):
+            return tuple(self._scrub_value(v) for v in value)
+        if isinstance(value, list):
+            return [self._scrub_value(v) for v in value]
+        if isinstance(value, dict) and "__type__" in value:
+            return {k: (self._scrub_value(v) if k in ("value", "choices", "info", "label") else v)
+                    for k, v in value.items()}
+        return value
+
+    def _error(self, exc: Exception, label: str) -> gr.Error:
+        if isinstance(exc, StudioError):
+            return gr.Error(self.scrub_text(str(exc)))
+        log.exception("handler %s failed", label)
+        return gr.Error(f"{label} failed: {type(exc).__name__}" +
+                        ("" if self.demo else f": {str(exc)[:300]}"))
+
+    def _checked(self, actions, specs, args, label):
+        self.policy.require(*actions)
+        if not specs:
+            return args
+        args = list(args)
+        for index, spec in enumerate(specs):
+            if index < len(args):
+                args[index] = spec.check(args[index], self)
+        return tuple(args)
+
+    def _wrap(self, fn, actions, specs, label, scrub):
+        finish = self._scrub_value if (scrub and self.demo) else (lambda value: value)
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args, **kwargs):
+                try:
+                    args = self._checked(actions, specs, args, label)
+                    for value in fn(*args, **kwargs):
+                        yield finish(value)
+                except gr.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
+                    raise self._error(exc, label) from exc
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                args = self._checked(actions, specs, args, label)
+                return finish(fn(*args, **kwargs))
+            except gr.Error:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, label) from exc
+        return wrapper

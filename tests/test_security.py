@@ -1,0 +1,401 @@
+"""Safe sharing, end to end: demo mode, ids instead of paths, key routing, login throttle, uploads.
+
+Each test launches the real studio page (tests/uihelpers.py, the same launch options as studio.py)
+and talks to it as a stranger would: gradio_client, or raw HTTP by fn_index for hidden events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from conftest import SAMPLE_DOC
+from fake_teacher import FakeTeacher
+from studio.access import ACTIONS, DEMO_ACTIONS, AccessPolicy, policy_for_launch
+from studio.catalog import Catalog, UnknownItem
+from studio.data.documents import SplitSettings, _cut_long, _hard_wrap
+from studio.data.teacher import TeacherConfig, key_routing
+from studio.errors import DataError, PermissionDenied
+from studio.evaluate import service as evaluate
+from studio.jobs import JobBoard, JobStatus
+from studio.model.generation import GenerationSettings
+from studio.model.loading import ModelSpec
+from studio.model.manager import ModelManager
+from studio.services import PROJECT_ROOT, Services, StudioPaths
+from studio.train.job import RunRequest
+from studio.train.service import new_run_dir, start_training
+from studio.train.settings import LoraSettings, TrainSettings
+from test_training import FAST, SYSTEM, write_dataset
+from uihelpers import launched
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-server-env-key-0123456789abcdef"
+TYPED = "sk-typed-in-the-page-987654321"
+PASSWD_LINE = "root:x:0:0"
+
+
+@pytest.fixture()
+def capture():
+    """A capture server on 127.0.0.1 that records every Authorization header it receives."""
+    server = FakeTeacher().start()
+    yield server
+    server.stop()
+
+
+# ----- a studio with an attached adapter, a second run, a private file outside ---------------------
+@pytest.fixture(scope="module")
+def studio(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    paths = StudioPaths(root / "work" / "data", root / "work" / "runs").ensure()
+    dataset = write_dataset(paths.data_dir / "facts.jsonl", source=str(SAMPLE_DOC))
+    manager = ModelManager()
+    manager.load(ModelSpec(str(tiny_model_dir)))
+    board = JobBoard()
+    request = RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(**{**FAST, "max_steps": 2}),
+                         new_run_dir(paths.runs_dir, "shown"))
+    job = board.wait(start_training(board, manager, request), 300)
+    assert job.status is JobStatus.DONE, job.error
+    run = Path(job.result["run_dir"])
+    evaluate.attach_run(manager, run)  # the owner attaches this one
+    hidden = paths.runs_dir / "not_attached_run"
+    shutil.copytree(run, hidden)
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text('{"instruction": "TOPSECRET", "output": "TOPSECRET"}\n', encoding="utf-8")
+    yield {"root": root, "paths": paths, "manager": manager, "run": run, "hidden": hidden, "outside": outside,
+           "model": tiny_model_dir}
+    manager.unload()
+
+
+def _snapshot(*folders: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for folder in folders for p in folder.rglob("*")
+            if "__pycache__" not in p.parts and p.name != "events.jsonl"}
+
+
+def call_by_index(url: str, fn_index: int, data: list, timeout: float = 120) -> dict:
+    """Call one event by fn_index over raw HTTP, as the browser does; returns the final message."""
+    session = uuid.uuid4().hex[:12]
+    joined = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                             "event_data": None, "trigger_id": None}, timeout=30)
+    if joined.status_code != 200:
+        return {"msg": "refused", "status": joined.status_code, "text": joined.text}
+    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") in ("process_completed", "unexpected_error"):
+                    return message
+    return {"msg": "no reply"}
+
+
+def test_demo_mode_walks_every_endpoint_with_hostile_arguments(studio, capture):
+    services = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo(),
+                        default_model=str(studio["model"]))
+    manager = studio["manager"]
+    before_files = _snapshot(studio["root"])
+    before_status = manager.status()
+    hostile = ["/etc/passwd", "../../../../etc/passwd", str(studio["outside"] / "secret.jsonl"),
+               capture.base_url, 0, -1, 10**12, -10**12, None, "x" * 200_000]
+    with launched(services) as url:
+        config = httpx.get(url + "config").json()
+        registry = services.registry
+        # one place registers everything: each backend event of the page is one registry entry
+        backend = [d for d in config["dependencies"] if d.get("backend_fn")]
+        registered = [e for e in registry.entries if e.registered]
+        assert len(backend) == len(registered)
+        assert all(set(e.actions) <= DEMO_ACTIONS for e in registered)
+        refused = {e.name for e in registry.entries if not e.registered}
+        assert {"load", "split", "open_dataset", "build_dataset", "test_teacher", "start_training", "attach_adapter",
+                "delete_adapter", "run_report", "import_dataset", "save_dataset", "estimate_memory"} <= refused
+        assert {d["api_name"] for d in backend if d["api_visibility"] == "public"} == {"chat", "stop", "compare"}
+        defaults = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+        replies = []
+        for dep in backend:
+            inputs = [defaults.get(i) for i in dep["inputs"]]
+            attempts = [[value] * len(inputs) for value in hostile]
+            attempts += [inputs[:i] + [value] + inputs[i + 1:] for i in range(len(inputs))
+                         for value in ("/etc/passwd", 10**12, -1)]
+            for data in attempts:
+                reply = call_by_index(url, dep["id"], data)
+                assert reply["msg"] in ("process_completed", "refused"), (dep["api_name"], reply)
+                replies.append(json.dumps(reply, ensure_ascii=False))
+        # the server still answers, and still chats
+        assert httpx.get(url + "config").status_code == 200
+        client = Client(url, verbose=False)
+        history, _, _ = client.predict("你好", [], SYSTEM, "", 16, 0.0, 1.0, 1.0, api_name="/chat")
+        assert history[-1]["role"] == "assistant"
+    text = "\n".join(replies)
+    assert PASSWD_LINE not in text and "TOPSECRET" not in text
+    # Gradio's own refusals echo a hostile argument; the studio's folders and the model folder never show
+    assert str(studio["root"] / "work") not in text and str(PROJECT_ROOT) not in text and str(studio["model"]) not in text
+    assert ("must be between" in text or "greater than maximum value" in text) and "not in the list of choices" in text
+    assert capture.hits == [] and capture.auth_headers == []  # demo mode made no outbound call
+    assert _snapshot(studio["root"]) == before_files  # nothing written, deleted or moved
+    after = manager.status()
+    assert (after.model_name, after.adapters) == (before_status.model_name, before_status.adapters)
+
+
+def test_demo_compares_only_the_owners_attached_adapters(studio):
+    services = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo())
+    run, hidden = studio["run"].name, studio["hidden"].name
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        base, rag, tuned, retrieved = client.predict("雾灯岛的通用货币是什么？", run, True, SAMPLE_DOC.name, 1, "greedy", 16,
+                                                     api_name="/compare")
+        assert base and tuned and rag and retrieved.startswith("**")
+        for run_id, message in ((hidden, "unknown run"), (str(studio["run"]), "unknown run"),
+                                ("/etc/passwd", "unknown run")):
+            with pytest.raises(Exception, match=message):
+                client.predict("q", run_id, False, SAMPLE_DOC.name, 1, "greedy", 16, api_name="/compare")
+        with pytest.raises(Exception, match="must be between 1 and 1024|greater than maximum value 1024"):
+            client.predict("q", run, False, SAMPLE_DOC.name, 1, "greedy", 10**9, api_name="/compare")
+    assert "not_attached_run" not in studio["manager"].status().adapters
+
+
+def test_demo_page_shows_no_server_path(studio):
+    services = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo(),
+                        default_model=str(studio["model"]))
+    with launched(services) as url:
+        page = httpx.get(url).text
+        config = httpx.get(url + "config").text
+        info = httpx.get(url + "gradio_api/info").text
+    for text in (page, config, info):
+        assert str(studio["root"]) not in text and str(PROJECT_ROOT) not in text and str(studio["model"]) not in text
+
+
+# ----- the login -------------------------------------------------------------------------------------
+def test_login_page_lists_no_endpoint_and_api_needs_login(workspace):
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services, logins=[("owner", "right-pass")]) as url:
+        page = httpx.get(url)
+        assert page.status_code == 200 and "window.gradio_api_info = {};" in page.text
+        assert "/build_dataset" not in page.text and "split" not in page.text and str(workspace.data_dir) not in page.text
+        for route in ("config", "gradio_api/info", "gradio_api/queue/join"):
+            assert httpx.get(url + route).status_code in (401, 405)
+        with httpx.Client() as browser:
+            assert browser.post(url + "login", data={"username": "owner", "password": "right-pass"}).status_code == 200
+            assert "/build_dataset" in browser.get(url).text  # logged in: the full page
+
+
+def test_failed_logins_are_throttled_per_client(workspace):
+    from studio.ui.guard import LoginThrottle
+
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services, logins=[("owner", "right-pass")], throttle=LoginThrottle(free=5, base_s=2)) as url:
+        wrong = [httpx.post(url + "login", data={"username": "owner", "password": f"guess{i}"}).status_code
+                 for i in range(5)]
+        assert wrong == [400] * 5
+        locked = httpx.post(url + "login", data={"username": "owner", "password": "right-pass"})
+        assert locked.status_code == 429 and "Too many failed logins" in locked.text
+        assert int(locked.headers["retry-after"]) >= 1
+        time.sleep(2.2)
+        assert httpx.post(url + "login", data={"username": "owner", "password": "right-pass"}).status_code == 200
+
+
+def test_lock_doubles_with_each_failure():
+    from studio.ui.guard import LoginThrottle
+
+    throttle = LoginThrottle(free=5, base_s=30)
+    for _ in range(4):
+        throttle.failed("a", now=0)
+    assert throttle.wait_s("a", now=0) == 0
+    throttle.failed("a", now=0)
+    assert throttle.wait_s("a", now=0) == 30 and throttle.wait_s("b", now=0) == 0
+    throttle.failed("a", now=0)
+    assert throttle.wait_s("a", now=0) == 60
+    throttle.succeeded("a")
+    assert throttle.wait_s("a", now=0) == 0
+
+
+def test_logins_from_flag_file_and_environment(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import studio as _  # noqa: F401
+    spec = __import__("importlib.util").util.spec_from_file_location("studio_cli", ROOT / "studio.py")
+    cli = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    logins = tmp_path / "logins"
+    logins.write_text("# owners\nann:pa:ss\nbob:secret\n", encoding="utf-8")
+    monkeypatch.setenv("STUDIO_AUTH", "cat:meow")
+    args = cli.build_parser().parse_args(["--auth", "dan:pw", "--auth-file", str(logins)])
+    assert cli.read_logins(args) == [("dan", "pw"), ("ann", "pa:ss"), ("bob", "secret"), ("cat", "meow")]
+    monkeypatch.setenv("STUDIO_AUTH", "nopassword")
+    with pytest.raises(Exception, match="USER:PASSWORD"):
+        cli.read_logins(cli.build_parser().parse_args([]))
+
+
+def test_demo_mode_is_on_when_the_page_is_reachable_without_a_login():
+    assert policy_for_launch(share=True, host="127.0.0.1", has_login=False, demo=False).is_demo
+    assert policy_for_launch(share=False, host="0.0.0.0", has_login=False, demo=False).is_demo
+    assert policy_for_launch(share=False, host="127.0.0.1", has_login=True, demo=True).is_demo
+    assert not policy_for_launch(share=True, host="0.0.0.0", has_login=True, demo=False).is_demo
+    assert not policy_for_launch(share=False, host="localhost", has_login=False, demo=False).is_demo
+    assert set(AccessPolicy.demo().allowed) == {"view", "chat", "compare"} and set(ACTIONS) > DEMO_ACTIONS
+
+
+def test_share_without_login_prints_what_demo_mode_allows(tmp_path, tiny_model_dir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from uihelpers import free_port
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "studio.py"), "--share", "--port", str(free_port()),
+                             "--workdir", str(tmp_path), "--model", str(tiny_model_dir)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = ""
+        deadline = time.time() + 120
+        while time.time() < deadline and "WARNING" not in line:
+            line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "WARNING" in line and "without a login" in line and "chat with the base model" in line
+    assert "refused" in line
+
+
+# ----- keys go only where the owner said -------------------------------------------------------------
+def test_environment_key_goes_only_to_the_owners_url(workspace, capture, monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    visitor = FakeTeacher().start()
+    try:
+        services = Services(manager=ModelManager(), paths=workspace, keys=key_routing(capture.base_url))
+        with launched(services) as url:
+            client = Client(url, verbose=False)
+            client.predict(visitor.base_url, "m", "", 5, api_name="/test_teacher")
+            client.predict(visitor.base_url, "m", TYPED, 5, api_name="/test_teacher")
+            client.predict(capture.base_url, "m", "", 5, api_name="/test_teacher")
+    finally:
+        visitor.stop()
+    assert KEY not in "".join(visitor.auth_headers) and visitor.auth_headers[1] == f"Bearer {TYPED}"
+    assert capture.auth_headers == [f"Bearer {KEY}"]
+
+
+def test_key_routing_rules(monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    monkeypatch.delenv("STUDIO_TEACHER_BASE_URL", raising=False)
+    presets = key_routing()
+    assert presets.key_for("https://api.deepseek.com/v1/") == KEY  # no owner URL: the presets' fixed URLs only
+    assert presets.key_for("http://attacker.example/v1") == ""
+    owner = key_routing("DeepSeek")
+    assert owner.key_for("https://api.deepseek.com/v1") == KEY and owner.key_for("https://api.openai.com/v1") == ""
+    assert owner.key_for("http://attacker.example/v1", TYPED) == TYPED
+    monkeypatch.setenv("STUDIO_TEACHER_BASE_URL", "http://127.0.0.1:9/v1")
+    assert key_routing().key_for("http://127.0.0.1:9/v1") == KEY and key_routing().key_for("https://api.deepseek.com/v1") == ""
+    assert TeacherConfig("http://attacker.example/v1", "m", "").resolved_key() == ""  # no fallback to the environment
+
+
+def test_judge_url_typed_in_the_page_gets_no_server_key(studio, capture, monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    services = Services(manager=studio["manager"], paths=studio["paths"], keys=key_routing("http://owner.invalid/v1"))
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        client.predict(studio["run"].name, "held-out questions of the run", None, False, SAMPLE_DOC.name, 1, "greedy", 16, capture.base_url,
+                       "judge", "", api_name="/run_report")
+        job = services.jobs.wait(services.jobs.latest("report"), 300)
+    assert job.status is JobStatus.DONE, job.error
+    assert capture.auth_headers and KEY not in "".join(capture.auth_headers)
+
+
+# ----- services refuse too ---------------------------------------------------------------------------
+def test_services_refuse_under_the_demo_policy(studio, workspace):
+    from studio.data.builder import BuildSettings
+    from studio.data.service import start_build
+
+    demo, manager, run = AccessPolicy.demo(), studio["manager"], studio["run"]
+    board = JobBoard()
+    with pytest.raises(PermissionDenied, match="build dataset"):
+        start_build(board, manager, workspace, SAMPLE_DOC, BuildSettings(), None, policy=demo)
+    request = RunRequest(run / "x.jsonl", SYSTEM, LoraSettings(), TrainSettings(), workspace.runs_dir / "r")
+    with pytest.raises(PermissionDenied, match="train"):
+        start_training(board, manager, request, policy=demo)
+    for call in (lambda: evaluate.attach_run(manager, studio["hidden"], policy=demo),
+                 lambda: evaluate.detach_run(manager, run.name, policy=demo),
+                 lambda: evaluate.delete_run(manager, run, True, policy=demo),
+                 lambda: evaluate.start_report(board, manager, run, None, None, GenerationSettings.greedy(8), policy=demo)):
+        with pytest.raises(PermissionDenied):
+            call()
+    assert run.is_dir() and run.name in manager.status().adapters
+
+
+# ----- the catalog -----------------------------------------------------------------------------------
+def test_catalog_resolves_ids_inside_its_folders_only(workspace, tmp_path):
+    (workspace.data_dir / "notes.md").write_text("# n\n", encoding="utf-8")
+    (workspace.data_dir / "rows.jsonl").write_text("{}\n", encoding="utf-8")
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("{}\n", encoding="utf-8")
+    catalog = Catalog(workspace, SAMPLE_DOC)
+    assert catalog.ids("documents") == ["notes.md", SAMPLE_DOC.name] and catalog.ids("datasets") == ["rows.jsonl"]
+    assert catalog.resolve_dataset("rows.jsonl") == workspace.data_dir / "rows.jsonl"
+    messages = set()
+    for bad in (str(outside), "../elsewhere.jsonl", "/etc/passwd", "missing.jsonl", "", None, 7):
+        with pytest.raises(UnknownItem) as refused:
+            catalog.resolve_dataset(bad)
+        assert "unknown dataset" in str(refused.value) and str(tmp_path) not in str(refused.value)
+        messages.add(str(refused.value).split("'")[0])
+    assert messages == {"unknown dataset "}  # an existing outside file and a missing one read the same
+    assert catalog.document_id(SAMPLE_DOC) == SAMPLE_DOC.name and catalog.document_id("/etc/passwd") is None
+
+
+# ----- bounded work ----------------------------------------------------------------------------------
+def test_hard_wrap_ends_for_any_limit_and_split_settings_are_range_checked():
+    assert _hard_wrap("甲" * 500 + "。" + "乙" * 50, 0) and len(_hard_wrap("x" * 100, -5)) == 100
+    parts = _cut_long("h", "## " + "H" * 5000 + "\n\n" + "t" * 20000, 300)
+    assert 0 < len(parts) < 200
+    for bad in (dict(max_chars=1), dict(max_chars=0), dict(max_chars=-3), dict(min_chars=-1), dict(levels=(9,))):
+        with pytest.raises(DataError):
+            SplitSettings(**bad)
+
+
+def test_split_with_a_tiny_section_length_is_refused_by_the_server(workspace):
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="Maximum section length must be between 200"):
+            client.predict(None, SAMPLE_DOC.name, 100, 1, ["##"], api_name="/split")
+        with pytest.raises(Exception, match="not in the list of choices|unknown document"):
+            client.predict(None, "/etc/passwd", 100, 3000, ["##"], api_name="/split")
+        message, _ = client.predict(None, SAMPLE_DOC.name, 100, 3000, ["##", "###"], api_name="/split")
+        assert message.startswith("19 sections")
+
+
+# ----- uploads ---------------------------------------------------------------------------------------
+def _upload(url: str, name: str, data: bytes) -> httpx.Response:
+    return httpx.post(url + "gradio_api/upload", files={"files": (name, data)}, timeout=60)
+
+
+def test_uploads_are_limited_in_size_and_type(workspace):
+    services = Services(manager=ModelManager(), paths=workspace, max_upload_mb=1)
+    with launched(services) as url:
+        assert _upload(url, "big.txt", b"a" * (2 * 2**20)).status_code == 413
+        for name in ("run.sh", "x.exe", "page.html", "noext", "doc.md.html"):
+            assert _upload(url, name, b"#!/bin/sh\n").status_code == 415, name
+        accepted = _upload(url, "notes.md", "## 标题\n正文\n".encode("utf-8"))
+        assert accepted.status_code == 200 and accepted.json()[0].endswith("notes.md")
+    demo = Services(manager=ModelManager(), paths=workspace, policy=AccessPolicy.demo())
+    with launched(demo) as url:
+        assert _upload(url, "notes.md", b"## a\n").status_code == 403
+
+
+def test_uploads_handed_to_a_handler_are_deleted_when_the_session_ends(workspace, tmp_path):
+    from gradio_client import handle_file
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(source)), api_name="/import_dataset")
+        uploads = [p for paths in services.registry._uploads.values() for p in paths]
+        assert len(uploads) == 1 and uploads[0].is_file()
+        for session in list(services.registry._uploads):
+            services.registry.forget_uploads(session)  # what the page's unload event runs
+        assert not uploads[0].exists()
+    assert list(workspace.data_dir.glob("rows*.jsonl"))  # the imported dataset itself stays
