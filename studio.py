@@ -127,11 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--timeout", type=float, default=120.0, help="seconds per teacher call (default 120)")
     build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
     build.add_argument("--min-chars", type=int, default=100, help="shortest section kept (default 100)")
+    build.add_argument("--max-calls", type=int, default=500,
+                       help="refuse a build that would make more teacher calls than this (default 500; 0 = no limit)")
     build.add_argument("--local-teacher", action="store_true", help="use a local model as the teacher (no API key)")
     build.add_argument("--quant", choices=QUANT_CHOICES, default="4bit", help="with --local-teacher (default 4bit)")
     train = command_parser(commands, "train", "train a QLoRA adapter on a dataset and write a run folder")
     add_model_options(train)
-    train.add_argument("--dataset", required=True, help="JSONL dataset (studio, Alpaca or chat-messages rows)")
+    train.add_argument("--dataset", default=None,
+                       help="JSONL dataset (studio, Alpaca or chat-messages rows); not needed with --resume")
     train.add_argument("--output", default=None, help="run folder (default: runs/<dataset>_<timestamp>)")
     train.add_argument("--preset", default="tutorial", choices=sorted(PRESETS), help="training preset (default tutorial)")
     train.add_argument("--epochs", type=float, default=None, help="passes over the data (preset: 4)")
@@ -330,6 +333,10 @@ def run_chat(args: argparse.Namespace, services) -> int:
     from studio.model.generation import GenerationSettings, build_messages
     from studio.model.loading import ModelSpec
 
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        raise StudioError("chat needs --max-new-tokens of at least 1, --temperature of 0 or more, --top-p in (0, 1] "
+                          f"and --repetition-penalty above 0 (got {args.max_new_tokens}, {args.temperature:g}, "
+                          f"{args.top_p:g}, {args.repetition_penalty:g}).")
     services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     shown = ""
@@ -367,6 +374,7 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
         paths = StudioPaths(Path(args.out_dir), paths.runs_dir).ensure()
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
                              retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
+    print_build_cost(args, settings)
     if args.local_teacher:
         services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=print_load_progress)
         teacher = None
@@ -385,7 +393,42 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     return 0 if job.result.get("rows") else 1
 
 
-def train_request(args: argparse.Namespace, loaded, runs_dir):
+def print_build_cost(args: argparse.Namespace, settings) -> None:
+    """Check the document, the numbers and the cost before a model loads or the teacher is called."""
+    from studio.data.builder import check_cost, estimate_cost, validate_settings
+    from studio.data.documents import read_document
+
+    validate_settings(settings)
+    if args.timeout <= 0:
+        raise StudioError(f"--timeout must be more than 0 seconds, not {args.timeout:g}.")
+    if args.max_calls < 0:
+        raise StudioError(f"--max-calls must be 0 (no limit) or more, not {args.max_calls}.")
+    cost = estimate_cost(read_document(args.doc), settings)
+    if not cost.sections:
+        raise StudioError(f"No section of at least {args.min_chars} characters was found in {args.doc}. "
+                          "Lower --min-chars or check the headings.")
+    print(f"[log] {cost.describe()}", flush=True)
+    check_cost(cost, args.max_calls)
+
+
+def checked_train_request(args: argparse.Namespace, runs_dir):
+    """The run to start, with its arguments, dataset or run folder checked before the model loads."""
+    from pathlib import Path
+
+    from studio.train.job import last_complete_checkpoint
+    from studio.train.service import validate_request
+
+    request = train_request(args, None, runs_dir)
+    if args.resume:
+        if args.dataset:
+            print("[log] --dataset is ignored with --resume: the run continues on its own training split.", flush=True)
+        if last_complete_checkpoint(Path(args.resume)) is None:
+            raise StudioError(f"{args.resume} has no complete checkpoint to resume from.")
+    validate_request(request)
+    return request
+
+
+def train_request(args: argparse.Namespace, loaded, runs_dir, run_dir=None):
     from dataclasses import replace
     from pathlib import Path
 
@@ -395,17 +438,19 @@ def train_request(args: argparse.Namespace, loaded, runs_dir):
 
     if args.resume:
         return load_request(Path(args.resume))
+    if not args.dataset:
+        raise StudioError("train needs --dataset (a JSONL file), or --resume RUN_DIR to continue a stopped run.")
     overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "save_every": args.save_every}
     settings = replace(preset(args.preset), **{k: v for k, v in overrides.items() if v is not None})
     if args.targets == "all":
         targets = ALL_PROJECTIONS
     elif args.targets == "peft-default":
-        targets = peft_default_targets(loaded.model.config.model_type)
+        targets = peft_default_targets(loaded.model.config.model_type) if loaded is not None else ("q_proj", "v_proj")
     else:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, targets=targets)
-    run_dir = Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem)
+    run_dir = run_dir or (Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem))
     return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
 
 
@@ -424,9 +469,11 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.train.service import start_training
 
+    request = checked_train_request(args, services.paths.runs_dir)
     services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     loaded = services.manager.require_loaded()
-    request = train_request(args, loaded, services.paths.runs_dir)
+    if args.targets == "peft-default" and not args.resume:
+        request = train_request(args, loaded, services.paths.runs_dir, run_dir=request.run_dir)
     print_estimate(loaded, request)
     job = start_training(services.jobs, services.manager, request)
     print(f"[log] run folder: {request.run_dir}", flush=True)
@@ -443,16 +490,27 @@ def run_compare(args: argparse.Namespace, services) -> int:
     from studio.data.datasets import read_dataset
     from studio.data.teacher import TeacherConfig
     from studio.evaluate.report import format_table, write_report
-    from studio.evaluate.service import source_document, start_report
+    from studio.evaluate.service import run_questions, source_document, start_report
     from studio.jobs import JobStatus, follow
     from studio.model.generation import GenerationSettings
     from studio.model.loading import ModelSpec
     from studio.secrets import key_from_env
 
-    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    from studio.data.documents import read_document
+    from studio.train.adapters import require_adapter_files
+
     folder = Path(args.adapter)
+    require_adapter_files(folder)  # every input is checked before the model loads
     questions = read_dataset(args.questions) if args.questions else None
+    if questions is None and not run_questions(folder, "heldout.jsonl"):
+        raise StudioError(f"{folder.name} has no held-out rows to ask: give --questions FILE.jsonl "
+                          "(instruction/output rows).")
     document = None if args.no_retrieval else (args.doc or source_document(folder))
+    if document:
+        read_document(document)
+    if args.max_new_tokens < 1:
+        raise StudioError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}.")
+    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     settings = (GenerationSettings.tutorial_sampling if args.sampling else GenerationSettings.greedy)(args.max_new_tokens)
     judge = None
     if args.judge_base_url:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from studio.errors import StudioError
+from studio.logs import cut_torn_tail
 from studio.secrets import redact
 
 
@@ -124,9 +125,12 @@ class JobBoard:
             current = self._jobs.get(self._latest.get(kind, ""))
             if current is not None and current.running:
                 raise StudioError(f"A {kind} job is already running ({current.name}). Stop it or wait for it to finish.")
+            note = cut_torn_tail(folder / "events.jsonl") if folder is not None else ""
             job = Job(kind=kind, name=name, folder=folder)
             self._jobs[job.id] = job
             self._latest[kind] = job.id
+        if note:
+            job.log(note)
         job.thread = threading.Thread(target=self._run, args=(job, target, on_exit), name=f"job-{kind}", daemon=True)
         job.thread.start()
         return job

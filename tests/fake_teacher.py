@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 
 def _pairs_reply(section_text: str, n: int) -> str:
@@ -30,21 +30,22 @@ def _paraphrase_reply(question: str, n: int) -> str:
     return json.dumps({"paraphrases": [f"请问{question}（问法{i}）" for i in range(1, n + 1)]}, ensure_ascii=False)
 
 
-def good_reply(request: dict) -> str:
+def good_reply(request: dict, extra: int = 0) -> str:
     system, user = request["messages"][0]["content"], request["messages"][-1]["content"]
     if "评测员" in system:
         return json.dumps({"score": 4, "reason": "基本一致"}, ensure_ascii=False)
     if "paraphrases" in system:
         question = re.search(r"原问题：(.*)", user).group(1)
         n = int(re.search(r"请给出 (\d+) 种", user).group(1))
-        return _paraphrase_reply(question.rstrip("？?"), n)
+        return _paraphrase_reply(question.rstrip("？?"), n + extra)
     n = int(re.search(r"转写为 (\d+) 条", system).group(1)) if "转写为" in system else 1
     return _pairs_reply(user, n)
 
 
 @dataclass
 class Behaviour:
-    """What to do with one call. kind: ok, fenced, prose, truncated, wrong_schema, empty, status, hang."""
+    """What to do with one call. kind: ok, fenced, prose, truncated, wrong_schema, empty, status, hang,
+    html (a web page with status 200, as a wrong base URL gives), chatty (far more rephrasings than asked)."""
 
     kind: str = "ok"
     status: int = 200
@@ -85,7 +86,9 @@ class FakeTeacher:
         if behaviour.kind == "status":
             headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
             return behaviour.status, headers, {"error": {"message": f"scripted {behaviour.status}", "type": "error"}}
-        text, finish = good_reply(request), "stop"
+        if behaviour.kind == "html":
+            return 200, {}, "<!DOCTYPE html><html><head><title>Web UI</title></head><body>Welcome</body></html>"
+        text, finish = good_reply(request, extra=80 if behaviour.kind == "chatty" else 0), "stop"
         if behaviour.kind == "fenced":
             text = f"```json\n{text}\n```"
         elif behaviour.kind == "prose":
@@ -109,6 +112,8 @@ class FakeTeacher:
             behaviour, wait_s = self.handle(body, request.headers.get("authorization", ""))
             await asyncio.sleep(wait_s)  # latency without holding a thread: many calls can wait at once
             status, headers, payload = self.respond(body, behaviour)
+            if isinstance(payload, str):
+                return HTMLResponse(payload, status_code=status, headers=headers)
             return JSONResponse(payload, status_code=status, headers=headers)
 
         with socket.socket() as sock:

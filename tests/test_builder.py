@@ -202,3 +202,52 @@ def test_local_teacher_holds_the_model_and_gives_it_back(workspace, small_doc, m
     # a random tiny model writes no JSON: the job says so instead of reporting an empty success
     assert job.status is JobStatus.FAILED and "Nothing was written" in job.error
     assert "Teacher calls: 4 made" in job.error
+
+
+def test_rephrasings_are_capped_at_variants(workspace, small_doc, teacher):
+    teacher.then(*[Behaviour("chatty")] * 20)  # every call answers 80 more rephrasings than asked
+    job = build(workspace, small_doc, teacher, variants=3)
+    assert job.status is JobStatus.DONE, job.error
+    rows = read_dataset(job.result["dataset_path"])
+    per_group = {g: sum(1 for r in rows if r["group"] == g and r["kind"] == "paraphrase") for g in {r["group"] for r in rows}}
+    assert per_group and set(per_group.values()) == {3}
+
+
+def test_a_teacher_answering_html_stops_the_build_at_once(workspace, small_doc, teacher):
+    teacher.then(*[Behaviour("html")] * 20)
+    job = build(workspace, small_doc, teacher, concurrency=1)
+    assert job.status is JobStatus.FAILED
+    assert "not_json: the endpoint answered HTML" in job.error and "/v1" in job.error
+    assert len(teacher.hits) == 1  # neither retried nor asked again for the other sections
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"retry": RetryPolicy(0)}, "Attempts per teacher call must be at least 1, not 0"),
+    ({"variants": -1}, "Rephrasings per question must be between 0 and 100"),
+    ({"concurrency": 0}, "Teacher calls in flight must be at least 1"),
+    ({"per_section": "many"}, "must be a number or 'auto'"),
+])
+def test_bad_settings_are_refused_before_any_call(workspace, small_doc, teacher, overrides, words):
+    from studio.errors import DataError
+
+    with pytest.raises(DataError, match=words):
+        build(workspace, small_doc, teacher, **overrides)
+    assert teacher.hits == []
+
+
+def test_the_cost_is_known_before_the_build_and_matches_it(workspace, small_doc, teacher):
+    from studio.data.builder import check_cost, estimate_cost
+    from studio.errors import DataError
+
+    settings = BuildSettings(variants=3, per_section="1")
+    cost = estimate_cost(SMALL_DOC, settings)
+    assert (cost.sections, cost.pair_calls, cost.paraphrase_calls) == (4, 4, 4) and cost.chars_sent > len(SMALL_DOC)
+    assert "4 sections -> 8 teacher calls" in cost.describe() and not cost.warnings
+    job = build(workspace, small_doc, teacher)
+    assert job.result["calls"] == cost.calls == len(teacher.hits)
+    with pytest.raises(DataError, match="would make 8 teacher calls, more than the limit of 5"):
+        check_cost(cost, 5)
+    check_cost(cost, 8)
+    paragraph = "".join(f"第{i}号灯塔在第{i}号码头旁边。" for i in range(30_000))
+    huge = estimate_cost("## 长\n\n" + paragraph, settings)
+    assert huge.calls > 300 and f"{len(paragraph):,} characters long" in huge.describe()

@@ -71,6 +71,37 @@ def test_gb18030_document_is_read(tmp_path):
     assert "守灯人" in read_document(path)
 
 
+GERMAN = "Köln liegt am Rhein. Die Straße zum Dom ist schön, die Brücke über den Fluss ist größer als üblich.\n\n"
+
+
+def test_german_cp1252_is_read_as_german_not_gb18030(tmp_path):
+    path = tmp_path / "koeln.md"
+    path.write_bytes(("## Köln\n" + GERMAN * 3).encode("cp1252"))
+    text = read_document(path)
+    assert "Köln" in text and "Straße" in text and "größer" in text
+    assert "鰈" not in text and "遝" not in text
+
+
+@pytest.mark.parametrize("content, candidates", [
+    ("Köln".encode("cp1252"), "gb18030"),  # four bytes: Latin or Chinese cannot be told apart
+    (("Le garçon était très fâché, il a mangé un gâteau à la crème. Où est la forêt?\n" * 3).encode("cp1252"), "cp1252"),
+])
+def test_an_encoding_that_cannot_be_told_is_refused_with_the_candidates(tmp_path, content, candidates):
+    path = tmp_path / "doc.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="save it as UTF-8") as info:
+        read_document(path)
+    assert "doc.txt is not UTF-8" in str(info.value) and candidates in str(info.value)
+
+
+def test_utf16_with_bom_and_a_directory(tmp_path):
+    path = tmp_path / "wide.md"
+    path.write_bytes("## 守灯人\n雾灯岛".encode("utf-16"))
+    assert read_document(path) == "## 守灯人\n雾灯岛"
+    with pytest.raises(DataError, match="is a directory, not a document"):
+        read_document(tmp_path)
+
+
 def test_questions_are_normalised_and_near_duplicates_share_a_key():
     assert normalize_question("1. 我该怎么成为守灯人") == "我该怎么成为守灯人？"
     assert normalize_question("“如何锻造潮汐长枪。”") == "如何锻造潮汐长枪？"
@@ -97,7 +128,9 @@ def test_import_supports_studio_alpaca_and_messages(tmp_path):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": '], "bad.jsonl, line 2: not valid JSON"),
-    (['{"instruction": "a"}'], "bad.jsonl, line 1: missing a non-empty \"output\""),
+    (['{"instruction": "a"}'], "bad.jsonl, line 1: missing the field \"output\""),
+    (['{"instruction": "a", "output": 42}'], "bad.jsonl, line 1: the field \"output\" has the wrong type: int"),
+    (['{"instruction": "a", "output": " "}'], "bad.jsonl, line 1: the field \"output\" is empty"),
     (['["a", "b"]'], "bad.jsonl, item 1: expected a JSON object"),
     (['{"messages": [{"role": "user", "content": "q"}]}'], "bad.jsonl, line 1: \"messages\" needs"),
 ])

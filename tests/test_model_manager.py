@@ -167,3 +167,32 @@ def test_full_precision_and_8bit_load(tiny_model_dir):
     layer = mgr.require_loaded().model.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt)
     mgr.unload()
+
+
+@pytest.mark.parametrize("damage", ["missing", "no_config", "bad_config", "no_template", "bad_weights"])
+def test_a_failed_load_leaves_the_current_model_loaded_and_ready(manager, tiny_model_dir, tmp_path, damage):
+    import json
+
+    messages = build_messages("系统", [], "雾灯岛在哪里？")
+    before = manager.chat(messages, GenerationSettings.greedy(8))
+    bad = tmp_path / "bad-model"
+    if damage != "missing":
+        shutil.copytree(tiny_model_dir, bad)
+    if damage == "no_config":
+        (bad / "config.json").unlink()
+    elif damage == "bad_config":
+        (bad / "config.json").write_text('{"model_type": "qwen2", "hidden', encoding="utf-8")
+    elif damage == "no_template":
+        for path in bad.glob("chat_template*"):
+            path.unlink()
+        config = json.loads((bad / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config.pop("chat_template", None)
+        (bad / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    elif damage == "bad_weights":
+        for path in bad.glob("*.safetensors"):
+            path.write_bytes(b"not weights")
+    with pytest.raises(ModelLoadError):
+        manager.load(ModelSpec(str(bad), "4bit"))
+    assert manager.status().state is ModelState.READY
+    assert manager.status().model_name == str(tiny_model_dir)
+    assert manager.chat(messages, GenerationSettings.greedy(8)) == before

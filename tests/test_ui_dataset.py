@@ -63,6 +63,21 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
     assert KEY not in written
 
 
+def test_a_costly_build_shows_its_cost_and_starts_on_a_second_click(workspace, teacher, monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    services = Services(manager=ModelManager(), paths=workspace, keys=key_routing(teacher.base_url))
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        inputs = (None, SAMPLE_DOC.name, "costly", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "",
+                  "12", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10)
+        first = client.predict(*inputs, api_name="/build_dataset")
+        assert first.startswith("**Not started yet.** Cost before retries: 19 sections -> 247 teacher calls")
+        assert teacher.hits == [] and services.jobs.latest("dataset") is None
+        assert client.predict(*inputs, api_name="/build_dataset") == "Build started: costly."
+        services.jobs.latest("dataset").cancel()
+        services.jobs.wait(services.jobs.latest("dataset"), 60)
+
+
 def test_import_reports_file_and_line(workspace, tmp_path):
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": \n', encoding="utf-8")

@@ -21,9 +21,10 @@ from studio.data.datasets import safe_name, timestamp, write_jsonl_atomic, write
 from studio.data.documents import Section, SplitSettings, document_title, split_sections
 from studio.data.normalize import dedup_key, normalize_question
 from studio.data.parsing import Parsed, parse_pairs, parse_strings
-from studio.data.teacher import RetryPolicy, Teacher, TeacherCallError, call_with_retries
+from studio.data.teacher import FATAL_REASONS, RetryPolicy, Teacher, TeacherCallError, call_with_retries
 from studio.errors import DataError
 from studio.jobs import Job
+from studio.logs import cut_torn_tail
 
 DEFAULT_PAIR_PROMPT = (
     "你是“{title}”相关资料的资深整理者。"
@@ -100,6 +101,86 @@ class BuildResult:
                 + (" Cancelled: partial result." if self.cancelled else ""))
 
 
+def settings_problems(settings: BuildSettings) -> list[str]:
+    """What is wrong with a build's numbers, each with the option that sets it (CLI flag / tab field)."""
+    problems = []
+    checks = (
+        (settings.retry.max_attempts >= 1, f"Attempts per teacher call must be at least 1, not {settings.retry.max_attempts} (--attempts, 'Attempts')."),
+        (settings.retry.max_attempts <= 20, f"Attempts per teacher call must be at most 20, not {settings.retry.max_attempts} (--attempts)."),
+        (0 <= settings.variants <= 100, f"Rephrasings per question must be between 0 and 100, not {settings.variants} (--variants)."),
+        (settings.concurrency >= 1, f"Teacher calls in flight must be at least 1, not {settings.concurrency} (--concurrency)."),
+        (settings.split.min_chars >= 0, f"The shortest section kept cannot be negative ({settings.split.min_chars}, --min-chars)."),
+        (settings.split.max_chars >= 200, f"The longest section must be at least 200 characters, not {settings.split.max_chars}."),
+        (settings.max_tokens >= 1 and settings.paraphrase_max_tokens >= 1, "Max tokens per reply must be at least 1."),
+        (0 <= settings.temperature <= 2, f"Temperature must be between 0 and 2, not {settings.temperature}."),
+    )
+    problems += [message for ok, message in checks if not ok]
+    try:
+        settings.questions_for(Section(0, "", "x"))
+    except DataError as exc:
+        problems.append(f"{exc} (--per-section)")
+    return problems
+
+
+def validate_settings(settings: BuildSettings) -> None:
+    problems = settings_problems(settings)
+    if problems:
+        raise DataError(" ".join(problems))
+
+
+@dataclass
+class BuildCost:
+    """What a build will ask of the teacher, known before the first call."""
+
+    sections: int
+    pair_calls: int
+    paraphrase_calls: int
+    chars_sent: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return self.pair_calls + self.paraphrase_calls
+
+    def describe(self) -> str:
+        text = (f"Cost before retries: {self.sections} sections -> {self.calls} teacher calls "
+                f"({self.pair_calls} for questions, {self.paraphrase_calls} for rephrasings), "
+                f"about {self.chars_sent:,} characters sent.")
+        return " ".join([text, *self.warnings])
+
+
+LONG_PARAGRAPH_SECTIONS = 20  # a paragraph that alone becomes more sections than this gets a warning
+
+
+def estimate_cost(document: str, settings: BuildSettings) -> BuildCost:
+    """Sections, teacher calls and characters a build of `document` with `settings` would send.
+
+    Calls already in a journal are not subtracted: this is the cost of a fresh build."""
+    from studio.data.documents import _paragraphs
+
+    sections = split_sections(document, settings.split)
+    questions = [settings.questions_for(section) for section in sections]
+    pair_chars = sum(len(settings.system_prompt) + 40 + section.chars for section in sections)
+    paraphrase_calls = sum(questions) if settings.variants > 0 else 0
+    per_paraphrase = len(settings.paraphrase_prompt) + 60 + min(400, settings.max_tokens)
+    warnings = []
+    for paragraph in _paragraphs(document):
+        parts = len(paragraph) // max(1, settings.split.max_chars)
+        if parts > LONG_PARAGRAPH_SECTIONS:
+            warnings.append(f"Warning: one paragraph ({paragraph[:30]!r}...) is {len(paragraph):,} characters long "
+                            f"and alone becomes about {parts} sections; check that the document is the one you meant.")
+    return BuildCost(len(sections), len(sections), paraphrase_calls, pair_chars + paraphrase_calls * per_paraphrase,
+                     warnings[:3])
+
+
+def check_cost(cost: BuildCost, max_calls: int | None) -> None:
+    """Refuse a build that would make more teacher calls than `max_calls` (None or 0 = no limit)."""
+    if max_calls and cost.calls > max_calls:
+        raise DataError(f"This build would make {cost.calls} teacher calls, more than the limit of {max_calls} "
+                        f"(--max-calls). {cost.describe()} Raise --max-calls, lower --per-section or --variants, "
+                        "or give a shorter document.")
+
+
 class CallJournal:
     """Append-only record of successful teacher calls, keyed by everything that shaped them."""
 
@@ -109,6 +190,8 @@ class CallJournal:
         self.failures_path = folder / "failures.jsonl"
         self._lock = threading.Lock()
         self._done: dict[str, list] = {}
+        # a line torn by a crash is cut off, so the next record starts on its own line
+        self.notes = [note for note in (cut_torn_tail(self.path), cut_torn_tail(self.failures_path)) if note]
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -166,6 +249,7 @@ class DatasetBuild:
         self._pairs: dict[int, list[dict]] = {}
         self._paraphrases: dict[str, list[str]] = {}
         self._done = self._total = 0
+        self._fatal: TeacherCallError | None = None  # a failure no retry can fix (e.g. a web page as the base URL)
 
     # ----- prompts and keys ------------------------------------------------------------------
     def _pair_messages(self, section: Section, n: int) -> list[dict]:
@@ -187,6 +271,8 @@ class DatasetBuild:
             with self._lock:
                 self.result.cached_calls += 1
             return cached
+        if self._fatal is not None:  # the teacher cannot be used: ask nothing more
+            return None
 
         def attempt():
             reply = self.teacher.complete(messages, temperature, max_tokens, self.settings.json_mode)
@@ -213,6 +299,8 @@ class DatasetBuild:
         try:
             items, usage = call_with_retries(attempt, self.settings.retry, job.cancel_event, count_attempt, count_retry)
         except TeacherCallError as exc:
+            if exc.reason in FATAL_REASONS:
+                self._fatal = self._fatal or exc
             if exc.reason != "cancelled":
                 with self._lock:
                     self._failures[exc.reason] += 1
@@ -243,6 +331,8 @@ class DatasetBuild:
         job.add_secret_from(self.teacher)
         write_text_atomic(self.folder / "build.json", json.dumps(self._manifest(), ensure_ascii=False, indent=2))
         job.log(f"{len(self.sections)} sections from {self.name}; teacher {self.teacher.label}; build folder {self.folder}")
+        for note in self.journal.notes:
+            job.log(note)
         workers = max(1, min(self.settings.concurrency, self.teacher.max_concurrency))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher") as pool:
             pending: set[Future] = {pool.submit(self._pair_task, job, s) for s in self.sections}
@@ -260,6 +350,9 @@ class DatasetBuild:
         self.result.failures = dict(self._failures)
         self._write_outputs(job)
         job.log(self.result.summary())
+        if self._fatal is not None:
+            raise DataError(f"The build stopped: the teacher cannot be used: {self._fatal} "
+                            "Calls already answered are kept in the journal; fix this and build again.")
         if not self.result.rows and not job.cancelled:
             raise DataError("Nothing was written: no teacher call produced a usable pair. "
                             f"{self.result.summary()} First failure: {self._first_failure}")
@@ -301,12 +394,20 @@ class DatasetBuild:
                     base["source"] = self.source
                 base_rows.append(base)
                 rows.append(base)
-                for variant in self._paraphrases.get(pair["group"], []):
-                    variant = normalize_question(variant)
-                    if variant and dedup_key(variant) not in seen:
-                        seen.add(dedup_key(variant))
-                        rows.append({**base, "instruction": variant, "kind": "paraphrase"})
+                rows += self._variant_rows(base, seen)
         return base_rows, rows
+
+    def _variant_rows(self, base: dict, seen: set[str]) -> list[dict]:
+        """At most `variants` new rephrasings of one base row: a chatty teacher does not outweigh the others."""
+        rows = []
+        for variant in self._paraphrases.get(base["group"], []):
+            if len(rows) >= self.settings.variants:
+                break
+            variant = normalize_question(variant)
+            if variant and dedup_key(variant) not in seen:
+                seen.add(dedup_key(variant))
+                rows.append({**base, "instruction": variant, "kind": "paraphrase"})
+        return rows
 
     def _write_outputs(self, job: Job) -> None:
         base_rows, rows = self.rows()

@@ -55,16 +55,28 @@ def row_from_record(record, where: str) -> dict:
     if "messages" in record:
         return _row_from_messages(record["messages"], where)
     instruction, output = record.get("instruction"), record.get("output")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: missing a non-empty \"instruction\" (or \"messages\").")
-    if not isinstance(output, str) or not output.strip():
-        raise DataError(f"{where}: missing a non-empty \"output\".")
+    _check_text_field(record, "instruction", where, " (or \"messages\")")
+    _check_text_field(record, "output", where)
     extra_input = record.get("input")
     if isinstance(extra_input, str) and extra_input.strip():
         instruction = f"{instruction.strip()}\n\n{extra_input.strip()}"
     row = {"instruction": instruction.strip(), "output": output.strip()}
     row.update({k: v for k, v in record.items() if k not in ("instruction", "output", "input")})
     return row
+
+
+def _check_text_field(record: dict, key: str, where: str, alternative: str = "") -> None:
+    """A missing, empty or non-text field is named with what it holds and how to fix it."""
+    value = record.get(key)
+    if key not in record or value is None:
+        found = ", ".join(f'"{k}"' for k in list(record)[:6]) or "none"
+        raise DataError(f"{where}: missing the field \"{key}\"{alternative} (fields found: {found}). "
+                        f"Each row needs \"instruction\" and \"output\" as text.")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: the field \"{key}\" has the wrong type: {type(value).__name__} "
+                        f"({json.dumps(value, ensure_ascii=False)[:40]}), it must be text. Put it in quotes.")
+    if not value.strip():
+        raise DataError(f"{where}: the field \"{key}\" is empty. Fill it in or delete the row.")
 
 
 def _row_from_messages(messages, where: str) -> dict:
@@ -84,6 +96,8 @@ def _row_from_messages(messages, where: str) -> dict:
 def read_dataset(path: str | Path) -> list[dict]:
     """Rows of a JSONL (or JSON array) dataset in any supported shape; DataError names file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a dataset. Give the path of a .jsonl file.")
     if not path.is_file():
         raise DataError(f"Dataset not found: {path}")
     text = decode_document(path.read_bytes(), path.name)

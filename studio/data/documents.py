@@ -15,9 +15,6 @@ from pathlib import Path
 
 from studio.errors import DataError
 
-ENCODINGS = ("utf-8-sig", "gb18030", "big5", "utf-16")
-
-
 @dataclass(frozen=True)
 class SplitSettings:
     """How a document is cut into sections."""
@@ -60,19 +57,66 @@ class Section:
 
 
 def decode_document(data: bytes, name: str) -> str:
-    """Decode bytes as text, trying UTF-8 first and then common Chinese encodings."""
+    """Decode bytes as text: UTF-8, UTF-16 with a byte-order mark, else a charset detector's answer.
+
+    The detector (charset-normalizer) is trusted only when every plausible encoding it finds gives the
+    same text; otherwise the document is refused with the candidates named, because a wrong guess
+    (German cp1252 read as GB18030, say) would silently turn every row into mojibake.
+    """
     if not data.strip():
         raise DataError(f"{name} is empty: there is nothing to build a dataset from.")
-    if b"\x00" in data[:4096] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return _normal_newlines(_decode_or_refuse(data, "utf-16", name))
+    if b"\x00" in data[:4096]:
         raise DataError(f"{name} looks like a binary file (it contains NUL bytes). Give a Markdown or text file.")
-    for encoding in ENCODINGS:
-        try:
-            text = data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
+    try:
+        return _normal_newlines(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        pass
+    return _normal_newlines(_detected_text(data, name))
+
+
+# Encodings a text editor commonly saves in; among equally likely guesses these win over exotic ones.
+COMMON_ENCODINGS = ("cp1252", "cp1250", "latin_1", "iso8859_15", "gb18030", "gbk", "gb2312", "big5", "shift_jis",
+                    "euc_jp", "euc_kr", "cp949", "cp1251", "koi8_r")
+CHAOS_MARGIN = 0.1  # guesses whose "chaos" (share of unlikely characters) is this close to the best tie
+
+
+def _normal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode_or_refuse(data: bytes, encoding: str, name: str) -> str:
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        raise DataError(f"{name} starts with a UTF-16 byte-order mark but is not valid UTF-16. "
+                        "Save it as UTF-8 and try again.") from None
+    if not _mostly_printable(text):
+        raise DataError(f"{name} looks like a binary file. Give a Markdown or text file.")
+    return text
+
+
+def _detected_text(data: bytes, name: str) -> str:
+    """The text in the one encoding the detector is sure of, or DataError naming the candidates."""
+    from charset_normalizer import from_bytes
+
+    matches = [m for m in from_bytes(data) if m.encoding not in ("utf_8", "utf_16", "utf_16_be", "utf_16_le",
+                                                                  "utf_32", "utf_32_be", "utf_32_le")]
+    if not matches:
+        raise DataError(f"{name} is not valid text in UTF-8 or UTF-16, and no other encoding fits it. "
+                        "Save it as UTF-8 and try again.")
+    best = min(m.chaos for m in matches)
+    plausible = [m for m in matches if m.chaos <= best + CHAOS_MARGIN]
+    common = [m for m in plausible if m.encoding in COMMON_ENCODINGS] or plausible
+    texts = {str(m) for m in common}
+    if len(texts) == 1:
+        text = texts.pop()
         if _mostly_printable(text):
-            return text.replace("\r\n", "\n").replace("\r", "\n")
-    raise DataError(f"{name} is not valid text in UTF-8, GB18030, Big5 or UTF-16. Save it as UTF-8 and try again.")
+            return text
+    candidates = ", ".join(dict.fromkeys(m.encoding for m in common))
+    raise DataError(f"{name} is not UTF-8, and its encoding cannot be told for sure: it could be {candidates}, "
+                    "which give different text. Open it in an editor, save it as UTF-8 and try again.")
 
 
 def _mostly_printable(text: str) -> bool:
@@ -84,6 +128,8 @@ def _mostly_printable(text: str) -> bool:
 
 def read_document(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a document. Give the path of a Markdown or text file in it.")
     if not path.is_file():
         raise DataError(f"Document not found: {path}")
     return decode_document(path.read_bytes(), path.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from studio.access import AccessPolicy
-from studio.data.builder import BuildSettings, DatasetBuild
+from studio.data.builder import BuildSettings, DatasetBuild, validate_settings
 from studio.data.documents import read_document
 from studio.data.teacher import LocalTeacher, OpenAITeacher, TeacherConfig
 from studio.errors import DataError
@@ -29,6 +29,9 @@ def start_build(board: JobBoard, manager: ModelManager, paths: StudioPaths, docu
     policy.require("build_dataset", "read_files")
     if teacher is not None:
         policy.require("outbound")
+    validate_settings(settings)
+    if teacher is not None and not teacher.timeout_s > 0:
+        raise DataError(f"The teacher's time-out must be more than 0 seconds, not {teacher.timeout_s} (--timeout).")
     document_path = Path(document_path)
     document = read_document(document_path)
     name = name.strip() or document_path.stem

@@ -128,6 +128,8 @@ class OpenAITeacher:
 
 
 def _reply_from(response) -> TeacherReply:
+    if isinstance(response, (str, bytes)):  # a 200 reply that is not JSON (the client hands back its text)
+        raise not_json_error(response if isinstance(response, str) else response.decode("utf-8", "replace"))
     if not getattr(response, "choices", None):
         return TeacherReply("", "empty")
     choice = response.choices[0]
@@ -138,6 +140,20 @@ def _reply_from(response) -> TeacherReply:
         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
         completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
     )
+
+
+# Reasons no retry and no other call can fix: the build stops at the first one instead of asking again.
+FATAL_REASONS = ("not_json",)
+
+
+def not_json_error(body: str) -> TeacherCallError:
+    """A 200 reply whose body is not the chat-completions JSON: usually a wrong base URL (a web page)."""
+    head = body.lstrip()[:200].lower()
+    if head.startswith(("<!doctype", "<html", "<head", "<?xml")) or "<html" in head:
+        what = "the endpoint answered HTML (is the base URL right? it usually ends in /v1)"
+    else:
+        what = f"the endpoint answered {body.strip()[:60]!r} instead of chat-completions JSON (is the base URL right? it usually ends in /v1)"
+    return TeacherCallError("not_json", f"not_json: {what}", retryable=False)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -193,6 +209,8 @@ def call_with_retries(attempt: Callable[[], object], policy: RetryPolicy, cancel
     `attempt` raises TeacherCallError for a failed try (retryable or not). Returns the attempt's
     result; raises the last TeacherCallError when every try failed.
     """
+    if policy.max_attempts < 1:
+        raise StudioError(f"Attempts per teacher call must be at least 1, not {policy.max_attempts}.")
     last: TeacherCallError | None = None
     for number in range(policy.max_attempts):
         if cancel.is_set():

@@ -141,6 +141,7 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
     if not 1 <= int(retrieval_k) <= 10:
         raise StudioError(f"Sections retrieved must be between 1 and 10 (got {retrieval_k}).")
     folder = Path(folder)
+    adapters.require_adapter_files(folder)  # an empty, missing or unfinished run says so, not "no held-out rows"
     meta = adapters.read_metadata(folder)
     questions = questions if questions is not None else run_questions(folder, "heldout.jsonl")
     if not questions:

@@ -270,6 +270,27 @@ class DownloadReporter:
         return {"progress_callbacks": [Reporting]}
 
 
+def check_source(spec: ModelSpec) -> str:
+    """Everything that can be checked without loading weights: the folder or hub id, config.json and the
+    tokenizer's chat template. Returns the resolved source; raises ModelLoadError naming the problem."""
+    import json
+
+    source = resolve_source(spec.name_or_path)
+    folder = Path(source)
+    if folder.is_dir():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{folder / 'config.json'} cannot be read ({exc.__class__.__name__}): the folder "
+                                 "is damaged or not a model folder.") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ModelLoadError(f"{folder / 'config.json'} has no model_type: it is not a transformers model config.")
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ModelLoadError(f"{folder} has no weights (*.safetensors or *.bin). Pick the folder that holds them.")
+    load_tokenizer(source)
+    return source
+
+
 def quantization_config(quant: str, compute_dtype):
     """The bitsandbytes config for a quantization choice; None for full precision."""
     if quant == "none":

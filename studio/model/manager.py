@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterator
 
-from studio.errors import ModelBusyError, ModelNotLoadedError
+from studio.errors import ModelBusyError, ModelLoadError, ModelNotLoadedError
 from studio.model import card as model_card
 from studio.model import loading
 from studio.model.decoding import Decoder, make_decoder
@@ -173,7 +173,10 @@ class ModelManager:
 
     # ----- load / unload -----------------------------------------------------------------------
     def load(self, spec: loading.ModelSpec, progress: loading.Progress | None = None) -> ManagerStatus:
-        """Load `spec`, replacing any model in memory. Refused while the model is busy."""
+        """Load `spec`, replacing any model in memory. Refused while the model is busy.
+
+        The new model's folder (or hub id), config and tokenizer are checked before the current model is
+        released, so a mistyped name or a broken folder leaves the current model loaded and ready."""
         lease = self.acquire(f"loading {spec.name_or_path}", need_model=False)
         with self._fields_lock:
             self._loading_spec = spec
@@ -186,15 +189,32 @@ class ModelManager:
                 progress(fraction, message)
 
         try:
-            self._drop_model()
-            model, tokenizer, device = loading.load_model(spec, self._device, report)
-            with self._fields_lock:
-                self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
-                                           submit=self._gpu_thread.submit,
-                                           decoder=make_decoder(self.decode_mode, device))
+            report(0.02, f"Checking {spec.name_or_path}")
+            loading.check_source(spec)  # a typo or a broken folder leaves the current model loaded and ready
+            self._install(*self._replace_model(spec, report))
         finally:
             lease.release()
         return self.status()
+
+    def _replace_model(self, spec: loading.ModelSpec, report) -> tuple:
+        """Drop the current model and load `spec`; if its weights fail to load, load the previous one again."""
+        previous = self._loaded.spec if self._loaded is not None else None
+        self._drop_model()
+        try:
+            return (spec, *loading.load_model(spec, self._device, report))
+        except ModelLoadError as exc:
+            if previous is None:
+                raise
+            failure = str(exc)
+        self._install(previous, *loading.load_model(previous, self._device, report))
+        raise ModelLoadError(f"{failure} The previous model {previous.name_or_path} was loaded again "
+                             "(without its adapters).")
+
+    def _install(self, spec: loading.ModelSpec, model, tokenizer, device: str) -> None:
+        """Make a freshly loaded model the one in memory, with the decoder of the manager's decode mode."""
+        with self._fields_lock:
+            self._loaded = LoadedModel(spec, model, tokenizer, device, decode_mode=self.decode_mode,
+                                       submit=self._gpu_thread.submit, decoder=make_decoder(self.decode_mode, device))
 
     def unload(self) -> ManagerStatus:
         with self.using("unloading", need_model=False):

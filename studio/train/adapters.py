@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from studio.errors import AdapterError
@@ -41,7 +43,14 @@ def save_adapter(peft_model, adapter_name: str, folder: Path) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / WEIGHTS_FILE)
     config = peft_model.peft_config[adapter_name]
-    config.save_pretrained(str(folder))
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-config-", dir=folder))
+    try:  # peft writes the file in place: write it aside, then rename it over the old one
+        config.save_pretrained(str(staging))
+        with open(staging / CONFIG_FILE, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging / CONFIG_FILE, folder / CONFIG_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -62,16 +71,36 @@ def read_metadata(folder: Path) -> dict:
         raise AdapterError(f"{path} is damaged ({exc.msg} at line {exc.lineno}).") from None
 
 
+def require_adapter_files(folder: Path) -> None:
+    """AdapterError saying what the folder is when it holds no usable adapter (needs no model)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise AdapterError(f"Adapter folder not found: {folder}. Give a run folder under runs/ (from train).")
+    if not folder.is_dir():
+        raise AdapterError(f"{folder} is a file, not an adapter folder. Give the run folder that holds {CONFIG_FILE}.")
+    if not any(folder.iterdir()):
+        raise AdapterError(f"{folder} is empty: it holds no adapter. Give a run folder under runs/ (from train).")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if not missing:
+        try:
+            json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
+        read_metadata(folder)
+        return
+    if (folder / "run.json").is_file():
+        resumable = any((folder / "checkpoints").glob("checkpoint-*"))
+        how = (f"continue it with `python studio.py train --resume {folder}` (or Resume in the Train tab)"
+               if resumable else "it saved no checkpoint, so train it again")
+        raise AdapterError(f"{folder} is a training run that did not finish (it was stopped or killed before it "
+                           f"saved its adapter; {missing[0]} is missing): {how}.")
+    raise AdapterError(f"{folder} is not a complete adapter: {missing[0]} is missing.")
+
+
 def check_adapter_folder(folder: Path, model) -> dict:
     """The adapter's metadata, or AdapterError when the folder is damaged or made for another base."""
     folder = Path(folder)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder} is not a complete adapter: {name} is missing.")
-    try:
-        json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
+    require_adapter_files(folder)
     metadata = read_metadata(folder)
     expected = metadata.get("base_fingerprint")
     actual = base_fingerprint(model)

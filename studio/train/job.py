@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.data.datasets import read_dataset, write_jsonl_atomic, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job
+from studio.logs import read_jsonl_log, rewrite_jsonl_log
 from studio.model.manager import Lease, free_memory
 from studio.train import adapters
 from studio.train.collate import make_collator
@@ -39,14 +41,86 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder whose files are all present."""
-    folder = Path(run_dir) / "checkpoints"
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for candidate in candidates:
-        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
-            return candidate
+PROGRESS_FILE = "studio_progress.json"  # in each checkpoint: the run's training time up to that step
+
+
+def checkpoint_step(folder: Path) -> int:
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, cut short or damaged), or None."""
+    import zipfile
+
+    for name in CHECKPOINT_FILES:
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    for name in ("trainer_state.json", "adapter_config.json"):
+        try:
+            state = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"{name} is damaged ({exc.__class__.__name__})"
+        if name == "trainer_state.json" and state.get("global_step") != checkpoint_step(folder):
+            return f"{name} says step {state.get('global_step')}, not {checkpoint_step(folder)}"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        path = folder / name
+        if path.exists() and not zipfile.is_zipfile(path):
+            return f"{name} is cut short or damaged"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as weights:
+            weights.keys()
+    except Exception as exc:
+        return f"adapter_model.safetensors is damaged ({exc.__class__.__name__})"
     return None
+
+
+def last_complete_checkpoint(run_dir: Path, on_skip=None) -> Path | None:
+    """The newest checkpoint that can be resumed from; `on_skip(folder, why)` hears of each newer damaged one."""
+    folder = Path(run_dir) / "checkpoints"
+    candidates = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) >= 0),
+                        key=checkpoint_step, reverse=True)
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        if on_skip is not None:
+            on_skip(candidate, problem)
+    return None
+
+
+def set_aside(checkpoint: Path, why: str) -> Path:
+    """Move a damaged checkpoint out of the trainer's way (kept, not deleted) as damaged-checkpoint-N."""
+    target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    checkpoint.rename(target)
+    return target
+
+
+def _event_step(event: dict) -> int:
+    """The optimizer step an event reports (metrics and progress), 0 for the others."""
+    if event.get("type") == "metric":
+        return int(event.get("step", 0))
+    if event.get("type") == "progress":
+        return int(event.get("done", 0))
+    return 0
+
+
+def _previous_seconds(checkpoint: Path, run_dir: Path) -> float:
+    """Training time before `checkpoint`'s step, over every earlier session of the run."""
+    try:
+        return float(json.loads((checkpoint / PROGRESS_FILE).read_text(encoding="utf-8"))["duration_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return float(adapters.read_metadata(run_dir).get("duration_s", 0.0))
+    except (StudioError, ValueError, TypeError):
+        return 0.0
 
 
 @dataclass
@@ -98,6 +172,8 @@ class TrainingRun:
         self.name = self.run_dir.name
         self.extra_callbacks = extra_callbacks
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.previous_seconds = 0.0  # training time of earlier sessions of this run, up to the resumed checkpoint
+        self.session_started = time.time()
 
     # ----- data --------------------------------------------------------------------------------
     def _split(self, job: Job) -> tuple[list[dict], list[dict]]:
@@ -135,24 +211,52 @@ class TrainingRun:
         eval_set, _ = tokenize_rows(tokenizer, heldout_rows, self.request.system_prompt, settings.max_length)
         if truncated:
             job.log(f"{truncated} training rows were longer than {settings.max_length} tokens and were cut.")
-        checkpoint = last_complete_checkpoint(self.run_dir) if self.request.resume else None
-        if self.request.resume and checkpoint is None:
-            raise StudioError(f"{self.run_dir} has no complete checkpoint to resume from.")
+        checkpoint = self._resume_point(job) if self.request.resume else None
         model = self._attach_trainable_adapter()
-        started = time.time()
+        started = self.session_started = time.time()
+        failure = None
         try:
             outcome = self._train(job, model, train_set, eval_set, checkpoint)
         except Exception as exc:
+            failure = self._explain(exc)
+            if not isinstance(exc, StudioError) and not self._is_oom(exc):
+                job.emit("trace", "".join(traceback.format_exception(exc)))
+            traceback.clear_frames(exc.__traceback__)  # the frames hold the trainer, its optimizer and activations
+            del exc
+        if failure is not None:  # out of the except block: nothing refers to the trainer any more
             self._remove_adapter()
-            raise self._explain(exc) from exc
-        finally:
             self._back_to_inference(self.loaded.model)
+            raise failure
+        self._back_to_inference(self.loaded.model)
         if outcome["nan_step"] is not None:
             self._remove_adapter()
             raise StudioError(f"Training stopped: the loss became {outcome['nan_value']} at step {outcome['nan_step']}. "
                               f"Lower the learning rate (it was {settings.learning_rate:g}) and train again.")
         source = train_rows[0].get("source")  # the builder keeps its document on every row (for retrieval)
         return self._finish(job, outcome, len(train_rows), len(heldout_rows), time.time() - started, source)
+
+    def _resume_point(self, job: Job) -> Path:
+        """The checkpoint to continue from, with the logs cut back to its step and damaged ones set aside."""
+        def skip(folder: Path, why: str) -> None:
+            moved = set_aside(folder, why)
+            job.log(f"{folder.name} cannot be resumed from ({why}); it was moved to {moved.name} and the "
+                    "checkpoint before it is used.")
+
+        checkpoint = last_complete_checkpoint(self.run_dir, on_skip=skip)
+        if checkpoint is None:
+            raise StudioError(f"{self.run_dir} has no complete checkpoint to resume from.")
+        step = checkpoint_step(checkpoint)
+        dropped, note = rewrite_jsonl_log(self.metrics_path, lambda m: m.get("step", 0) <= step)
+        if note:
+            job.log(note)
+        events_dropped, note = rewrite_jsonl_log(self.run_dir / "events.jsonl", lambda e: _event_step(e) <= step)
+        if note:
+            job.log(note)
+        if dropped or events_dropped:
+            job.log(f"Resuming from {checkpoint.name}: {dropped} metric records after step {step} were removed; "
+                    "those steps are trained again.")
+        self.previous_seconds = _previous_seconds(checkpoint, self.run_dir)
+        return checkpoint
 
     def _train(self, job: Job, model, train_set, eval_set, checkpoint) -> dict:
         from studio.train.trainer import ProgressTracker, build_trainer
@@ -162,6 +266,7 @@ class TrainingRun:
         trainer = build_trainer(model, self.request.train, self.loaded.device, self.run_dir / "checkpoints", self.name,
                                 train_set, eval_set, collator, (tracker, *self.extra_callbacks))
         tracker.trainer = trainer
+        trainer.seconds_before, trainer.session_started = self.previous_seconds, self.session_started
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         return tracker.outcome(trainer)
 
@@ -173,10 +278,14 @@ class TrainingRun:
         model.eval()
         free_memory()
 
-    def _explain(self, exc: Exception) -> Exception:
+    @staticmethod
+    def _is_oom(exc: Exception) -> bool:
         import torch
 
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+    def _explain(self, exc: Exception) -> Exception:
+        if self._is_oom(exc):
             s = self.request.train
             return StudioError(
                 "Out of GPU memory during training. Lower the batch size (now "
@@ -191,8 +300,9 @@ class TrainingRun:
                 source: str | None) -> dict:
         model = self.loaded.model
         adapters.save_adapter(model, self.name, self.run_dir)
-        metrics = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()] \
-            if self.metrics_path.exists() else []
+        metrics, note = read_jsonl_log(self.metrics_path)
+        if note:
+            job.log(note)
         render_loss_png(metrics, self.run_dir / "loss.png")
         status = f"stopped at step {outcome['step']}" if job.cancelled else "completed"
         metadata = self._metadata(outcome, n_train, n_heldout, seconds, status)
@@ -208,7 +318,6 @@ class TrainingRun:
         from studio.model.card import parameter_counts
 
         request = self.request
-        previous = adapters.read_metadata(self.run_dir) if request.resume else {}
         trainable = sum(p.numel() for n, p in self.loaded.model.named_parameters() if f".{self.name}." in n)
         return {
             "name": self.name,
@@ -217,7 +326,7 @@ class TrainingRun:
             "base_quant": self.loaded.spec.quant,
             "base_fingerprint": adapters.base_fingerprint(self.loaded.model),
             "dataset": str(request.dataset),
-            "dataset_sha256": file_sha256(Path(request.dataset)),
+            "dataset_sha256": file_sha256(Path(request.dataset)) if Path(request.dataset).is_file() else None,
             "split": {"train_rows": n_train, "heldout_rows": n_heldout, "heldout_file": "heldout.jsonl",
                       "train_file": "train_split.jsonl", "heldout_per_group": request.train.heldout_per_group},
             "system_prompt": request.system_prompt,
@@ -228,7 +337,7 @@ class TrainingRun:
             "max_steps": outcome["max_steps"],
             "final_train_loss": outcome["train_loss"],
             "final_eval_loss": outcome["eval_loss"],
-            "duration_s": round(seconds + previous.get("duration_s", 0.0), 2),
+            "duration_s": round(seconds + self.previous_seconds, 2),
             "tokens_per_s": outcome["tokens_per_s"],
             "resumed_from": outcome.get("resumed_from"),
             "device": self.loaded.device,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 SERIES = (("loss", (31, 119, 180), "train loss"), ("eval_loss", (214, 39, 40), "eval loss"))
@@ -36,5 +37,9 @@ def render_loss_png(metrics: list[dict], path: Path, size: tuple[int, int] = (80
     for i, (key, colour, label) in enumerate(SERIES):
         draw.text((left + 10 + 120 * i, 8), label, fill=colour)
     path = Path(path)
-    image.save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")  # written aside and renamed: a crash never leaves half a PNG
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
     return path

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +43,14 @@ def without_cudnn_attention(active: bool = True):
         torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Flush every file of a folder to disk before it is renamed into place."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 class StudioTrainer(Trainer):
     """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s, trains
     without cuDNN attention (see `without_cudnn_attention`) and with the settings' speed switches
@@ -64,11 +74,53 @@ class StudioTrainer(Trainer):
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
+    keep_checkpoints: int = 2
+    seconds_before: float = 0.0  # training time of earlier sessions of this run
+    session_started: float = 0.0
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder, then rename it into place: a kill mid-save leaves
+        no half-written checkpoint-N behind, only the staging folder, which the next save replaces."""
+        real = Path(self.args.output_dir)
+        staging = real / ".incomplete"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(real)
+        name = f"checkpoint-{self.state.global_step}"
+        progress = {"step": self.state.global_step,
+                    "duration_s": round(self.seconds_before + time.time() - (self.session_started or time.time()), 2)}
+        (staging / name / "studio_progress.json").write_text(json.dumps(progress), encoding="utf-8")
+        _fsync_folder(staging / name)
+        if (real / name).exists():
+            shutil.rmtree(real / name)
+        os.replace(staging / name, real / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._remove_old_checkpoints(real)
+
+    def _remove_old_checkpoints(self, folder: Path) -> None:
+        steps = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        for old in steps[:-self.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         adapters.save_adapter(self.model, self.adapter_name, Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        adapters.load_adapter_weights(model or self.model, self.adapter_name, Path(resume_from_checkpoint))
+        try:
+            adapters.load_adapter_weights(model or self.model, self.adapter_name, Path(resume_from_checkpoint))
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            from studio.errors import AdapterError
+
+            count = str(exc).count("size mismatch")
+            raise AdapterError(f"{Path(resume_from_checkpoint).name} was trained on a base of another shape "
+                               f"({count} adapter weights do not fit the loaded model). Load the base the run was "
+                               "trained on and resume again.") from None
 
     def evaluate(self, *args, **kwargs):
         started = time.time()

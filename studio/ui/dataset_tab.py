@@ -8,7 +8,8 @@ import gradio as gr
 import pandas as pd
 
 from studio.data import datasets
-from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings
+from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
+                                 validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
@@ -19,6 +20,7 @@ from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
 LEVELS = {"##": 2, "###": 3}
+CONFIRM_ABOVE_CALLS = 200  # a build that makes more teacher calls starts on a second click, after its cost is shown
 
 
 def _split_settings(min_chars, max_chars, levels) -> SplitSettings:
@@ -54,6 +56,8 @@ class DatasetTab:
         with gr.Row():
             self.build_btn = gr.Button(self.s["build"], variant="primary")
             self.cancel_btn = gr.Button(self.s["cancel"], variant="stop")
+        self.cost = gr.Markdown()
+        self.cost_seen = gr.State(None)  # the cost this session was shown: a second Build click confirms it
         self.panel = job_panel(self.board, JOB_KIND, self.s)
         self._result_controls()
 
@@ -135,8 +139,13 @@ class DatasetTab:
         reg.on(self.app.load, self.split, split_inputs, split_outputs, action="read_files", args=split_args)
         reg.on(self.test_btn.click, self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout],
                self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
-        reg.on(self.build_btn.click, self.start, build_inputs, self.panel.message, action="build_dataset",
-               name="build_dataset", args=build_args)
+        reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
+               action="build_dataset", name="build_dataset", args=build_args + (ANY,))
+        cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True))
+        for trigger in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
+                        self.app.load):
+            reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants], self.cost,
+                   action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs, action="read_files",
                name="open_dataset", args=(Id("Dataset", "datasets"),))
@@ -171,17 +180,27 @@ class DatasetTab:
         return check_connection(OpenAITeacher(self._teacher(url, model, key, seconds)))
 
     # ----- the build job -----------------------------------------------------------------------
+    def show_cost(self, upload_path, document_id, low, high, levels, per, n_variants):
+        settings = BuildSettings(per_section=str(per), variants=int(n_variants or 0), split=_split_settings(low, high, levels))
+        document = read_document(self._document(upload_path, document_id))
+        return self.s["cost"].format(cost=estimate_cost(document, settings).describe())
+
     def start(self, upload_path, document_id, dataset_name, low, high, levels, local, url, model, key, per,
-              n_variants, workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds):
+              n_variants, workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, cost_seen=None):
         settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
                                  temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
-                                 paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries or 3)),
+                                 paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries if tries is not None else 3)),
                                  split=_split_settings(low, high, levels))
+        validate_settings(settings)
+        document_path = self._document(upload_path, document_id)
+        cost = estimate_cost(read_document(document_path), settings)
+        signature = [str(document_path), cost.calls, cost.chars_sent]
+        if (cost.calls > CONFIRM_ABOVE_CALLS or cost.warnings) and cost_seen != signature:
+            return self.s["confirm_cost"].format(cost=cost.describe()), signature
         teacher = None if local is True else self._teacher(url, model, key, seconds)
-        job = start_build(self.board, self.services.manager, self.services.paths,
-                          self._document(upload_path, document_id), settings, teacher, dataset_name or "",
-                          policy=self.policy)
-        return self.s["started"].format(name=job.name)
+        job = start_build(self.board, self.services.manager, self.services.paths, document_path, settings, teacher,
+                          dataset_name or "", policy=self.policy)
+        return self.s["started"].format(name=job.name), None
 
     def cancel(self):
         job = self.board.latest(JOB_KIND)

@@ -87,6 +87,8 @@ EN = {
         "imported": "Imported {rows} rows from {source} as {path}.",
         "opened": "{rows} rows from {path}.",
         "started": "Build started: {name}.",
+        "cost": "**Before you build:** {cost}",
+        "confirm_cost": "**Not started yet.** {cost} Click *Build dataset* again to start it.",
     },
     "train": {
         "tab": "Train",
