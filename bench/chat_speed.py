@@ -22,7 +22,7 @@ from common import SEVEN, add_random_adapter, build_model, use_decoder, write_re
 
 from studio.model.generation import GenerationSettings, build_messages  # noqa: E402
 from studio.model.loading import ModelSpec  # noqa: E402
-from studio.model.manager import ModelManager  # noqa: E402
+from studio.model.manager import DEFAULT_DECODE_MODE, ModelManager  # noqa: E402
 
 SYSTEM, QUESTION = "你是《雾灯岛》领域助手，回答准确、简明。", "我该怎么成为天命人？"
 
@@ -116,7 +116,7 @@ def main() -> None:
             best = mode
         save()
     payload["best_mode"] = best
-    use_decoder(manager, best or "eager")
+    use_decoder(manager, DEFAULT_DECODE_MODE)  # side by side is measured in the mode the studio uses
     try:
         payload["compare"] = compare_cost(manager, args.tokens)
     except Exception as exc:
