@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="environment variable holding the API key (default: STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     build.add_argument("--variants", type=int, default=14, help="rephrasings per base question (default 14)")
     build.add_argument("--per-section", default="auto", help="questions per section: a number or auto (default)")
+    build.add_argument("--style", choices=("facts", "tutorial"), default="facts",
+                       help="facts (default): several short one-fact pairs per section, some answers reworded; "
+                            "tutorial: one long answer per question")
+    build.add_argument("--exam", type=int, default=0, metavar="N",
+                       help="also write an exam of N questions per section, never trained on (default 0 = none)")
     build.add_argument("--concurrency", type=int, default=8, help="teacher calls in flight (default 8)")
     build.add_argument("--timeout", type=float, default=120.0, help="seconds per teacher call (default 120)")
     build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
@@ -100,12 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
     train.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt stored with the adapter")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    train.add_argument("--document", default=None, metavar="FILE",
+                       help="also train on this document's sections, one row per section, mixed with the Q/A rows")
+    train.add_argument("--exam", default=None, metavar="FILE",
+                       help="the exam for this run (default: the one built with the dataset, if any); "
+                            "exam rows are never trained on")
     compare = commands.add_parser("compare", help="score base, retrieval and an adapter on questions; write a report")
     add_model_options(compare)
     compare.add_argument("--adapter", required=True, help="run folder of the adapter (from train)")
     source = compare.add_mutually_exclusive_group()
     source.add_argument("--questions", default=None, help="JSONL of instruction/output rows to ask")
-    source.add_argument("--heldout", action="store_true", help="ask the run's held-out questions (the default)")
+    source.add_argument("--heldout", action="store_true",
+                        help="ask the run's held-out phrasings (default: its exam when it has one, else these)")
     compare.add_argument("--doc", default=None, help="source document for the retrieval column (default: the run's)")
     compare.add_argument("--no-retrieval", action="store_true", help="leave the retrieval column out")
     compare.add_argument("--out", default=None, help="write the report to FILE.json or FILE.csv")
@@ -181,7 +192,8 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     if args.out_dir:
         paths = StudioPaths(Path(args.out_dir), paths.runs_dir).ensure()
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
-                             retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
+                             retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars),
+                             style=args.style, exam=max(0, args.exam))
     if args.local_teacher:
         services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant))
         teacher = None
@@ -217,7 +229,9 @@ def train_request(args: argparse.Namespace, loaded, runs_dir):
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, targets=targets)
     run_dir = Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem)
-    return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
+    return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir,
+                      document=Path(args.document) if args.document else None,
+                      exam=Path(args.exam) if args.exam else None)
 
 
 def print_estimate(loaded, request) -> None:
@@ -263,6 +277,10 @@ def run_compare(args: argparse.Namespace, services) -> int:
     services.manager.load(ModelSpec(args.model, args.quant))
     folder = Path(args.adapter)
     questions = read_dataset(args.questions) if args.questions else None
+    if args.heldout:
+        from studio.evaluate.service import run_questions
+
+        questions = run_questions(folder, "heldout.jsonl")
     document = None if args.no_retrieval else (args.doc or source_document(folder))
     settings = (GenerationSettings.tutorial_sampling if args.sampling else GenerationSettings.greedy)(args.max_new_tokens)
     judge = None
@@ -270,7 +288,8 @@ def run_compare(args: argparse.Namespace, services) -> int:
         if not args.judge_model:
             raise StudioError("--judge-base-url needs --judge-model.")
         judge = TeacherConfig(args.judge_base_url, args.judge_model, key_from_env(args.judge_api_key_env))
-    job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge)
+    job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge,
+                       question_set="heldout" if args.heldout else "uploaded")
     follow(job, print_event)
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)

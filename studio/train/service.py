@@ -11,6 +11,7 @@ from studio.errors import StudioError
 from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager
 from studio.train.job import RunRequest, TrainingRun, last_complete_checkpoint
+from studio.train.knowledge import prepare_request
 from studio.train.settings import LoraSettings, TrainSettings
 
 JOB_KIND = "train"
@@ -24,7 +25,9 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
 def _save_request(request: RunRequest) -> None:
     payload = {"dataset": str(request.dataset), "system_prompt": request.system_prompt,
                "lora": {**asdict(request.lora), "targets": list(request.lora.targets)},
-               "train": asdict(request.train)}
+               "train": asdict(request.train),
+               "document": str(request.document) if request.document else None,
+               "exam": str(request.exam) if request.exam else None}
     write_text_atomic(Path(request.run_dir) / REQUEST_FILE, json.dumps(payload, ensure_ascii=False, indent=2))
 
 
@@ -35,7 +38,12 @@ def load_request(run_dir: Path) -> RunRequest:
     data = json.loads(path.read_text(encoding="utf-8"))
     lora = LoraSettings(**{**data["lora"], "targets": tuple(data["lora"]["targets"])})
     return RunRequest(Path(data["dataset"]), data["system_prompt"], lora, TrainSettings(**data["train"]),
-                      Path(run_dir), resume=True)
+                      Path(run_dir), resume=True, document=_optional_path(data.get("document")),
+                      exam=_optional_path(data.get("exam")))
+
+
+def _optional_path(value) -> Path | None:
+    return Path(value) if value else None
 
 
 def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = ()) -> Job:
@@ -45,6 +53,7 @@ def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, 
         raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
     if request.resume and last_complete_checkpoint(request.run_dir) is None:
         raise StudioError(f"{request.run_dir} has no complete checkpoint to resume from.")
+    prepare_request(request)  # an exam is never trained on: refused as a dataset, found and recorded
     lease = manager.acquire(f"training {Path(request.run_dir).name}")
     try:
         Path(request.run_dir).mkdir(parents=True, exist_ok=True)

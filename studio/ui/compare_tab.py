@@ -1,4 +1,4 @@
-"""Compare tab: base vs retrieval vs fine-tuned, side by side, and the scored report."""
+"""Compare tab: base vs retrieval vs fine-tuned vs fine-tuned + retrieval, side by side, and the scored report."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class CompareTab:
             self.base_out = gr.Textbox(label=self.s["base"], lines=8, interactive=False)
             self.rag_out = gr.Textbox(label=self.s["retrieval"], lines=8, interactive=False)
             self.tuned_out = gr.Textbox(label=self.s["tuned"], lines=8, interactive=False)
+            self.both_out = gr.Textbox(label=self.s["tuned_retrieval"], lines=8, interactive=False)
         with gr.Accordion(self.s["retrieved"], open=False):
             self.retrieved = gr.Markdown()
         self._report_controls()
@@ -72,6 +73,7 @@ class CompareTab:
             self.question = gr.Textbox(label=s["question"], lines=2, scale=3)
             with gr.Column(scale=2):
                 self.preset = gr.Dropdown([q for q, _ in service.PRESET_QUESTIONS], value=None, label=s["preset"])
+                self.exam_q = gr.Dropdown([], label=s["exam_questions"])
                 self.heldout = gr.Dropdown([], label=s["heldout"])
         self.reference = gr.Markdown()
         with gr.Row():
@@ -85,7 +87,7 @@ class CompareTab:
         s = self.s
         with gr.Accordion(s["report"], open=True):
             with gr.Row():
-                self.report_source = gr.Radio([s["source_heldout"], s["source_upload"]], value=s["source_heldout"],
+                self.report_source = gr.Radio([s["source_exam"], s["source_heldout"], s["source_upload"]], value=s["source_heldout"],
                                               label=s["report_source"])
                 self.upload = gr.File(label=s["upload"], file_types=[".jsonl", ".json"], type="filepath")
             with gr.Accordion(s["judge"], open=False):
@@ -98,6 +100,8 @@ class CompareTab:
             self.warning = gr.Markdown()
             self.summary = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label=s["summary"], interactive=False)
             self.chart = gr.BarPlot(x="column", y="score", color="metric", label=s["chart"], height=260)
+            self.sections_table = gr.Dataframe(pd.DataFrame(columns=["section", "questions"]), label=s["per_section"],
+                                               interactive=False)
             self.per_question = gr.Dataframe(pd.DataFrame(columns=QUESTION_COLUMNS), label=s["per_question"],
                                              interactive=False, wrap=True, max_height=420)
             self.exports = gr.File(label=s["exports"], file_count="multiple")
@@ -116,9 +120,14 @@ class CompareTab:
         self.heldout.change(self.pick_heldout, [self.heldout, self.run_pick], [self.question, self.reference],
                             api_name=False)
         self.compare_btn.click(self.compare, [self.question, self.run_pick] + generation,
-                               [self.base_out, self.rag_out, self.tuned_out, self.retrieved], api_name="compare")
+                               [self.base_out, self.rag_out, self.tuned_out, self.retrieved, self.both_out], api_name="compare")
         self.report_btn.click(self.report, [self.run_pick, self.report_source, self.upload] + generation +
                               [self.judge_url, self.judge_model, self.judge_key], self.panel.message, api_name="run_report")
+        self.run_pick.change(self.pick_exam, self.run_pick, [self.exam_q, self.report_source], api_name=False)
+        self.app.load(self.pick_exam, self.run_pick, [self.exam_q, self.report_source], api_name=False)
+        self.exam_q.change(self.pick_exam_question, [self.exam_q, self.run_pick], [self.question, self.reference],
+                           api_name=False)
+        self.panel.on_finish(self.on_sections, [self.sections_table])
         self.panel.on_finish(self.on_report, [self.warning, self.summary, self.chart, self.per_question, self.exports])
 
     # ----- adapters ----------------------------------------------------------------------------
@@ -175,6 +184,19 @@ class CompareTab:
         row = service.run_questions(Path(folder), "heldout.jsonl")[int(index)]
         return row["instruction"], f"**{self.s['reference']}:** {row['output']}"
 
+    def pick_exam(self, folder):
+        """The run's exam questions, and the exam as the report's default questions when there is one."""
+        rows = service.run_exam(Path(folder)) if folder else []
+        choices = gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None)
+        return choices, self.s["source_exam"] if rows else self.s["source_heldout"]
+
+    def pick_exam_question(self, index, folder):
+        if index is None or not folder:
+            return gr.skip(), gr.skip()
+        row = service.run_exam(Path(folder))[int(index)]
+        keys = f" · keys: {', '.join(row['keys'])}" if row.get("keys") else ""
+        return row["instruction"], f"**{self.s['reference']}:** {row['output']}{keys}"
+
     def _settings(self, mode: str, tokens) -> GenerationSettings:
         if mode == self.s["sampling"]:
             return GenerationSettings.tutorial_sampling(int(tokens))
@@ -191,15 +213,18 @@ class CompareTab:
         name = service.attach_run(self.manager, Path(folder))
         system = adapters.read_metadata(Path(folder)).get("system_prompt", self.services.default_system_prompt)
         settings = self._settings(mode, tokens)
-        base = tuned = rag = hits_md = ""
+        base = tuned = rag = both = hits_md = ""
         for base, tuned in self.manager.stream_side_by_side(build_messages(system, [], text), name, settings):
-            yield base, "", tuned, gr.skip()
+            yield base, "", tuned, gr.skip(), ""
         if retrieval_on and document:
             hits = SectionRetriever.from_document(document).search(text, int(k))
             hits_md = "\n\n".join(f"**{h.section.heading}** (score {h.score:.2f})\n\n{h.section.text}" for h in hits)
-            for rag in self.manager.stream_chat(retrieval_messages(system, text, hits), settings):
-                yield base, rag, tuned, hits_md
-        yield base, rag, tuned, hits_md or "—"
+            with_context = retrieval_messages(system, text, hits)
+            for rag in self.manager.stream_chat(with_context, settings):
+                yield base, rag, tuned, hits_md, ""
+            for both in self.manager.stream_chat(with_context, settings, adapter=name):  # the same sections
+                yield base, rag, tuned, hits_md, both
+        yield base, rag, tuned, hits_md or "—", both
 
     # ----- the report --------------------------------------------------------------------------
     @user_errors
@@ -207,11 +232,27 @@ class CompareTab:
         self.policy.require("chat")
         if not folder:
             raise StudioError(self.s["pick_run"])
-        questions = read_dataset(upload_path) if source == self.s["source_upload"] and upload_path else None
+        questions, question_set = self._report_questions(Path(folder), source, upload_path)
         judge = TeacherConfig(url.strip(), model.strip(), key or "") if url and url.strip() else None
         job = service.start_report(self.board, self.manager, Path(folder), questions,
-                                   document if retrieval_on else None, self._settings(mode, tokens), judge, int(k))
+                                   document if retrieval_on else None, self._settings(mode, tokens), judge, int(k),
+                                   question_set=question_set)
         return self.s["started"].format(name=job.name)
+
+    def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
+        """The chosen question set: the run's exam, its held-out phrasings, or an uploaded file."""
+        if source == self.s["source_upload"] and upload_path:
+            return read_dataset(upload_path), "uploaded"
+        if source == self.s["source_exam"]:
+            exam = service.run_exam(folder)
+            if not exam:
+                raise StudioError(self.s["no_exam"])
+            return exam, "exam"
+        return service.run_questions(folder, "heldout.jsonl"), "heldout"
+
+    def on_sections(self, job):
+        sections = job.result.get("sections") if job is not None and job.result else None
+        return pd.DataFrame(sections) if sections else gr.skip()
 
     def on_report(self, job):
         if job is None or not job.result.get("rows"):
@@ -222,6 +263,7 @@ class CompareTab:
         chart = pd.DataFrame([{"column": c, "metric": m, "score": v[m]} for c, v in result["summary"].items()
                               for m in ("char_f1", "rouge_l")])
         warning = f"⚠️ {result['warning']}" if result.get("warning") else ""
+        warning = "\n\n".join(part for part in (warning, result.get("keys_note", "")) if part)
         return warning, summary, chart, pd.DataFrame(table_rows(result)), result.get("files", [])
 
 

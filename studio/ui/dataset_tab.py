@@ -10,6 +10,7 @@ import pandas as pd
 from studio.data import datasets
 from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings
 from studio.data.documents import SplitSettings, read_document, split_sections
+from studio.data.styles import DEFAULT_STYLE, STYLES
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.services import SAMPLE_DOCUMENT, Services
@@ -89,6 +90,9 @@ class DatasetTab:
         self.test_msg = gr.Markdown()
         self.per_section = gr.Textbox("auto", label=s["per_section"])
         self.variants = gr.Slider(0, 30, value=14, step=1, label=s["variants"])
+        with gr.Row():
+            self.style = gr.Radio(list(STYLES), value=DEFAULT_STYLE, label=s["style"], info=s["style_info"])
+            self.exam = gr.Number(0, label=s["exam"], precision=0, minimum=0)
         self.concurrency = gr.Slider(1, 32, value=8, step=1, label=s["concurrency"])
         with gr.Accordion(s["advanced"], open=False):
             self.system_prompt = gr.Textbox(DEFAULT_PAIR_PROMPT, label=s["system_prompt"], lines=4)
@@ -119,7 +123,7 @@ class DatasetTab:
         build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
             self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
             self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
-            self.attempts, self.timeout]
+            self.attempts, self.timeout, self.style, self.exam]
         preview_outputs = [self.preview, self.result_msg, self.save_name]
         self.provider.change(lambda choice: PROVIDER_PRESETS[choice], self.provider, [self.base_url, self.teacher_model],
                              api_name=False)
@@ -155,12 +159,13 @@ class DatasetTab:
     # ----- the build job -----------------------------------------------------------------------
     @user_errors
     def start(self, upload_path, typed, dataset_name, low, high, levels, local, url, model, key, per, n_variants,
-              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds):
+              workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, style=DEFAULT_STYLE, exam=0):
         self.policy.require("build_dataset")
         settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
                                  temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
                                  paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries or 3)),
-                                 split=_split_settings(low, high, levels))
+                                 split=_split_settings(low, high, levels), style=style or DEFAULT_STYLE,
+                                 exam=max(0, int(exam or 0)))
         teacher = None if local else _teacher_config(url, model, key, seconds)
         job = start_build(self.board, self.services.manager, self.services.paths, _document_path(upload_path, typed),
                           settings, teacher, dataset_name or "")

@@ -109,6 +109,9 @@ class TrainTab:
                 seed = gr.Number(d.seed, label=s["seed"], precision=0)
                 checkpointing = gr.Checkbox(d.gradient_checkpointing, label=s["checkpointing"])
                 packing = gr.Checkbox(d.packing, label=s["packing"])
+            with gr.Row():
+                self.document_rows = gr.Checkbox(False, label=s["document_rows"])
+                self.document_file = gr.Textbox("", label=s["document_file"], scale=2)
             self.estimate_btn = gr.Button(s["estimate"], size="sm")
             self.estimate_md = gr.Markdown()
         self.settings = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, self.heldout, seed,
@@ -130,7 +133,8 @@ class TrainTab:
         self.peft_btn.click(self.peft_default, None, self.targets, api_name=False)
         self.estimate_btn.click(self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
                                 self.estimate_md, api_name="estimate_memory")
-        self.start_btn.click(self.start, [self.dataset, self.run_name, self.system] + lora_inputs + self.settings,
+        self.start_btn.click(self.start, [self.dataset, self.run_name, self.system] + lora_inputs +
+                             [self.document_rows, self.document_file] + self.settings,
                              self.panel.message, api_name="start_training")
         self.stop_btn.click(self.stop, None, self.panel.message, api_name="stop_training")
         self.resume_btn.click(self.resume, self.resume_pick, self.panel.message, api_name="resume_training")
@@ -197,15 +201,25 @@ class TrainTab:
 
     # ----- the job -----------------------------------------------------------------------------
     @user_errors
-    def start(self, path, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
+    def start(self, path, name, prompt, chosen, rank, lora_alpha, lora_dropout, with_document, document, *values):
         self.policy.require("train")
         if not path:
             raise StudioError(self.s["no_dataset"])
         lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
         request = RunRequest(Path(path), prompt, lora, settings_from(*values),
-                             new_run_dir(self.services.paths.runs_dir, name or Path(path).stem))
+                             new_run_dir(self.services.paths.runs_dir, name or Path(path).stem),
+                             document=self._document_for(path, document) if with_document else None)
         job = start_training(self.board, self.manager, request)
         return self.s["started"].format(name=job.name)
+
+    def _document_for(self, dataset, typed) -> Path:
+        """The document for document rows: the one typed, else the source the dataset's rows name."""
+        if typed and str(typed).strip():
+            return Path(str(typed).strip())
+        source = next((row.get("source") for row in datasets.read_dataset(dataset) if row.get("source")), None)
+        if not source:
+            raise StudioError(self.s["no_document"])
+        return Path(source)
 
     @user_errors
     def stop(self):
