@@ -17,7 +17,7 @@ from studio.data.documents import read_document, split_sections
 from studio.data.teacher import TeacherConfig
 from studio.errors import AdapterError, StudioError
 from studio.evaluate import service
-from studio.evaluate.report import BASE, RETRIEVAL, TUNED
+from studio.evaluate.report import BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL
 from studio.evaluate.retrieval import SectionRetriever
 from studio.evaluate.scoring import char_f1, rouge_l
 from studio.jobs import JobBoard, JobStatus
@@ -81,7 +81,7 @@ def test_report_scores_the_adapter_above_the_base(trained):
     report = job.result
     assert len(report["rows"]) == 3  # the three held-out phrasings
     summary = report["summary"]
-    assert set(summary) == {BASE, RETRIEVAL, TUNED}
+    assert set(summary) == {BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL}
     assert summary[TUNED]["char_f1"] > summary[BASE]["char_f1"] + 0.3
     assert summary[TUNED]["improved"] == 3 and summary[TUNED]["worse"] == 0
     assert summary[TUNED]["judge_mean"] == 4.0
@@ -188,8 +188,17 @@ def test_ui_runs_a_comparison(trained):
         question = FACTS[0][0]
         job = client.submit(question, run, True, str(SAMPLE_DOC), 1, "greedy", 48, api_name="/compare")
         updates = list(job)
-        base, rag, tuned, retrieved = updates[-1]
+        base, rag, tuned, retrieved, both = updates[-1]
         assert tuned.startswith(FACTS[0][1]) and base and rag
+        # the fourth column: the adapter with the same retrieved sections in its prompt
+        from studio.evaluate.retrieval import retrieval_messages
+
+        hits = SectionRetriever.from_document(SAMPLE_DOC).search(question, 1)
+        settings = GenerationSettings.greedy(48)
+        system = json.loads((trained["run"] / "studio.json").read_text(encoding="utf-8"))["system_prompt"]
+        assert both == trained["manager"].chat(retrieval_messages(system, question, hits), settings,
+                                               adapter=trained["adapter"])
+        assert both != rag
         assert retrieved.startswith("**守灯人**")
         assert len(updates) > 3
 

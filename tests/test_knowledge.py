@@ -338,3 +338,44 @@ def test_knowledge_bench_smoke_runs_on_the_tiny_model(tmp_path):
     assert set(payload["results"][0]["columns"]) == {BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL}
     table = json_file.with_suffix(".md").read_text(encoding="utf-8")
     assert "These numbers mean nothing" in table and table.count("| island_dataset_") == 2
+
+
+# ----- the tabs ----------------------------------------------------------------------------------
+def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(knowledge_run, teacher, monkeypatch):
+    from gradio_client import Client
+
+    from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT
+    from studio.services import Services
+    from uihelpers import launched
+
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    services = Services(manager=knowledge_run["manager"], paths=knowledge_run["paths"])
+    doc = str(knowledge_run["doc"])
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        client.predict(None, doc, "isle", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "", "auto",
+                       2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10, "facts", 1,
+                       api_name="/build_dataset")
+        built = services.jobs.wait(services.jobs.latest("dataset"), 60)
+        assert built.status is JobStatus.DONE and built.result["exam_questions"] == 4
+        assert any("事实问答" in h["messages"][0]["content"] for h in teacher.hits)
+        dataset = built.result["dataset_path"]
+        settings = [5e-3, 1, 4, 4, 1, 0.03, 512, 0, 1, 42, False, False]
+        with pytest.raises(Exception, match="is an exam"):  # the exam is never trained on
+            client.predict(built.result["exam_path"], "exam-run", SYSTEM, ["q_proj"], 8, 16, 0.05, False, "",
+                           *settings, api_name="/start_training")
+        started = client.predict(dataset, "doc-run", SYSTEM, ["q_proj"], 8, 16, 0.05, True, "", *settings,
+                                 api_name="/start_training")
+        assert started.startswith("Training started: doc-run_")
+        job = services.jobs.wait(services.jobs.latest("train"), 300)
+        assert job.status is JobStatus.DONE, job.error
+        run = Path(job.result["run_dir"])
+        meta = json.loads((run / "studio.json").read_text(encoding="utf-8"))
+        assert meta["exam"] == built.result["exam_path"] and meta["document"] == str(Path(doc).resolve())
+        assert meta["document_rows"] == 4
+        client.predict(str(run), "exam of the run (never trained on)", None, True, doc, 1, "greedy", 16, "", "", "",
+                       api_name="/run_report")
+        report = services.jobs.wait(services.jobs.latest("report"), 300)
+        assert report.status is JobStatus.DONE, report.error
+        assert report.result["question_set"] == "exam" and len(report.result["rows"]) == 4
+        assert report.result["summary"][TUNED_RETRIEVAL]["key_hit"] is not None
