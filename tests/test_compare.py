@@ -213,6 +213,7 @@ def test_cli_compare_writes_a_report(trained, tiny_model_dir, tmp_path):
     assert "fine-tuned" in result.stdout and "char F1" in result.stdout
     report = json.loads(out.read_text(encoding="utf-8"))
     first = report["rows"][0]
-    assert set(first) == {"question", "reference", "columns"}
-    assert set(first["columns"]) == {BASE, RETRIEVAL, TUNED}
+    assert set(first) == {"question", "reference", "columns", "section", "keys", "kind", "best"}
+    assert set(first["columns"]) == {BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL}
+    assert report["question_set"] == "heldout" and "no key facts" in result.stdout  # held-out rows carry no keys
     assert {"answer", "char_f1", "rouge_l"} <= set(first["columns"][TUNED])
