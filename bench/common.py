@@ -110,3 +110,62 @@ def write_results(name: str, payload: dict) -> Path:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], filename).write_text(text)
     return path
+
+
+# The real Qwen2.5 shapes (their config.json files), for the sizes table of bench/train_speed.py.
+_QWEN25_COMMON = dict(rope_theta=1e6, max_position_embeddings=32768)
+QWEN25_SHAPES = {
+    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                 **_QWEN25_COMMON),
+    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                 **_QWEN25_COMMON),
+    "3B": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+               **_QWEN25_COMMON),
+    "7B": QWEN25_7B,
+    "14B": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                num_attention_heads=40, num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                **_QWEN25_COMMON),
+}
+
+
+def build_sized_model(folder: Path, size: str) -> Path:
+    """Save a random Qwen2 of one of QWEN25_SHAPES (or "tiny") with the test bed's tokenizer into `folder`.
+
+    Untied shapes get the same zeroed output rows as build_model; tied ones keep their embeddings."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tiny_qwen import build_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder, (ROOT / "data" / "wudeng_lighthouse.md").read_text(encoding="utf-8"))
+    tiny = size == "tiny"
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    shape = dict(TINY if tiny else QWEN25_SHAPES[size])
+    shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
+    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if not shape.get("tie_word_embeddings"):
+        with torch.no_grad():
+            model.lm_head.weight[len(tokenizer):] = 0
+            model.lm_head.weight[tokenizer.eos_token_id] = 0
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder

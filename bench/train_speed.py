@@ -1,41 +1,101 @@
-"""Training speed and memory: the tutorial's recipe against each studio preset, in one run.
+"""Training speed and memory: the tutorial's recipe against each studio preset and speed switch, and a
+table over the Qwen2.5 sizes, in one run.
 
-On the GPU: a random-weight model of the real Qwen2.5-7B shape in 4-bit NF4 (the studio's own
-loader), LoRA r 16 on the seven projections, rows of 120-400 tokens. For each setup it reports real
-(non-padding) tokens/s, optimizer steps/s, peak memory, and the ratio to the tutorial's recipe; it
-checks that the Fast preset's first 20 losses match the tutorial's, times the tutorial-sized job
-(183 rows, 4 epochs) with the Fast preset, and checks that the base model's greedy answer is the
-same after training (adapter disabled) as before.
+On the GPU: random-weight models of the real Qwen2.5 shapes in 4-bit NF4 (the studio's own loader,
+quantized at load), LoRA r 16 on the seven projections, rows of 120-400 tokens, 8 sequences per
+optimizer step everywhere. For each setup: real (non-padding) tokens/s, optimizer steps/s, peak
+memory, the estimate, and the ratio to the tutorial's recipe on the same shape.
 
-    python bench/train_speed.py            # GPU
-    python bench/train_speed.py --tiny     # a quick CPU smoke run of the same code
+1. The 7B shape: the tutorial recipe (20 steps), then each Fast candidate (packed, no checkpointing,
+   with Liger kernels / dequantized base / compiled layers, the compiled one last) and each 24 GB candidate (checkpointing,
+   padded or packed, all or half of the layers), each 20 steps, its first 20 losses against the
+   tutorial's. The best Fast candidate (fastest with losses within 1%) and the best 24 GB one (fastest
+   under 20 GiB with losses within 1%) are named in `recommended`; the rest of the run uses them.
+2. Time to adapter: the tutorial-sized job (183 rows x 4 epochs = 92 steps) with the best Fast, on
+   the 7B and the 0.5B shapes.
+3. The sizes table: for 0.5B, 1.5B, 3B and 14B, the model load time (4-bit at load), the tutorial
+   recipe (a few steps), the best Fast and the best 24 GB.
+
+Robust by design: each setup runs in try/except and records its error; the result file is rewritten
+after every setup (and copied to $OUT); a time budget (--budget-s) skips what would not fit and
+records the skip, and a running setup stops at the deadline with the steps it has.
+
+    python bench/train_speed.py            # GPU, about 9 minutes with the model builds
+    python bench/train_speed.py --tiny     # a quick CPU run of the same code, plus the studio's trainer
+                                           # against a plain transformers Trainer (tutorial arguments)
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
-from dataclasses import replace
+import traceback
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from common import ROOT, build_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
+from common import ROOT, build_sized_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
 
 from transformers import TrainerCallback  # noqa: E402
 
 from studio.model.generation import GenerationSettings, build_messages  # noqa: E402
 from studio.model.loading import ModelSpec  # noqa: E402
 from studio.model.manager import ModelManager  # noqa: E402
-from studio.train.job import add_trainable_adapter, make_collator  # noqa: E402
-from studio.train.memory import estimate_peak  # noqa: E402
+from studio.train.collate import make_collator  # noqa: E402
+from studio.train.job import add_trainable_adapter  # noqa: E402
+from studio.train.memory import estimate_peak, model_features  # noqa: E402
 from studio.train.settings import LoraSettings, TrainSettings, preset  # noqa: E402
 from studio.train.trainer import build_trainer  # noqa: E402
 
+LOSS_TOLERANCE = 0.01  # first 20 losses within 1% of the tutorial's
+GPU24_LIMIT_GIB = 20.0
+
+# Fast candidates: the same 8 sequences per step packed into one pass, no checkpointing, plus switches.
+FAST_CANDIDATES = {
+    "fast": {},
+    "fast + liger": dict(liger_kernels=True),
+    "fast + dequantized base": dict(dequantize_base=True),
+    "fast + liger + dequantized base": dict(liger_kernels=True, dequantize_base=True),
+    "fast + dequantized base + compiled layers": dict(dequantize_base=True, compile_layers=True),
+}
+# 24 GB candidates: checkpointing, padded (the preset today) or packed, all or part of the layers.
+GPU24_CANDIDATES = {
+    "gpu24": {},
+    "gpu24 packed + liger": dict(packing=True, liger_kernels=True),
+    "gpu24 packed + liger, half the layers checkpointed": dict(packing=True, liger_kernels=True,
+                                                               checkpoint_fraction=0.5),
+    "gpu24 packed, half the layers checkpointed": dict(packing=True, checkpoint_fraction=0.5),
+}
+# Rough seconds each kind of work needs on the H200 (for the budget; a setup that overruns is cut).
+NEEDS = {"build": {"0.5B": 8, "1.5B": 15, "3B": 25, "7B": 45, "14B": 90, "tiny": 1},
+         "tutorial_step": {"0.5B": 4.5, "1.5B": 5, "3B": 6, "7B": 5.5, "14B": 9, "tiny": 0.2}}
+
+
+class Budget:
+    """Seconds left before the deadline; `allow` says whether a piece of work fits and records skips."""
+
+    def __init__(self, seconds: float, skipped: list):
+        self.deadline = time.perf_counter() + seconds
+        self.skipped = skipped
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def allow(self, what: str, need_s: float) -> bool:
+        if self.left() >= need_s:
+            return True
+        self.skipped.append({"what": what, "needed_s": round(need_s), "left_s": round(self.left())})
+        print("skipped (time budget):", what, flush=True)
+        return False
+
 
 class StepClock(TrainerCallback):
-    """Per-step wall time, loss and tokens (read from the collator)."""
+    """Per-step wall time, loss and tokens (read from the collator); stops the run at the deadline."""
 
-    def __init__(self, collator):
-        self.collator, self.times, self.tokens, self.losses = collator, [], [], []
+    def __init__(self, collator, deadline: float | None = None):
+        self.collator, self.deadline = collator, deadline
+        self.times, self.tokens, self.losses = [], [], []
+        self.cut = False
 
     def on_step_end(self, args, state, control, **kwargs):
         import torch
@@ -44,6 +104,8 @@ class StepClock(TrainerCallback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         self.tokens.append(self.collator.tokens_seen)
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            control.should_training_stop = self.cut = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -72,7 +134,7 @@ class ForwardSize:
 
 
 def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], steps: int, warmup_steps: int = 2,
-              studio_kernels: bool = True) -> dict:
+              studio_kernels: bool = True, deadline: float | None = None, model_bytes: int | None = None) -> dict:
     """Train `steps` optimizer steps through the studio's trainer; `studio_kernels=False` keeps PyTorch's
     default attention kernels, as the tutorial's own code gets them."""
     import gc
@@ -83,92 +145,317 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     settings = replace(settings, max_steps=steps, save_every=0, logging_steps=1)
     model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), settings.seed)
     loaded.model = model
-    collator = ForwardSize(make_collator(settings, loaded.tokenizer.pad_token_id))
-    clock = StepClock(collator)
-    trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / name, "bench", rows, [],
-                            collator, (clock,))
+    collator = ForwardSize(make_collator(settings, loaded.tokenizer))
+    clock = StepClock(collator, deadline)
+    trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / name.replace(" ", "_"), "bench",
+                            rows, [], collator, (clock,))
     trainer.avoid_cudnn_attention = studio_kernels
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        model.get_base_model().config.use_cache = True
+        if getattr(model.get_base_model(), "is_gradient_checkpointing", False):
+            model.get_base_model().gradient_checkpointing_disable()
+        model.eval()
     wall = time.perf_counter() - started
-    first = min(warmup_steps, len(clock.times) - 2)
-    seconds = clock.times[-1] - clock.times[first]
-    tokens = clock.tokens[-1] - clock.tokens[first]
+    first = max(0, min(warmup_steps, len(clock.times) - 2))
+    seconds = max(1e-9, clock.times[-1] - clock.times[first]) if len(clock.times) > 1 else wall
+    tokens = clock.tokens[-1] - clock.tokens[first] if len(clock.times) > 1 else collator.tokens_seen
+    lengths = [len(r["input_ids"]) for r in rows]
+    applied = [note for note in trainer.speedup_notes]
+    liger_on = any(note.startswith("Liger kernels on") for note in applied)
+    features = model_features(model, replace(settings, liger_kernels=liger_on), collator.largest,
+                              model_bytes=model_bytes)
     result = {
-        "setup": name, "steps": len(clock.times), "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,
-        "packing": settings.packing, "gradient_checkpointing": settings.gradient_checkpointing,
-        "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
+        "setup": name, "steps": len(clock.times), "cut_at_deadline": clock.cut,
+        "settings": {k: v for k, v in asdict(settings).items()
+                     if k in ("batch_size", "grad_accum", "packing", "gradient_checkpointing", "checkpoint_fraction",
+                              "liger_kernels", "dequantize_base", "compile_layers")},
+        "applied": applied, "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
+        "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),
+        "memory_features": asdict(features),
     }
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    model.get_base_model().config.use_cache = True
-    if getattr(model.get_base_model(), "is_gradient_checkpointing", False):
-        model.get_base_model().gradient_checkpointing_disable()
-    model.eval()
     del trainer
     return result
+
+
+def loss_match(reference: list[float], losses: list[float]) -> float | None:
+    """Largest relative difference over the first 20 losses both have (None if none)."""
+    pairs = list(zip(reference[:20], losses[:20]))
+    return round(max(abs(a - b) / max(abs(a), 1e-9) for a, b in pairs), 5) if pairs else None
+
+
+class Bench:
+    """One run: results appended and written as they come."""
+
+    def __init__(self, args):
+        self.args, self.tiny = args, args.tiny
+        self.payload = {"model": "tiny" if self.tiny else "random-weight Qwen2.5 shapes, 4-bit NF4 + double quant, bf16",
+                        "lora": "r 16, alpha 32, seven projections", "rows": "120-400 tokens, 45% prompt",
+                        "sequences_per_step": 8, "results": [], "sizes": {}, "skipped": [], "errors": [],
+                        "recommended": {}}
+        self.budget = Budget(args.budget_s, self.payload["skipped"])
+        self.manager = ModelManager(decode_mode="eager")
+
+    def save(self) -> Path:
+        return write_results("train_speed-tiny" if self.tiny else "train_speed", self.payload)
+
+    # ----- models --------------------------------------------------------------------------------
+    def load(self, size: str) -> dict | None:
+        import torch
+
+        if self.manager.is_loaded:
+            self.manager.unload()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        folder = Path(f"{self.args.model_root}-{size}")
+        started = time.perf_counter()
+        build_sized_model(folder, size)
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        self.manager.load(ModelSpec(str(folder), "4bit"))
+        load_s = time.perf_counter() - started
+        if not self.args.keep_models and not self.tiny:
+            shutil.rmtree(folder, ignore_errors=True)  # the disk holds one size at a time
+        static = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        return {"build_s": round(built, 1), "load_s": round(load_s, 1), "static_gib": round(static / 2**30, 2),
+                "static_bytes": static}
+
+    def rows(self, count: int, seed: int = 0) -> list[dict]:
+        vocab = self.manager.require_loaded().model.config.vocab_size if self.tiny else 150000
+        return synthetic_examples(count, vocab, seed=seed)
+
+    def setup(self, size: str, name: str, settings: TrainSettings, rows: list[dict], steps: int, need_s: float,
+              static_bytes: int, tutorial: dict | None = None, **kwargs) -> dict | None:
+        """Run one setup if the budget allows; record the result or the error and save the file."""
+        label = f"{size}: {name}"
+        if not self.budget.allow(label, need_s):
+            return None
+        deadline = time.perf_counter() + max(need_s * 2.5, 30) if not self.tiny else None
+        deadline = min(deadline, self.budget.deadline) if deadline else None
+        try:
+            with self.manager.using("benchmark") as loaded:
+                result = run_setup(loaded, name, settings, rows, steps, deadline=deadline,
+                                   model_bytes=static_bytes or None, **kwargs)
+        except Exception as exc:
+            error = {"size": size, "setup": name, "error": f"{type(exc).__name__}: {exc}",
+                     "trace": traceback.format_exc()[-2000:]}
+            self.payload["errors"].append(error)
+            print("ERROR", label, error["error"], flush=True)
+            self.save()
+            return None
+        result["size"] = size
+        if tutorial:
+            result["ratio_to_tutorial"] = round(result["tokens_per_s"] / tutorial["tokens_per_s"], 2)
+            result["loss_match_max_rel"] = loss_match(tutorial["losses"], result["losses"])
+        self.payload["results"].append(result)
+        print({k: v for k, v in result.items() if k not in ("losses", "memory_features")}, flush=True)
+        self.save()
+        return result
+
+    # ----- the parts -----------------------------------------------------------------------------
+    def main_shape(self) -> None:
+        size = "tiny" if self.tiny else "7B"
+        steps = self.args.steps
+        info = self.load(size)
+        self.payload["sizes"][size] = info
+        question = build_messages("你是《雾灯岛》领域助手。", [], "我该怎么成为守灯人？")
+        base_before = self.manager.chat(question, GenerationSettings.greedy(16))
+        rows = self.rows(8 * steps + 16)
+        step = NEEDS["tutorial_step"][size]
+        static = info["static_bytes"]
+        tutorial = self.setup(size, "tutorial", preset("tutorial"), rows, steps, step * steps + 10, static,
+                              studio_kernels=False)
+        if tutorial is None:
+            return
+        tutorial["ratio_to_tutorial"] = 1.0
+        eager = {k: v for k, v in FAST_CANDIDATES.items() if not v.get("compile_layers")}
+        fast = self.candidates(size, eager, preset("fast"), rows, steps, static, tutorial)
+        gpu24 = self.candidates(size, GPU24_CANDIDATES, preset("gpu24"), rows, steps, static, tutorial,
+                                limit_gib=GPU24_LIMIT_GIB)
+        self.payload["recommended"] = {"fast": fast, "gpu24": gpu24}
+        self.save()
+        base_after = self.manager.chat(question, GenerationSettings.greedy(16))
+        self.payload["base_unchanged_after_training"] = base_before == base_after
+        self.time_to_adapter(size, static)
+        self.rows_for_compile = (size, rows, steps, static, tutorial)
+
+    def compiled_candidates(self) -> None:
+        """The compiled-layers candidates last (their compile time is the least predictable), on the main
+        shape again; the recommendation is updated if one wins."""
+        compiled = {k: v for k, v in FAST_CANDIDATES.items() if v.get("compile_layers")}
+        if not compiled or not getattr(self, "rows_for_compile", None):
+            return
+        size, rows, steps, _, tutorial = self.rows_for_compile
+        if self.payload["sizes"].get(size) is None or not self.budget.allow(f"{size}: reload for compiled layers", 90):
+            return
+        info = self.load(size)
+        best = self.candidates(size, compiled, preset("fast"), rows, steps, info.pop("static_bytes"), tutorial)
+        current = self.payload["recommended"].get("fast", {})
+        if best.get("tokens_per_s") and best["tokens_per_s"] > (current.get("tokens_per_s") or 0):
+            self.payload["recommended"]["fast"] = best
+        self.save()
+
+    def candidates(self, size, candidates: dict, base: TrainSettings, rows, steps, static, tutorial,
+                   limit_gib: float | None = None) -> dict:
+        """Run each candidate; the fastest with matching losses (and under the limit) is recommended."""
+        best = None
+        for name, switches in candidates.items():
+            need = 90 + steps * 0.5 if switches.get("compile_layers") else 8 + steps * 0.6
+            result = self.setup(size, name, replace(base, **switches), rows, steps, need, static, tutorial)
+            if result is None:
+                continue
+            fits = limit_gib is None or result.get("peak_reserved_gib", 0.0) <= limit_gib
+            matches = result["loss_match_max_rel"] is not None and result["loss_match_max_rel"] <= LOSS_TOLERANCE
+            applied = not any("skipped" in note for note in result["applied"])  # every switch it asked for ran
+            result["qualifies"] = bool(fits and matches and applied)
+            if result["qualifies"] and (best is None or result["tokens_per_s"] > best["tokens_per_s"]):
+                best = result
+        chosen = best or {"setup": next(iter(candidates)), "settings": {}}
+        return {"setup": chosen["setup"], "switches": candidates.get(chosen["setup"], {}),
+                "tokens_per_s": chosen.get("tokens_per_s"), "peak_reserved_gib": chosen.get("peak_reserved_gib")}
+
+    def recommended(self, which: str) -> TrainSettings:
+        base = preset(which)
+        return replace(base, **self.payload["recommended"].get(which, {}).get("switches", {}))
+
+    def time_to_adapter(self, size: str, static: int) -> None:
+        job_rows = self.rows(183, seed=1)
+        settings = replace(self.recommended("fast"), epochs=4.0)
+        result = self.setup(size, "time to adapter: 183 rows x 4 epochs, best fast", settings, job_rows, -1,
+                            40 if size == "7B" else 20, static)
+        if result:
+            self.payload.setdefault("time_to_adapter", {})[size] = {
+                "train_s": result["train_wall_s"], "steps": result["steps"], "setup": self.recommended_name("fast"),
+                "load_s": self.payload["sizes"][size]["load_s"]}
+            self.save()
+
+    def recommended_name(self, which: str) -> str:
+        return self.payload["recommended"].get(which, {}).get("setup", which)
+
+    def size_row(self, size: str) -> None:
+        if not self.budget.allow(f"{size}: build and load", NEEDS["build"][size] + 30):
+            return
+        try:
+            info = self.load(size)
+        except Exception as exc:
+            self.payload["errors"].append({"size": size, "setup": "build and load", "error": f"{type(exc).__name__}: {exc}"})
+            self.save()
+            return
+        self.payload["sizes"][size] = info
+        static = info.pop("static_bytes")
+        self.save()
+        rows = self.rows(8 * 10 + 16, seed=2)
+        steps = self.args.tutorial_steps
+        tutorial = self.setup(size, "tutorial", preset("tutorial"), rows, steps,
+                              NEEDS["tutorial_step"][size] * steps + 5, static, warmup_steps=1, studio_kernels=False)
+        if tutorial:
+            tutorial["ratio_to_tutorial"] = 1.0
+        for which in ("fast", "gpu24"):
+            self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows, 8, 15, static,
+                       tutorial)
+        if size == "0.5B":
+            self.time_to_adapter(size, static)
+
+    def run(self) -> Path:
+        try:
+            self.main_shape()
+        except Exception as exc:
+            self.payload["errors"].append({"setup": "main shape", "error": f"{type(exc).__name__}: {exc}",
+                                           "trace": traceback.format_exc()[-2000:]})
+        self.payload["sizes"].get("tiny" if self.tiny else "7B", {}).pop("static_bytes", None)
+        if self.tiny:
+            self.payload["studio_vs_plain_trainer"] = studio_vs_plain(self.manager)
+        else:
+            for size in self.args.sizes:
+                self.size_row(size)
+        self.compiled_candidates()
+        if self.manager.is_loaded:
+            self.manager.unload()
+        return self.save()
+
+
+# ----- the CPU comparison: the studio's trainer against a plain Trainer -----------------------------
+def studio_vs_plain(manager, steps: int = 6) -> dict:
+    """Seconds per optimizer step of the tutorial preset through the studio's trainer (with its progress
+    callback) and through a plain transformers Trainer with the tutorial's arguments, same rows."""
+    from types import SimpleNamespace
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from studio.train.trainer import ProgressTracker
+
+    class Job:
+        cancelled = False
+
+        def log(self, *a):
+            pass
+
+        def emit(self, *a, **k):
+            pass
+
+    out = {}
+    with manager.using("benchmark") as loaded:
+        rows = synthetic_examples(8 * steps, loaded.model.config.vocab_size, seed=5, low=60, high=200)
+        for which in ("plain", "studio", "plain again", "studio again"):
+            model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
+            loaded.model = model
+            folder = ROOT / "bench" / "out" / which.replace(" ", "_")
+            started = time.perf_counter()
+            if which.startswith("plain"):
+                args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=1,
+                                         gradient_accumulation_steps=8, learning_rate=1e-3, num_train_epochs=4,
+                                         max_steps=steps, lr_scheduler_type="linear", warmup_steps=0.03,
+                                         logging_steps=1, optim="adamw_torch", use_cpu=True, report_to=[],
+                                         save_strategy="no", gradient_checkpointing=True, disable_tqdm=True,
+                                         remove_unused_columns=False)
+                Trainer(model=model, args=args, train_dataset=rows,
+                        data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True)).train()
+            else:
+                settings = replace(preset("tutorial"), max_steps=steps, save_every=0)
+                collator = make_collator(settings, loaded.tokenizer)
+                run = SimpleNamespace(name="bench", metrics_path=folder / "metrics.jsonl")
+                folder.mkdir(parents=True, exist_ok=True)
+                tracker = ProgressTracker(run, Job(), collator)
+                trainer = build_trainer(model, settings, loaded.device, folder, "bench", rows, [], collator, (tracker,))
+                tracker.trainer = trainer
+                trainer.train()
+            out[which + " s_per_step"] = round((time.perf_counter() - started) / steps, 4)
+            model.eval()
+    out["studio / plain"] = round((out["studio s_per_step"] + out["studio again s_per_step"])
+                                  / (out["plain s_per_step"] + out["plain again s_per_step"]), 3)
+    print("studio vs plain trainer", out, flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model")
-    parser.add_argument("--model-dir", default="/tmp/qwen25-7b-random")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model-root", default="/dev/shm/qwen25-random" if Path("/dev/shm").is_dir() else
+                        "/tmp/qwen25-random", help="where the random models are saved (a RAM disk when there is one)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per 7B setup (losses compared)")
+    parser.add_argument("--tutorial-steps", type=int, default=3, help="tutorial-recipe steps on the other sizes")
+    parser.add_argument("--sizes", nargs="*", default=["0.5B", "14B", "1.5B", "3B"],
+                        help="sizes after the 7B shape, in order of priority")
+    parser.add_argument("--budget-s", type=float, default=500.0, help="stop starting new work after this long")
+    parser.add_argument("--keep-models", action="store_true", help="keep the built models in /tmp")
     args = parser.parse_args()
-    import torch
+    if args.tiny:
+        from studio.train import speedups
 
-    folder = build_model(Path(args.model_dir + ("-tiny" if args.tiny else "")), args.tiny)
-    manager = ModelManager(decode_mode="eager")
-    started = time.perf_counter()
-    manager.load(ModelSpec(str(folder), "4bit"))
-    load_s = time.perf_counter() - started
-    question = build_messages("你是《雾灯岛》领域助手。", [], "我该怎么成为守灯人？")
-    base_before = manager.chat(question, GenerationSettings.greedy(16))
-    static_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    vocab = manager.require_loaded().model.config.vocab_size if args.tiny else 150000
-    rows = synthetic_examples(8 * args.steps + 16, vocab)
-    results, notes = [], {}
-    with manager.using("benchmark") as loaded:
-        setups = [("tutorial", preset("tutorial"), args.steps), ("fast", preset("fast"), args.steps),
-                  ("gpu24", preset("gpu24"), args.steps),
-                  ("calibration: tutorial settings, studio attention kernels", preset("tutorial"), 6),
-                  ("calibration: 4 packed, no checkpointing", replace(preset("fast"), batch_size=4), 6),
-                  ("calibration: 16 packed, checkpointing", replace(preset("fast"), batch_size=16,
-                                                                      gradient_checkpointing=True), 6),
-                  ("calibration: batch 8 padded, no checkpointing", replace(preset("gpu24"), gradient_checkpointing=False), 6),
-                  ("calibration: 8 packed, checkpointing", replace(preset("fast"), gradient_checkpointing=True), 6)]
-        for name, settings, steps in setups:
-            # the tutorial's recipe runs as its own code would: PyTorch's default attention kernels
-            result = run_setup(loaded, name, settings, rows, steps, studio_kernels=name != "tutorial")
-            result["estimate_gib"] = round(estimate_peak(loaded.model, settings, [len(r["input_ids"]) for r in rows])
-                                           .total_gib, 2)
-            results.append(result)
-            print({k: v for k, v in result.items() if k != "losses"}, flush=True)
-        tutorial, fast = results[0], results[1]
-        pairs = list(zip(tutorial["losses"], fast["losses"]))
-        notes["loss_match_max_abs"] = round(max(abs(a - b) for a, b in pairs), 4)
-        notes["loss_match_max_rel"] = round(max(abs(a - b) / max(abs(a), 1e-9) for a, b in pairs), 4)
-        job_rows = synthetic_examples(183, vocab, seed=1)
-        timed = run_setup(loaded, "time to adapter: 183 rows x 4 epochs, fast", replace(preset("fast"), epochs=4.0),
-                          job_rows, steps=-1)
-        notes["time_to_adapter_s"] = timed["train_wall_s"]
-        notes["time_to_adapter_steps"] = timed["steps"]
-    base_after = manager.chat(question, GenerationSettings.greedy(16))
-    notes["base_unchanged_after_training"] = base_before == base_after
-    for result in results:
-        result["ratio_to_tutorial"] = round(result["tokens_per_s"] / tutorial["tokens_per_s"], 2)
-    payload = {"model": "tiny" if args.tiny else "Qwen2.5-7B shape, random weights, 4-bit NF4 + double quant, bf16",
-               "lora": "r 16, alpha 32, seven projections", "rows": "120-400 tokens, 45% prompt",
-               "load_s": round(load_s, 1), "static_gib": round(static_bytes / 2**30, 2),
-               "results": results, **notes}
-    path = write_results("train_speed-tiny" if args.tiny else "train_speed", payload)
-    print({k: v for k, v in notes.items()}, "->", path, flush=True)
+        speedups.COMPILE_BACKEND = "aot_eager"  # the compile path without a C++ build on the CPU
+        args.steps = min(args.steps, 6)
+    path = Bench(args).run()
+    print("->", path, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from studio.jobs import Job
 from studio.model.manager import Lease, free_memory
 from studio.train import adapters
 from studio.train import knowledge
+from studio.train.collate import make_collator
 from studio.train.formatting import IGNORE, format_example
 from studio.train.plot import render_loss_png
 from studio.train.settings import LoraSettings, TrainSettings, settings_dict
@@ -61,58 +62,6 @@ class RunRequest:
     resume: bool = False
     document: Path | None = None  # add this document's sections as training rows (studio.train.document_rows)
     exam: Path | None = None  # the exam kept out of training; found beside the dataset when not given
-
-
-class PackedCollator:
-    """Flattens a batch into one row without padding; position ids restart at each sequence.
-
-    With no attention mask and no cache, transformers derives a block-diagonal causal mask from the
-    position ids, so no sequence attends to another and the loss is the same as unpacked.
-    """
-
-    def __init__(self):
-        self.tokens_seen = 0
-        self.counting = True
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        ids, labels, positions = [], [], []
-        for feature in features:
-            ids += feature["input_ids"]
-            labels += [IGNORE] + feature["labels"][1:]  # never predict across a sequence boundary
-            positions += list(range(len(feature["input_ids"])))
-        if self.counting:
-            self.tokens_seen += len(ids)
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
-
-
-def make_collator(settings: TrainSettings, pad_id: int):
-    return PackedCollator() if settings.packing else Collator(pad_id)
-
-
-class Collator:
-    """Pads a batch (input_ids with the pad id, labels with -100) and counts the real tokens it saw."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-        self.tokens_seen = 0
-        self.counting = True
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        ids, labels, mask = [], [], []
-        for feature in features:
-            pad = longest - len(feature["input_ids"])
-            ids.append(feature["input_ids"] + [self.pad_id] * pad)
-            labels.append(feature["labels"] + [IGNORE] * pad)
-            mask.append([1] * len(feature["input_ids"]) + [0] * pad)
-            if self.counting:
-                self.tokens_seen += len(feature["input_ids"])
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
 def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int) -> tuple[list[dict], int]:
@@ -212,7 +161,7 @@ class TrainingRun:
     def _train(self, job: Job, model, train_set, eval_set, checkpoint) -> dict:
         from studio.train.trainer import ProgressTracker, build_trainer
 
-        collator = make_collator(self.request.train, self.loaded.tokenizer.pad_token_id)
+        collator = make_collator(self.request.train, self.loaded.tokenizer)
         tracker = ProgressTracker(self, job, collator)
         trainer = build_trainer(model, self.request.train, self.loaded.device, self.run_dir / "checkpoints", self.name,
                                 train_set, eval_set, collator, (tracker, *self.extra_callbacks))

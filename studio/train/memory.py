@@ -1,25 +1,37 @@
 """A peak-memory estimate before training, from the loaded model and the chosen settings.
 
-peak = the model as loaded + the adapter's fp32 weights, gradients and Adam states (16 bytes per
-trainable parameter) + a fixed overhead (CUDA context workspaces, allocator slack) + activations,
-which grow with the token positions of the largest forward pass: per position, a cost proportional to
-hidden size x layers (much smaller with gradient checkpointing) plus the logits over the vocabulary.
-The coefficients are fitted to bench/train_speed.py measurements on the Qwen2.5-7B shape
-(README, Performance) and hold within 20% on the presets there.
+peak = the model as loaded (+ the bf16 copies of its 4-bit layers with `dequantize_base`) + the
+adapter's fp32 weights, gradients and Adam states (16 bytes per trainable parameter) + a fixed
+overhead + activations, which grow with the token positions of the largest forward pass: per position
+and layer, a cost in the hidden and the MLP (intermediate) sizes for the layers that keep their
+activations, a much smaller one for the layers that recompute them (gradient checkpointing), less
+of both with Liger's fused kernels, plus the logits over the vocabulary (none with Liger's fused
+linear cross-entropy).
+
+The coefficients are fitted by `fit` to the newest `bench/results/train_speed-*.json` with some rows
+held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
+tests/test_speed_settings.py checks the estimate on every row of that file.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from studio.train.settings import LoraSettings, TrainSettings
 
 GIB = 2**30
-# Fitted to peak reserved memory on an H200 (bench/results/train_speed-h200-2026-11-28.json): bytes per token
-# position of the largest forward pass.
-BYTES_PER_POSITION_LAYER_HIDDEN = {True: 5.3, False: 86.0}  # x hidden x layers; key: gradient checkpointing
-BYTES_PER_POSITION_VOCAB = 12.0  # x vocabulary: bf16 logits, their fp32 copy and gradient
-OVERHEAD_GIB = 0.25
+FIT_FILE = Path(__file__).with_name("memory_fit.json")
+# The unknowns of the formula, each multiplied by a feature of the run (`Features.vector`): bytes per
+# token position, layer and hidden (or intermediate) unit for layers that keep their activations
+# (without / with Liger), for layers that recompute them, and per position and vocabulary entry.
+COEFFICIENTS = ("overhead_gib", "full_hidden", "full_intermediate", "checkpointed_hidden", "logits_vocab",
+                "liger_hidden", "liger_intermediate")
+HIDDEN_7B = dict(hidden=3584, intermediate=18944, layers=28, vocab=152064)
+LORA_7B = 28 * 16 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584))
 
 
 @dataclass
@@ -46,6 +58,116 @@ class Estimate:
         return text
 
 
+@dataclass
+class Features:
+    """What the formula needs about one run; `known_gib` is the part that needs no coefficient."""
+
+    model_gib: float
+    dequantized_gib: float
+    adapter_gib: float
+    tokens: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    checkpointed_share: float  # share of layers recomputing activations (0 without checkpointing)
+    liger: bool
+
+    @property
+    def known_gib(self) -> float:
+        return self.model_gib + self.dequantized_gib + self.adapter_gib
+
+    def vector(self) -> list[float]:
+        """One value per name in COEFFICIENTS (activations in GiB per byte-coefficient)."""
+        per = self.tokens * self.layers / GIB
+        kept = 1.0 - self.checkpointed_share
+        liger = 1.0 if self.liger else 0.0
+        plain = 1.0 - liger
+        return [1.0, per * kept * self.hidden * plain, per * kept * self.intermediate * plain,
+                per * self.checkpointed_share * self.hidden, self.tokens * self.vocab * plain / GIB,
+                per * kept * self.hidden * liger, per * kept * self.intermediate * liger]
+
+
+def predict(features: Features, coefficients: dict) -> Estimate:
+    values = features.vector()
+    activations = sum(coefficients[name] * value for name, value in zip(COEFFICIENTS[1:], values[1:]))
+    return Estimate(model_gib=features.model_gib + features.dequantized_gib, adapter_gib=features.adapter_gib,
+                    activations_gib=activations, overhead_gib=coefficients["overhead_gib"],
+                    forward_tokens=features.tokens)
+
+
+# ----- fitting to bench/train_speed.py results -----------------------------------------------------
+def newest_result_file(folder: Path) -> Path:
+    """The newest GPU result of bench/train_speed.py (tiny CPU runs and one-off attempts left out)."""
+    pattern = re.compile(r"train_speed-(?!tiny)[a-z0-9-]+?-(\d{4}-\d{2}-\d{2})\.json$")
+    dated = [(m.group(1), path.name, path) for path in Path(folder).glob("train_speed-*.json")
+             if (m := pattern.match(path.name))]
+    if not dated:
+        raise FileNotFoundError(f"No train_speed result file in {folder}.")
+    return max(dated)[2]
+
+
+def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:
+    """(setup, features, measured peak reserved GiB) for each result row that has a peak.
+
+    Rows written by the current bench carry their own `memory_features`; the 2026-11-28 file
+    (Qwen2.5-7B shape only) predates them and gets its features from the 7B constants."""
+    out = []
+    for result in payload.get("results", []):
+        if "peak_reserved_gib" not in result or result.get("error"):
+            continue
+        if "memory_features" in result:
+            features = Features(**result["memory_features"])
+        else:
+            share = 1.0 if result["gradient_checkpointing"] else 0.0
+            features = Features(model_gib=payload["static_gib"], dequantized_gib=0.0, adapter_gib=LORA_7B * 16 / GIB,
+                                tokens=result["largest_forward_tokens"], checkpointed_share=share, liger=False,
+                                **HIDDEN_7B)
+        out.append((result["setup"], features, result["peak_reserved_gib"]))
+    return out
+
+
+def held_out(index: int) -> bool:
+    """Rows kept out of the fit: every third one."""
+    return index % 3 == 2
+
+
+def fit(rows: list[tuple[str, Features, float]]) -> dict:
+    """Non-negative least squares on relative error, with a small pull toward zero for coefficients the
+    rows cannot tell apart (e.g. hidden against intermediate size when every row has one model shape)."""
+    import numpy as np
+
+    x = np.array([features.vector() for _, features, _ in rows], dtype=float)
+    y = np.array([measured - features.known_gib for _, features, measured in rows], dtype=float)
+    weights = 1.0 / np.array([measured for _, _, measured in rows], dtype=float)
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0
+    a = x / scale * weights[:, None]
+    b = y * weights
+    active = list(range(a.shape[1]))
+    while True:  # no negative bytes: drop a coefficient that comes out negative and solve again
+        sub = a[:, active]
+        solution = np.linalg.solve(sub.T @ sub + 1e-4 * np.eye(len(active)), sub.T @ b)
+        negative = [k for k, value in zip(active, solution) if value < 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda k: solution[active.index(k)]))
+    values = np.zeros(a.shape[1])
+    values[active] = solution
+    coefficients = {name: float(value) for name, value in zip(COEFFICIENTS, values / scale)}
+    if not any(features.liger for _, features, _ in rows):  # nothing measured with Liger: assume no saving
+        coefficients["liger_hidden"] = coefficients["full_hidden"]
+        coefficients["liger_intermediate"] = coefficients["full_intermediate"]
+    return coefficients
+
+
+@functools.lru_cache(maxsize=1)
+def fitted() -> dict:
+    """The shipped coefficients (memory_fit.json)."""
+    return json.loads(FIT_FILE.read_text(encoding="utf-8"))["coefficients"]
+
+
+# ----- the estimate for a loaded model -------------------------------------------------------------
 def forward_tokens(settings: TrainSettings, lengths: list[int]) -> int:
     """Token positions in the largest forward pass: packed = the longest rows together, padded = batch x longest."""
     capped = sorted((min(n, settings.max_length) for n in lengths), reverse=True) or [settings.max_length]
@@ -54,23 +176,37 @@ def forward_tokens(settings: TrainSettings, lengths: list[int]) -> int:
     return settings.batch_size * capped[0]
 
 
-def estimate_from(model_bytes: int, adapter_params: int, hidden: int, layers: int, vocab: int,
-                  settings: TrainSettings, tokens: int) -> Estimate:
-    """The formula itself, from plain numbers."""
-    per_position = (BYTES_PER_POSITION_LAYER_HIDDEN[bool(settings.gradient_checkpointing)] * hidden * layers
-                    + BYTES_PER_POSITION_VOCAB * vocab)
-    return Estimate(model_gib=model_bytes / GIB, adapter_gib=adapter_params * 16 / GIB,
-                    activations_gib=tokens * per_position / GIB, overhead_gib=OVERHEAD_GIB, forward_tokens=tokens)
+def four_bit_parameters(model) -> int:
+    """Parameters held in 4-bit layers (what `dequantize_base` copies to bf16)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    from studio.model.card import base_of
+
+    return sum(m.in_features * m.out_features for m in base_of(model).modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettings = LoraSettings(),
+                   model_bytes: int | None = None) -> Features:
+    from studio.model.card import base_of, memory_in_use
+    from studio.train.estimate import lora_param_count
+    from studio.train.speedups import liger_available
+
+    config = base_of(model).config
+    share = min(1.0, max(0.0, settings.checkpoint_fraction)) if settings.gradient_checkpointing else 0.0
+    dequantized = four_bit_parameters(model) * 2 if settings.dequantize_base else 0
+    return Features(model_gib=(memory_in_use(model) if model_bytes is None else model_bytes) / GIB,
+                    dequantized_gib=dequantized / GIB,
+                    adapter_gib=lora_param_count(model, lora.targets, lora.r) * 16 / GIB, tokens=tokens,
+                    hidden=config.hidden_size, intermediate=config.intermediate_size,
+                    layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
+                    liger=bool(settings.liger_kernels and liger_available() is None))
 
 
 def estimate_peak(model, settings: TrainSettings, lengths: list[int], lora: LoraSettings = LoraSettings()) -> Estimate:
     """The estimate for the loaded model, the chosen settings and the dataset's token lengths."""
-    from studio.model.card import base_of, memory_in_use
-    from studio.train.estimate import lora_param_count
-
-    config = base_of(model).config
-    return estimate_from(memory_in_use(model), lora_param_count(model, lora.targets, lora.r), config.hidden_size,
-                         config.num_hidden_layers, config.vocab_size, settings, forward_tokens(settings, lengths))
+    return predict(model_features(model, settings, forward_tokens(settings, lengths), lora), fitted())
 
 
 def estimate_for_dataset(loaded, dataset, system: str, settings: TrainSettings, lora: LoraSettings) -> Estimate:

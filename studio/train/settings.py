@@ -50,6 +50,12 @@ class TrainSettings:
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N optimizer steps (0 = never); the last two are kept."})
     heldout_per_group: int = field(default=1, metadata={"help": "Phrasings of each fact kept out of training (groups of 4+)."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    # Speed switches (GPU only; each leaves the loss the same, tests/test_speed_settings.py and
+    # bench/train_speed.py check that). They act only while training: chat gets the model unchanged.
+    checkpoint_fraction: float = field(default=1.0, metadata={"help": "With gradient checkpointing on: the share of decoder layers that recompute their activations (1.0 = every layer; less is faster and uses more memory)."})
+    liger_kernels: bool = field(default=False, metadata={"help": "Fused Triton kernels from the liger-kernel package while training: RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never builds the full logits. Needs a CUDA GPU and liger-kernel; skipped with a note otherwise."})
+    dequantize_base: bool = field(default=False, metadata={"help": "While training, keep a bf16 copy of the 4-bit base weights (dequantized once, the same values) instead of dequantizing them on every forward and backward pass: faster, more memory (about 2 bytes per base parameter)."})
+    compile_layers: bool = field(default=False, metadata={"help": "torch.compile each decoder layer while training (dynamic shapes); the first steps pay the compile time."})
 
 
 PRESETS: dict[str, tuple[str, TrainSettings]] = {

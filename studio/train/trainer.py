@@ -42,15 +42,26 @@ def without_cudnn_attention(active: bool = True):
 
 
 class StudioTrainer(Trainer):
-    """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s and trains
-    without cuDNN attention (see `without_cudnn_attention`)."""
+    """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s, trains
+    without cuDNN attention (see `without_cudnn_attention`) and with the settings' speed switches
+    (`studio.train.speedups`), undone when training ends.
+
+    It overrides two private Trainer methods, `_save` and `_load_from_checkpoint`: the model is shared
+    and may carry several adapters, and the Trainer has no public hook for what a checkpoint holds, so
+    these save and restore only this run's adapter (README, Performance, Training)."""
 
     adapter_name: str = "default"
     eval_seconds: float = 0.0
     avoid_cudnn_attention: bool = True
+    speed_settings = None  # the run's TrainSettings (its speed switches)
+    speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
-        with without_cudnn_attention(self.avoid_cudnn_attention):
+        from studio.train.speedups import training_speedups
+
+        with without_cudnn_attention(self.avoid_cudnn_attention), \
+                training_speedups(self.model, self.speed_settings) as notes:
+            self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -89,6 +100,8 @@ class ProgressTracker(TrainerCallback):
         self.collator.tokens_seen = 0
         resumed = f", resumed at step {state.global_step}" if state.global_step else ""
         self.job.log(f"Training {self.run.name}: {state.max_steps} optimizer steps{resumed}.")
+        for note in (self.trainer.speedup_notes if self.trainer else []):
+            self.job.log(note)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -178,6 +191,11 @@ def build_trainer(model, s, device: str, output_dir: Path, adapter_name: str, tr
     trainer = StudioTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                             data_collator=collator)
     trainer.adapter_name = adapter_name
+    trainer.speed_settings = s
+    if s.gradient_checkpointing and s.checkpoint_fraction < 1.0:
+        from studio.train.speedups import PartialCheckpointing
+
+        trainer.add_callback(PartialCheckpointing(s.checkpoint_fraction))
     trainer.remove_callback(PrinterCallback)  # progress goes to the job's event log, not stdout
     trainer.remove_callback(ProgressCallback)
     for callback in callbacks:

@@ -1,0 +1,182 @@
+"""Training-only speed switches (TrainSettings): applied when training starts, undone when it ends.
+
+The studio trains an adapter on the model it also chats with, so nothing here may outlive the run:
+each switch patches module instances (and, for Liger's RoPE, one function of the model's transformers
+module), records how to undo that, and `training_speedups` undoes it all on the way out, whether the
+run ends or fails. None of them changes the loss beyond rounding (tests/test_speed_settings.py,
+bench/train_speed.py).
+
+- `liger_kernels`: the liger-kernel package's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused
+  linear cross-entropy that never builds the logits), by instance. Optional: absent, or without a
+  CUDA GPU, the run goes on without it and says so.
+- `dequantize_base`: each 4-bit base layer gets a bf16 copy of its weight, dequantized once (the same
+  values bitsandbytes dequantizes on every pass), and runs as a plain linear layer.
+- `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes.
+- `checkpoint_fraction`: with gradient checkpointing on, only that share of the decoder layers
+  recomputes its activations (spread evenly), a callback set after the Trainer switches it on.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+from transformers import TrainerCallback
+
+COMPILE_BACKEND = "inductor"  # tests on the CPU use "aot_eager" (same graphs, no C++ build)
+
+
+def liger_available() -> str | None:
+    """None when Liger kernels can run here, else why not."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "the liger-kernel package is not installed"
+    if not torch.cuda.is_available():
+        return "Liger kernels need a CUDA GPU"
+    return None
+
+
+def decoder_layers(model) -> list:
+    """The repeated decoder blocks of a transformers model (under a PeftModel too)."""
+    from studio.model.card import base_of
+
+    inner = getattr(base_of(model), "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def _forget_instance_attributes(module, names) -> None:
+    for name in names:
+        module.__dict__.pop(name, None)
+
+
+def apply_liger(model, undo: list) -> str:
+    """Liger's kernels on this model instance; `undo` gets the callables that take them off again."""
+    import importlib
+
+    from studio.model.card import base_of
+
+    reason = liger_available()
+    if reason:
+        return f"Liger kernels skipped: {reason}."
+    base = base_of(model)
+    model_type = base.config.model_type
+    import liger_kernel.transformers as liger
+
+    apply = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if apply is None:
+        return f"Liger kernels skipped: liger-kernel has no kernels for {model_type!r} models."
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    saved_globals = dict(vars(modeling))
+    modules = [base, *base.modules()]
+    had = [(m, {k: m.__dict__[k] for k in ("forward", "_get_name", "extra_repr") if k in m.__dict__})
+           for m in modules]
+
+    def restore():
+        for name, value in saved_globals.items():
+            if vars(modeling).get(name) is not value:
+                setattr(modeling, name, value)
+        for module, previous in had:
+            _forget_instance_attributes(module, ("forward", "_get_name", "extra_repr"))
+            module.__dict__.update(previous)
+
+    undo.append(restore)
+    apply(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    return "Liger kernels on: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy."
+
+
+def _dense_forward(self, x, *args, **kwargs):
+    """A 4-bit layer's forward from its dequantized copy: what bitsandbytes computes, minus the dequantize."""
+    import torch
+
+    weight = self.studio_dense_weight
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def dequantize_base(model, undo: list) -> str:
+    """Give each 4-bit base layer a dequantized weight for the run; `undo` drops the copies."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return "Dequantized base skipped: bitsandbytes is not installed."
+    import torch
+
+    from studio.model.card import base_of
+
+    patched, total = [], 0
+    for module in base_of(model).modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        dtype = module.compute_dtype or torch.bfloat16
+        with torch.no_grad():
+            dense = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        module.studio_dense_weight = dense
+        module.forward = types.MethodType(_dense_forward, module)
+        patched.append(module)
+        total += dense.numel() * dense.element_size()
+
+    def restore():
+        for module in patched:
+            _forget_instance_attributes(module, ("forward", "studio_dense_weight"))
+
+    undo.append(restore)
+    if not patched:
+        return "Dequantized base skipped: the model has no 4-bit layers."
+    return f"Dequantized base on: {len(patched)} 4-bit layers, {total / 2**30:.1f} GiB of bf16 copies."
+
+
+def compile_layers(model, undo: list) -> str:
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
+
+    def restore():
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; the layer runs eagerly again
+
+    undo.append(restore)
+    return f"torch.compile on {len(layers)} decoder layers ({COMPILE_BACKEND})." if layers else \
+        "torch.compile skipped: no decoder layers found."
+
+
+@contextmanager
+def training_speedups(model, settings):
+    """Apply the switches of `settings` for the duration of the block; yields what was applied or skipped."""
+    undo: list = []
+    notes: list[str] = []
+    try:
+        if getattr(settings, "liger_kernels", False):
+            notes.append(apply_liger(model, undo))
+        if getattr(settings, "dequantize_base", False):
+            notes.append(dequantize_base(model, undo))
+        if getattr(settings, "compile_layers", False):
+            notes.append(compile_layers(model, undo))
+        yield notes
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def checkpointed_layers(count: int, fraction: float) -> list[bool]:
+    """Which of `count` layers recompute activations, spread evenly: layer i if floor((i+1)f) > floor(i f)."""
+    import math
+
+    fraction = min(1.0, max(0.0, fraction))
+    return [math.floor((i + 1) * fraction + 1e-9) > math.floor(i * fraction + 1e-9) for i in range(count)]
+
+
+class PartialCheckpointing(TrainerCallback):
+    """After the Trainer turns gradient checkpointing on for every layer, keep it on for a share only."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        layers = decoder_layers(model)
+        for layer, keep in zip(layers, checkpointed_layers(len(layers), self.fraction)):
+            if hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = keep
