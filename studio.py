@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="environment variable holding the API key (default: STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     build.add_argument("--variants", type=int, default=14, help="rephrasings per base question (default 14)")
     build.add_argument("--per-section", default="auto", help="questions per section: a number or auto (default)")
+    build.add_argument("--style", choices=("facts", "tutorial"), default="facts",
+                       help="facts (default): several short one-fact pairs per section, some answers reworded; "
+                            "tutorial: one long answer per question")
+    build.add_argument("--exam", type=int, default=0, metavar="N",
+                       help="also write an exam of N questions per section, never trained on (default 0 = none)")
     build.add_argument("--concurrency", type=int, default=8, help="teacher calls in flight (default 8)")
     build.add_argument("--timeout", type=float, default=120.0, help="seconds per teacher call (default 120)")
     build.add_argument("--attempts", type=int, default=3, help="attempts per teacher call (default 3)")
@@ -148,12 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
     train.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt stored with the adapter")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    train.add_argument("--document", default=None, metavar="FILE",
+                       help="also train on this document's sections, one row per section, mixed with the Q/A rows")
+    train.add_argument("--exam", default=None, metavar="FILE",
+                       help="the exam for this run (default: the one built with the dataset, if any); "
+                            "exam rows are never trained on")
     compare = command_parser(commands, "compare", "score base, retrieval and an adapter on questions; write a report")
     add_model_options(compare)
     compare.add_argument("--adapter", required=True, help="run folder of the adapter (from train)")
     source = compare.add_mutually_exclusive_group()
     source.add_argument("--questions", default=None, help="JSONL of instruction/output rows to ask")
-    source.add_argument("--heldout", action="store_true", help="ask the run's held-out questions (the default)")
+    source.add_argument("--heldout", action="store_true",
+                        help="ask the run's held-out phrasings (default: its exam when it has one, else these)")
     compare.add_argument("--doc", default=None, help="source document for the retrieval column (default: the run's)")
     compare.add_argument("--no-retrieval", action="store_true", help="leave the retrieval column out")
     compare.add_argument("--out", default=None, help="write the report to FILE.json or FILE.csv")
@@ -373,7 +384,8 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     if args.out_dir:
         paths = StudioPaths(Path(args.out_dir), paths.runs_dir).ensure()
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
-                             retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars))
+                             retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars),
+                             style=args.style, exam=max(0, args.exam))
     print_build_cost(args, settings)
     if args.local_teacher:
         services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=print_load_progress)
@@ -451,7 +463,9 @@ def train_request(args: argparse.Namespace, loaded, runs_dir, run_dir=None):
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, targets=targets)
     run_dir = run_dir or (Path(args.output) if args.output else new_run_dir(runs_dir, Path(args.dataset).stem))
-    return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir)
+    return RunRequest(Path(args.dataset), args.system, lora, settings, run_dir,
+                      document=Path(args.document) if args.document else None,
+                      exam=Path(args.exam) if args.exam else None)
 
 
 def print_estimate(loaded, request) -> None:
@@ -488,22 +502,23 @@ def run_compare(args: argparse.Namespace, services) -> int:
     from pathlib import Path
 
     from studio.data.datasets import read_dataset
+    from studio.data.documents import read_document
     from studio.data.teacher import TeacherConfig
     from studio.evaluate.report import format_table, write_report
-    from studio.evaluate.service import run_questions, source_document, start_report
+    from studio.evaluate.service import default_questions, run_questions, source_document, start_report
     from studio.jobs import JobStatus, follow
     from studio.model.generation import GenerationSettings
     from studio.model.loading import ModelSpec
     from studio.secrets import key_from_env
-
-    from studio.data.documents import read_document
     from studio.train.adapters import require_adapter_files
 
     folder = Path(args.adapter)
     require_adapter_files(folder)  # every input is checked before the model loads
     questions = read_dataset(args.questions) if args.questions else None
-    if questions is None and not run_questions(folder, "heldout.jsonl"):
-        raise StudioError(f"{folder.name} has no held-out rows to ask: give --questions FILE.jsonl "
+    if args.heldout:
+        questions = run_questions(folder, "heldout.jsonl")
+    if questions is None and not default_questions(folder)[0]:
+        raise StudioError(f"{folder.name} has no exam or held-out rows to ask: give --questions FILE.jsonl "
                           "(instruction/output rows).")
     document = None if args.no_retrieval else (args.doc or source_document(folder))
     if document:
@@ -517,7 +532,8 @@ def run_compare(args: argparse.Namespace, services) -> int:
         if not args.judge_model:
             raise StudioError("--judge-base-url needs --judge-model.")
         judge = TeacherConfig(args.judge_base_url, args.judge_model, key_from_env(args.judge_api_key_env))
-    job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge)
+    job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge,
+                       question_set="heldout" if args.heldout else "uploaded")
     follow(job, print_event)
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)

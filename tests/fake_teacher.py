@@ -1,7 +1,9 @@
 """A real HTTP server on 127.0.0.1 that speaks the OpenAI chat-completions protocol, scriptable per call.
 
-By default it answers like a good teacher: stage-1 calls get pairs built from the section text,
-stage-2 calls get numbered rephrasings. A script (a list of behaviours, consumed one per call) makes
+By default it answers like a good teacher: stage-1 calls get pairs built from the section text
+(long ones for the tutorial prompt, short one-fact ones for the facts prompt), stage-2 calls get
+numbered rephrasings (facts style: every other one with a reworded answer), exam calls get questions
+with keys (plus two items the builder must drop). A script (a list of behaviours, consumed one per call) makes
 it misbehave: fenced JSON, prose, truncation, wrong schema, empty, 429 with Retry-After, 500, a hang.
 """
 
@@ -30,10 +32,56 @@ def _paraphrase_reply(question: str, n: int) -> str:
     return json.dumps({"paraphrases": [f"请问{question}（问法{i}）" for i in range(1, n + 1)]}, ensure_ascii=False)
 
 
+def _section_parts(section_text: str) -> tuple[str, str]:
+    heading = section_text.splitlines()[0].lstrip("#").strip()
+    body = " ".join(line.strip() for line in section_text.splitlines()[1:] if line.strip())
+    return heading, body
+
+
+def _facts_reply(section_text: str, n: int) -> str:
+    heading, body = _section_parts(section_text)
+    pairs = [{"instruction": f"{heading}的第{i}个事实是什么", "output": f"{body[(i - 1) * 8:(i - 1) * 8 + 16]}（事实{i}）"}
+             for i in range(1, n + 1)]
+    return json.dumps({"pairs": pairs}, ensure_ascii=False)
+
+
+def _variants_reply(question: str, answer: str, n: int) -> str:
+    """Rephrased questions; every other variant rewords the answer too (numbers kept)."""
+    items = [{"question": f"请问{question}（问法{i}）", **({"answer": f"换句话说，{answer}"} if i % 2 else {})}
+             for i in range(1, n + 1)]
+    return json.dumps({"variants": items}, ensure_ascii=False)
+
+
+def _exam_reply(user: str, n: int) -> str:
+    """Two items the builder must drop (a training question, a key not in the section), then `n` good ones."""
+    section = re.search(r"(?:原文片段：|Excerpt:)\n(.*?)\n\n(?:已有问题|Existing questions)", user, re.S).group(1)
+    existing = re.findall(r"(?m)^- (.+)$", user)
+    heading, body = _section_parts(section)
+    items = [{"question": existing[0], "answer": body[:20], "keys": [body[:4]]}] if existing else []
+    items.append({"question": f"{heading}里有没有写到独角兽", "answer": "有。", "keys": ["独角兽的名字"]})
+    items += [{"question": f"关于{heading}，考点{i}是什么", "answer": body[(i - 1) * 5:(i - 1) * 5 + 12],
+               "keys": [body[(i - 1) * 5:(i - 1) * 5 + 4]]} for i in range(1, n + 1)]
+    return json.dumps({"exam": items}, ensure_ascii=False)
+
+
+def _number(pattern: str, text: str) -> int:
+    return int(next(g for g in re.search(pattern, text).groups() if g))
+
+
 def good_reply(request: dict, extra: int = 0) -> str:
     system, user = request["messages"][0]["content"], request["messages"][-1]["content"]
     if "评测员" in system:
         return json.dumps({"score": 4, "reason": "基本一致"}, ensure_ascii=False)
+    if '{"exam"' in system:
+        return _exam_reply(user, _number(r"出 (\d+) 道|write (\d+) questions", system))
+    if '{"variants"' in system:
+        question = re.search(r"(?:原问题：|Original question: )(.*)", user).group(1)
+        answer = re.search(r"(?:参考答案：|Reference answer: )(.*)", user).group(1)
+        n = _number(r"请给出 (\d+) 种|Give (\d+) different", user)
+        return _variants_reply(question.rstrip("？?"), answer, n + extra)
+    if "事实问答" in system or "fact-level" in system:
+        n = _number(r"提炼 (\d+) 条|into (\d+) fact-level", system)
+        return _facts_reply(user, n)
     if "paraphrases" in system:
         question = re.search(r"原问题：(.*)", user).group(1)
         n = int(re.search(r"请给出 (\d+) 种", user).group(1))

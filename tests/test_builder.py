@@ -49,7 +49,7 @@ def every_file_text(*folders) -> str:
 
 
 def test_clean_build_writes_base_and_dataset_files(workspace, small_doc, teacher):
-    job = build(workspace, small_doc, teacher)
+    job = build(workspace, small_doc, teacher, style="tutorial")  # one answer string per group
     assert job.status is JobStatus.DONE, job.error
     result = job.result
     assert result["sections"] == 4 and result["base_pairs"] == 4 and result["rows"] == 16

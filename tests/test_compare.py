@@ -18,7 +18,7 @@ from studio.data.documents import read_document, split_sections
 from studio.data.teacher import TeacherConfig
 from studio.errors import AdapterError, StudioError
 from studio.evaluate import service
-from studio.evaluate.report import BASE, RETRIEVAL, TUNED
+from studio.evaluate.report import BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL
 from studio.evaluate.retrieval import SectionRetriever
 from studio.evaluate.scoring import char_f1, rouge_l
 from studio.jobs import JobBoard, JobStatus
@@ -82,7 +82,7 @@ def test_report_scores_the_adapter_above_the_base(trained):
     report = job.result
     assert len(report["rows"]) == 3  # the three held-out phrasings
     summary = report["summary"]
-    assert set(summary) == {BASE, RETRIEVAL, TUNED}
+    assert set(summary) == {BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL}
     assert summary[TUNED]["char_f1"] > summary[BASE]["char_f1"] + 0.3
     assert summary[TUNED]["improved"] == 3 and summary[TUNED]["worse"] == 0
     assert summary[TUNED]["judge_mean"] == 4.0
@@ -189,8 +189,17 @@ def test_ui_runs_a_comparison(trained):
         question = FACTS[0][0]
         job = client.submit(question, run, True, SAMPLE_DOC.name, 1, "greedy", 48, api_name="/compare")
         updates = list(job)
-        base, rag, tuned, retrieved = updates[-1]
+        base, rag, tuned, retrieved, both = updates[-1]
         assert tuned.startswith(FACTS[0][1]) and base and rag
+        # the fourth column: the adapter with the same retrieved sections in its prompt
+        from studio.evaluate.retrieval import retrieval_messages
+
+        hits = SectionRetriever.from_document(SAMPLE_DOC).search(question, 1)
+        settings = GenerationSettings.greedy(48)
+        system = json.loads((trained["run"] / "studio.json").read_text(encoding="utf-8"))["system_prompt"]
+        assert both == trained["manager"].chat(retrieval_messages(system, question, hits), settings,
+                                               adapter=trained["adapter"])
+        assert both != rag
         assert retrieved.startswith("**守灯人**")
         assert len(updates) > 3
 
@@ -205,8 +214,9 @@ def test_cli_compare_writes_a_report(trained, tiny_model_dir, tmp_path):
     assert "fine-tuned" in result.stdout and "char F1" in result.stdout
     report = json.loads(out.read_text(encoding="utf-8"))
     first = report["rows"][0]
-    assert set(first) == {"question", "reference", "columns"}
-    assert set(first["columns"]) == {BASE, RETRIEVAL, TUNED}
+    assert set(first) == {"question", "reference", "columns", "section", "keys", "kind", "best"}
+    assert set(first["columns"]) == {BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL}
+    assert report["question_set"] == "heldout" and "no key facts" in result.stdout  # held-out rows carry no keys
     assert {"answer", "char_f1", "rouge_l"} <= set(first["columns"][TUNED])
 
 

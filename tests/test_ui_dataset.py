@@ -42,7 +42,7 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
         started = client.predict(None, SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
                                  "teacher-x", "", "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT,
-                                 0.2, 600, 3, 10, api_name="/build_dataset")
+                                 0.2, 600, 3, 10, "tutorial", 0, api_name="/build_dataset")
         assert started == "Build started: wudeng."
         job = services.jobs.wait(services.jobs.latest("dataset"), 60)
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20

@@ -27,13 +27,14 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
         settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True, False]
         estimate = client.predict(dataset.name, SYSTEM, ["q_proj", "v_proj"], 8, *settings, api_name="/estimate_memory")
         assert estimate.startswith("Estimated peak") and "tokens in the largest forward pass" in estimate
-        started = client.predict(dataset.name, "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, *settings,
+        started = client.predict(dataset.name, "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, False, None, *settings,
                                  api_name="/start_training")
         assert started.startswith("Training started: ui-run_")
         job = services.jobs.latest("train")
         # a second start is refused by the server while the first runs
         try:
-            client.predict(dataset.name, "again", SYSTEM, ["q_proj"], 8, 16, 0.05, *settings, api_name="/start_training")
+            client.predict(dataset.name, "again", SYSTEM, ["q_proj"], 8, 16, 0.05, False, None, *settings,
+                           api_name="/start_training")
             refused = ""
         except Exception as exc:  # noqa: BLE001
             refused = str(exc)

@@ -1,7 +1,10 @@
 """Build an instruction dataset from a document through a teacher LLM: the tutorial's section 3.2.
 
 Stage 1 asks the teacher for (instruction, output) pairs from each section; stage 2 asks it to
-rephrase each question many times. Calls run concurrently and stage-2 calls start as soon as their
+rephrase each question many times (style `facts`, the default: several short one-fact pairs per
+section, and rephrasings that reword some answers too; style `tutorial`: one long answer per question,
+as the tutorial). With `exam` > 0 a third call per section writes an exam the dataset never contains
+(see studio.data.exam). Calls run concurrently and stage-2 calls start as soon as their
 base pair arrives. Every successful call is appended to a journal keyed by everything that shaped
 it, so running the same build again (after a crash or a Cancel) calls the teacher only for what is
 missing or failed. Outputs are written atomically.
@@ -18,9 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from studio.data.datasets import safe_name, timestamp, write_jsonl_atomic, write_text_atomic
+from studio.data import exam as exam_module
+from studio.data import styles
 from studio.data.documents import Section, SplitSettings, document_title, split_sections
 from studio.data.normalize import dedup_key, normalize_question
-from studio.data.parsing import Parsed, parse_pairs, parse_strings
+from studio.data.parsing import Parsed, parse_pairs, parse_strings, parse_variants
 from studio.data.teacher import FATAL_REASONS, RetryPolicy, Teacher, TeacherCallError, call_with_retries
 from studio.errors import DataError
 from studio.jobs import Job
@@ -60,6 +65,14 @@ class BuildSettings:
     json_mode: bool = field(default=True, metadata={"help": "Ask for response_format json_object."})
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     split: SplitSettings = field(default_factory=SplitSettings)
+    style: str = field(default=styles.DEFAULT_STYLE, metadata={"help": "facts: several short one-fact pairs per section, answers reworded in some variants; tutorial: one long answer per question. With facts and the prompts left as they are, the facts prompts (Chinese or English, by the document's language) are used."})
+    exam: int = field(default=0, metadata={"help": "Exam questions per section, never trained on (0 = no exam)."})
+
+    def pairs_for(self, section: Section) -> int:
+        """Stage-1 pairs for a section: facts style asks for about one per 150 characters unless a number is set."""
+        if self.style == "facts" and str(self.per_section).strip().lower() in ("", "auto"):
+            return styles.facts_per_section(section.chars)
+        return self.questions_for(section)
 
     def questions_for(self, section: Section) -> int:
         text = str(self.per_section).strip().lower()
@@ -87,6 +100,9 @@ class BuildResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failures: dict = field(default_factory=dict)
+    exam_questions: int = 0
+    exam_path: str = ""
+    exam_dropped: dict = field(default_factory=dict)
     truncated_but_used: int = 0
     base_path: str = ""
     dataset_path: str = ""
@@ -98,6 +114,7 @@ class BuildResult:
         return (f"{self.sections} sections -> {self.base_pairs} base pairs -> {self.rows} rows written. "
                 f"Teacher calls: {self.calls} made, {self.cached_calls} reused from the journal, {self.retries} retries. "
                 f"Failed calls by reason: {failures}. Tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion."
+                + (f" Exam: {self.exam_questions} questions, never trained on." if self.exam_path else "")
                 + (" Cancelled: partial result." if self.cancelled else ""))
 
 
@@ -137,14 +154,16 @@ class BuildCost:
     paraphrase_calls: int
     chars_sent: int
     warnings: list[str] = field(default_factory=list)
+    exam_calls: int = 0
 
     @property
     def calls(self) -> int:
-        return self.pair_calls + self.paraphrase_calls
+        return self.pair_calls + self.paraphrase_calls + self.exam_calls
 
     def describe(self) -> str:
+        exam = f", {self.exam_calls} for the exam" if self.exam_calls else ""
         text = (f"Cost before retries: {self.sections} sections -> {self.calls} teacher calls "
-                f"({self.pair_calls} for questions, {self.paraphrase_calls} for rephrasings), "
+                f"({self.pair_calls} for questions, {self.paraphrase_calls} for rephrasings{exam}), "
                 f"about {self.chars_sent:,} characters sent.")
         return " ".join([text, *self.warnings])
 
@@ -159,7 +178,7 @@ def estimate_cost(document: str, settings: BuildSettings) -> BuildCost:
     from studio.data.documents import _paragraphs
 
     sections = split_sections(document, settings.split)
-    questions = [settings.questions_for(section) for section in sections]
+    questions = [settings.pairs_for(section) for section in sections]
     pair_chars = sum(len(settings.system_prompt) + 40 + section.chars for section in sections)
     paraphrase_calls = sum(questions) if settings.variants > 0 else 0
     per_paraphrase = len(settings.paraphrase_prompt) + 60 + min(400, settings.max_tokens)
@@ -169,8 +188,9 @@ def estimate_cost(document: str, settings: BuildSettings) -> BuildCost:
         if parts > LONG_PARAGRAPH_SECTIONS:
             warnings.append(f"Warning: one paragraph ({paragraph[:30]!r}...) is {len(paragraph):,} characters long "
                             f"and alone becomes about {parts} sections; check that the document is the one you meant.")
-    return BuildCost(len(sections), len(sections), paraphrase_calls, pair_chars + paraphrase_calls * per_paraphrase,
-                     warnings[:3])
+    exam_calls = len(sections) if settings.exam > 0 else 0
+    chars = pair_chars * (2 if exam_calls else 1) + paraphrase_calls * per_paraphrase
+    return BuildCost(len(sections), len(sections), paraphrase_calls, chars, warnings[:3], exam_calls)
 
 
 def check_cost(cost: BuildCost, max_calls: int | None) -> None:
@@ -238,6 +258,9 @@ class DatasetBuild:
         self.folder = build_folder(Path(builds_dir), name, document)
         self.title = document_title(document, name)
         self.sections = split_sections(document, settings.split)
+        self.language = styles.document_language(document)
+        styles.check_style(settings.style)
+        self._exam_items: dict[int, list[dict]] = {}
         if not self.sections:
             raise DataError(f"No section of at least {settings.split.min_chars} characters was found in {name}. "
                             "Lower the minimum length or check the headings.")
@@ -252,15 +275,34 @@ class DatasetBuild:
         self._fatal: TeacherCallError | None = None  # a failure no retry can fix (e.g. a web page as the base URL)
 
     # ----- prompts and keys ------------------------------------------------------------------
+    @property
+    def _facts(self) -> bool:
+        return self.settings.style == "facts"
+
+    def _stage1_prompt(self) -> str:
+        if self._facts and self.settings.system_prompt == DEFAULT_PAIR_PROMPT:
+            return styles.FACTS_PAIR_PROMPT[self.language]
+        return self.settings.system_prompt
+
+    def _variant_messages(self, pair: dict) -> list[dict]:
+        prompt = self.settings.paraphrase_prompt
+        system = styles.FACTS_VARIANT_PROMPT[self.language] if prompt == DEFAULT_PARAPHRASE_PROMPT else prompt
+        user = styles.FACTS_VARIANT_USER[self.language].format(question=pair["instruction"], answer=pair["output"],
+                                                               n=self.settings.variants)
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
     def _pair_messages(self, section: Section, n: int) -> list[dict]:
-        system = self.settings.system_prompt.replace("{title}", self.title).replace("{n}", str(n))
+        system = self._stage1_prompt().replace("{title}", self.title).replace("{n}", str(n))
         return [{"role": "system", "content": system}, {"role": "user", "content": section.text}]
 
     def _paraphrase_messages(self, pair: dict) -> list[dict]:
+        if self._facts:
+            return self._variant_messages(pair)
         user = f"原问题：{pair['instruction']}\n参考答案：{pair['output']}\n请给出 {self.settings.variants} 种不同的问法。"
         return [{"role": "system", "content": self.settings.paraphrase_prompt}, {"role": "user", "content": user}]
 
     def _key(self, stage: str, messages: list[dict], temperature: float, max_tokens: int) -> str:
+        stage = stage if self.settings.style == "tutorial" else f"{self.settings.style}:{stage}"  # resumes never mix styles
         return call_key(stage, messages, self.teacher_id, temperature, max_tokens, self.settings.json_mode)
 
     # ----- one call, with retries --------------------------------------------------------------
@@ -312,7 +354,7 @@ class DatasetBuild:
         return items
 
     def _pair_task(self, job: Job, section: Section) -> tuple[Section, list[dict]]:
-        n = self.settings.questions_for(section)
+        n = self.settings.pairs_for(section)
         messages = self._pair_messages(section, n)
         key = self._key("pairs", messages, self.settings.temperature, self.settings.max_tokens * n)
         items = self._call(job, "pairs", f"section {section.index} ({section.heading})", key, messages,
@@ -323,8 +365,17 @@ class DatasetBuild:
         messages = self._paraphrase_messages(pair)
         key = self._key("paraphrases", messages, self.settings.paraphrase_temperature, self.settings.paraphrase_max_tokens)
         items = self._call(job, "paraphrases", f"group {group}", key, messages, self.settings.paraphrase_temperature,
-                           self.settings.paraphrase_max_tokens, parse_strings) or []
+                           self.settings.paraphrase_max_tokens, parse_variants if self._facts else parse_strings) or []
         return group, items
+
+    def _exam_task(self, job: Job, section: Section, pairs: list[dict]) -> tuple[tuple, list[dict]]:
+        messages = exam_module.exam_messages(self.title, section.text, self.settings.exam,
+                                             [p["instruction"] for p in pairs], self.language)
+        tokens = self.settings.max_tokens * self.settings.exam
+        key = self._key("exam", messages, self.settings.temperature, tokens)
+        items = self._call(job, "exam", f"section {section.index} ({section.heading})", key, messages,
+                           self.settings.temperature, tokens, exam_module.parse_exam) or []
+        return ("exam", section), items  # capped at `exam` after the rephrasings are dropped
 
     # ----- the pipeline ------------------------------------------------------------------------
     def run(self, job: Job) -> dict:
@@ -366,6 +417,10 @@ class DatasetBuild:
             self._pairs[key.index] = pairs
             if self.settings.variants > 0 and not job.cancelled:
                 new = {pool.submit(self._paraphrase_task, job, p["group"], p) for p in pairs}
+            if self.settings.exam > 0 and not job.cancelled:
+                new.add(pool.submit(self._exam_task, job, key, pairs))
+        elif isinstance(key, tuple):
+            self._exam_items[key[1].index] = items
         else:
             self._paraphrases[key] = items
         self._done += 1
@@ -398,16 +453,52 @@ class DatasetBuild:
         return base_rows, rows
 
     def _variant_rows(self, base: dict, seen: set[str]) -> list[dict]:
-        """At most `variants` new rephrasings of one base row: a chatty teacher does not outweigh the others."""
+        """At most `variants` new rephrasings of one base row: a chatty teacher does not outweigh the others.
+
+        A facts-style variant may carry its own wording of the answer (kept when it keeps the numbers)."""
         rows = []
-        for variant in self._paraphrases.get(base["group"], []):
+        for item in self._paraphrases.get(base["group"], []):
             if len(rows) >= self.settings.variants:
                 break
-            variant = normalize_question(variant)
+            variant = normalize_question(item if isinstance(item, str) else item["instruction"])
             if variant and dedup_key(variant) not in seen:
                 seen.add(dedup_key(variant))
-                rows.append({**base, "instruction": variant, "kind": "paraphrase"})
+                rows.append({**base, "instruction": variant, "kind": "paraphrase", **self._reworded(item, base)})
         return rows
+
+    @staticmethod
+    def _reworded(item, base: dict) -> dict:
+        """A facts-style variant's own wording of the answer, when it keeps the answer's numbers."""
+        answer = item.get("output", "") if isinstance(item, dict) else ""
+        if answer and answer != base["output"] and styles.keeps_numbers(answer, base["output"]):
+            return {"output": answer, "reworded": True}
+        return {}
+
+    def exam(self, rows: list[dict]) -> list[dict]:
+        """Exam rows: per section, the teacher's questions minus rephrasings of any training question."""
+        questions_by_section: dict[str, list[str]] = {}
+        for row in rows:
+            questions_by_section.setdefault(row["section"], []).append(row["instruction"])
+        exam_rows, dropped = [], Counter()
+        for section in self.sections:
+            items = self._exam_items.get(section.index, [])
+            kept, why = exam_module.exam_rows(items, section.heading, section.text,
+                                              questions_by_section.get(section.heading, []), self.source)
+            exam_rows += kept[: self.settings.exam]
+            dropped.update(why)
+        self.result.exam_dropped = {k: v for k, v in dropped.items() if v}
+        return exam_rows
+
+    def _write_exam(self, job: Job, rows: list[dict], stamp: str) -> None:
+        exam_rows = self.exam(rows)
+        self.result.exam_questions = len(exam_rows)
+        if not exam_rows:
+            job.log(f"No exam was written: no usable exam question (dropped: {self.result.exam_dropped or 'none'}).")
+            return
+        path = write_jsonl_atomic(self.data_dir / f"{self.name}_exam_{stamp}.jsonl", exam_rows)
+        self.result.exam_path = str(path)
+        job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}"
+                + (f" (dropped: {self.result.exam_dropped})" if self.result.exam_dropped else ""))
 
     def _write_outputs(self, job: Job) -> None:
         base_rows, rows = self.rows()
@@ -419,6 +510,8 @@ class DatasetBuild:
         base_path = write_jsonl_atomic(self.data_dir / f"{self.name}_base_{stamp}.jsonl", base_rows)
         dataset_path = write_jsonl_atomic(self.data_dir / f"{self.name}_dataset_{stamp}.jsonl", rows)
         self.result.base_path, self.result.dataset_path = str(base_path), str(dataset_path)
+        if self.settings.exam > 0:
+            self._write_exam(job, rows, stamp)
         write_text_atomic(self.folder / "summary.json", json.dumps(asdict(self.result), ensure_ascii=False, indent=2))
         job.log(f"base saved: {len(base_rows)} -> {base_path}")
         job.log(f"saved: {len(rows)} -> {dataset_path}")

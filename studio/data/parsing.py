@@ -134,3 +134,47 @@ def _dedupe(items: list) -> list:
             seen.add(key)
             out.append(item)
     return out
+
+
+def _variant_from(obj) -> dict | None:
+    """A rephrasing: a bare string (question only) or an object with a question and maybe an answer."""
+    if isinstance(obj, str):
+        return {"instruction": obj.strip()} if obj.strip() else None
+    if not isinstance(obj, dict):
+        return None
+    question = next((obj[k] for k in QUESTION_KEYS if isinstance(obj.get(k), str)), "").strip()
+    answer = next((obj[k] for k in ANSWER_KEYS if isinstance(obj.get(k), str)), "").strip()
+    if not question:
+        return None
+    return {"instruction": question, "output": answer} if answer else {"instruction": question}
+
+
+def _variants_in(value, key: str) -> list[dict]:
+    if isinstance(value, dict):
+        found = _variant_from(value)
+        if found:
+            return [found]
+        inner = value.get(key)
+        if inner is None:
+            inner = next((v for v in value.values() if isinstance(v, list)), None)
+        return _variants_in(inner, key) if isinstance(inner, (list, dict)) else []
+    if isinstance(value, list):
+        return [v for item in value for v in ([_variant_from(item)] if not isinstance(item, list) else _variants_in(item, key)) if v]
+    return []
+
+
+def parse_variants(text: str | None, finish_reason: str | None = None, key: str = "variants") -> Parsed:
+    """Rephrasings that may reword the answer too: `{"variants": [{"question", "answer"?} | "question"]}`.
+
+    Fenced, prose-wrapped, wrong-key and truncated replies yield every complete item, as parse_pairs does.
+    """
+    if not text or not text.strip():
+        return Parsed(problem="empty")
+    body = strip_fences(text)
+    values = json_values(body)
+    items = [v for value in values for v in _variants_in(value, key)]
+    if not items and "{" in body:  # truncated mid-array: each complete inner object
+        items = [v for value in _inner_objects(body) for v in _variants_in(value, key)]
+    if not items and "[" in body:  # truncated list of bare strings
+        items = [{"instruction": s} for s in parse_strings(body, None, key).items if s != key]
+    return _parsed(items, values, finish_reason)

@@ -21,6 +21,7 @@ from studio.train import adapters
 
 JOB_KIND = "report"
 RECITATION_SAMPLE = 20
+EXAM_FILE = "exam.jsonl"  # the run's copy of its exam (see studio.train.knowledge)
 
 # Tutorial-style test questions about the sample document, with answers checked against it.
 PRESET_QUESTIONS = [
@@ -124,6 +125,28 @@ def run_questions(folder: Path, name: str) -> list[dict]:
     return read_dataset(path) if path.is_file() and path.stat().st_size else []
 
 
+def run_exam(folder: Path) -> list[dict]:
+    """The run's exam (never trained on): the copy in the run folder, else the file studio.json names."""
+    rows = run_questions(folder, EXAM_FILE)
+    if rows:
+        return rows
+    recorded = adapters.read_metadata(Path(folder)).get("exam")
+    return read_dataset(recorded) if recorded and Path(recorded).is_file() else []
+
+
+def default_questions(folder: Path) -> tuple[list[dict], str]:
+    """(questions, which set): the exam first when the run has one, else the held-out phrasings."""
+    exam = run_exam(folder)
+    return (exam, "exam") if exam else (run_questions(folder, "heldout.jsonl"), "heldout")
+
+
+def comparison_sets(folder: Path, question_set: str) -> dict[str, list[dict]]:
+    """Samples of the other question sets, for the recitation check."""
+    sets = {"heldout": run_questions(folder, "heldout.jsonl"), "exam": run_exam(folder)}
+    return {name: random.Random(0).sample(rows, min(RECITATION_SAMPLE, len(rows)))
+            for name, rows in sets.items() if rows and name != question_set}
+
+
 def source_document(folder: Path) -> str | None:
     path = adapters.read_metadata(Path(folder)).get("source_document")
     return path if path and Path(path).is_file() else None
@@ -131,8 +154,8 @@ def source_document(folder: Path) -> str | None:
 
 def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions: list[dict] | None,
                  document: str | None, settings: GenerationSettings, judge: TeacherConfig | None = None,
-                 retrieval_k: int = 2, *, policy: AccessPolicy = FULL) -> Job:
-    """Score held-out (or given) questions through every column as a job that holds the model.
+                 retrieval_k: int = 2, question_set: str = "uploaded", *, policy: AccessPolicy = FULL) -> Job:
+    """Score the run's exam (else its held-out rows), or given questions, through every column as a job.
 
     It attaches the run's adapter and writes the report into the run folder; a judge is a call out."""
     policy.require("write_reports", "manage_adapters")
@@ -143,7 +166,8 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
     folder = Path(folder)
     adapters.require_adapter_files(folder)  # an empty, missing or unfinished run says so, not "no held-out rows"
     meta = adapters.read_metadata(folder)
-    questions = questions if questions is not None else run_questions(folder, "heldout.jsonl")
+    if questions is None:
+        questions, question_set = default_questions(folder)
     if not questions:
         raise StudioError(f"No questions: {folder.name} has no held-out rows; upload a JSONL of instruction/output rows.")
     training = run_questions(folder, "train_split.jsonl")
@@ -154,7 +178,7 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
     try:
         name = adapters.attach(lease.loaded, folder)
         request = ReportRequest(name, questions, meta.get("system_prompt", ""), settings, retriever, retrieval_k,
-                                judge_teacher, sample)
+                                judge_teacher, sample, question_set, comparison_sets(folder, question_set))
     except Exception:
         lease.release()
         raise

@@ -23,6 +23,7 @@ from studio.jobs import Job
 from studio.logs import read_jsonl_log, rewrite_jsonl_log
 from studio.model.manager import Lease, free_memory
 from studio.train import adapters
+from studio.train import knowledge
 from studio.train.collate import make_collator
 from studio.train.formatting import IGNORE, format_example
 from studio.train.plot import render_loss_png
@@ -133,6 +134,8 @@ class RunRequest:
     train: TrainSettings = field(default_factory=TrainSettings)
     run_dir: Path | None = None
     resume: bool = False
+    document: Path | None = None  # add this document's sections as training rows (studio.train.document_rows)
+    exam: Path | None = None  # the exam kept out of training; found beside the dataset when not given
 
 
 def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int) -> tuple[list[dict], int]:
@@ -181,9 +184,10 @@ class TrainingRun:
         train_path = self.run_dir / "train_split.jsonl"
         if self.request.resume and heldout_path.exists() and train_path.exists():
             return read_dataset(train_path), read_dataset(heldout_path) if heldout_path.stat().st_size else []
-        rows = read_dataset(self.request.dataset)
+        rows = knowledge.training_rows(self.request, read_dataset(self.request.dataset), job.log)
         settings = self.request.train
         train_rows, heldout = split_heldout(rows, settings.heldout_per_group, seed=settings.seed)
+        train_rows = knowledge.with_document_rows(self.request, train_rows, job.log)
         if not train_rows:
             raise DataError(f"{self.request.dataset} leaves no rows to train on after the held-out split.")
         write_jsonl_atomic(train_path, train_rows)
@@ -307,6 +311,7 @@ class TrainingRun:
         status = f"stopped at step {outcome['step']}" if job.cancelled else "completed"
         metadata = self._metadata(outcome, n_train, n_heldout, seconds, status)
         metadata["source_document"] = source
+        metadata.update(knowledge.knowledge_metadata(self.request, self.run_dir, source))
         write_text_atomic(self.run_dir / adapters.METADATA_FILE, json.dumps(metadata, ensure_ascii=False, indent=2))
         self.loaded.adapters[self.name] = str(self.run_dir)
         job.log(f"Adapter {self.name} saved to {self.run_dir} ({status}); it is attached and ready to chat.")

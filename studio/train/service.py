@@ -13,6 +13,7 @@ from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager
 from studio.train.job import RunRequest, TrainingRun, last_complete_checkpoint
 from studio.train import adapters
+from studio.train.knowledge import prepare_request
 from studio.train.settings import LoraSettings, TrainSettings
 from studio.train.split import split_heldout
 
@@ -27,7 +28,9 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
 def _save_request(request: RunRequest, loaded=None) -> None:
     payload = {"dataset": str(request.dataset), "system_prompt": request.system_prompt,
                "lora": {**asdict(request.lora), "targets": list(request.lora.targets)},
-               "train": asdict(request.train)}
+               "train": asdict(request.train),
+               "document": str(request.document) if request.document else None,
+               "exam": str(request.exam) if request.exam else None}
     if loaded is not None:  # which base the run trains, so a resume on another base is refused clearly
         payload["base_model"] = loaded.spec.name_or_path
         payload["base_fingerprint"] = adapters.base_fingerprint(loaded.model)
@@ -42,10 +45,15 @@ def load_request(run_dir: Path) -> RunRequest:
         data = json.loads(path.read_text(encoding="utf-8"))
         lora = LoraSettings(**{**data["lora"], "targets": tuple(data["lora"]["targets"])})
         return RunRequest(Path(data["dataset"]), data["system_prompt"], lora, TrainSettings(**data["train"]),
-                          Path(run_dir), resume=True)
+                          Path(run_dir), resume=True, document=_optional_path(data.get("document")),
+                          exam=_optional_path(data.get("exam")))
     except (ValueError, KeyError, TypeError) as exc:
         raise StudioError(f"{path} is damaged ({exc.__class__.__name__}: {str(exc)[:120]}); this run cannot be "
                           "resumed. Start a new run on its dataset.") from None
+
+
+def _optional_path(value) -> Path | None:
+    return Path(value) if value else None
 
 
 def settings_problems(request: RunRequest) -> list[str]:
@@ -76,6 +84,7 @@ def validate_request(request: RunRequest) -> list[dict]:
         raise StudioError(" ".join(problems))
     if request.resume:
         return []
+    prepare_request(request)  # an exam is never trained on: refused as a dataset, found and recorded
     rows = read_dataset(request.dataset)
     train_rows, _ = split_heldout(rows, request.train.heldout_per_group, seed=request.train.seed)
     if not train_rows:

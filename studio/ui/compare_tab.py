@@ -1,4 +1,4 @@
-"""Compare tab: base vs retrieval vs fine-tuned, side by side, and the scored report."""
+"""Compare tab: base vs retrieval vs fine-tuned vs fine-tuned + retrieval, side by side, and the scored report."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class CompareTab:
             self.base_out = gr.Textbox(label=self.s["base"], lines=8, interactive=False)
             self.rag_out = gr.Textbox(label=self.s["retrieval"], lines=8, interactive=False)
             self.tuned_out = gr.Textbox(label=self.s["tuned"], lines=8, interactive=False)
+            self.both_out = gr.Textbox(label=self.s["tuned_retrieval"], lines=8, interactive=False)
         with gr.Accordion(self.s["retrieved"], open=False):
             self.retrieved = gr.Markdown()
         self._report_controls()
@@ -83,6 +84,7 @@ class CompareTab:
             self.question = gr.Textbox(label=s["question"], lines=2, scale=3)
             with gr.Column(scale=2):
                 self.preset = gr.Dropdown([q for q, _ in service.PRESET_QUESTIONS], value=None, label=s["preset"])
+                self.exam_q = gr.Dropdown([], label=s["exam_questions"])
                 self.heldout = gr.Dropdown([], label=s["heldout"])
         self.reference = gr.Markdown()
         with gr.Row():
@@ -97,7 +99,7 @@ class CompareTab:
         s = self.s
         with gr.Accordion(s["report"], open=True):
             with gr.Row():
-                self.report_source = gr.Radio([s["source_heldout"], s["source_upload"]], value=s["source_heldout"],
+                self.report_source = gr.Radio([s["source_exam"], s["source_heldout"], s["source_upload"]], value=s["source_heldout"],
                                               label=s["report_source"])
                 self.upload = gr.File(label=s["upload"], file_types=[".jsonl", ".json"], type="filepath")
             with gr.Accordion(s["judge"], open=False):
@@ -110,6 +112,8 @@ class CompareTab:
             self.warning = gr.Markdown()
             self.summary = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label=s["summary"], interactive=False)
             self.chart = gr.BarPlot(x="column", y="score", color="metric", label=s["chart"], height=260)
+            self.sections_table = gr.Dataframe(pd.DataFrame(columns=["section", "questions"]), label=s["per_section"],
+                                               interactive=False)
             self.per_question = gr.Dataframe(pd.DataFrame(columns=QUESTION_COLUMNS), label=s["per_question"],
                                              interactive=False, wrap=True, max_height=420)
             self.exports = gr.File(label=s["exports"], file_count="multiple")
@@ -135,20 +139,26 @@ class CompareTab:
         reg.on(self.run_pick.change, self.pick_run, self.run_pick, [self.heldout, self.document], action="compare",
                args=picked)
         reg.on(self.app.load, self.pick_run, self.run_pick, [self.heldout, self.document], action="compare", args=picked)
+        for trigger in (self.run_pick.change, self.app.load):
+            reg.on(trigger, self.pick_exam, self.run_pick, [self.exam_q, self.report_source], action="compare",
+                   args=picked)
         reg.on(self.preset.change, self.pick_preset, self.preset, [self.question, self.reference], action="view",
                args=(Text("Preset", 500),))
         reg.on(self.heldout.change, self.pick_heldout, [self.heldout, self.run_pick], [self.question, self.reference],
                action="compare", args=(Num("Held-out question", 0, 100_000, True, optional=True), picked[0]))
+        reg.on(self.exam_q.change, self.pick_exam_question, [self.exam_q, self.run_pick], [self.question, self.reference],
+               action="compare", args=(Num("Exam question", 0, 100_000, True, optional=True), picked[0]))
         reg.on(self.compare_btn.click, self.compare, [self.question, self.run_pick] + generation,
-               [self.base_out, self.rag_out, self.tuned_out, self.retrieved], action="compare", name="compare",
-               args=(Text("Question", 4000), run) + gen_args)
+               [self.base_out, self.rag_out, self.tuned_out, self.retrieved, self.both_out], action="compare",
+               name="compare", args=(Text("Question", 4000), run) + gen_args)
+        sources = (self.s["source_exam"], self.s["source_heldout"], self.s["source_upload"])
         reg.on(self.report_btn.click, self.report, [self.run_pick, self.report_source, self.upload] + generation +
                [self.judge_url, self.judge_model, self.judge_key], self.panel.message, action="write_reports",
-               name="run_report", args=(run, Choice("Questions", (self.s["source_heldout"], self.s["source_upload"])),
+               name="run_report", args=(run, Choice("Questions", sources),
                                         Upload("Questions file", (".jsonl", ".json"))) + gen_args +
                (Text("Judge URL", 500), Text("Judge model", 200), Text("Judge key", 500)))
         self.panel.wire(reg, "write_reports", self.on_report,
-                        [self.warning, self.summary, self.chart, self.per_question, self.exports])
+                        [self.warning, self.summary, self.chart, self.per_question, self.exports, self.sections_table])
 
     # ----- adapters ----------------------------------------------------------------------------
     def _listing(self) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -222,6 +232,23 @@ class CompareTab:
         row = rows[int(index)]
         return row["instruction"], f"**{self.s['reference']}:** {row['output']}"
 
+    def pick_exam(self, run_id):
+        """The run's exam questions, and the exam as the report's default questions when there is one."""
+        folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy) if run_id else None
+        rows = service.run_exam(folder) if folder else []
+        choices = gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None)
+        return choices, self.s["source_exam"] if rows else self.s["source_heldout"]
+
+    def pick_exam_question(self, index, run_id):
+        if index is None or not run_id:
+            return gr.skip(), gr.skip()
+        rows = service.run_exam(service.comparable_run(self.manager, self.catalog, run_id, self.policy))
+        if not 0 <= int(index) < len(rows):
+            raise StudioError(f"Exam question {index} is not in {run_id}.")
+        row = rows[int(index)]
+        keys = f" · keys: {', '.join(row['keys'])}" if row.get("keys") else ""
+        return row["instruction"], f"**{self.s['reference']}:** {row['output']}{keys}"
+
     def _settings(self, mode: str, tokens) -> GenerationSettings:
         if mode == self.s["sampling"]:
             return GenerationSettings.tutorial_sampling(int(tokens))
@@ -248,34 +275,56 @@ class CompareTab:
         if document is not None:
             hits = SectionRetriever.from_document(document).search(text, int(k))
             hits_md = "\n\n".join(f"**{h.section.heading}** (score {h.score:.2f})\n\n{h.section.text}" for h in hits)
-            extra["retrieval"] = (retrieval_messages(system, text, hits), None)
+            with_context = retrieval_messages(system, text, hits)
+            extra["retrieval"] = (with_context, None)
+            extra["both"] = (with_context, name)  # the fine-tuned adapter with the same sections
         columns: dict = {}
         for columns in self.manager.stream_columns(build_messages(system, [], text), name, settings, extra):
-            yield columns["base"], columns.get("retrieval", ""), columns["adapter"], gr.skip()
-        yield columns.get("base", ""), columns.get("retrieval", ""), columns.get("adapter", ""), hits_md or "—"
+            yield columns["base"], columns.get("retrieval", ""), columns["adapter"], gr.skip(), columns.get("both", "")
+        yield (columns.get("base", ""), columns.get("retrieval", ""), columns.get("adapter", ""), hits_md or "—",
+               columns.get("both", ""))
 
     # ----- the report --------------------------------------------------------------------------
     def report(self, run_id, source, upload_path, retrieval_on, document_id, k, mode, tokens, url, model, key):
         folder = self.catalog.resolve_run(run_id)
-        questions = read_dataset(upload_path) if source == self.s["source_upload"] and upload_path else None
+        questions, question_set = self._report_questions(folder, source, upload_path)
         judge = None
         if url and url.strip():
             judge = TeacherConfig(url.strip(), model.strip(), self.services.keys.key_for(url, key))
         job = service.start_report(self.board, self.manager, folder, questions,
                                    self._retrieval_document(folder, retrieval_on, document_id),
-                                   self._settings(mode, tokens), judge, int(k), policy=self.policy)
+                                   self._settings(mode, tokens), judge, int(k), question_set=question_set,
+                                   policy=self.policy)
         return self.s["started"].format(name=job.name)
+
+    def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
+        """The chosen question set: the run's exam, its held-out phrasings, or an uploaded file."""
+        if source == self.s["source_upload"] and upload_path:
+            return read_dataset(upload_path), "uploaded"
+        if source == self.s["source_exam"]:
+            exam = service.run_exam(folder)
+            if not exam:
+                raise StudioError(self.s["no_exam"])
+            return exam, "exam"
+        return service.run_questions(folder, "heldout.jsonl"), "heldout"
+
+    @staticmethod
+    def _sections_frame(job):
+        sections = job.result.get("sections") if job is not None and job.result else None
+        return pd.DataFrame(sections) if sections else gr.skip()
 
     def on_report(self, job):
         if job is None or not job.result.get("rows"):
             message = f"**{job.status.value}:** {job.error}" if job is not None and job.error else gr.skip()
-            return message, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         result = job.result
         summary = pd.DataFrame([{"column": c, **v} for c, v in result["summary"].items()])
         chart = pd.DataFrame([{"column": c, "metric": m, "score": v[m]} for c, v in result["summary"].items()
                               for m in ("char_f1", "rouge_l")])
         warning = f"⚠️ {result['warning']}" if result.get("warning") else ""
-        return warning, summary, chart, pd.DataFrame(table_rows(result)), result.get("files", [])
+        warning = "\n\n".join(part for part in (warning, result.get("keys_note", "")) if part)
+        return (warning, summary, chart, pd.DataFrame(table_rows(result)), result.get("files", []),
+                self._sections_frame(job))
 
 
 def build_compare_tab(services: Services, app: gr.Blocks) -> CompareTab:

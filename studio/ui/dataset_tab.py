@@ -11,6 +11,7 @@ from studio.data import datasets
 from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
                                  validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
+from studio.data.styles import DEFAULT_STYLE, STYLES
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.services import SAMPLE_DOCUMENT, Services
@@ -86,6 +87,9 @@ class DatasetTab:
         self.test_msg = gr.Markdown()
         self.per_section = gr.Textbox("auto", label=s["per_section"])
         self.variants = gr.Slider(0, 30, value=14, step=1, label=s["variants"])
+        with gr.Row():
+            self.style = gr.Radio(list(STYLES), value=DEFAULT_STYLE, label=s["style"], info=s["style_info"])
+            self.exam = gr.Number(0, label=s["exam"], precision=0, minimum=0)
         self.concurrency = gr.Slider(1, 32, value=8, step=1, label=s["concurrency"])
         with gr.Accordion(s["advanced"], open=False):
             self.system_prompt = gr.Textbox(DEFAULT_PAIR_PROMPT, label=s["system_prompt"], lines=4)
@@ -120,13 +124,14 @@ class DatasetTab:
         build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
             self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
             self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
-            self.attempts, self.timeout]
+            self.attempts, self.timeout, self.style, self.exam]
         teacher_args = (Text("Base URL", 500), Text("Teacher model", 200), Text("API key", 500))
         timeout = Num("Timeout (s)", 1, 600)
+        knowledge_args = (Choice("Style", tuple(STYLES)), Num("Exam questions per section", 0, 20, True))
         build_args = split_args[:2] + (Text("Dataset name", 200),) + split_args[2:] + (ANY,) + teacher_args + (
             NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True), Num("Concurrency", 1, 32, True),
             Text("System prompt"), Text("Paraphrase prompt"), Num("Temperature", 0, 2), Num("Max tokens", 16, 8192, True),
-            Num("Attempts", 1, 10, True), timeout)
+            Num("Attempts", 1, 10, True), timeout) + knowledge_args
         preview_outputs = [self.preview, self.result_msg, self.save_name]
         if self.services.keys.owner_base_url:
             self.base_url.value = self.services.keys.owner_base_url
@@ -141,11 +146,12 @@ class DatasetTab:
                self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
         reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
                action="build_dataset", name="build_dataset", args=build_args + (ANY,))
-        cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True))
+        cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True)) + \
+            knowledge_args
         for trigger in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
-                        self.app.load):
-            reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants], self.cost,
-                   action="read_files", args=cost_args)
+                        self.style.change, self.exam.change, self.app.load):
+            reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants, self.style, self.exam],
+                   self.cost, action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs, action="read_files",
                name="open_dataset", args=(Id("Dataset", "datasets"),))
@@ -180,17 +186,20 @@ class DatasetTab:
         return check_connection(OpenAITeacher(self._teacher(url, model, key, seconds)))
 
     # ----- the build job -----------------------------------------------------------------------
-    def show_cost(self, upload_path, document_id, low, high, levels, per, n_variants):
-        settings = BuildSettings(per_section=str(per), variants=int(n_variants or 0), split=_split_settings(low, high, levels))
+    def show_cost(self, upload_path, document_id, low, high, levels, per, n_variants, style=DEFAULT_STYLE, exam=0):
+        settings = BuildSettings(per_section=str(per), variants=int(n_variants or 0), split=_split_settings(low, high, levels),
+                                 style=style or DEFAULT_STYLE, exam=max(0, int(exam or 0)))
         document = read_document(self._document(upload_path, document_id))
         return self.s["cost"].format(cost=estimate_cost(document, settings).describe())
 
     def start(self, upload_path, document_id, dataset_name, low, high, levels, local, url, model, key, per,
-              n_variants, workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, cost_seen=None):
+              n_variants, workers, pair_prompt, para_prompt, temperature, tokens, tries, seconds, style=DEFAULT_STYLE,
+              exam=0, cost_seen=None):
         settings = BuildSettings(per_section=str(per), variants=int(n_variants), concurrency=int(workers),
                                  temperature=float(temperature), max_tokens=int(tokens), system_prompt=pair_prompt,
                                  paraphrase_prompt=para_prompt, retry=RetryPolicy(int(tries if tries is not None else 3)),
-                                 split=_split_settings(low, high, levels))
+                                 split=_split_settings(low, high, levels), style=style or DEFAULT_STYLE,
+                                 exam=max(0, int(exam or 0)))
         validate_settings(settings)
         document_path = self._document(upload_path, document_id)
         cost = estimate_cost(read_document(document_path), settings)

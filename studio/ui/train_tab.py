@@ -117,6 +117,10 @@ class TrainTab:
                 seed = gr.Number(d.seed, label=s["seed"], precision=0)
                 checkpointing = gr.Checkbox(d.gradient_checkpointing, label=s["checkpointing"])
                 packing = gr.Checkbox(d.packing, label=s["packing"])
+            with gr.Row():
+                self.document_rows = gr.Checkbox(False, label=s["document_rows"])
+                self.document_file = gr.Dropdown(self.catalog.ids("documents"), value=None, label=s["document_file"],
+                                                 allow_custom_value=False, scale=2)
             self.estimate_btn = gr.Button(s["estimate"], size="sm")
             self.estimate_md = gr.Markdown()
         self.settings = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, self.heldout, seed,
@@ -146,9 +150,11 @@ class TrainTab:
         reg.on(self.estimate_btn.click, self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
                self.estimate_md, action="read_files", name="estimate_memory",
                args=guard_args[:2] + (ANY, RANK) + SETTING_SPECS)
-        reg.on(self.start_btn.click, self.start, [self.dataset, self.run_name, self.system] + lora_inputs + self.settings,
+        document_args = (ANY, Id("Document", "documents", optional=True))
+        reg.on(self.start_btn.click, self.start, [self.dataset, self.run_name, self.system] + lora_inputs +
+               [self.document_rows, self.document_file] + self.settings,
                self.panel.message, action="train", name="start_training",
-               args=(guard_args[0], Text("Run name", 200), guard_args[1]) + lora_args + SETTING_SPECS)
+               args=(guard_args[0], Text("Run name", 200), guard_args[1]) + lora_args + document_args + SETTING_SPECS)
         reg.on(self.stop_btn.click, self.stop, None, self.panel.message, action="train", name="stop_training")
         reg.on(self.resume_btn.click, self.resume, self.resume_pick, self.panel.message, action="train",
                name="resume_training", args=(Id("Run", "runs"),))
@@ -209,13 +215,25 @@ class TrainTab:
         return estimate.describe(free_gpu_gib())
 
     # ----- the job -----------------------------------------------------------------------------
-    def start(self, dataset_id, name, prompt, chosen, rank, lora_alpha, lora_dropout, *values):
+    def start(self, dataset_id, name, prompt, chosen, rank, lora_alpha, lora_dropout, with_document, document_id,
+              *values):
         path = self.catalog.resolve_dataset(dataset_id)
         lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
         request = RunRequest(Path(path), prompt, lora, settings_from(*values),
-                             new_run_dir(self.services.paths.runs_dir, name or Path(path).stem))
+                             new_run_dir(self.services.paths.runs_dir, name or Path(path).stem),
+                             document=self._document_for(path, document_id) if with_document is True else None)
         job = start_training(self.board, self.manager, request, policy=self.policy)
         return self.s["started"].format(name=job.name)
+
+    def _document_for(self, dataset: Path, document_id) -> Path:
+        """The document for document rows: the one picked, else the dataset's source if it is a studio document."""
+        if document_id:
+            return self.catalog.resolve_document(document_id)
+        source = next((row.get("source") for row in datasets.read_dataset(dataset) if row.get("source")), None)
+        source_id = self.catalog.document_id(source)
+        if not source_id:
+            raise StudioError(self.s["no_document"])
+        return self.catalog.resolve_document(source_id)
 
     def stop(self):
         return self.s["stopping"] if stop_training(self.board, policy=self.policy) else self.s["not_running"]
