@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", action="store_true", help="load --model at start instead of on request")
     parser.add_argument("--workdir", default=None,
                         help="folder for data/ and runs/ (default: the project folder)")
+    parser.add_argument("--lang", choices=("zh", "en"), default="",
+                        help="language of the UI: zh (中文) or en; default: each browser's language")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="print one reply of the model to --message and exit")
@@ -126,7 +128,7 @@ def build_services(args: argparse.Namespace):
     paths = StudioPaths(Path(args.workdir) / "data", Path(args.workdir) / "runs") if args.workdir else StudioPaths()
     policy = AccessPolicy.demo() if getattr(args, "share", False) and not getattr(args, "auth", None) else AccessPolicy.full()
     return Services(manager=ModelManager(decode_mode=args.decode), policy=policy, paths=paths.ensure(),
-                    default_model=args.model, default_quant=args.quant)
+                    default_model=args.model, default_quant=args.quant, lang=getattr(args, "lang", "") or "")
 
 
 def run_ui(args: argparse.Namespace, services) -> int:

@@ -51,3 +51,4 @@ class Services:
     default_model: str = DEFAULT_MODEL
     default_quant: str = "4bit"
     default_system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    lang: str = ""  # "zh" or "en" forces the UI's language; "" follows each browser

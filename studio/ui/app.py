@@ -9,8 +9,11 @@ from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
 from studio.ui.compare_tab import build_compare_tab
 from studio.ui.dataset_tab import build_dataset_tab
+from studio.ui.i18n import SET_COOKIE_JS, LabelRegistry, request_language, translate
 from studio.ui.train_tab import build_train_tab
 from studio.ui.strings import strings
+
+LANGUAGE_CHOICES = [("English", "en"), ("中文", "zh")]
 
 
 def build_app(services: Services) -> gr.Blocks:
@@ -19,7 +22,12 @@ def build_app(services: Services) -> gr.Blocks:
     stops = StopSignals()
     with gr.Blocks(title=s["title"]) as app:
         with gr.Row():
-            gr.Markdown(f"# {s['title']}\n{s['subtitle']}")
+            with gr.Column(scale=4):
+                gr.Markdown(f"# {s['title']}")
+                gr.Markdown(s["subtitle"])
+            with gr.Column(scale=1, min_width=180):
+                language = gr.Radio(LANGUAGE_CHOICES, value=None, label=strings("header")["language"],
+                                    elem_id="language", container=False)
             model_status = gr.Markdown(services.manager.status().describe(), elem_id="model-status")
         with gr.Tabs():
             build_chat_tab(services, stops)
@@ -27,11 +35,28 @@ def build_app(services: Services) -> gr.Blocks:
             build_train_tab(services, app)
             build_compare_tab(services, app)
         timer = gr.Timer(2.0)
-        timer.tick(lambda: services.manager.status().describe(), None, model_status, api_name=False,
-                   show_progress="hidden", queue=False)
+        timer.tick(lambda lang: translate(services.manager.status().describe(), lang or "en"), language, model_status,
+                   api_name=False, show_progress="hidden", queue=False)
+        _wire_language(app, services, language)
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")
 
         app.unload(stop_on_close)
     return app
+
+
+def _wire_language(app: gr.Blocks, services: Services, language: gr.Radio) -> None:
+    """Pick the page's language on load; the switch re-labels every component and remembers the choice."""
+    registry = LabelRegistry.collect(app)
+
+    def initial(request: gr.Request):
+        return request_language(request, services.lang)
+
+    def relabel(lang, *markdown_values):
+        return registry.updates(lang or "en", markdown_values)
+
+    inputs = [language] + registry.markdown
+    app.load(initial, None, language, api_name=False, queue=False).then(
+        relabel, inputs, registry.outputs, js=SET_COOKIE_JS, api_name=False, show_progress="hidden")
+    language.input(relabel, inputs, registry.outputs, js=SET_COOKIE_JS, api_name=False, show_progress="hidden")
