@@ -9,6 +9,7 @@ from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
 from studio.ui.compare_tab import build_compare_tab
 from studio.ui.dataset_tab import build_dataset_tab
+from studio.ui.history_panel import wire_history
 from studio.ui.i18n import SET_COOKIE_JS, LabelRegistry, request_language, translate
 from studio.ui.train_tab import build_train_tab
 from studio.ui.strings import strings
@@ -29,15 +30,16 @@ def build_app(services: Services) -> gr.Blocks:
                 language = gr.Radio(LANGUAGE_CHOICES, value=None, label=strings("header")["language"],
                                     elem_id="language", container=False)
             model_status = gr.Markdown(services.manager.status().describe(), elem_id="model-status")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             build_chat_tab(services, stops)
             build_dataset_tab(services, app)
-            build_train_tab(services, app)
-            build_compare_tab(services, app)
+            train = build_train_tab(services, app)
+            compare = build_compare_tab(services, app)
         timer = gr.Timer(2.0)
         timer.tick(lambda lang: translate(services.manager.status().describe(), lang or "en"), language, model_status,
                    api_name=False, show_progress="hidden", queue=False)
         _wire_language(app, services, language)
+        wire_history([train.history, compare.history], app, compare.run_pick, tabs, language)
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")
