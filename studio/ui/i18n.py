@@ -98,7 +98,7 @@ def _template_regex(template: str) -> re.Pattern:
     for match in PLACEHOLDER.finditer(template):
         pattern += re.escape(template[last:match.start()])
         name = match.group(1)
-        pattern += f"(?P={name})" if name in seen else f"(?P<{name}>.+?)"
+        pattern += f"(?P={name})" if name in seen else f"(?P<{name}>.*?)"
         seen.add(name)
         last = match.end()
     return re.compile(pattern + re.escape(template[last:]) + r"\Z", re.DOTALL)
