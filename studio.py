@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also serve the OpenAI-compatible API (/v1/models, /v1/chat/completions) beside the UI")
     parser.add_argument("--api-key-env", dest="serve_key_env", metavar="VAR", default=None,
                         help="with --api: require the bearer key held in this environment variable")
+    parser.add_argument("--lang", choices=("zh", "en"), default="",
+                        help="language of the UI: zh (中文) or en; default: each browser's language")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     chat = command_parser(commands, "chat", "print one reply of the model to --message and exit")
@@ -259,12 +261,10 @@ def _option_name(parser: argparse.ArgumentParser, dest: str) -> str:
 def build_services(args: argparse.Namespace):
     from pathlib import Path
 
-    from studio.model.manager import ModelManager
-    from studio.services import Services
-
     from studio.catalog import Catalog
     from studio.data.teacher import key_routing
-    from studio.services import SAMPLE_DOCUMENT
+    from studio.model.manager import ModelManager
+    from studio.services import SAMPLE_DOCUMENT, Services
 
     paths = StudioPaths(Path(args.workdir) / "data", Path(args.workdir) / "runs") if args.workdir else StudioPaths()
     paths = paths.ensure()
@@ -274,7 +274,7 @@ def build_services(args: argparse.Namespace):
     keys = key_routing(getattr(args, "teacher_base_url", None), getattr(args, "api_key_env", None))
     return Services(manager=ModelManager(decode_mode=args.decode), policy=policy, paths=paths,
                     default_model=args.model, default_quant=args.quant, catalog=Catalog(paths, SAMPLE_DOCUMENT),
-                    keys=keys, max_upload_mb=getattr(args, "max_upload_mb", 20.0))
+                    keys=keys, max_upload_mb=getattr(args, "max_upload_mb", 20.0), lang=getattr(args, "lang", "") or "")
 
 
 def read_logins(args: argparse.Namespace) -> list[tuple[str, str]]:

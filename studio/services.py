@@ -55,6 +55,7 @@ class Services:
     catalog: Catalog | None = None  # built from `paths` when not given
     keys: object = None  # secrets.KeyRouting: where the environment key may go (default: the provider presets)
     max_upload_mb: float = 20.0
+    lang: str = ""  # "zh" or "en" forces the UI's language; "" follows each browser
 
     def __post_init__(self):
         if self.catalog is None:

@@ -69,3 +69,73 @@ def test_training_progress_survives_a_reload(page, services, workspace):
                 "() => document.querySelector('#train-log textarea').value.includes('ready to chat')")
             assert "15 rows: 12 for training" in page.locator("#train-log textarea").input_value()
             page.reload()
+
+
+@pytest.fixture()
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                       "--disable-background-networking"])
+        yield chromium
+        chromium.close()
+
+
+def _page(browser, locale: str):
+    page = browser.new_context(locale=locale, viewport={"width": 1400, "height": 1000}).new_page()
+    page.set_default_timeout(60_000)
+    return page
+
+
+def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(browser, workspace):
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        page = _page(browser, "en-US")
+        page.goto(url)
+        page.get_by_role("tab", name="Baseline Chat").wait_for()
+        page.get_by_text("中文", exact=True).click()
+        page.get_by_role("tab", name="基线对话").wait_for()
+        assert page.get_by_label("基座模型（Hub ID 或本地文件夹）").is_visible()
+        assert page.get_by_role("button", name="加载", exact=True).is_visible()
+        page.get_by_role("tab", name="训练").click()
+        page.get_by_role("button", name="开始训练").click()  # refused by the server: no dataset
+        page.get_by_text("请先选择数据集（在“数据集构建”中生成或导入一个）。").wait_for()
+        page.get_by_text("尚未加载模型。").first.wait_for()  # the header's status line
+        page.reload()  # the choice is remembered
+        page.get_by_role("tab", name="基线对话").wait_for()
+        page.get_by_text("English", exact=True).click()
+        page.get_by_role("tab", name="Baseline Chat").wait_for()
+
+
+def test_a_chinese_browser_sees_chinese_first_and_lang_forces_english(browser, workspace):
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        page = _page(browser, "zh-CN")
+        page.goto(url)
+        page.get_by_role("tab", name="基线对话").wait_for()
+        assert page.get_by_role("tab", name="数据集构建").is_visible()
+        page.goto(url + "?lang=en")
+        page.get_by_role("tab", name="Baseline Chat").wait_for()
+    forced = Services(manager=ModelManager(), paths=workspace, lang="zh")
+    with launched(forced) as url:
+        page = _page(browser, "en-US")
+        page.goto(url)
+        page.get_by_role("tab", name="基线对话").wait_for()
+
+
+def test_a_run_of_the_history_opens_in_compare(browser, workspace):
+    from test_history import REPORT, make_run
+
+    make_run(workspace.runs_dir, "facts_20261130_101500", "completed", report=REPORT)
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        page = _page(browser, "en-US")
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_text("Runs history").filter(visible=True).click()
+        page.get_by_text("facts_20261130_101500").filter(visible=True).click()
+        page.get_by_role("button", name="Open in Compare").filter(visible=True).click()
+        page.get_by_role("tab", name="Compare", selected=True).wait_for()
+        page.wait_for_function("() => [...document.querySelectorAll('input')].some("
+                               "i => i.value.endsWith('facts_20261130_101500'))")

@@ -13,12 +13,17 @@ from studio.services import Services
 from studio.ui.chat_tab import build_chat_tab
 from studio.ui.compare_tab import build_compare_tab
 from studio.ui.dataset_tab import build_dataset_tab
-from studio.ui.registry import Registry
+from studio.ui.history_panel import wire_history
+from studio.ui.i18n import SET_COOKIE_JS, LabelRegistry, request_language, translate
+from studio.ui.registry import Choice, Registry, Text
+
+LANGUAGE = Choice("Language", ("en", "zh"), optional=True)
 from studio.ui.train_tab import build_train_tab
 from studio.ui.strings import strings
 
 # Uploads nobody handed to a handler are deleted after an hour; all of them when the server restarts.
 DELETE_CACHE = (600, 3600)
+LANGUAGE_CHOICES = [("English", "en"), ("中文", "zh")]
 
 
 def build_app(services: Services) -> gr.Blocks:
@@ -30,19 +35,45 @@ def build_app(services: Services) -> gr.Blocks:
     with gr.Blocks(title=s["title"], delete_cache=DELETE_CACHE) as app:
         app.studio_registry = registry
         with gr.Row():
-            gr.Markdown(f"# {s['title']}\n{s['subtitle']}")
+            with gr.Column(scale=4):
+                gr.Markdown(f"# {s['title']}")
+                gr.Markdown(s["subtitle"])
+            with gr.Column(scale=1, min_width=180):
+                language = gr.Radio(LANGUAGE_CHOICES, value=None, label=strings("header")["language"],
+                                    elem_id="language", container=False)
             model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             build_chat_tab(services, stops)
             build_dataset_tab(services, app)
-            build_train_tab(services, app)
-            build_compare_tab(services, app)
+            train = build_train_tab(services, app)
+            compare = build_compare_tab(services, app)
         timer = gr.Timer(2.0)
-        registry.on(timer.tick, lambda: services.manager.status().describe(), None, model_status, action="view",
-                    scrub=True, show_progress="hidden", queue=False)
+        registry.on(timer.tick, lambda lang: translate(services.manager.status().describe(), lang or "en"), language,
+                    model_status, action="view", args=(LANGUAGE,), scrub=True, show_progress="hidden", queue=False)
+        _wire_language(app, services, registry, language)
+        wire_history([train.history, compare.history], registry, compare.run_pick, tabs, language)
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")
 
         registry.unload(app, stop_on_close)
     return app
+
+
+def _wire_language(app: gr.Blocks, services: Services, registry: Registry, language: gr.Radio) -> None:
+    """Pick the page's language on load; the switch re-labels every component and remembers the choice."""
+    labels = LabelRegistry.collect(app)
+
+    def initial(request: gr.Request):
+        return request_language(request, services.lang)
+
+    def relabel(lang, *markdown_values):
+        return labels.updates(lang or "en", markdown_values)
+
+    inputs = [language] + labels.markdown
+    specs = (LANGUAGE,) + (Text("Shown text", 100_000),) * len(labels.markdown)
+    loaded = registry.on(app.load, initial, None, language, action="view", queue=False)
+    registry.on(loaded.then, relabel, inputs, labels.outputs, action="view", args=specs, js=SET_COOKIE_JS,
+                show_progress="hidden")
+    registry.on(language.input, relabel, inputs, labels.outputs, action="view", args=specs, js=SET_COOKIE_JS,
+                show_progress="hidden")

@@ -1,40 +1,14 @@
-"""Helpers shared by the tabs: turning studio errors into Gradio messages, the job panel."""
+"""Helpers shared by the tabs: the job panel (progress, log, plots) polled by cursor."""
 
 from __future__ import annotations
 
-import functools
 import html
-import inspect
 import time
 from dataclasses import dataclass
 
 import gradio as gr
 
-from studio.errors import StudioError
-
-
-def user_errors(fn):
-    """Show a StudioError (busy, not loaded, bad input, not allowed) as a Gradio error toast.
-
-    Works for plain functions and generators; the message is the error's own text, which never
-    holds a secret.
-    """
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except StudioError as exc:
-                raise gr.Error(str(exc)) from exc
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except StudioError as exc:
-            raise gr.Error(str(exc)) from exc
-    return wrapper
+from studio.ui.i18n import handler_language, text, translate
 
 
 @dataclass
@@ -74,24 +48,28 @@ class JobPanel:
 LOG_LINES = 300
 
 
-def progress_html(job) -> str:
+def progress_html(job, lang: str = "en") -> str:
     if job is None:
         return ""
     latest = job.latest("progress") or {}
     done, total = latest.get("done", 0), latest.get("total", 0)
     fraction = done / total if total else (1.0 if not job.running else 0.0)
     colour = {"failed": "#d9534f", "cancelled": "#999"}.get(job.status.value, "#2f9e44")
-    text = html.escape(latest.get("message", "") or job.status.value)
+    status = text("status", f"job_{job.status.value}", lang)
+    message = html.escape(translate(latest.get("message", ""), lang) or status)
     return (f"<div class='job-progress'><div style='background:#eee;border-radius:4px;height:14px'>"
             f"<div style='width:{fraction:.1%};background:{colour};height:14px;border-radius:4px'></div></div>"
-            f"<div>{html.escape(job.name)} · {job.status.value} · {text} · {job.elapsed:.0f}s</div></div>")
+            f"<div>{html.escape(job.name)} · {html.escape(status)} · {message} · {job.elapsed:.0f}s</div></div>")
 
 
-def _log_line(event: dict) -> str | None:
+def _log_line(event: dict, lang: str = "en") -> str | None:
     if event["type"] not in ("log", "status") or not event.get("message"):
         return None
     stamp = time.strftime("%H:%M:%S", time.localtime(event["t"]))
-    return f"[{stamp}] {event['message']}"
+    message = event["message"]
+    if event["type"] == "status" and message == event.get("status"):
+        message = text("status", f"job_{message}", lang)
+    return f"[{stamp}] {translate(message, lang)}"
 
 
 def metric_frames(metrics: list[dict]):
@@ -123,7 +101,8 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
     panel = JobPanel(board, kind, message, progress, log, state, timer, finished)
     skips = (gr.skip(),) * len(plot_outputs)
 
-    def poll(view: dict):
+    def poll(view: dict, request: gr.Request = None):
+        lang = handler_language(request)
         view = view if isinstance(view, dict) and isinstance(view.get("cursor", 0), int) else {}
         view = {"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": [], **view}
         job = board.latest(kind)
@@ -133,7 +112,7 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
             view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": []}
         running = job.running
         events, cursor = job.events_since(view["cursor"])
-        lines = (view["lines"] + [line for line in map(_log_line, events) if line])[-LOG_LINES:]
+        lines = (view["lines"] + [line for line in (_log_line(e, lang) for e in events) if line])[-LOG_LINES:]
         new_metrics = [e for e in events if e["type"] == "metric"]
         view = {**view, "cursor": cursor, "lines": lines, "metrics": view["metrics"] + new_metrics}
         newly_finished = not running and not events and view.get("finished") != job.id
@@ -142,7 +121,7 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         if not events and not running and not newly_finished:
             return (gr.skip(), gr.skip(), view, gr.skip()) + skips
         plot_values = metric_frames(view["metrics"]) if (plots and new_metrics) else skips
-        return (progress_html(job), "\n".join(lines) if events else gr.skip(), view,
+        return (progress_html(job, lang), "\n".join(lines) if events else gr.skip(), view,
                 job.id if newly_finished else gr.skip()) + tuple(plot_values)
 
     panel.poll, panel.poll_outputs = poll, [progress, log, state, finished] + plot_outputs

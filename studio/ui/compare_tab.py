@@ -17,6 +17,7 @@ from studio.model.generation import GenerationSettings, build_messages
 from studio.services import SAMPLE_DOCUMENT, Services
 from studio.train import adapters
 from studio.ui.common import job_panel
+from studio.ui.history_panel import HistoryPanel
 from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload
 from studio.ui.strings import strings
 
@@ -44,6 +45,7 @@ class CompareTab:
     def _layout(self) -> None:
         gr.Markdown(self.s["intro"])
         self._adapter_controls()
+        self.history = HistoryPanel(self.services, api=True)
         self._question_controls()
         self.compare_btn = gr.Button(self.s["compare"], variant="primary")
         with gr.Row():

@@ -32,6 +32,7 @@ import gradio as gr
 
 from studio.catalog import UPLOAD_SUFFIXES
 from studio.errors import StudioError
+from studio.ui.i18n import handler_language, translate, translate_outputs
 
 log = logging.getLogger(__name__)
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)(?:[^\s/\"'`|,;()<>*]+/)+([^\s/\"'`|,;()<>*]*)")
@@ -272,9 +273,9 @@ class Registry:
                     for k, v in value.items()}
         return value
 
-    def _error(self, exc: Exception, label: str) -> gr.Error:
+    def _error(self, exc: Exception, label: str, lang: str = "en") -> gr.Error:
         if isinstance(exc, StudioError):
-            return gr.Error(self.scrub_text(str(exc)))
+            return gr.Error(translate(self.scrub_text(str(exc)), lang))
         log.exception("handler %s failed", label)
         return gr.Error(f"{label} failed: {type(exc).__name__}" +
                         ("" if self.demo else f": {str(exc)[:300]}"))
@@ -290,27 +291,37 @@ class Registry:
         return tuple(args)
 
     def _wrap(self, fn, actions, specs, label, scrub):
-        finish = self._scrub_value if (scrub and self.demo) else (lambda value: value)
+        """The handler behind the policy and argument checks; its messages and errors in the page's language."""
+        scrubbed = self._scrub_value if (scrub and self.demo) else (lambda value: value)
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen_wrapper(*args, **kwargs):
+                lang = page_language()
                 try:
                     args = self._checked(actions, specs, args, label)
                     for value in fn(*args, **kwargs):
-                        yield finish(value)
+                        yield translate_outputs(scrubbed(value), lang)
                 except gr.Error:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
-                    raise self._error(exc, label) from exc
+                    raise self._error(exc, label, lang) from exc
             return gen_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            lang = page_language()
             try:
                 args = self._checked(actions, specs, args, label)
-                return finish(fn(*args, **kwargs))
+                return translate_outputs(scrubbed(fn(*args, **kwargs)), lang)
             except gr.Error:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise self._error(exc, label) from exc
+                raise self._error(exc, label, lang) from exc
         return wrapper
+
+
+def page_language() -> str:
+    """The language of the page whose event is being handled (English outside an event)."""
+    from gradio.context import LocalContext
+
+    return handler_language(LocalContext.request.get(None))

@@ -19,6 +19,7 @@ from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir,
 from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainSettings, peft_default_targets, preset
 from studio.train.split import split_heldout
 from studio.ui.common import job_panel
+from studio.ui.history_panel import HistoryPanel
 from studio.ui.registry import ANY, Choice, Id, Num, Text
 from studio.ui.strings import strings
 
@@ -82,6 +83,7 @@ class TrainTab:
         with gr.Accordion(s["result"], open=True):
             self.result_md = gr.Markdown()
             self.loss_png = gr.Image(type="filepath", label="loss.png", height=300)
+        self.history = HistoryPanel(self.services)
 
     def _lora_controls(self) -> None:
         s = self.s

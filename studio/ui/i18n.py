@@ -1,0 +1,240 @@
+"""The page's language, and the studio's English texts in that language.
+
+The UI is built once, in English, and the services speak English (errors, job progress, status). A
+page then speaks the language picked, in this order, from: `?lang=zh|en` in its address, `--lang`,
+the in-page switch (kept in the `studio_lang` cookie), the browser's Accept-Language (zh-* ->
+Chinese), else English.
+
+`translate(text, lang)` turns any English text of the tables in `strings.py` into the same text of
+another table, placeholders included: a template such as "Loaded {name} ({quant}) on {device}."
+matches the English message and fills the Chinese one with the same values, which are translated in
+turn (an activity inside a busy message, a reason inside a refusal). Unknown text is returned as it
+is, so a new service message shows in English until the tables learn it.
+
+`LabelRegistry` remembers every component whose label, info, placeholder, text or choice labels
+came from the tables, and gives the updates that show them in another language.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from studio.ui.strings import EN, LANGUAGES
+
+SUPPORTED = tuple(LANGUAGES)
+DEFAULT = "en"
+COOKIE = "studio_lang"
+# Sections whose texts are only ever part of another message (activities, actions, statuses).
+NESTED_ONLY = ("terms",)
+LONGEST_TRANSLATED = 6000  # a chat reply or a prompt preview is never a message of the tables
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+# Runs in the page before the language switch's handler: remembers the choice, passes the inputs on.
+SET_COOKIE_JS = ("(lang, ...rest) => { if (lang) { document.cookie = '" + COOKIE + "=' + lang + "
+                 "'; path=/; max-age=31536000; SameSite=Lax'; } return [lang, ...rest]; }")
+
+
+# ----- which language -----------------------------------------------------------------------------
+def normalize(code: str | None) -> str | None:
+    """'zh', 'zh-CN', 'zh_TW', 'ZH-hans' -> 'zh'; 'en-US' -> 'en'; anything else -> None."""
+    if not code:
+        return None
+    primary = re.split(r"[-_]", code.strip().lower(), maxsplit=1)[0]
+    return primary if primary in SUPPORTED else None
+
+
+def from_accept_language(header: str | None) -> str | None:
+    """The first supported language of an Accept-Language header, by its q-weights."""
+    ranked = []
+    for position, part in enumerate((header or "").split(",")):
+        code, _, params = part.strip().partition(";")
+        weight = 1.0
+        match = re.search(r"q=([0-9.]+)", params)
+        if match:
+            try:
+                weight = float(match.group(1))
+            except ValueError:
+                weight = 0.0
+        ranked.append((-weight, position, code))
+    for _, _, code in sorted(ranked):
+        if normalize(code):
+            return normalize(code)
+    return None
+
+
+def pick_language(query: str | None = None, forced: str | None = None, cookie: str | None = None,
+                  accept_language: str | None = None) -> str:
+    """The page's language: the address's ?lang=, then --lang, the switch's cookie, the browser."""
+    for choice in (normalize(query), normalize(forced), normalize(cookie), from_accept_language(accept_language)):
+        if choice:
+            return choice
+    return DEFAULT
+
+
+def request_language(request, forced: str | None = None, use_query: bool = True) -> str:
+    """The language of the page that sent `request` (a gr.Request, or None for English)."""
+    if request is None:
+        return normalize(forced) or DEFAULT
+    headers = getattr(request, "headers", None) or {}
+    try:
+        cookies = request.cookies or {}
+    except Exception:  # a request object without cookies (e.g. built by a test)
+        cookies = {}
+    try:
+        query = (request.query_params or {}).get("lang") if use_query else None
+    except Exception:
+        query = None
+    return pick_language(query, forced, cookies.get(COOKIE), headers.get("accept-language"))
+
+
+def handler_language(request) -> str:
+    """The language a handler answers in: the switch's cookie (the page sets it on load), the browser."""
+    return request_language(request, use_query=False)
+
+
+# ----- translating text -------------------------------------------------------------------------
+def _template_regex(template: str) -> re.Pattern:
+    pattern, seen, last = "", set(), 0
+    for match in PLACEHOLDER.finditer(template):
+        pattern += re.escape(template[last:match.start()])
+        name = match.group(1)
+        pattern += f"(?P={name})" if name in seen else f"(?P<{name}>.*?)"
+        seen.add(name)
+        last = match.end()
+    return re.compile(pattern + re.escape(template[last:]) + r"\Z", re.DOTALL)
+
+
+class Translator:
+    """Text of one table -> the same text in another, for exact texts and templates with placeholders."""
+
+    def __init__(self, tables: dict[str, dict], source: str = DEFAULT):
+        self.tables, self.source = tables, source
+        self.exact: dict[str, tuple[str, str]] = {}
+        self.nested_exact: dict[str, tuple[str, str]] = {}
+        templates = []
+        for section, entries in tables[source].items():
+            for key, text in entries.items():
+                target = self.nested_exact if section in NESTED_ONLY else self.exact
+                if PLACEHOLDER.search(text):
+                    literals = [part for part in PLACEHOLDER.split(text)[::2] if part]
+                    templates.append((sum(map(len, literals)), section, key, _template_regex(text), literals))
+                target.setdefault(text, (section, key))
+        # the most specific template first, so "... steps, resumed at step {step}." wins over "... {steps}."
+        self.templates = [entry[1:] for entry in sorted(templates, key=lambda entry: -entry[0])]
+
+    def text(self, section: str, key: str, lang: str) -> str:
+        return self.tables.get(lang, EN).get(section, {}).get(key) or EN[section][key]
+
+    def translate(self, message: str, lang: str, nested: bool = False, depth: int = 0) -> str:
+        if lang == self.source or lang not in self.tables or not isinstance(message, str) or not message.strip():
+            return message
+        if len(message) > LONGEST_TRANSLATED or depth > 3:
+            return message
+        found = self.exact.get(message) or (self.nested_exact.get(message) if nested else None)
+        if found:
+            return self.text(*found, lang)
+        for section, key, regex, literals in self.templates:
+            if section in NESTED_ONLY and not nested:
+                continue
+            if not all(literal in message for literal in literals):
+                continue
+            match = regex.match(message)
+            if match:
+                values = {name: self.translate(value, lang, True, depth + 1) for name, value in match.groupdict().items()}
+                return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.text(section, key, lang))
+        if "\n" in message and not nested:
+            return "\n".join(self.translate(line, lang) for line in message.split("\n"))
+        return message
+
+
+@functools.lru_cache(maxsize=len(SUPPORTED))
+def translator(source: str = DEFAULT) -> Translator:
+    return Translator(LANGUAGES, source)
+
+
+def translate(message, lang: str):
+    """`message` (English) in `lang` when the tables know it (exactly or as a template); otherwise unchanged."""
+    return translator().translate(message, lang)
+
+
+def retranslate(message, lang: str):
+    """`message` in any of the tables' languages, shown in `lang` (for texts already on a page)."""
+    for source in SUPPORTED:
+        if source != lang:
+            translated = translator(source).translate(message, lang)
+            if translated != message:
+                return translated
+    return message
+
+
+def text(section: str, key: str, lang: str) -> str:
+    """One entry of the tables in `lang` (English where the table lacks it)."""
+    return translator().text(section, key, lang)
+
+
+def translate_outputs(value, lang: str):
+    """A handler's return value with every plain string translated (tuples and lists walked, one level)."""
+    if lang == DEFAULT:
+        return value
+    if isinstance(value, str):
+        return translate(value, lang)
+    if isinstance(value, tuple):
+        return tuple(translate(item, lang) if isinstance(item, str) else item for item in value)
+    return value
+
+
+# ----- the page's components --------------------------------------------------------------------
+TEXT_PROPS = ("label", "info", "placeholder")
+CHOICE_TYPES = ("Radio", "CheckboxGroup")  # components whose choice labels are static
+
+
+class LabelRegistry:
+    """The page's components whose visible texts come from the tables.
+
+    Labels, hints, placeholders, button texts and radio choices are static: their English text is
+    kept here. Markdown texts change (status lines, results): the switch reads what each shows now
+    and translates that, from whichever language it is in.
+    """
+
+    def __init__(self):
+        self.static: list[tuple[object, dict[str, str], list | None]] = []
+        self.markdown: list = []
+
+    @classmethod
+    def collect(cls, blocks) -> "LabelRegistry":
+        import gradio as gr
+
+        registry = cls()
+        known = translator().exact
+        for block in blocks.blocks.values():
+            if isinstance(block, gr.Markdown):
+                registry.markdown.append(block)
+                continue
+            texts = {prop: getattr(block, prop) for prop in TEXT_PROPS
+                     if isinstance(getattr(block, prop, None), str) and getattr(block, prop) in known}
+            if isinstance(block, gr.Button) and isinstance(block.value, str) and block.value in known:
+                texts["value"] = block.value
+            choices = getattr(block, "choices", None) if type(block).__name__ in CHOICE_TYPES else None
+            if choices and not any(isinstance(c, (tuple, list)) and c[0] in known for c in choices):
+                choices = None
+            if texts or choices:
+                registry.static.append((block, texts, list(choices) if choices else None))
+        return registry
+
+    @property
+    def outputs(self) -> list:
+        return [component for component, _, _ in self.static] + self.markdown
+
+    def updates(self, lang: str, markdown_values=()) -> list:
+        """One gr.update per component of `outputs`, showing its texts in `lang`."""
+        import gradio as gr
+
+        result = []
+        for _, texts, choices in self.static:
+            props = {prop: translate(english, lang) for prop, english in texts.items()}
+            if choices:
+                props["choices"] = [(translate(label, lang), value) for label, value in choices]
+            result.append(gr.update(**props))
+        for value in markdown_values:
+            result.append(retranslate(value, lang) if isinstance(value, str) and value else gr.skip())
+        return result

@@ -1,0 +1,217 @@
+"""The Chinese and English tables agree, the page's language is picked as promised, and the services'
+real messages (errors, progress lines, status) reach a Chinese page in Chinese."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from studio.ui.i18n import (LabelRegistry, from_accept_language, pick_language, retranslate, translate, translator)
+from studio.ui.strings import EN, LANGUAGES, ZH, strings
+
+ROOT = Path(__file__).resolve().parent.parent
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+def test_both_tables_have_the_same_keys_and_placeholders():
+    assert set(LANGUAGES) == {"en", "zh"}
+    assert EN.keys() == ZH.keys()
+    for section in EN:
+        assert EN[section].keys() == ZH[section].keys(), section
+        for key, english in EN[section].items():
+            chinese = ZH[section][key]
+            assert sorted(PLACEHOLDER.findall(english)) == sorted(PLACEHOLDER.findall(chinese)), f"{section}.{key}"
+
+
+def test_every_chinese_text_is_chinese_unless_it_is_a_name():
+    same_on_purpose = {"QLoRA Studio", "LoRA", "Top-p", "Alpha", "Dropout", "API Key", "Loss", "Language / 语言"}
+    for section in ZH:
+        for key, chinese in ZH[section].items():
+            if chinese not in same_on_purpose:
+                assert HAN.search(chinese), f"{section}.{key} is not translated: {chinese!r}"
+
+
+def test_one_english_text_has_one_chinese_text():
+    """A text shown in several places translates the same everywhere, so the page can translate by text."""
+    seen: dict[str, str] = {}
+    for section in EN:
+        if section == "terms":
+            continue
+        for key, english in EN[section].items():
+            chinese = ZH[section][key]
+            assert seen.setdefault(english, chinese) == chinese, f"{english!r} has two translations"
+
+
+def test_strings_keeps_the_old_call_and_adds_a_language():
+    assert strings("chat")["load"] == "Load"
+    assert strings("chat", "zh")["load"] == "加载"
+    assert strings("chat", "xx")["load"] == "Load"
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("zh-CN,zh;q=0.9,en;q=0.8", "zh"),
+    ("zh-TW", "zh"),
+    ("en-US,en;q=0.9,zh-CN;q=0.8", "en"),
+    ("fr-FR, zh;q=0.5, en;q=0.4", "zh"),
+    ("fr-FR", None),
+    ("", None),
+])
+def test_the_browser_language_decides_by_weight(header, expected):
+    assert from_accept_language(header) == expected
+
+
+def test_address_beats_flag_beats_switch_beats_browser():
+    assert pick_language(accept_language="zh-CN") == "zh"
+    assert pick_language(cookie="en", accept_language="zh-CN") == "en"
+    assert pick_language(forced="zh", cookie="en", accept_language="en-US") == "zh"
+    assert pick_language(query="en", forced="zh") == "en"
+    assert pick_language(query="klingon", accept_language="de") == "en"
+
+
+# ----- real messages of the services --------------------------------------------------------------
+def _real_errors(tmp_path):
+    from studio.access import AccessPolicy
+    from studio.data.datasets import read_dataset
+    from studio.errors import StudioError
+    from studio.model.manager import ModelManager
+
+    manager = ModelManager()
+    errors = []
+    lease = manager.acquire("training facts_20260101-120000", need_model=False)
+    try:
+        manager.acquire("generating a reply", need_model=False)
+    except StudioError as exc:
+        errors.append(("busy", str(exc)))
+    finally:
+        lease.release()
+    for call, name in ((manager.require_loaded, "not loaded"),
+                       (lambda: AccessPolicy.demo().require("train"), "not allowed"),
+                       (lambda: read_dataset(tmp_path / "missing.jsonl"), "unknown dataset")):
+        try:
+            call()
+        except StudioError as exc:
+            errors.append((name, str(exc)))
+    return dict(errors)
+
+
+def test_real_errors_read_in_chinese_with_their_values_kept(tmp_path):
+    errors = _real_errors(tmp_path)
+    assert set(errors) == {"busy", "not loaded", "not allowed", "unknown dataset"}
+    chinese = {name: translate(message, "zh") for name, message in errors.items()}
+    assert chinese["busy"] == "模型正忙（正在训练 facts_20260101-120000）。请等它完成或先停止，再重试。"
+    assert chinese["not loaded"] == "尚未加载模型。请先在“基线对话”页加载基座模型。"
+    assert chinese["not allowed"] == "不允许：训练（此工作室以演示模式运行（共享链接未设置 --auth），只允许对话）。"
+    assert chinese["unknown dataset"] == f"找不到数据集：{tmp_path / 'missing.jsonl'}"
+    assert translate(errors["busy"], "en") == errors["busy"]
+
+
+def test_status_progress_and_unknown_text():
+    assert translate("Ready: tiny (4bit, cpu); adapters: a, b", "zh") == "就绪：tiny (4bit, cpu)；适配器：a, b"
+    assert translate("Busy: comparing base and adapter for 3s. Model: m (4bit, cuda)", "zh") == \
+        "忙碌：正在对比基座与适配器，已 3 秒。模型：m (4bit, cuda)"
+    assert translate("step 3/45 · epoch 0.20 · 2s elapsed · ETA 30s · 1200 tokens/s", "zh") == \
+        "第 3/45 步 · 第 0.20 轮 · 已用 2 秒 · 预计还需 30 秒 · 1200 token/秒"
+    assert translate("Training facts_1: 45 optimizer steps, resumed at step 10.", "zh") == \
+        "训练 facts_1：共 45 个优化步，从第 10 步继续。"
+    assert translate("雾灯岛的通用货币是灯贝。", "zh") == "雾灯岛的通用货币是灯贝。"
+    assert translate("train", "zh") == "train"  # a word that only translates inside a message
+
+
+def test_texts_already_on_a_page_translate_back():
+    assert retranslate("已加载 /m（4bit），设备：cpu。", "en") == "Loaded /m (4bit) on cpu."
+    assert retranslate("Loaded /m (4bit) on cpu.", "zh") == "已加载 /m（4bit），设备：cpu。"
+
+
+def _service_messages() -> list[tuple[str, str]]:
+    """Every literal message the services raise, log or report as progress, with sample values filled in."""
+    found = []
+    for path in sorted((ROOT / "studio").rglob("*.py")):
+        if "ui" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            name = ast.unparse(node.func)
+            if name.endswith(("emit", "progress", "report")):
+                message = node.args[1] if len(node.args) > 1 else None
+            elif name.endswith(".log") or (name.endswith("Error") and name not in ("ValueError", "TeacherCallError")):
+                message = node.args[0]
+            else:
+                continue
+            filled = _filled(message)
+            if filled and filled.strip():
+                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", filled))
+    return found
+
+
+def _filled(node) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                parts.append(value.value)
+            else:  # an optional suffix such as `resumed` is empty in the plain case
+                parts.append("" if "resumed" in ast.unparse(value.value) else "x7")
+        return "".join(parts)
+    return None
+
+
+def test_every_service_message_has_a_chinese_text():
+    messages = _service_messages()
+    assert len(messages) > 50
+    untranslated = [(where, text) for where, text in messages
+                    if text not in ("started",) and not HAN.search(translate(text, "zh"))]
+    assert not untranslated, "add these messages to strings.py (EN and ZH):\n" + "\n".join(map(str, untranslated))
+
+
+def test_every_label_of_the_page_is_in_the_tables(services):
+    import gradio as gr
+
+    from studio.ui.app import build_app
+
+    app = build_app(services)
+    known = translator().exact
+    missing = []
+    for block in app.blocks.values():
+        for prop in ("label", "info", "placeholder"):
+            value = getattr(block, prop, None)
+            if isinstance(value, str) and value and value not in known and value != "loss.png":
+                missing.append((type(block).__name__, prop, value))
+        if isinstance(block, gr.Button) and block.value not in known:
+            missing.append(("Button", "value", block.value))
+    assert not missing
+    registry = LabelRegistry.collect(app)
+    updates = registry.updates("zh", ["Ready: tiny (4bit, cpu)"] + [""] * (len(registry.markdown) - 1))
+    assert len(updates) == len(registry.outputs)
+    labels = {u.get("label") for u in updates if isinstance(u, dict)}
+    assert {"基座模型（Hub ID 或本地文件夹）", "基线对话", "对比"} <= labels
+    assert updates[len(registry.static)] == "就绪：tiny (4bit, cpu)"
+
+
+def test_a_handler_answers_in_the_page_language():
+    import gradio as gr
+
+    from studio.errors import ModelNotLoadedError
+    from studio.ui.common import user_errors
+
+    class Tab:
+        @user_errors
+        def act(self, text):
+            if not text:
+                raise ModelNotLoadedError("No model is loaded. Load a base model in the Baseline Chat tab first.")
+            return "Type a question first.", text
+
+    tab = Tab()
+    chinese_page = gr.Request(headers={"accept-language": "en-US"}, cookies={"studio_lang": "zh"})
+    assert tab.act("x", chinese_page) == ("请先输入问题。", "x")
+    assert tab.act("x") == ("Type a question first.", "x")  # called from Python: English, no request needed
+    with pytest.raises(gr.Error, match="尚未加载模型"):
+        tab.act("", chinese_page)
+    with pytest.raises(gr.Error, match="No model is loaded"):
+        tab.act("", gr.Request(headers={"accept-language": "en"}))
