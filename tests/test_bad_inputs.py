@@ -155,7 +155,7 @@ CASES = [
                                                                         "t", "--attempts", "1", "--variants", "1"],
          ("Nothing was written", "connection"), before_load=False),
     Case("teacher-no-url", "teacher", lambda c: ["--workdir", str(c.tmp), "build-dataset", "--doc", c.doc()],
-         ("needs --base-url and --model",)),
+         ("needs --teacher-base-url and --teacher-model",)),
     # ----- build arguments -----
     Case("build-attempts-0", "arguments", lambda c: c.build("--attempts", "0"), ("Attempts per teacher call must be at least 1, not 0",)),
     Case("build-variants-negative", "arguments", lambda c: c.build("--variants", "-2"), ("Rephrasings per question", "--variants")),
