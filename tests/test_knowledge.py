@@ -353,7 +353,7 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
     doc = str(knowledge_run["doc"])
     with launched(services) as url:
         client = Client(url, verbose=False)
-        client.predict(None, doc, "isle", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "", "auto",
+        client.predict(None, Path(doc).name, "isle", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", "", "auto",
                        2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10, "facts", 1,
                        api_name="/build_dataset")
         built = services.jobs.wait(services.jobs.latest("dataset"), 60)
@@ -362,9 +362,9 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         dataset = built.result["dataset_path"]
         settings = [5e-3, 1, 4, 4, 1, 0.03, 512, 0, 1, 42, False, False]
         with pytest.raises(Exception, match="is an exam"):  # the exam is never trained on
-            client.predict(built.result["exam_path"], "exam-run", SYSTEM, ["q_proj"], 8, 16, 0.05, False, "",
+            client.predict(Path(built.result["exam_path"]).name, "exam-run", SYSTEM, ["q_proj"], 8, 16, 0.05, False, None,
                            *settings, api_name="/start_training")
-        started = client.predict(dataset, "doc-run", SYSTEM, ["q_proj"], 8, 16, 0.05, True, "", *settings,
+        started = client.predict(Path(dataset).name, "doc-run", SYSTEM, ["q_proj"], 8, 16, 0.05, True, None, *settings,
                                  api_name="/start_training")
         assert started.startswith("Training started: doc-run_")
         job = services.jobs.wait(services.jobs.latest("train"), 300)
@@ -373,7 +373,7 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         meta = json.loads((run / "studio.json").read_text(encoding="utf-8"))
         assert meta["exam"] == built.result["exam_path"] and meta["document"] == str(Path(doc).resolve())
         assert meta["document_rows"] == 4
-        client.predict(str(run), "exam of the run (never trained on)", None, True, doc, 1, "greedy", 16, "", "", "",
+        client.predict(run.name, "exam of the run (never trained on)", None, True, Path(doc).name, 1, "greedy", 16, "", "", "",
                        api_name="/run_report")
         report = services.jobs.wait(services.jobs.latest("report"), 300)
         assert report.status is JobStatus.DONE, report.error

@@ -273,9 +273,10 @@ def test_memory_estimate_follows_the_switches(manager):
 
     lengths = [120, 400, 300, 250, 200, 180, 150, 390]
     with manager.using("test") as loaded:
-        plain = estimate_peak(loaded.model, preset("gpu24"), lengths)
-        dense = estimate_peak(loaded.model, replace(preset("gpu24"), dequantize_base=True), lengths)
-        half = estimate_peak(loaded.model, replace(preset("gpu24"), checkpoint_fraction=0.5), lengths)
+        padded = replace(preset("gpu24"), packing=False, liger_kernels=False, checkpoint_fraction=1.0)
+        plain = estimate_peak(loaded.model, padded, lengths)
+        dense = estimate_peak(loaded.model, replace(padded, dequantize_base=True), lengths)
+        half = estimate_peak(loaded.model, replace(padded, checkpoint_fraction=0.5), lengths)
         fast = estimate_peak(loaded.model, preset("fast"), lengths)
     assert dense.model_gib > plain.model_gib  # the bf16 copies of the 4-bit layers
     assert plain.activations_gib < half.activations_gib

@@ -138,15 +138,27 @@ class RunRequest:
     exam: Path | None = None  # the exam kept out of training; found beside the dataset when not given
 
 
-def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int) -> tuple[list[dict], int]:
-    """Examples for the Trainer, and how many rows were cut at max_length."""
-    examples, truncated = [], 0
-    for row in rows:
-        example = format_example(tokenizer, row.get("system") or system, row["instruction"], row["output"], max_length)
-        truncated += example.truncated
-        if any(label != IGNORE for label in example.labels):
-            examples.append({"input_ids": example.input_ids, "labels": example.labels})
-    return examples, truncated
+def tokenize_rows(tokenizer, rows: list[dict], system: str, max_length: int):
+    """The rows as a `datasets.Dataset` of input_ids and labels, tokenised once with `map` as the tutorial
+    does, and how many rows were cut at max_length. Rows whose answer was cut away entirely are dropped."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the job's own log reports progress
+
+    def encode(row: dict) -> dict:
+        example = format_example(tokenizer, row["system"] or system, row["instruction"], row["output"], max_length)
+        return {"input_ids": example.input_ids, "labels": example.labels, "truncated": example.truncated,
+                "supervised": any(label != IGNORE for label in example.labels)}
+
+    if not rows:
+        return datasets.Dataset.from_dict({"input_ids": [], "labels": []}), 0
+    table = datasets.Dataset.from_dict({"instruction": [row["instruction"] for row in rows],
+                                        "output": [row["output"] for row in rows],
+                                        "system": [row.get("system") or "" for row in rows]})
+    encoded = table.map(encode, remove_columns=table.column_names)
+    truncated = sum(encoded["truncated"])
+    kept = encoded.filter(lambda example: example["supervised"])
+    return kept.remove_columns(["truncated", "supervised"]), truncated
 
 
 def add_trainable_adapter(model, name: str, lora: LoraSettings, seed: int):
