@@ -4,7 +4,9 @@ On the GPU: the random-weight Qwen2.5-7B shape in 4-bit NF4, batch 1, 256 new to
 studio decode mode is timed after one warm-up call (recording happens there); every mode must give
 the same first 32 tokens as the tutorial's function. Then the Compare tab's cost: base and adapter
 columns in one batched generation against one column alone, with each row computed by one-row
-kernels (the default, so the base column equals a base chat) and with the rows batched.
+kernels one row after another (so the base column equals a base chat), the same with the two rows'
+4-bit layers on two CUDA streams in the recorded step (same kernels, so still equal), and with the
+rows batched.
 Targets (issue: chat at least 10x the tutorial at batch 1; side by side at most 1.3x one column) are
 written beside the figures.
 
@@ -141,24 +143,36 @@ def compare_cost(manager, tokens: int) -> dict:
     decoder = manager.require_loaded().decoder
     studio_reply(manager, tokens, adapter="bench")
     base_alone = studio_reply(manager, tokens)
+    default = (decoder.rows_alone, decoder.rows_on_streams)
     result = {"decode_mode": decoder.mode}
-    for rows_alone in (True, False):
-        decoder.rows_alone = rows_alone
+    costs = {}  # every recorded step, measured while it is still kept (the decoder keeps a few only)
+    variants = {"rows one at a time": (True, False), "rows on two streams": (True, True),
+                "rows batched": (False, False)}
+    for label, (rows_alone, on_streams) in variants.items():
+        decoder.rows_alone, decoder.rows_on_streams = rows_alone, on_streams
         both()  # warm-up (records the two-row step)
         single, one = timed(lambda: studio_reply(manager, tokens, adapter="bench"))
         (base, tuned), two = timed(both)
-        result["rows one at a time (default)" if rows_alone else "rows batched"] = {
+        result[label] = {
             "one_column_s": round(one, 2), "two_columns_s": round(two, 2), "ratio": round(two / one, 2),
             "meets_1.3x": two / one <= 1.3, "base_column_equals_base_chat": base == base_alone,
-            "adapter_column_equals_adapter_chat": tuned == single}
-    decoder.rows_alone = True
-    if hasattr(decoder, "_steps"):
-        result["recorded_steps"] = step_costs(manager.require_loaded().model, decoder)
+            "adapter_column_equals_adapter_chat": tuned == single, "default": (rows_alone, on_streams) == default,
+            "decoder_problem": decoder.problem,
+            "recorded_on_streams": any(getattr(step, "rows_on_streams", False)  # see GraphDecoder._step_for
+                                       for key, step in getattr(decoder, "_steps", {}).items()
+                                       if key[4:] == (rows_alone, on_streams))}
+        if hasattr(decoder, "_steps"):
+            costs.update(step_costs(manager.require_loaded().model, decoder))
+    decoder.rows_alone, decoder.rows_on_streams = default
+    result["default_variant"] = next(label for label, value in variants.items() if value == default)
+    if costs:
+        result["recorded_steps"] = costs
     return result
 
 
 def step_costs(model, decoder) -> dict:
-    """Per recorded decode step (by batch size): replay time, and GPU kernel time and count of one eager run."""
+    """Per recorded decode step (by batch size): replay time, and GPU kernel time and count of one eager run
+    (for a step on two streams, the eager run is the rows one after another: compare the replay times)."""
     import torch
 
     costs = {}
@@ -171,12 +185,13 @@ def step_costs(model, decoder) -> dict:
             continue
         _, seconds = timed(lambda: [step.graph.replay() for _ in range(50)])
         adapters, rows_alone = key[3], key[4]  # see GraphDecoder._step_for
+        on_streams = getattr(step, "rows_on_streams", False)
         with torch.inference_mode(), route_rows(model, adapters, rows_alone), \
                 torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             decoder._run_step(model, step)
             sync()
         kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        costs[f"rows {list(adapters)}" + ("" if rows_alone else ", batched")] = {
+        costs[f"rows {list(adapters)}" + ("" if rows_alone else ", batched") + (", on two streams" if on_streams else "")] = {
             "replay_ms": round(seconds / 50 * 1000, 2),
             "gpu_kernel_ms": round(sum(e.self_device_time_total for e in kernels) / 1000, 2),
             "kernels": sum(e.count for e in kernels),

@@ -83,18 +83,29 @@ def part_repeatable(args) -> dict:
     add_random_adapter(manager, "bench", SEVEN, seed=1)
     manager.require_loaded().model.set_adapter("other")  # another adapter, attached and active
     out = {}
-    # the studio's default in full; plain generate() (slow on a GPU) and the batched-rows variant in short
-    for mode, rows_alone, times, questions in (("graphs", True, TIMES, QUESTIONS), ("eager", True, 2, QUESTIONS[:1]),
-                                               ("graphs", False, 2, QUESTIONS[:1])):
+    # the studio's default in full, and side by side with the rows on two streams (GPU: a recorded step
+    # whose two rows run concurrently); plain generate() (slow on a GPU) and the batched-rows variant in short
+    for mode, rows_alone, on_streams, times, questions in (
+            ("graphs", True, None, TIMES, QUESTIONS), ("graphs", True, True, TIMES, QUESTIONS),
+            ("eager", True, None, 2, QUESTIONS[:1]), ("graphs", False, None, 2, QUESTIONS[:1])):
         use_decoder(manager, mode)
-        manager.require_loaded().decoder.rows_alone = rows_alone
-        label = mode + ("" if rows_alone else ", rows batched (rows_alone off)")
+        decoder = manager.require_loaded().decoder
+        decoder.rows_alone = rows_alone
+        if on_streams is not None:
+            decoder.rows_on_streams = on_streams and decoder.use_graphs  # a no-op without CUDA
+        label = mode + ("" if rows_alone else ", rows batched (rows_alone off)") + (
+            ", rows on two streams" if on_streams else "")
         started = time.perf_counter()
         out[label] = ask_paths(manager, args.tokens if mode == "graphs" else min(args.tokens, 24), times, questions)
         out[label]["times_asked"] = times
         out[label]["seconds"] = round(time.perf_counter() - started, 1)
         out[label]["decoder_problem"] = manager.require_loaded().decoder.problem
+        out[label]["recorded_on_streams"] = any(getattr(step, "rows_on_streams", False)
+                                                for step in getattr(decoder, "_steps", {}).values())
         print(label, json.dumps(out[label], ensure_ascii=False), flush=True)
+    # the same kernels, only scheduled apart: the columns must be those of the rows one after another
+    out["rows_on_streams_columns_equal_default_columns"] = (
+        out["graphs, rows on two streams"]["replies"] == out["graphs"]["replies"])
     graphs, eager = out["graphs"]["replies"][0], out["eager"]["replies"][0]
     # near-ties everywhere: informative only (eager asked for fewer tokens: its reply is a prefix)
     out["graphs_equals_eager_on_random_weights"] = all(graphs[k].startswith(eager[k].rstrip("\ufffd")) for k in graphs)

@@ -53,6 +53,7 @@ class Decoder:
 
     mode = ""
     rows_alone = True  # see studio.model.routing: each row of a batch runs one-row kernels
+    rows_on_streams = False  # recorded side-by-side steps run the rows' 4-bit layers concurrently (graphs only)
 
     def __init__(self) -> None:
         self.problem = ""  # why the decoder runs slower than its mode promises ("" when it does not)
@@ -101,7 +102,8 @@ class Decoder:
         `model.generate(..., streamer=streamer)` does; runs on the calling thread."""
         adapters = list(adapters) if adapters else [None] * input_ids.shape[0]
         try:
-            with route_rows(model, adapters, self.rows_alone), attention_without_cudnn(input_ids.device):
+            with route_rows(model, adapters, self.rows_alone, self._row_streams()), \
+                    attention_without_cudnn(input_ids.device):
                 self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                                pad_token_id, tuple(adapters))
         finally:
@@ -110,6 +112,10 @@ class Decoder:
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
                   adapters: tuple) -> None:
         raise NotImplementedError
+
+    def _row_streams(self):
+        """The `studio.model.routing.RowStreams` the decoder switches on while it records (None: none)."""
+        return None
 
 
 class GenerateDecoder(Decoder):

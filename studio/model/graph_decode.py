@@ -18,10 +18,16 @@ out, but are not left to chance), and the step runs without cuDNN attention (see
 `studio.model.routing`, around this decoder, so a recorded step replays that routing. A step that
 cannot be recorded runs eagerly, about 10x slower: the decoder says so in `problem` (shown in the
 model status) and in the log.
+
+Side by side (two rows, each run with one-row kernels, see `studio.model.routing`) can record its
+step with the two rows' 4-bit layers on two CUDA streams (`rows_on_streams`), so their latency-bound
+kernels overlap in the replay; same kernels, same numbers. If that recording fails, the step is
+recorded again with the rows one after another, and `problem` and the log say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -32,6 +38,9 @@ from typing import Callable
 
 from studio.model.decoding import Decoder
 
+# Record side-by-side steps with the rows on two CUDA streams (GPU only). Off until measured on the H200
+# (bench/chat_speed.py --compare-only graphs: "rows on two streams" against "rows one at a time"): flip here.
+ROWS_ON_STREAMS = False
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
@@ -55,6 +64,7 @@ class _Step:
     graph: object = None
     logits: object = None   # the graph's output buffer
     failure: str = ""       # why recording failed (the step then runs eagerly)
+    rows_on_streams: bool = False  # the graph runs the rows' 4-bit layers on two streams
 
 
 class GraphDecoder(Decoder):
@@ -62,9 +72,14 @@ class GraphDecoder(Decoder):
 
     mode = "graphs"
 
-    def __init__(self, use_graphs: bool):
+    def __init__(self, use_graphs: bool, rows_on_streams: bool | None = None):
+        from studio.model.routing import RowStreams
+
         super().__init__()
         self.use_graphs = use_graphs
+        self.rows_on_streams = use_graphs and (ROWS_ON_STREAMS if rows_on_streams is None else rows_on_streams)
+        self._row_streams_of_steps = RowStreams()
+        self._streams_failure = ""  # why recording with rows on streams failed (not tried again)
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
@@ -85,6 +100,14 @@ class GraphDecoder(Decoder):
         return self._failure
 
     _failure = ""
+
+    def _row_streams(self):
+        return self._row_streams_of_steps if self.use_graphs and self.rows_on_streams else None
+
+    def _streams_wanted(self, batch: int) -> bool:
+        """Whether a step of `batch` rows is to be recorded with its rows on streams."""
+        return bool(self.use_graphs and self.rows_on_streams and self.rows_alone and batch > 1
+                    and not self._streams_failure)
 
     # ----- generation ----------------------------------------------------------------------------
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
@@ -130,7 +153,7 @@ class GraphDecoder(Decoder):
         import torch
         from transformers import StaticCache
 
-        key = (id(model), batch, cache_len, adapters, self.rows_alone)
+        key = (id(model), batch, cache_len, adapters, self.rows_alone, self._streams_wanted(batch))
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]
@@ -184,31 +207,50 @@ class GraphDecoder(Decoder):
 
         Recording happens right after a prefill, on whatever token is in the step's input; the
         warm-ups write to the cache, so the caller runs the prefill again, and the reply that
-        records starts from the same state as every later one.
+        records starts from the same state as every later one. A step of several rows is first
+        recorded with its rows on streams (when wanted); if that fails, with its rows one after
+        another; if that fails too, the step runs eagerly.
         """
+        if self._streams_wanted(step.token_ids.shape[0]):
+            failure = self._try_record(model, step, self._row_streams_of_steps)
+            if not failure:
+                step.rows_on_streams = True
+                return
+            self._streams_failure = failure
+            self.problem = ("recording side by side with the rows on two streams failed, recorded the rows one "
+                            f"after another (side by side slower): {failure}")
+            log.warning("Graph decoder: %s", self.problem)
+        failure = self._try_record(model, step, None)
+        if failure:
+            step.failure = self._failure = failure
+            self.problem = f"recording the decode step failed, decoding step by step, about 10x slower: {failure}"
+            log.warning("Graph decoder: %s", self.problem)
+
+    def _try_record(self, model, step: _Step, row_streams) -> str:
+        """Record the step (its rows on `row_streams` when given); "" or why it failed."""
         import torch
 
         written = _cache_counters(step.cache)
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._run_step(model, step)
-                    _set_cache_counters(step.cache, written)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._run_step(model, step)
+            with row_streams.on() if row_streams is not None else contextlib.nullcontext():
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._run_step(model, step)
+                        _set_cache_counters(step.cache, written)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._run_step(model, step)
             step.graph, step.logits = graph, logits
-        except Exception as exc:  # some set-ups cannot be recorded: decode them eagerly, and say so
+            return ""
+        except Exception as exc:  # some set-ups cannot be recorded: the caller falls back, and says so
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            step.failure = self._failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            self.problem = f"recording the decode step failed, decoding step by step, about 10x slower: {step.failure}"
-            log.warning("Graph decoder: %s", self.problem)
+            return f"{exc.__class__.__name__}: {str(exc)[:300]}"
         finally:
             _set_cache_counters(step.cache, written)
 

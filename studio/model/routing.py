@@ -35,13 +35,15 @@ def lora_layers(model) -> list:
 
 
 @contextmanager
-def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True) -> Iterator[None]:
+def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
+               row_streams: "RowStreams | None" = None) -> Iterator[None]:
     """Run rows whose adapter is None as the base model and the others with only their adapter.
 
     The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
     base row, then the adapter row). Raises AdapterError for an adapter that is not attached and
     ValueError for a set-up these overrides cannot honour (a merged adapter, a LoRA variant such as
-    DoRA, LoRA on embeddings, modules_to_save).
+    DoRA, LoRA on embeddings, modules_to_save). With `rows_alone`, the rows of 4-bit layers run on
+    `row_streams` while it is switched on (see `RowStreams`).
     """
     name, rows = adapter_block(adapters)
     layers = lora_layers(model)
@@ -54,7 +56,8 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True) -
             _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
-                _override(patched, module, _row_by_row(module.forward))
+                streams = row_streams if _is_4bit(module) else None
+                _override(patched, module, _row_by_row(module.forward, streams))
         yield
     finally:
         for module, saved in reversed(patched):
@@ -128,13 +131,72 @@ def _linear_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _row_by_row(forward):
-    """`forward` applied to each row of the batch on its own, the results stacked again."""
+def _is_4bit(module) -> bool:
+    """A bitsandbytes 4-bit linear layer (its one-row kernel is the latency-bound one)."""
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def _row_by_row(forward, streams: "RowStreams | None" = None):
+    """`forward` applied to each row of the batch on its own, the results stacked again (the rows run
+    concurrently on `streams` while it is switched on)."""
     import torch
 
     def forward_rows(x, *args, **kwargs):
         if x.shape[0] == 1:
             return forward(x, *args, **kwargs)
-        return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(x.shape[0])])
+        rows = [x[i:i + 1] for i in range(x.shape[0])]
+        if streams is not None and streams.active:
+            return torch.cat(streams.map(lambda row: forward(row, *args, **kwargs), rows))
+        return torch.cat([forward(row, *args, **kwargs) for row in rows])
 
     return forward_rows
+
+
+class RowStreams:
+    """Runs the rows of a layer concurrently: row 0 on the current CUDA stream, row i on side stream i.
+
+    Fork: each side stream first waits for the current stream (the input is ready). Join: the current
+    stream waits for every side stream before anything after the layer runs, so no later kernel reads
+    a row before it is written and no memory a side stream still reads is reused. Recorded in a CUDA
+    graph these waits become the graph's edges, and the rows' kernels parallel branches.
+
+    `cuda` is `torch.cuda` (or a stand-in with `current_stream()`, `Stream()` and `stream(s)`); the
+    side streams are made on first use and kept, so warm-up runs and the recording use the same ones.
+    Off (`active` False) until switched on with `on()`: run eagerly, the step is bound by Python, not
+    by the GPU, and the extra stream switching would only add time.
+    """
+
+    def __init__(self, cuda=None):
+        self._cuda = cuda
+        self._side: list = []
+        self.active = False
+
+    @contextmanager
+    def on(self) -> Iterator["RowStreams"]:
+        previous, self.active = self.active, True
+        try:
+            yield self
+        finally:
+            self.active = previous
+
+    def map(self, run, rows: Sequence) -> list:
+        """[run(row) for row in rows], row 0 on the current stream and the others on side streams."""
+        cuda = self._cuda
+        if cuda is None:
+            import torch
+
+            cuda = self._cuda = torch.cuda
+        while len(self._side) < len(rows) - 1:
+            self._side.append(cuda.Stream())
+        current, side = cuda.current_stream(), self._side[:len(rows) - 1]
+        for stream in side:  # fork
+            stream.wait_stream(current)
+        try:
+            results = [run(rows[0])]
+            for stream, row in zip(side, rows[1:]):
+                with cuda.stream(stream):
+                    results.append(run(row))
+        finally:
+            for stream in side:  # join (also on failure: a recording must not end with a stream left out)
+                current.wait_stream(stream)
+        return results
