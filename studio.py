@@ -375,10 +375,9 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     from studio.data.builder import BuildSettings
     from studio.data.documents import SplitSettings
     from studio.data.service import start_build
-    from studio.data.teacher import RetryPolicy, TeacherConfig
+    from studio.data.teacher import RetryPolicy
     from studio.jobs import JobStatus, follow
     from studio.model.loading import ModelSpec
-    from studio.secrets import key_from_env
 
     paths = services.paths
     if args.out_dir:
@@ -386,23 +385,29 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     settings = BuildSettings(per_section=args.per_section, variants=args.variants, concurrency=args.concurrency,
                              retry=RetryPolicy(args.attempts), split=SplitSettings(min_chars=args.min_chars),
                              style=args.style, exam=max(0, args.exam))
+    teacher = None if args.local_teacher else remote_teacher(args)  # the options first, then the document
     print_build_cost(args, settings)
     if args.local_teacher:
         services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=print_load_progress)
-        teacher = None
-    else:
-        local_only = sorted({"model", "quant", "decode"} & set(getattr(args, "given_options", ())))
-        if local_only:
-            raise StudioError(f"--{', --'.join(local_only)} before build-dataset set the local teacher's model; with a "
-                              "remote teacher give --teacher-model after the command (or add --local-teacher).")
-        if not args.teacher_base_url or not args.teacher_model:
-            raise StudioError("build-dataset needs --teacher-base-url and --teacher-model (or --local-teacher).")
-        teacher = TeacherConfig(args.teacher_base_url, args.teacher_model, key_from_env(args.api_key_env), args.timeout)
     job = start_build(services.jobs, services.manager, paths, args.doc, settings, teacher, args.name)
     follow(job, print_event)
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     return 0 if job.result.get("rows") else 1
+
+
+def remote_teacher(args: argparse.Namespace):
+    """The teacher behind --teacher-base-url and --teacher-model; refuses options meant for a local teacher."""
+    from studio.data.teacher import TeacherConfig
+    from studio.secrets import key_from_env
+
+    local_only = sorted({"model", "quant", "decode"} & set(getattr(args, "given_options", ())))
+    if local_only:
+        raise StudioError(f"--{', --'.join(local_only)} before build-dataset set the local teacher's model; with a "
+                          "remote teacher give --teacher-model after the command (or add --local-teacher).")
+    if not args.teacher_base_url or not args.teacher_model:
+        raise StudioError("build-dataset needs --teacher-base-url and --teacher-model (or --local-teacher).")
+    return TeacherConfig(args.teacher_base_url, args.teacher_model, key_from_env(args.api_key_env), args.timeout)
 
 
 def print_build_cost(args: argparse.Namespace, settings) -> None:

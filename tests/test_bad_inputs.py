@@ -216,7 +216,7 @@ CASES = [
         "q.jsonl", json.dumps(GOOD_ROW)), model=c.other_base),
          ("was made for another base model", "intermediate_size"), before_load=False),
     Case("compare-no-heldout", "adapters", lambda c: c.compare(str(c.trained_run)),
-         ("has no held-out rows", "--questions")),
+         ("has no exam or held-out rows", "--questions")),
     Case("compare-questions-missing", "adapters", lambda c: c.compare(str(c.trained_run), "--questions", str(c.tmp / "q.jsonl")),
          ("Dataset not found", "q.jsonl")),
     # ----- model folders (chat) -----

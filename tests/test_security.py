@@ -150,9 +150,9 @@ def test_demo_compares_only_the_owners_attached_adapters(studio):
     run, hidden = studio["run"].name, studio["hidden"].name
     with launched(services) as url:
         client = Client(url, verbose=False)
-        base, rag, tuned, retrieved = client.predict("雾灯岛的通用货币是什么？", run, True, SAMPLE_DOC.name, 1, "greedy", 16,
+        base, rag, tuned, retrieved, both = client.predict("雾灯岛的通用货币是什么？", run, True, SAMPLE_DOC.name, 1, "greedy", 16,
                                                      api_name="/compare")
-        assert base and tuned and rag and retrieved.startswith("**")
+        assert base and tuned and rag and both and retrieved.startswith("**")
         for run_id, message in ((hidden, "unknown run"), (str(studio["run"]), "unknown run"),
                                 ("/etc/passwd", "unknown run")):
             with pytest.raises(Exception, match=message):

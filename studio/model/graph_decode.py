@@ -40,7 +40,7 @@ from studio.model.decoding import Decoder
 
 # Record side-by-side steps with the rows on two CUDA streams (GPU only). Off until measured on the H200
 # (bench/chat_speed.py --compare-only graphs: "rows on two streams" against "rows one at a time"): flip here.
-ROWS_ON_STREAMS = False
+ROWS_ON_STREAMS = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)

@@ -270,12 +270,13 @@ class DownloadReporter:
         return {"progress_callbacks": [Reporting]}
 
 
-def check_source(spec: ModelSpec) -> str:
-    """Everything that can be checked without loading weights: the folder or hub id, config.json and the
-    tokenizer's chat template. Returns the resolved source; raises ModelLoadError naming the problem."""
+def check_source(spec: ModelSpec, progress: Progress | None = None) -> str:
+    """Everything that can be checked without loading weights: the folder or hub id (downloaded now if
+    needed, reporting to `progress`), config.json and the tokenizer's chat template. Returns the resolved
+    source; raises ModelLoadError naming the problem."""
     import json
 
-    source = resolve_source(spec.name_or_path)
+    source = resolve_source(spec.name_or_path, progress)
     folder = Path(source)
     if folder.is_dir():
         try:
@@ -334,12 +335,15 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, device: str | None = None, progress: Progress | None = None):
-    """Load (model, tokenizer, device) for `spec`; raise ModelLoadError with a clear message."""
+def load_model(spec: ModelSpec, device: str | None = None, progress: Progress | None = None,
+               source: str | None = None):
+    """Load (model, tokenizer, device) for `spec` (from `source` when it was resolved already); raise
+    ModelLoadError with a clear message."""
     progress = progress or (lambda fraction, message: None)
     device = device or pick_device()
-    progress(0.05, f"Resolving {spec.name_or_path}")
-    source = resolve_source(spec.name_or_path, progress)
+    if source is None:
+        progress(0.05, f"Resolving {spec.name_or_path}")
+        source = resolve_source(spec.name_or_path, progress)
     progress(0.15, "Loading tokenizer")
     tokenizer = load_tokenizer(source)
     progress(0.3, f"Loading weights ({spec.quant}) on {device}")

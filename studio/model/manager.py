@@ -189,19 +189,19 @@ class ModelManager:
                 progress(fraction, message)
 
         try:
-            report(0.02, f"Checking {spec.name_or_path}")
-            loading.check_source(spec)  # a typo or a broken folder leaves the current model loaded and ready
-            self._install(*self._replace_model(spec, report))
+            report(0.05, f"Resolving {spec.name_or_path}")
+            source = loading.check_source(spec, report)  # a typo or a broken folder leaves the current model loaded
+            self._install(*self._replace_model(spec, source, report))
         finally:
             lease.release()
         return self.status()
 
-    def _replace_model(self, spec: loading.ModelSpec, report) -> tuple:
-        """Drop the current model and load `spec`; if its weights fail to load, load the previous one again."""
+    def _replace_model(self, spec: loading.ModelSpec, source: str, report) -> tuple:
+        """Drop the current model and load `spec` from `source`; if its weights fail, load the previous one again."""
         previous = self._loaded.spec if self._loaded is not None else None
         self._drop_model()
         try:
-            return (spec, *loading.load_model(spec, self._device, report))
+            return (spec, *loading.load_model(spec, self._device, report, source))
         except ModelLoadError as exc:
             if previous is None:
                 raise

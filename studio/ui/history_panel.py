@@ -44,6 +44,11 @@ class HistoryPanel:
 
     def __init__(self, services: Services, api: bool = False):
         self.services, self.api, self.s = services, api, strings("history")
+        self.shown = services.policy.allows("read_files")  # demo mode: no history (it names models and data)
+        if self.shown:
+            self._layout()
+
+    def _layout(self) -> None:
         s = self.s
         with gr.Accordion(s["title"], open=False):
             gr.Markdown(s["intro"])
@@ -68,6 +73,8 @@ class HistoryPanel:
 
     def wire(self, registry, run_pick: gr.Dropdown, tabs: gr.Tabs, language: gr.Radio) -> None:
         """Every event through the studio's registry: reading runs, renaming and deleting them are checked there."""
+        if not self.shown:
+            return
         name = (lambda api_name: api_name) if self.api else (lambda api_name: None)
         lang = Choice("Language", ("en", "zh"), optional=True)
         run, new_name = Id("Run", "runs"), Text("New name", 200)
