@@ -28,37 +28,7 @@ TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_l
 
 def build_model(folder: Path, tiny: bool) -> Path:
     """Save a random Qwen2 of the 7B shape (or a tiny one) with the test bed's tokenizer into `folder`."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from tiny_qwen import build_tokenizer
-
-    if (folder / "config.json").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder, (ROOT / "data" / "wudeng_lighthouse.md").read_text(encoding="utf-8"))
-    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    shape = dict(TINY if tiny else QWEN25_7B)
-    shape["vocab_size"] = max(shape["vocab_size"], len(tokenizer))
-    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():
-        model.lm_head.weight[len(tokenizer):] = 0
-        model.lm_head.weight[tokenizer.eos_token_id] = 0
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    del model
-    return folder
+    return build_sized_model(folder, "tiny" if tiny else "7B")
 
 
 def synthetic_examples(count: int, vocab: int, seed: int = 0, low: int = 120, high: int = 400) -> list[dict]:

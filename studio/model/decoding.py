@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from studio.model.attention import without_cudnn_attention
 from studio.model.generation import GenerationSettings, render_prompt
 from studio.model.routing import route_rows
 
@@ -103,7 +103,7 @@ class Decoder:
         adapters = list(adapters) if adapters else [None] * input_ids.shape[0]
         try:
             with route_rows(model, adapters, self.rows_alone, self._row_streams()), \
-                    attention_without_cudnn(input_ids.device):
+                    without_cudnn_attention(input_ids.device.type == "cuda"):
                 self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                                pad_token_id, tuple(adapters))
         finally:
@@ -188,27 +188,6 @@ class RowTexts:
         if self.rows is not None:
             self.queue.put(self.texts())
         self.queue.put(None)
-
-
-@contextmanager
-def attention_without_cudnn(device):
-    """Generate with PyTorch's flash / memory-efficient attention instead of cuDNN's (GPU only).
-
-    Measured on an H200 (bench/decode_repeatability.py): with cuDNN's fused attention over the static
-    cache, the same question gave different greedy replies; without it, the same reply every time.
-    The switch is process-wide; the model's lease makes this generation the only user of it.
-    """
-    import torch
-
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 def _start(run, submit):

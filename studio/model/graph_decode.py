@@ -14,7 +14,7 @@ memory addresses it was recorded with. Without CUDA the same loop runs the step 
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
-`studio.model.decoding.attention_without_cudnn`). Each row's adapter is routed by
+`studio.model.attention.without_cudnn_attention`). Each row's adapter is routed by
 `studio.model.routing`, around this decoder, so a recorded step replays that routing. A step that
 cannot be recorded runs eagerly, about 10x slower: the decoder says so in `problem` (shown in the
 model status) and in the log.

@@ -11,36 +11,13 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from studio.model.attention import without_cudnn_attention
 from studio.train import adapters
-
-
-@contextmanager
-def without_cudnn_attention(active: bool = True):
-    """Train with PyTorch's flash / memory-efficient attention kernels instead of cuDNN's.
-
-    On Hopper GPUs PyTorch prefers cuDNN's fused attention, which builds an execution plan for every
-    new sequence length: about 2 ms of CPU per layer call, and far more the first time a length is
-    seen. Training rows vary in length, so a run meets new shapes all the time. Measured on an H200
-    (bench/profile_speed.py, Fast preset, rows of lengths not seen before): 2,193 tokens/s with
-    cuDNN, 4,300 without; on rows already seen, 4,370.
-    """
-    import torch
-
-    if not active or not torch.cuda.is_available():
-        yield
-        return
-    previous = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 def _fsync_folder(folder: Path) -> None:
