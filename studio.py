@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Training shapes change every step; expandable segments keep the CUDA allocator from fragmenting.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from studio.access import AccessPolicy, policy_for_launch  # noqa: E402
+from studio.access import AccessPolicy, is_loopback, policy_for_launch  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
 from studio.model.decoding import DECODE_MODES  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
@@ -335,8 +335,9 @@ def check_api_flags(args: argparse.Namespace) -> str:
 
     if args.serve_key_env and not args.api:
         raise StudioError("--api-key-env protects the API that --api adds; add --api or drop --api-key-env.")
-    if args.api and args.share and not args.serve_key_env:
-        raise StudioError("--api with --share would put the API on a public link without a key: add --api-key-env VAR.")
+    if args.api and not args.serve_key_env and (args.share or read_logins(args) or not is_loopback(args.host)):
+        raise StudioError("--api without --api-key-env would answer anyone who reaches this server: the API does not "
+                          "go through the page's login. Add --api-key-env VAR (the bearer key clients must send).")
     return server_key(args.serve_key_env) if args.api else ""
 
 

@@ -399,3 +399,56 @@ def test_uploads_handed_to_a_handler_are_deleted_when_the_session_ends(workspace
             services.registry.forget_uploads(session)  # what the page's unload event runs
         assert not uploads[0].exists()
     assert list(workspace.data_dir.glob("rows*.jsonl"))  # the imported dataset itself stays
+
+
+# ----- what a hostile review of the merged studio found -------------------------------------------
+def test_an_upload_with_two_file_names_is_refused_and_demo_takes_no_multipart_post(workspace):
+    """Gradio's parser takes the last filename= of a part: every one of them must be an accepted kind."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=d.txt; filename=e.html\r\n"
+            b"Content-Type: text/plain\r\n\r\n<script>x</script>\r\n--b--\r\n")
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    with launched(Services(manager=ModelManager(), paths=workspace)) as url:
+        assert httpx.post(url + "gradio_api/upload", content=body, headers=headers).status_code == 415
+    with launched(Services(manager=ModelManager(), paths=workspace, policy=AccessPolicy.demo())) as url:
+        for route in ("gradio_api/process_recording", "gradio_api/upload"):
+            assert httpx.post(url + route, content=body, headers=headers).status_code == 403, route
+
+
+def test_a_forged_forwarded_address_does_not_escape_the_login_throttle(workspace):
+    from studio.ui.guard import LoginThrottle
+
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services, logins=[("owner", "right-pass")], throttle=LoginThrottle(free=5, base_s=30)) as url:
+        codes = [httpx.post(url + "login", data={"username": "owner", "password": f"guess{i}"},
+                            headers={"x-forwarded-for": f"10.0.0.{i}"}).status_code for i in range(7)]
+    assert codes[:5] == [400] * 5 and codes[5:] == [429, 429]
+
+
+def test_the_api_beside_a_login_needs_its_own_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_AUTH", "owner:right-pass")
+    result = subprocess.run([sys.executable, str(ROOT / "studio.py"), "--workdir", str(tmp_path), "--api"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "--api-key-env" in result.stderr and "login" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "studio.py"), "--workdir", str(tmp_path), "--api",
+                             "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k != "STUDIO_AUTH"})
+    assert result.returncode == 2 and "--api-key-env" in result.stderr
+
+
+def test_a_too_long_conversation_is_refused_before_generation(manager):
+    from studio.errors import StudioError
+    from studio.model.decoding import MAX_PROMPT_TOKENS
+    from studio.model.generation import GenerationSettings, build_messages
+
+    history = [{"role": "user", "content": "雾灯岛" * 2000}, {"role": "assistant", "content": "灯贝" * 2000}] * 3
+    with pytest.raises(StudioError, match=f"at most {MAX_PROMPT_TOKENS:,} tokens"):
+        manager.chat(build_messages("s", history, "hi"), GenerationSettings.greedy(4))
+    assert manager.chat(build_messages("s", [], "hi"), GenerationSettings.greedy(4)) is not None  # still answers
+
+
+def test_the_environment_key_never_goes_to_a_local_plain_http_preset(monkeypatch):
+    monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
+    monkeypatch.delenv("STUDIO_TEACHER_BASE_URL", raising=False)
+    routing = key_routing()
+    assert routing.key_for("http://127.0.0.1:11434/v1") == "" and routing.key_for("http://127.0.0.1:8000/v1") == ""
+    assert routing.key_for("https://api.deepseek.com/v1") == KEY

@@ -86,7 +86,7 @@ def _expected(manager, messages, adapter=None, tokens=12):
 
 def test_models_lists_the_base_and_the_adapters(served, tiny_model_dir):
     ids = [m.id for m in _client(served.base_url).models.list().data]
-    assert ids == [str(tiny_model_dir), "lighthouse"]
+    assert ids == [tiny_model_dir.name, "lighthouse"]  # a local base is listed by its folder name, never its server path
 
 
 def test_non_streaming_reply_is_the_managers_greedy_reply(served, services, tiny_model_dir):
@@ -173,7 +173,7 @@ def test_bearer_key_is_required_when_set(services, tiny_model_dir, monkeypatch):
 
         assert httpx.get(f"{server.base_url}/models").status_code == 401  # no header at all
         ids = [m.id for m in _client(server.base_url, key="sk-local-secret-123").models.list().data]
-        assert ids == [str(tiny_model_dir)]
+        assert ids == [tiny_model_dir.name]
 
 
 def test_empty_key_variable_is_refused():
@@ -197,7 +197,7 @@ def test_routes_mounted_beside_the_ui(services, tiny_model_dir):
     try:
         mount_openai_routes(app.app, services)
         base_url = f"http://127.0.0.1:{port}/v1"
-        assert [m.id for m in _client(base_url).models.list().data] == [str(tiny_model_dir)]
+        assert [m.id for m in _client(base_url).models.list().data] == [tiny_model_dir.name]
         reply = _client(base_url).chat.completions.create(model=str(tiny_model_dir), temperature=0, max_tokens=6,
                                                           messages=[{"role": "user", "content": QUESTION}])
         assert reply.choices[0].message.content == _expected(services.manager, [{"role": "user", "content": QUESTION}],

@@ -31,12 +31,14 @@ MAX_RETRY_AFTER_S = 60.0
 
 def key_routing(owner_base_url: str | None = None, env_var: str | None = None) -> KeyRouting:
     """Where the environment key may go: `owner_base_url` (a URL or a preset's name, else
-    STUDIO_TEACHER_BASE_URL), or, when none is configured, the presets' fixed URLs."""
+    STUDIO_TEACHER_BASE_URL), or, when none is configured, the hosted presets' fixed https URLs (not the
+    local plain-http ones: whoever listens on such a port would receive the key)."""
     import os
 
     owner = (owner_base_url or os.environ.get("STUDIO_TEACHER_BASE_URL", "")).strip()
     owner = PROVIDER_PRESETS[owner][0] if owner in PROVIDER_PRESETS else owner
-    return KeyRouting(owner, env_var, tuple(url for url, _ in PROVIDER_PRESETS.values()))
+    hosted = tuple(url for url, _ in PROVIDER_PRESETS.values() if url.startswith("https://"))
+    return KeyRouting(owner, env_var, hosted)
 
 
 @dataclass

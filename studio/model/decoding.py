@@ -21,6 +21,7 @@ import queue
 import threading
 from typing import Iterator, Sequence
 
+from studio.errors import StudioError
 from studio.model.attention import without_cudnn_attention
 from studio.model.generation import GenerationSettings, render_prompt
 from studio.model.routing import route_rows
@@ -70,7 +71,9 @@ class Decoder:
         model, tokenizer = loaded.model, loaded.tokenizer
         prompts = [render_prompt(tokenizer, messages) for messages in conversations]
         inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True,
-                           padding_side="left").to(model.device)
+                           padding_side="left", truncation=False)
+        check_prompt_length(int(inputs["attention_mask"].sum(-1).max()))
+        inputs = inputs.to(model.device)
         sink = RowTexts(tokenizer)
         failure: list[BaseException] = []
 
@@ -188,6 +191,15 @@ class RowTexts:
         if self.rows is not None:
             self.queue.put(self.texts())
         self.queue.put(None)
+
+
+MAX_PROMPT_TOKENS = 8192  # a longer conversation is refused: one reply must not hold the model for minutes
+
+
+def check_prompt_length(tokens: int) -> None:
+    if tokens > MAX_PROMPT_TOKENS:
+        raise StudioError(f"The conversation is {tokens:,} tokens long; replies are made to at most "
+                          f"{MAX_PROMPT_TOKENS:,} tokens of conversation. Clear the chat or shorten the message.")
 
 
 def _start(run, submit):

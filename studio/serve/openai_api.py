@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -86,7 +87,7 @@ class ChatRequest:
             top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0),
             repetition_penalty=_number(body.get("repetition_penalty", 1.0), "repetition_penalty", 0.5, 2.0),
             stop=stop,
-            seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
+            seed=None if body.get("seed") is None else _number(body.get("seed"), "seed", 0, 2**63 - 1, int),
         )
 
     def settings(self):
@@ -103,9 +104,15 @@ def _number(value, name: str, low: float, high: float, kind=float):
     return kind(value)
 
 
+MAX_MESSAGES = 200
+MAX_MESSAGE_CHARS = 100_000  # all messages together; the model manager also caps the prompt's tokens
+
+
 def _messages(raw) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "`messages` must be a non-empty list of {role, content} objects.")
+    if len(raw) > MAX_MESSAGES:
+        raise ApiError(400, f"`messages` holds {len(raw)} messages; at most {MAX_MESSAGES} are accepted.")
     messages = []
     for index, message in enumerate(raw):
         role = message.get("role") if isinstance(message, dict) else None
@@ -114,6 +121,8 @@ def _messages(raw) -> list[dict]:
         if role not in ROLES:
             raise ApiError(400, f"messages[{index}]: role must be one of {', '.join(ROLES)}, not {role!r}.")
         messages.append({"role": role, "content": _text(message.get("content"), index)})
+    if sum(len(m["content"]) for m in messages) > MAX_MESSAGE_CHARS:
+        raise ApiError(400, f"The messages are longer than {MAX_MESSAGE_CHARS:,} characters together.")
     return messages
 
 
@@ -130,16 +139,30 @@ def _text(content, index: int) -> str:
 
 
 # ----- the model -------------------------------------------------------------------------------------
+def base_id(loaded) -> str:
+    """The base model's id for clients: its hub id, or a local folder's name (never a server path)."""
+    name = loaded.spec.name_or_path
+    return Path(name).name if name.startswith(("/", ".", "~")) or Path(name).exists() else name
+
+
 def model_ids(loaded) -> list[str]:
-    """The ids a request may name: the base as it was loaded, then each attached adapter."""
-    return [loaded.spec.name_or_path, *loaded.adapters] if loaded is not None else []
+    """The ids a request may name: the base, then each attached adapter."""
+    return [base_id(loaded), *loaded.adapters] if loaded is not None else []
+
+
+_SERVER_PATH = re.compile(r"(?:/[\w.\-]+){2,}")
+
+
+def without_paths(text: str) -> str:
+    """A message with every server path cut to its last part (API clients need no server paths)."""
+    return _SERVER_PATH.sub(lambda match: match.group(0).rsplit("/", 1)[-1], text)
 
 
 def pick_adapter(loaded, model: str) -> str | None:
     """The adapter a request's `model` names (None = the base), or ApiError 404."""
     if model in loaded.adapters:
         return model
-    if model == loaded.spec.name_or_path:
+    if model in (base_id(loaded), loaded.spec.name_or_path):
         return None
     raise ApiError(404, f"The model {model!r} does not exist here; available: {', '.join(model_ids(loaded))}.",
                    code="model_not_found")
@@ -164,7 +187,7 @@ def take_model(services, request: ChatRequest):
     try:
         lease = services.manager.acquire(f"answering an API request ({request.model})", changes_model=False)
     except (ModelBusyError, ModelNotLoadedError) as exc:
-        raise ApiError(503, str(exc), "server_busy", "model_busy",
+        raise ApiError(503, without_paths(str(exc)), "server_busy", "model_busy",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     try:
         adapter = pick_adapter(lease.loaded, request.model)
@@ -288,7 +311,7 @@ def complete(lease, adapter: str | None, request: ChatRequest):
         messages = with_system_prompt(lease.loaded, adapter, request.messages)
         counts = usage(lease.loaded, messages, text, request.max_tokens)
     except StudioError as exc:
-        return ApiError(400, str(exc)).response()
+        return ApiError(400, without_paths(str(exc))).response()
     finally:
         lease.release()
     return JSONResponse({
@@ -329,7 +352,7 @@ def stream_response(lease, adapter: str | None, request: ChatRequest):
             if request.include_usage:
                 pieces.put(f"data: {json.dumps({**base, 'choices': [], 'usage': counts})}\n\n")
         except Exception as exc:  # reported in the stream: the status line has already been sent
-            message = str(exc) if isinstance(exc, StudioError) else f"{exc.__class__.__name__}: {exc}"
+            message = without_paths(str(exc) if isinstance(exc, StudioError) else f"{exc.__class__.__name__}: {exc}")
             pieces.put(f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n")
         finally:
             lease.release()

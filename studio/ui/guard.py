@@ -54,9 +54,56 @@ class LoginThrottle:
             self._failures.pop(client, None)
 
 
+def _is_multipart(scope) -> bool:
+    content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+    return content_type.lower().startswith(b"multipart/")
+
+
 def _client(scope) -> str:
     client = scope.get("client")
     return client[0] if client else "unknown"
+
+
+MAX_LOGIN_BODY = 64 * 1024
+
+
+async def _read_body(receive) -> tuple[bytes, object]:
+    """The whole request body (at most MAX_LOGIN_BODY bytes kept), and a `receive` that replays it."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= MAX_LOGIN_BODY:
+            chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    body, sent = b"".join(chunks), False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
+
+
+def _login_user(body: bytes) -> str:
+    """The user name of a login form (urlencoded or multipart), lower-cased; '' when none is found."""
+    from urllib.parse import parse_qs
+
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"))
+        if "username" in fields:
+            return fields["username"][0].strip().lower()
+    except ValueError:
+        pass
+    match = re.search(rb'name="username"\r\n\r\n([^\r]*)', body)
+    return match.group(1).decode("utf-8", "replace").strip().lower() if match else ""
 
 
 async def _reply(send, status: int, text: str, headers: list | None = None) -> None:
@@ -77,9 +124,9 @@ def upload_names(content_type: bytes, body: bytes) -> list[str] | None:
         headers = part.split(b"\r\n\r\n", 1)[0]
         for line in headers.split(b"\r\n"):
             if line.lower().startswith(b"content-disposition") and b"filename" in line.lower():
-                found = _FILENAME.search(line)
-                value = (found.group(1) or found.group(2) or b"") if found else b""
-                names.append(value.decode("utf-8", "replace").strip().split("''")[-1])
+                found = _FILENAME.findall(line)  # every filename parameter: parsers differ on which one wins
+                values = [quoted or bare for quoted, bare in found] or [b""]
+                names += [value.decode("utf-8", "replace").strip().split("''")[-1] for value in values]
     return names
 
 
@@ -106,16 +153,21 @@ class StudioGuard:
             return await self._login(scope, receive, send)
         if method == "POST" and tail == "upload":
             return await self._upload(scope, receive, send)
+        if method == "POST" and not self.uploads_allowed and _is_multipart(scope):
+            return await _reply(send, 403, "Uploads are disabled on this server (demo mode).")
         if method == "GET" and self.login_required and "." not in tail and "gradio_api" not in path:
             return await self._page(scope, receive, send)
         return await self.app(scope, receive, send)
 
     # ----- login -------------------------------------------------------------------------------
     async def _login(self, scope, receive, send):
-        client = _client(scope)
-        wait = self.throttle.wait_s(client)
+        """Throttle by client address and by user name: an address that changes (a forged X-Forwarded-For)
+        still meets the user name's lock."""
+        body, receive = await _read_body(receive)
+        keys = [f"address {_client(scope)}", f"user {_login_user(body)}"]
+        wait = max(self.throttle.wait_s(key) for key in keys)
         if wait > 0:
-            return await _reply(send, 429, f"Too many failed logins from this address; try again in {wait:.0f} s.",
+            return await _reply(send, 429, f"Too many failed logins; try again in {wait:.0f} s.",
                                 [(b"retry-after", str(int(wait) + 1).encode())])
         status = {}
 
@@ -125,10 +177,11 @@ class StudioGuard:
             await send(message)
 
         await self.app(scope, receive, watch)
-        if status.get("code") == 200:
-            self.throttle.succeeded(client)
-        elif status.get("code") in (400, 401, 403):
-            self.throttle.failed(client)
+        for key in keys:
+            if status.get("code") == 200:
+                self.throttle.succeeded(key)
+            elif status.get("code") in (400, 401, 403):
+                self.throttle.failed(key)
 
     # ----- uploads -----------------------------------------------------------------------------
     async def _upload(self, scope, receive, send):
