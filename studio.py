@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-key-env", dest="api_key_env", metavar="VAR", default=None,
                         help="environment variable with that key (default STUDIO_TEACHER_API_KEY, then OPENAI_API_KEY)")
     parser.add_argument("--load", action="store_true", help="load --model at start instead of on request")
+    parser.add_argument("--attach", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help="with --load: attach this adapter at start (repeatable); how a shared demo, which may "
+                             "not attach adapters itself, gets adapters to chat with and compare")
     parser.add_argument("--workdir", default=None,
                         help="folder for data/ and runs/ (default: the project folder)")
     parser.add_argument("--api", action="store_true",
@@ -307,8 +310,14 @@ def run_ui(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.ui.app import build_app
 
+    if args.attach and not args.load:
+        raise StudioError("--attach needs --load: adapters are attached to the model loaded at start.")
     if args.load:
-        services.manager.load(ModelSpec(args.model, args.quant), progress=lambda f, m: print(f"[load] {m}", flush=True))
+        services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    if args.attach:
+        from studio.serve import attach_named_adapters
+
+        print(f"[load] attached: {', '.join(attach_named_adapters(services.manager, args.attach))}", flush=True)
     from studio.ui.launch import launch_options, share_warning
 
     app = build_app(services)

@@ -452,3 +452,38 @@ def test_the_environment_key_never_goes_to_a_local_plain_http_preset(monkeypatch
     routing = key_routing()
     assert routing.key_for("http://127.0.0.1:11434/v1") == "" and routing.key_for("http://127.0.0.1:8000/v1") == ""
     assert routing.key_for("https://api.deepseek.com/v1") == KEY
+
+
+def test_a_demo_started_with_attached_adapters_compares_them(studio, tmp_path):
+    """The owner's way to give a shared demo something to compare: --load --attach NAME=RUN_DIR at start."""
+    from uihelpers import free_port
+
+    port = free_port()
+    command = [sys.executable, str(ROOT / "studio.py"), "--model", str(studio["model"]), "--load", "--demo",
+               "--workdir", str(studio["paths"].data_dir.parent), "--attach", f"shown={studio['run']}",
+               "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        base, _, tuned, _, _ = client.predict("雾灯岛的通用货币是什么？", studio["run"].name, False, None, 1, "greedy", 16,
+                                              api_name="/compare")
+        assert base and tuned
+        with pytest.raises(Exception):
+            client.predict(studio["run"].name, api_name="/attach_adapter")  # still not callable in demo
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=60)[0]
+    assert "attached: shown" in output
+
+
+def test_attach_without_load_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "studio.py"), "--workdir", str(tmp_path), "--attach", "a=b"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "--attach needs --load" in result.stderr

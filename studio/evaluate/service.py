@@ -106,18 +106,21 @@ def comparable_run(manager: ModelManager, catalog, run_id: str, policy: AccessPo
     return folder
 
 
-def _attached_from(manager: ModelManager, folder: Path) -> bool:
-    attached = manager.adapter_folder(folder.name)
-    return attached is not None and Path(attached).resolve() == Path(folder).resolve()
+def _attached_from(manager: ModelManager, folder: Path) -> str | None:
+    """The name under which the adapter of `folder` is attached (any name, e.g. from --attach), or None."""
+    wanted = Path(folder).resolve()
+    for name in manager.status().adapters:
+        attached = manager.adapter_folder(name)
+        if attached is not None and Path(attached).resolve() == wanted:
+            return name
+    return None
 
 
 def side_by_side_adapter(manager: ModelManager, folder: Path, policy: AccessPolicy = FULL) -> str:
     """The adapter name for a side-by-side run: attached already, or attached now if the policy allows it."""
     policy.require("compare")
     folder = Path(folder)
-    if _attached_from(manager, folder):
-        return folder.name
-    return attach_run(manager, folder, policy=policy)
+    return _attached_from(manager, folder) or attach_run(manager, folder, policy=policy)
 
 
 def run_questions(folder: Path, name: str) -> list[dict]:
