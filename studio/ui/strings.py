@@ -681,7 +681,7 @@ ZH = {
         "preset": "关于示例文档的预设问题",
         "heldout": "本次运行留出的问题",
         "reference": "参考答案",
-        "reference_line": "**参考答案**：{answer}",
+        "reference_line": "**参考答案：** {answer}",
         "document": "检索用的源文档",
         "use_retrieval": "检索增强列",
         "top_k": "检索章节数",
