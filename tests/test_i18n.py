@@ -104,7 +104,7 @@ def test_real_errors_read_in_chinese_with_their_values_kept(tmp_path):
     chinese = {name: translate(message, "zh") for name, message in errors.items()}
     assert chinese["busy"] == "模型正忙（正在训练 facts_20260101-120000）。请等它完成或先停止，再重试。"
     assert chinese["not loaded"] == "尚未加载模型。请先在“基线对话”页加载基座模型。"
-    assert chinese["not allowed"] == "不允许：训练（此工作室以演示模式运行（共享链接未设置 --auth），只允许对话）。"
+    assert chinese["not allowed"] == "不允许：训练（此工作室以演示模式运行（共享时未设置登录），只允许对话和对比）。"
     assert chinese["unknown dataset"] == f"找不到数据集：{tmp_path / 'missing.jsonl'}"
     assert translate(errors["busy"], "en") == errors["busy"]
 
@@ -194,24 +194,27 @@ def test_every_label_of_the_page_is_in_the_tables(services):
     assert updates[len(registry.static)] == "就绪：tiny (4bit, cpu)"
 
 
-def test_a_handler_answers_in_the_page_language():
-    import gradio as gr
+def test_a_handler_answers_in_the_page_language(workspace):
+    """Through the registry of a launched studio: the browser's language or the switch's cookie decides."""
+    from gradio_client import Client
 
-    from studio.errors import ModelNotLoadedError
-    from studio.ui.common import user_errors
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from uihelpers import launched
 
-    class Tab:
-        @user_errors
-        def act(self, text):
-            if not text:
-                raise ModelNotLoadedError("No model is loaded. Load a base model in the Baseline Chat tab first.")
-            return "Type a question first.", text
+    def client(url, **headers):
+        return Client(url, verbose=False, headers=headers)
 
-    tab = Tab()
-    chinese_page = gr.Request(headers={"accept-language": "en-US"}, cookies={"studio_lang": "zh"})
-    assert tab.act("x", chinese_page) == ("请先输入问题。", "x")
-    assert tab.act("x") == ("Type a question first.", "x")  # called from Python: English, no request needed
-    with pytest.raises(gr.Error, match="尚未加载模型"):
-        tab.act("", chinese_page)
-    with pytest.raises(gr.Error, match="No model is loaded"):
-        tab.act("", gr.Request(headers={"accept-language": "en"}))
+    with launched(Services(manager=ModelManager(), paths=workspace)) as url:
+        chinese_browser = client(url, **{"Accept-Language": "zh-CN,zh;q=0.9"})
+        chinese_switch = client(url, **{"Accept-Language": "en-US", "Cookie": "studio_lang=zh"})
+        english = client(url, **{"Accept-Language": "en-US"})
+        assert chinese_browser.predict(api_name="/unload")[0] == "模型已卸载，内存已释放。"
+        assert chinese_switch.predict(api_name="/unload")[0] == "模型已卸载，内存已释放。"
+        assert english.predict(api_name="/unload")[0] == "Model unloaded; its memory is freed."
+        with pytest.raises(Exception, match="未指定模型：请输入 Hub ID"):  # a StudioError of the services
+            chinese_switch.predict(" ", "4bit", api_name="/load")
+        with pytest.raises(Exception, match="No model given"):
+            english.predict(" ", "4bit", api_name="/load")
+        with pytest.raises(Exception, match="模型 太长（600 个字符；最多 500 个）"):  # a refusal of the registry's argument checks
+            chinese_browser.predict("m" * 600, "4bit", api_name="/load")

@@ -11,7 +11,8 @@ from studio.model.generation import GenerationSettings, StopSignals, build_messa
 from studio.model.loading import QUANT_CHOICES, ModelSpec
 from studio.services import MODEL_PRESETS, Services
 from studio.train.adapters import read_metadata
-from studio.ui.registry import ANY, Choice, Num, Text
+from studio.ui.i18n import translate
+from studio.ui.registry import ANY, Choice, Num, Text, page_language
 from studio.ui.strings import strings
 
 
@@ -120,7 +121,9 @@ class ChatTab:
 
     # ----- the model ---------------------------------------------------------------------------
     def load(self, name, quant, progress=gr.Progress()):
-        self.manager.load(ModelSpec(name, quant), progress=lambda fraction, message: progress(fraction, desc=message))
+        lang = page_language()  # the progress line (resolving, downloading, loading weights) in the page's language
+        self.manager.load(ModelSpec(name, quant),
+                          progress=lambda fraction, message: progress(fraction, desc=translate(message, lang)))
         card = self.manager.card()
         return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))

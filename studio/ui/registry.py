@@ -301,8 +301,8 @@ class Registry:
                     args = self._checked(actions, specs, args, label)
                     for value in fn(*args, **kwargs):
                         yield translate_outputs(scrubbed(value), lang)
-                except gr.Error:
-                    raise
+                except gr.Error as exc:
+                    raise _translated(exc, lang)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
                     raise self._error(exc, label, lang) from exc
             return gen_wrapper
@@ -313,11 +313,17 @@ class Registry:
             try:
                 args = self._checked(actions, specs, args, label)
                 return translate_outputs(scrubbed(fn(*args, **kwargs)), lang)
-            except gr.Error:
-                raise
+            except gr.Error as exc:
+                raise _translated(exc, lang)
             except Exception as exc:  # noqa: BLE001
                 raise self._error(exc, label, lang) from exc
         return wrapper
+
+
+def _translated(error: gr.Error, lang: str) -> gr.Error:
+    """A gr.Error a handler raised itself (e.g. from the tables' English text), shown in the page's language."""
+    error.message = translate(error.message, lang) if isinstance(error.message, str) else error.message
+    return error
 
 
 def page_language() -> str:

@@ -20,7 +20,8 @@ from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainS
 from studio.train.split import split_heldout
 from studio.ui.common import job_panel
 from studio.ui.history_panel import HistoryPanel
-from studio.ui.registry import ANY, Choice, Id, Num, Text
+from studio.ui.i18n import text as table_text, translate
+from studio.ui.registry import ANY, Choice, Id, Num, Text, page_language
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
@@ -156,7 +157,8 @@ class TrainTab:
         reg.on(self.start_btn.click, self.start, [self.dataset, self.run_name, self.system] + lora_inputs +
                [self.document_rows, self.document_file] + self.settings,
                self.panel.message, action="train", name="start_training",
-               args=(guard_args[0], Text("Run name", 200), guard_args[1]) + lora_args + document_args + SETTING_SPECS)
+               args=(Id("Dataset", "datasets", optional=True), Text("Run name", 200), guard_args[1]) + lora_args +
+               document_args + SETTING_SPECS)
         reg.on(self.stop_btn.click, self.stop, None, self.panel.message, action="train", name="stop_training")
         reg.on(self.resume_btn.click, self.resume, self.resume_pick, self.panel.message, action="train",
                name="resume_training", args=(Id("Run", "runs"),))
@@ -219,6 +221,8 @@ class TrainTab:
     # ----- the job -----------------------------------------------------------------------------
     def start(self, dataset_id, name, prompt, chosen, rank, lora_alpha, lora_dropout, with_document, document_id,
               *values):
+        if not dataset_id:  # none picked yet: say what to do rather than "unknown dataset"
+            raise StudioError(self.s["no_dataset"])
         path = self.catalog.resolve_dataset(dataset_id)
         lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
         request = RunRequest(Path(path), prompt, lora, settings_from(*values),
@@ -248,7 +252,9 @@ class TrainTab:
         if job is None:
             return gr.skip(), gr.skip(), gr.skip()
         if job.error:
-            return f"**{job.status.value}:** {job.error}", None, gr.update(choices=self._runs())
+            lang = page_language()  # the status word and the error in the page's language
+            outcome = f"**{table_text('status', f'job_{job.status.value}', lang)}:** {translate(job.error, lang)}"
+            return outcome, None, gr.update(choices=self._runs())
         result = job.result
         png = Path(result.get("run_dir", "")) / "loss.png"
         text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} steps · "
