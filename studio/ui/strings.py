@@ -317,6 +317,8 @@ EN = {
         "doc_missing": "Document not found: {path}",
         "unknown_quant": "Unknown quantization {quant}; choose one of {choices}.",
         "no_model_given": "No model given: enter a hub id such as Qwen/Qwen2.5-7B-Instruct or a local folder.",
+        "prompt_too_long": "The conversation is {tokens} tokens long; replies are made to at most {limit} tokens of "
+                           "conversation. Clear the chat or shorten the message.",
         "model_folder_missing": "Model folder not found: {folder}",
         "not_model_folder": "{folder} is not a model folder: it has no config.json. Pick the folder that holds "
                             "config.json, the weights and the tokenizer files.",
@@ -826,6 +828,7 @@ ZH = {
         "doc_missing": "找不到文档：{path}",
         "unknown_quant": "未知的量化方式 {quant}；可选：{choices}。",
         "no_model_given": "未指定模型：请输入 Hub ID（如 Qwen/Qwen2.5-7B-Instruct）或本地文件夹。",
+        "prompt_too_long": "对话长 {tokens} 个 token；回复最多只针对 {limit} 个 token 的对话。请清空对话或缩短消息。",
         "model_folder_missing": "找不到模型文件夹：{folder}",
         "not_model_folder": "{folder} 不是模型文件夹：里面没有 config.json。请选择包含 config.json、权重和分词器文件的文件夹。",
         "no_chat_template": "{source} 中的分词器没有对话模板，无法按模型训练时的格式组织提示词。"
