@@ -44,7 +44,7 @@ def build_app(services: Services) -> gr.Blocks:
             model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
         with gr.Tabs() as tabs:
             build_chat_tab(services, stops)
-            build_dataset_tab(services, app)
+            dataset = build_dataset_tab(services, app)
             train = build_train_tab(services, app)
             compare = build_compare_tab(services, app)
         timer = gr.Timer(2.0)
@@ -52,6 +52,8 @@ def build_app(services: Services) -> gr.Blocks:
                     model_status, action="view", args=(LANGUAGE,), scrub=True, show_progress="hidden", queue=False)
         _wire_language(app, services, registry, language)
         wire_history([train.history, compare.history], registry, compare.run_pick, tabs, language)
+        for tab in (dataset, compare):
+            tab.wire_language(language)
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")

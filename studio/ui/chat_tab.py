@@ -11,26 +11,27 @@ from studio.model.generation import GenerationSettings, StopSignals, build_messa
 from studio.model.loading import QUANT_CHOICES, ModelSpec
 from studio.services import MODEL_PRESETS, Services
 from studio.train.adapters import read_metadata
-from studio.ui.i18n import translate
+from studio.ui.i18n import text, translate
 from studio.ui.registry import ANY, Choice, Num, Text, page_language
 from studio.ui.strings import strings
 
 
-def card_markdown(card: ModelCard) -> str:
+def card_markdown(card: ModelCard, lang: str = "en") -> str:
+    """The model card as a two-column table, its row names in `lang`."""
     pad, eos, pad_id, eos_id = card.tokenizer_tuple()
     rows = [
-        ("Model", card.name),
-        ("Quantization / device", f"{card.quant} / {card.device}"),
-        ("Linear4bit layers", str(card.linear4bit_layers)),
-        ("Linear8bitLt layers", str(card.linear8bit_layers)),
-        ("LoRA-targetable linear layers", ", ".join(f"`{n}`" for n in card.lora_targets)),
-        ("Parameters (total / trainable)", f"{human_count(card.total_params)} / {human_count(card.trainable_params)}"),
-        ("Memory in use", human_bytes(card.memory_bytes)),
-        ("Vocabulary size", str(card.vocab_size)),
-        ("pad, eos, pad id, eos id", f"`{(pad, eos, pad_id, eos_id)}`"),
-        ("Adapters attached", ", ".join(card.adapters) or "none"),
+        ("card_model", card.name),
+        ("card_quant", f"{card.quant} / {card.device}"),
+        ("card_4bit", str(card.linear4bit_layers)),
+        ("card_8bit", str(card.linear8bit_layers)),
+        ("card_targets", ", ".join(f"`{n}`" for n in card.lora_targets)),
+        ("card_params", f"{human_count(card.total_params)} / {human_count(card.trainable_params)}"),
+        ("card_memory", human_bytes(card.memory_bytes)),
+        ("card_vocab", str(card.vocab_size)),
+        ("card_tokens", f"`{(pad, eos, pad_id, eos_id)}`"),
+        ("card_adapters", ", ".join(card.adapters) or text("terms", "none", lang)),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return "| | |\n|---|---|\n" + "\n".join(f"| {text('tables', k, lang)} | {v} |" for k, v in rows)
 
 
 class ChatTab:
@@ -125,7 +126,7 @@ class ChatTab:
         self.manager.load(ModelSpec(name, quant),
                           progress=lambda fraction, message: progress(fraction, desc=translate(message, lang)))
         card = self.manager.card()
-        return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card),
+        return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card, lang),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))
 
     def unload(self):

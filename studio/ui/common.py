@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from studio.ui.i18n import handler_language, text, translate
+from studio.ui.i18n import column, handler_language, text, translate
 
 
 @dataclass
@@ -72,16 +72,32 @@ def _log_line(event: dict, lang: str = "en") -> str | None:
     return f"[{stamp}] {translate(message, lang)}"
 
 
-def metric_frames(metrics: list[dict]):
-    """Long-form frames for the loss plot (train and eval loss) and the learning-rate plot."""
+def metric_frames(metrics: list[dict], lang: str = "en"):
+    """Long-form frames for the loss plot (train and eval loss) and the learning-rate plot; series named in `lang`."""
     import pandas as pd
 
-    loss = [{"step": m["step"], "value": m[key], "series": label} for m in metrics
-            for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")) if m.get(key) is not None]
-    rate = [{"step": m["step"], "value": m["learning_rate"], "series": "learning rate"} for m in metrics
+    names = {key: text("tables", f"col_{key}", lang) for key in ("train_loss", "eval_loss", "learning_rate")}
+    loss = [{"step": m["step"], "value": m[key], "series": names[name]} for m in metrics
+            for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")) if m.get(key) is not None]
+    rate = [{"step": m["step"], "value": m["learning_rate"], "series": names["learning_rate"]} for m in metrics
             if m.get("learning_rate") is not None]
     empty = pd.DataFrame({"step": [], "value": [], "series": []})
     return (pd.DataFrame(loss) if loss else empty), (pd.DataFrame(rate) if rate else empty)
+
+
+def localized_frame(frame, lang: str, value_columns=()):
+    """A table the page shows, its headers (and the report-column names in `value_columns`) in `lang`.
+
+    Only the shown copy changes: CSV and JSON files keep the English keys.
+    """
+    if lang == "en" or frame is None or not hasattr(frame, "rename"):
+        return frame
+    frame = frame.copy()
+    for name in value_columns:
+        if name in frame:
+            frame[name] = frame[name].map(lambda value: " = ".join(column(part, lang) for part in value.split(" = "))
+                                          if isinstance(value, str) else value)
+    return frame.rename(columns=lambda name: column(str(name), lang))
 
 
 def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = False) -> JobPanel:
@@ -120,7 +136,7 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
             view["finished"] = job.id
         if not events and not running and not newly_finished:
             return (gr.skip(), gr.skip(), view, gr.skip()) + skips
-        plot_values = metric_frames(view["metrics"]) if (plots and new_metrics) else skips
+        plot_values = metric_frames(view["metrics"], lang) if (plots and new_metrics) else skips
         return (progress_html(job, lang), "\n".join(lines) if events else gr.skip(), view,
                 job.id if newly_finished else gr.skip()) + tuple(plot_values)
 

@@ -16,9 +16,10 @@ from studio.evaluate.retrieval import SectionRetriever, retrieval_messages
 from studio.model.generation import GenerationSettings, build_messages
 from studio.services import SAMPLE_DOCUMENT, Services
 from studio.train import adapters
-from studio.ui.common import job_panel
+from studio.ui.common import job_panel, localized_frame
 from studio.ui.history_panel import HistoryPanel
-from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload
+from studio.ui.i18n import column, text
+from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload, page_language
 from studio.ui.strings import strings
 
 ADAPTER_COLUMNS = ["name", "status", "attached", "train loss", "eval loss", "dataset", "base", "problem"]
@@ -163,24 +164,25 @@ class CompareTab:
                         [self.warning, self.summary, self.chart, self.per_question, self.exports, self.sections_table])
 
     # ----- adapters ----------------------------------------------------------------------------
-    def _listing(self) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-        """The adapters table and the runs that can go on the loaded base, from one scan of runs/.
+    def _listing(self, lang: str = "en") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+        """The adapters table (headers in `lang`) and the runs that can go on the loaded base, from one scan of runs/.
 
         In demo mode only the adapters the owner attached are listed, and the base model by name only.
         """
         entries = service.list_adapters(self.manager, self.services.paths.runs_dir)
         if self.policy.is_demo:
             entries = [e for e in entries if e.attached]
-        frame = pd.DataFrame([[e.name, e.status, "yes" if e.attached else "", _rounded(e.train_loss),
+        yes = text("tables", "yes", lang)
+        frame = pd.DataFrame([[e.name, e.status, yes if e.attached else "", _rounded(e.train_loss),
                                _rounded(e.eval_loss), e.dataset, self._public(e.base_model), self._public(e.problem)]
-                              for e in entries], columns=ADAPTER_COLUMNS)
+                              for e in entries], columns=[column(c, lang) for c in ADAPTER_COLUMNS])
         return frame, [(e.name, e.name) for e in entries if not e.problem]
 
     def _public(self, text: str) -> str:
         return self.registry.scrub_text(text) if self.registry is not None else text
 
     def refresh(self):
-        frame, choices = self._listing()
+        frame, choices = self._listing(page_language())
         return frame, gr.update(choices=choices)
 
     def attach(self, run_id):
@@ -311,22 +313,45 @@ class CompareTab:
         return service.run_questions(folder, "heldout.jsonl"), "heldout"
 
     @staticmethod
-    def _sections_frame(job):
+    def _sections_frame(job, lang: str = "en"):
         sections = job.result.get("sections") if job is not None and job.result else None
-        return pd.DataFrame(sections) if sections else gr.skip()
+        return localized_frame(pd.DataFrame(sections), lang) if sections else gr.skip()
 
-    def on_report(self, job):
+    def tables(self, lang):
+        """The tab's tables in `lang` (on load and on the language switch): adapters, and the latest report or
+        empty report tables."""
+        lang = lang or "en"
+        frame, _ = self._listing(lang)
+        job = self.board.latest(service.JOB_KIND)
+        if job is not None and not job.running and job.result and job.result.get("rows"):
+            _, summary, chart, questions, _, sections = self.on_report(job, lang)
+            return frame, summary, chart, questions, sections
+        empty = [localized_frame(pd.DataFrame(columns=c), lang)
+                 for c in (SUMMARY_COLUMNS, QUESTION_COLUMNS, ["section", "questions"])]
+        return frame, empty[0], gr.skip(), empty[1], empty[2]
+
+    def wire_language(self, language: gr.Radio) -> None:
+        """The tables follow the page's language: on load (the language is set then) and on the switch."""
+        self.registry.on(language.change, self.tables, language,
+                         [self.adapters_table, self.summary, self.chart, self.per_question, self.sections_table],
+                         action="view", args=(Choice("Language", ("en", "zh"), optional=True),), scrub=True,
+                         show_progress="hidden")
+
+    def on_report(self, job, lang: str | None = None):
+        """The report's tables as the page shows them: headers, column and metric names in the page's language."""
         if job is None or not job.result.get("rows"):
             message = f"**{job.status.value}:** {job.error}" if job is not None and job.error else gr.skip()
             return message, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        lang = lang or page_language()
         result = job.result
         summary = pd.DataFrame([{"column": c, **v} for c, v in result["summary"].items()])
-        chart = pd.DataFrame([{"column": c, "metric": m, "score": v[m]} for c, v in result["summary"].items()
-                              for m in ("char_f1", "rouge_l")])
+        chart = pd.DataFrame([{"column": column(c, lang), "metric": column(m, lang), "score": v[m]}
+                              for c, v in result["summary"].items() for m in ("char_f1", "rouge_l")])
         warning = f"⚠️ {result['warning']}" if result.get("warning") else ""
         warning = "\n\n".join(part for part in (warning, result.get("keys_note", "")) if part)
-        return (warning, summary, chart, pd.DataFrame(table_rows(result)), result.get("files", []),
-                self._sections_frame(job))
+        questions = localized_frame(pd.DataFrame(table_rows(result)), lang, ("column", "best"))
+        return (warning, localized_frame(summary, lang, ("column",)), chart, questions, result.get("files", []),
+                self._sections_frame(job, lang))
 
 
 def build_compare_tab(services: Services, app: gr.Blocks) -> CompareTab:

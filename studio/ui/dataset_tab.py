@@ -16,10 +16,12 @@ from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.services import SAMPLE_DOCUMENT, Services
 from studio.ui.common import job_panel
-from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload
+from studio.ui.i18n import column
+from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload, page_language
 from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
+SECTION_COLUMNS = ["#", "heading", "chars", "first line"]
 LEVELS = {"##": 2, "###": 3}
 CONFIRM_ABOVE_CALLS = 200  # a build that makes more teacher calls starts on a second click, after its cost is shown
 
@@ -73,7 +75,7 @@ class DatasetTab:
         self.levels = gr.CheckboxGroup(list(LEVELS), value=list(LEVELS), label=s["levels"])
         self.split_btn = gr.Button(s["split"])
         self.split_msg = gr.Markdown()
-        self.sections = gr.Dataframe(headers=["#", "heading", "chars", "first line"], interactive=False,
+        self.sections = gr.Dataframe(headers=SECTION_COLUMNS, interactive=False,
                                      label=s["sections"], max_height=320)
 
     def _teacher_controls(self) -> None:
@@ -121,6 +123,7 @@ class DatasetTab:
                       Num("Shortest section", 0, 1_000_000, True), Num("Maximum section length", 200, 1_000_000, True),
                       Choice("Heading levels", tuple(LEVELS), many=True))
         split_outputs = [self.split_msg, self.sections]
+        self.split_inputs, self.split_args = split_inputs, split_args
         build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
             self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
             self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
@@ -175,11 +178,22 @@ class DatasetTab:
         return TeacherConfig(url.strip(), model.strip(), self.services.keys.key_for(url, key), float(seconds or 120))
 
     # ----- document and teacher ----------------------------------------------------------------
-    def split(self, upload_path, document_id, low, high, levels):
+    def split(self, upload_path, document_id, low, high, levels, lang=None):
         found = split_sections(read_document(self._document(upload_path, document_id)),
                                _split_settings(low, high, levels))
-        table = [[x.index, x.heading, x.chars, x.first_line] for x in found]
+        table = pd.DataFrame([[x.index, x.heading, x.chars, x.first_line] for x in found],
+                             columns=[column(c, lang or page_language()) for c in SECTION_COLUMNS])
         return self.s["sections_found"].format(count=len(found), chars=sum(x.chars for x in found)), table
+
+    def wire_language(self, language: gr.Radio) -> None:
+        """The sections table's headers follow the page's language: on load (the language is set then) and on
+        the switch."""
+        def sections_in(*args):
+            return self.split(*args[:-1], lang=args[-1] or "en")[1]
+
+        self.registry.on(language.change, sections_in, self.split_inputs + [language], self.sections,
+                         action="read_files", args=self.split_args + (Choice("Language", ("en", "zh"), optional=True),),
+                         show_progress="hidden")
 
     def test(self, url, model, key, seconds):
         self.policy.require("outbound")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from studio.catalog import UPLOAD_SUFFIXES
+from studio.ui.i18n import COOKIE, pick_language, text
 
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
 _FILENAME = re.compile(rb'filename\*?=(?:"([^"]*)"|([^;\r\n]*))', re.IGNORECASE)
@@ -106,10 +107,25 @@ def _login_user(body: bytes) -> str:
     return match.group(1).decode("utf-8", "replace").strip().lower() if match else ""
 
 
+def scope_language(scope, forced: str | None = None) -> str:
+    """The language of the page that sent this request: --lang, the switch's cookie, the browser's Accept-Language."""
+    from http.cookies import CookieError, SimpleCookie
+
+    headers = dict(scope.get("headers") or [])
+    cookies = SimpleCookie()
+    try:
+        cookies.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except CookieError:
+        pass
+    cookie = cookies[COOKIE].value if COOKIE in cookies else None
+    return pick_language(forced=forced, cookie=cookie,
+                         accept_language=headers.get(b"accept-language", b"").decode("latin-1"))
+
+
 async def _reply(send, status: int, text: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": text}).encode()
+    body = json.dumps({"detail": text}, ensure_ascii=False).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                "headers": [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
                 + (headers or [])})
     await send({"type": "http.response.body", "body": body})
 
@@ -134,8 +150,10 @@ class StudioGuard:
     """The middleware; one per launched app (see studio/ui/launch.py)."""
 
     def __init__(self, app, throttle: LoginThrottle | None = None, max_upload_bytes: int = 20 * 2**20,
-                 uploads_allowed: bool = True, login_required: bool = False, suffixes=UPLOAD_SUFFIXES):
+                 uploads_allowed: bool = True, login_required: bool = False, suffixes=UPLOAD_SUFFIXES,
+                 lang: str | None = None):
         self.app = app
+        self.lang = lang  # --lang, when the owner forced one
         self.throttle = throttle or LoginThrottle()
         self.max_upload_bytes = max_upload_bytes
         self.uploads_allowed = uploads_allowed
@@ -148,16 +166,20 @@ class StudioGuard:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         tail = path.rstrip("/").rsplit("/", 1)[-1]
         if "/file=http:" in path or "/file=https:" in path or "/file=//" in path:
-            return await _reply(send, 403, "Fetching URLs through this server is disabled.")
+            return await _reply(send, 403, self._say(scope, "guard_no_fetch"))
         if method == "POST" and tail == "login":
             return await self._login(scope, receive, send)
         if method == "POST" and tail == "upload":
             return await self._upload(scope, receive, send)
         if method == "POST" and not self.uploads_allowed and _is_multipart(scope):
-            return await _reply(send, 403, "Uploads are disabled on this server (demo mode).")
+            return await _reply(send, 403, self._say(scope, "guard_no_uploads"))
         if method == "GET" and self.login_required and "." not in tail and "gradio_api" not in path:
             return await self._page(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    def _say(self, scope, key: str, **values) -> str:
+        """A refusal in the language of the page that sent the request."""
+        return text("messages", key, scope_language(scope, self.lang)).format(**values)
 
     # ----- login -------------------------------------------------------------------------------
     async def _login(self, scope, receive, send):
@@ -167,7 +189,7 @@ class StudioGuard:
         keys = [f"address {_client(scope)}", f"user {_login_user(body)}"]
         wait = max(self.throttle.wait_s(key) for key in keys)
         if wait > 0:
-            return await _reply(send, 429, f"Too many failed logins; try again in {wait:.0f} s.",
+            return await _reply(send, 429, self._say(scope, "guard_login_wait", seconds=f"{wait:.0f}"),
                                 [(b"retry-after", str(int(wait) + 1).encode())])
         status = {}
 
@@ -186,12 +208,12 @@ class StudioGuard:
     # ----- uploads -----------------------------------------------------------------------------
     async def _upload(self, scope, receive, send):
         if not self.uploads_allowed:
-            return await _reply(send, 403, "Uploads are disabled on this server (demo mode).")
+            return await _reply(send, 403, self._say(scope, "guard_no_uploads"))
         limit = self.max_upload_bytes + 64 * 1024  # the multipart framing around the file
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _reply(send, 413, f"The file is larger than {self.max_upload_bytes / 2**20:g} MB.")
+            return await _reply(send, 413, self._say(scope, "guard_too_large", size=f"{self.max_upload_bytes / 2**20:g}"))
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -200,13 +222,13 @@ class StudioGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await _reply(send, 413, f"The file is larger than {self.max_upload_bytes / 2**20:g} MB.")
+                return await _reply(send, 413, self._say(scope, "guard_too_large", size=f"{self.max_upload_bytes / 2**20:g}"))
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
         names = upload_names(headers.get(b"content-type", b""), body)
         if names is None or not names or any(PurePath(n).suffix.lower() not in self.suffixes for n in names):
-            return await _reply(send, 415, f"Only {', '.join(self.suffixes)} files are accepted.")
+            return await _reply(send, 415, self._say(scope, "guard_file_type", suffixes=", ".join(self.suffixes)))
         sent = False
 
         async def replay():

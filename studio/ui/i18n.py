@@ -25,8 +25,11 @@ from studio.ui.strings import EN, LANGUAGES
 SUPPORTED = tuple(LANGUAGES)
 DEFAULT = "en"
 COOKIE = "studio_lang"
-# Sections whose texts are only ever part of another message (activities, actions, statuses).
-NESTED_ONLY = ("terms",)
+# Sections whose texts are only ever part of another message (activities, actions, statuses, field names).
+NESTED_ONLY = ("terms", "fields")
+# Sections read only by key (table headers, model card rows, plot series): short words such as "base" or
+# "status" that must never be translated when they are a whole message or part of one.
+KEYED_ONLY = ("tables",)
 LONGEST_TRANSLATED = 6000  # a chat reply or a prompt preview is never a message of the tables
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Runs in the page before the language switch's handler: remembers the choice, passes the inputs on.
@@ -113,6 +116,8 @@ class Translator:
         self.nested_exact: dict[str, tuple[str, str]] = {}
         templates = []
         for section, entries in tables[source].items():
+            if section in KEYED_ONLY:
+                continue
             for key, text in entries.items():
                 target = self.nested_exact if section in NESTED_ONLY else self.exact
                 if PLACEHOLDER.search(text):
@@ -181,6 +186,11 @@ def translate_outputs(value, lang: str):
     if isinstance(value, tuple):
         return tuple(translate(item, lang) if isinstance(item, str) else item for item in value)
     return value
+
+
+def column(name: str, lang: str) -> str:
+    """A table's column header, or a report column's name, in `lang`; a name the tables lack stays as it is."""
+    return text("tables", f"col_{name}", lang) if f"col_{name}" in EN["tables"] else name
 
 
 # ----- the page's components --------------------------------------------------------------------

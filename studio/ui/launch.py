@@ -21,7 +21,8 @@ def launch_options(services, *, logins: list[tuple[str, str]] | None = None,
     demo = services.policy.is_demo
     max_bytes = int(services.max_upload_mb * 2**20)
     guard = Middleware(StudioGuard, throttle=throttle or LoginThrottle(), max_upload_bytes=max_bytes,
-                       uploads_allowed=services.policy.allows("upload"), login_required=bool(logins))
+                       uploads_allowed=services.policy.allows("upload"), login_required=bool(logins),
+                       lang=getattr(services, "lang", None))
     return {
         "auth": logins or None,
         "show_error": True,

@@ -32,7 +32,7 @@ import gradio as gr
 
 from studio.catalog import UPLOAD_SUFFIXES
 from studio.errors import StudioError
-from studio.ui.i18n import handler_language, translate, translate_outputs
+from studio.ui.i18n import handler_language, text, translate, translate_outputs
 
 log = logging.getLogger(__name__)
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)(?:[^\s/\"'`|,;()<>*]+/)+([^\s/\"'`|,;()<>*]*)")
@@ -181,6 +181,7 @@ class Registered:
     actions: tuple[str, ...]
     registered: bool
     dependency: Any = None
+    args: tuple = ()  # the argument specs, whose labels name the field in a refusal
 
 
 @dataclass
@@ -219,7 +220,7 @@ class Registry:
             raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
         wrapped = self._wrap(fn, actions, tuple(args), label, scrub)
         event = trigger(wrapped, inputs, outputs, api_name=name if name else False, **event_kwargs)
-        self.entries.append(Registered(label, actions, True, event))
+        self.entries.append(Registered(label, actions, True, event, tuple(args)))
         return event
 
     def unload(self, app: gr.Blocks, fn: Callable | None = None) -> None:
@@ -277,8 +278,8 @@ class Registry:
         if isinstance(exc, StudioError):
             return gr.Error(translate(self.scrub_text(str(exc)), lang))
         log.exception("handler %s failed", label)
-        return gr.Error(f"{label} failed: {type(exc).__name__}" +
-                        ("" if self.demo else f": {str(exc)[:300]}"))
+        error = type(exc).__name__ + ("" if self.demo else f": {str(exc)[:300]}")
+        return gr.Error(text("messages", "handler_failed", lang).format(name=label, error=error))
 
     def _checked(self, actions, specs, args, label):
         self.policy.require(*actions)
