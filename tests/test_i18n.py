@@ -218,3 +218,110 @@ def test_a_handler_answers_in_the_page_language(workspace):
             english.predict(" ", "4bit", api_name="/load")
         with pytest.raises(Exception, match="模型 太长（600 个字符；最多 500 个）"):  # a refusal of the registry's argument checks
             chinese_browser.predict("m" * 600, "4bit", api_name="/load")
+
+
+# ----- texts the handlers build: tables, the model card, plots, refusals ---------------------------
+FAKE_REPORT = {
+    "rows": [{"question": "货币是什么？", "reference": "灯贝。", "section": "货币", "best": "fine-tuned",
+              "columns": {"base": {"answer": "不知道", "char_f1": 0.1, "rouge_l": 0.1},
+                          "fine-tuned": {"answer": "灯贝", "char_f1": 0.9, "rouge_l": 0.8, "key_hit": 1.0}}}],
+    "summary": {"base": {"char_f1": 0.1, "rouge_l": 0.1, "judge_mean": None},
+                "fine-tuned": {"char_f1": 0.9, "rouge_l": 0.8, "judge_mean": None, "improved": 1, "worse": 0}},
+    "sections": [{"section": "货币", "questions": 1, "base": 0, "fine-tuned": 1}],
+    "files": [],
+}
+
+
+def _registered(app, name):
+    return next(block_fn.fn for block_fn in app.fns.values() if getattr(block_fn.fn, "__name__", "") == name)
+
+
+def test_report_and_adapter_tables_show_chinese_headers_and_keep_english_data_keys(workspace):
+    from studio.evaluate.report import table_rows
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+
+    services = Services(manager=ModelManager(), paths=workspace)
+    services.jobs.wait(services.jobs.start("report", "report demo", lambda job: FAKE_REPORT))
+    tables = _registered(build_app(services), "tables")
+    adapters, summary, chart, questions, sections = tables("zh")
+    assert list(adapters.columns) == ["名称", "状态", "已挂载", "训练 loss", "评估 loss", "数据集", "基座", "问题说明"]
+    assert list(summary.columns)[:4] == ["列", "字符 F1", "ROUGE-L 分数", "评委均分"]
+    assert list(summary["列"]) == ["基座", "微调"]
+    assert list(questions.columns)[:6] == ["序号", "问题", "参考答案", "列", "回答", "字符 F1"]
+    assert list(questions["列"]) == ["基座", "微调"] and list(questions["最佳列"]) == ["微调", "微调"]
+    assert list(questions["问题"]) == ["货币是什么？"] * 2  # the data itself is untouched
+    assert set(chart["metric"]) == {"字符 F1", "ROUGE-L 分数"} and set(chart["column"]) == {"基座", "微调"}
+    assert list(sections.columns) == ["章节", "问题数", "基座", "微调"]
+    english = tables("en")
+    assert list(english[1].columns)[:3] == ["column", "char_f1", "rouge_l"] and list(english[1]["column"]) == ["base", "fine-tuned"]
+    assert list(english[0].columns)[:2] == ["name", "status"]
+    assert list(table_rows(FAKE_REPORT)[0])[:4] == ["#", "question", "reference", "column"]  # CSV/JSON keys stay English
+
+
+def test_plot_series_and_unexpected_errors_in_chinese(workspace):
+    from studio.access import AccessPolicy
+    from studio.ui.common import metric_frames
+    from studio.ui.registry import Registry
+
+    metrics = [{"step": 1, "loss": 2.0, "eval_loss": 2.5, "learning_rate": 1e-4}]
+    loss, rate = metric_frames(metrics, "zh")
+    assert list(loss["series"]) == ["训练 loss", "评估 loss"] and list(rate["series"]) == ["学习率"]
+    assert list(metric_frames(metrics)[0]["series"]) == ["train loss", "eval loss"]
+    registry = Registry(AccessPolicy.demo(), catalog=None)
+    assert registry._error(TypeError("bad"), "load", "zh").message == "load 失败：TypeError"
+    assert registry._error(TypeError("bad"), "load", "en").message == "load failed: TypeError"
+
+
+def test_every_field_name_of_a_refusal_is_in_the_tables(workspace):
+    """Each argument spec's label (and each id kind) reads in Chinese inside the registry's refusals."""
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+
+    app = build_app(Services(manager=ModelManager(), paths=workspace))
+    names_on_purpose = {"API Key", "Top-p"}
+    checked = 0
+    for entry in app.studio_registry.entries:
+        for spec in entry.args:
+            if hasattr(spec, "label"):
+                field = translate(f"{spec.label}: text is needed.", "zh").split("：")[0]
+                assert HAN.search(field) or field in names_on_purpose, f"{spec.label!r} of {entry.name}"
+                checked += 1
+            if hasattr(spec, "kind"):
+                refusal = translate(f"unknown {spec.kind.rstrip('s')} 'x': pick one from the list.", "zh")
+                assert refusal.startswith("未知的") and HAN.search(refusal.split(" ")[0][3:]), refusal
+    assert checked > 50
+
+
+def test_card_sections_refusals_and_guard_speak_the_page_language(tiny_model_dir, workspace):
+    """Through a launched studio: a Chinese browser gets Chinese card rows, table headers, field names and
+    HTTP refusals; the switch's cookie decides over the browser."""
+    import httpx
+    from gradio_client import Client
+
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from uihelpers import launched
+
+    manager = ModelManager()
+    with launched(Services(manager=manager, paths=workspace)) as url:
+        chinese = Client(url, verbose=False, headers={"Accept-Language": "zh-CN,zh;q=0.9"})
+        english = Client(url, verbose=False, headers={"Accept-Language": "zh-CN", "Cookie": "studio_lang=en"})
+        card = chinese.predict(str(tiny_model_dir), "4bit", api_name="/load")[1]
+        assert "| 模型 |" in card and "| 量化 / 设备 | 4bit / cpu |" in card and "| 已挂载的适配器 | 无 |" in card
+        assert "Model" not in card and "none" not in card
+        _, table = chinese.predict(None, "wudeng_lighthouse.md", 100, 3000, ["##", "###"], api_name="/split")
+        assert table["headers"] == ["序号", "标题", "字符数", "首行"]
+        assert english.predict(None, "wudeng_lighthouse.md", 100, 3000, ["##"], api_name="/split")[1]["headers"] == \
+            ["#", "heading", "chars", "first line"]
+        with pytest.raises(Exception, match="最短章节 必须在 0 到"):
+            chinese.predict(None, "wudeng_lighthouse.md", -5, 3000, ["##"], api_name="/split")
+        upload = url + "gradio_api/upload"
+        files = {"files": ("tool.exe", b"MZ")}
+        refused = httpx.post(upload, files=files, headers={"Accept-Language": "zh-CN"})
+        assert refused.status_code == 415 and refused.json()["detail"].startswith("只接受 .md")
+        refused = httpx.post(upload, files=files, headers={"Accept-Language": "zh-CN", "Cookie": "studio_lang=en"})
+        assert refused.status_code == 415 and refused.json()["detail"].startswith("Only .md")
+    manager.unload()

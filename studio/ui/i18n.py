@@ -190,7 +190,10 @@ def translate_outputs(value, lang: str):
 
 def column(name: str, lang: str) -> str:
     """A table's column header, or a report column's name, in `lang`; a name the tables lack stays as it is."""
-    return text("tables", f"col_{name}", lang) if f"col_{name}" in EN["tables"] else name
+    for key in (f"col_{name}", f"col_{name.replace(' ', '_')}"):  # "train loss" is the key col_train_loss
+        if key in EN["tables"]:
+            return text("tables", key, lang)
+    return name
 
 
 # ----- the page's components --------------------------------------------------------------------
