@@ -8,19 +8,17 @@ so a test can tell a download from a cache hit.
 from __future__ import annotations
 
 import hashlib
-import socket
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response
+
+from local_server import LocalServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class FakeHub:
+class FakeHub(LocalServer):
     """Serves `folder` as the repository `repo_id` on 127.0.0.1."""
 
     def __init__(self, repo_id: str, folder: Path):
@@ -73,18 +71,5 @@ class FakeHub:
         return app
 
     def start(self) -> "FakeHub":
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.time() + 10
-        while not getattr(self._server, "started", False) and time.time() < deadline:
-            time.sleep(0.02)
+        self.start_app(self.app())
         return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)

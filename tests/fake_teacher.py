@@ -9,15 +9,15 @@ it misbehave: fenced JSON, prose, truncation, wrong schema, empty, 429 with Retr
 
 import json
 import re
-import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+
+from local_server import LocalServer
 
 
 def _pairs_reply(section_text: str, n: int) -> str:
@@ -102,7 +102,7 @@ class Behaviour:
 
 
 @dataclass
-class FakeTeacher:
+class FakeTeacher(LocalServer):
     latency: float = 0.0
     script: deque = field(default_factory=deque)
     hits: list = field(default_factory=list)
@@ -164,21 +164,8 @@ class FakeTeacher:
                 return HTMLResponse(payload, status_code=status, headers=headers)
             return JSONResponse(payload, status_code=status, headers=headers)
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.time() + 10
-        while not getattr(self._server, "started", False) and time.time() < deadline:
-            time.sleep(0.02)
+        self.start_app(app)
         return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(5)
 
 
 def completion(request: dict, text: str, finish: str) -> dict:

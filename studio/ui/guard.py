@@ -81,7 +81,13 @@ async def _read_body(receive) -> tuple[bytes, object]:
             chunks.append(chunk)
         if not message.get("more_body"):
             break
-    body, sent = b"".join(chunks), False
+    body = b"".join(chunks)
+    return body, _replaying(body, receive)
+
+
+def _replaying(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then whatever the connection sends next."""
+    sent = False
 
     async def replay():
         nonlocal sent
@@ -90,7 +96,7 @@ async def _read_body(receive) -> tuple[bytes, object]:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return body, replay
+    return replay
 
 
 def _login_user(body: bytes) -> str:
@@ -229,16 +235,7 @@ class StudioGuard:
         names = upload_names(headers.get(b"content-type", b""), body)
         if names is None or not names or any(PurePath(n).suffix.lower() not in self.suffixes for n in names):
             return await _reply(send, 415, self._say(scope, "guard_file_type", suffixes=", ".join(self.suffixes)))
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(body, receive), send)
 
     # ----- the login page ----------------------------------------------------------------------
     async def _page(self, scope, receive, send):
