@@ -111,9 +111,15 @@ def check_same_base(request: RunRequest, loaded) -> None:
 
 
 def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = (), *,
-                   policy: AccessPolicy = AccessPolicy.full()) -> Job:
-    """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it."""
+                   policy: AccessPolicy = AccessPolicy.full(), gpus: int = 1) -> Job:
+    """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it.
+
+    `gpus` > 1 trains in that many data-parallel processes instead (studio.train.multigpu)."""
     policy.require("train")
+    if gpus > 1:
+        from studio.train.multigpu import start_multigpu_training
+
+        return start_multigpu_training(board, manager, request, gpus, policy=policy)
     current = board.latest(JOB_KIND)
     if current is not None and current.running:
         raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
