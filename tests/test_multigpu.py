@@ -216,3 +216,23 @@ def test_cli_prints_the_effective_batch_and_refuses_missing_gpus(tmp_path):
     assert out.returncode == 2
     assert "[log] effective batch: 8 sequences per optimizer step = 2 GPUs x batch 1 x grad accumulation 4" in out.stdout
     assert "--gpus 2 asks for 2 GPUs, but 0 are visible here" in out.stderr
+
+
+# ----- the Train tab ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("visible", [0, 2])
+def test_train_tab_offers_a_gpu_count_only_with_several_gpus(workspace, monkeypatch, visible):
+    import studio.train.multigpu as multigpu
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+    from studio.ui.i18n import translate
+
+    monkeypatch.setattr(multigpu, "visible_gpu_count", lambda: visible)
+    app = build_app(Services(manager=ModelManager(), paths=workspace))
+    start = next(e for e in app.studio_registry.entries if e.name == "start_training")
+    labels = [getattr(spec, "label", "") for spec in start.args]
+    assert ("GPUs" in labels) is (visible > 1)
+    if visible > 1:
+        spec = start.args[labels.index("GPUs")]
+        assert (spec.lo, spec.hi) == (1, 2)
+        assert translate("GPUs: a number is needed.", "zh").startswith("GPU 数")
