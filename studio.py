@@ -497,7 +497,6 @@ def print_estimate(loaded, request) -> None:
 
 
 def run_train(args: argparse.Namespace, services) -> int:
-    from studio.jobs import JobStatus, follow
     from studio.model.loading import ModelSpec
     from studio.train.service import start_training
 
@@ -509,7 +508,13 @@ def run_train(args: argparse.Namespace, services) -> int:
     if args.targets == "peft-default" and not args.resume:
         request = train_request(args, loaded, services.paths.runs_dir, run_dir=request.run_dir)
     print_estimate(loaded, request)
-    job = start_training(services.jobs, services.manager, request)
+    return follow_training(start_training(services.jobs, services.manager, request), request)
+
+
+def follow_training(job, request) -> int:
+    """Print a training job's progress until it ends; raise its error if it failed."""
+    from studio.jobs import JobStatus, follow
+
     print(f"[log] run folder: {request.run_dir}", flush=True)
     follow(job, print_event)
     if job.status is JobStatus.FAILED:
@@ -520,19 +525,13 @@ def run_train(args: argparse.Namespace, services) -> int:
 
 def run_train_on_gpus(args: argparse.Namespace, services, request) -> int:
     """`train --gpus N`: data-parallel processes, each loading the base itself (studio.train.multigpu)."""
-    from studio.jobs import JobStatus, follow
     from studio.model.loading import ModelSpec
     from studio.train.multigpu import describe_batch, per_process_settings, start_multigpu_training
 
     per_process_settings(request.train, max(1, args.gpus))
     print(f"[log] {describe_batch(request.train, max(1, args.gpus))}", flush=True)
     job = start_multigpu_training(services.jobs, None, request, args.gpus, spec=ModelSpec(args.model, args.quant))
-    print(f"[log] run folder: {request.run_dir}", flush=True)
-    follow(job, print_event)
-    if job.status is JobStatus.FAILED:
-        raise StudioError(job.error)
-    print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
-    return 0
+    return follow_training(job, request)
 
 
 def run_compare(args: argparse.Namespace, services) -> int:

@@ -292,18 +292,12 @@ def start_multigpu_training(board: JobBoard, manager, request, processes: int, s
                             **run_options) -> Job:
     """Start (or resume) a run on `processes` GPUs as a job; the in-process model is not held meanwhile."""
     from studio.model import loading
-    from studio.train.job import last_complete_checkpoint
-    from studio.train.service import JOB_KIND, _save_request, validate_request
+    from studio.train.service import JOB_KIND, _save_request, check_can_start
 
     policy.require("train")
     if check_gpus:
         check_gpu_count(processes)
-    current = board.latest(JOB_KIND)
-    if current is not None and current.running:
-        raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
-    if request.resume and last_complete_checkpoint(request.run_dir) is None:
-        raise StudioError(f"{request.run_dir} has no complete checkpoint to resume from.")
-    validate_request(request)
+    check_can_start(board, request)
     per_process_settings(request.train, processes)  # refuses a step that cannot be shared out
     if spec is None:
         spec = manager.require_loaded().spec

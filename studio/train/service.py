@@ -110,6 +110,16 @@ def check_same_base(request: RunRequest, loaded) -> None:
                           f"Load that base (--model {base}) and resume again.")
 
 
+def check_can_start(board: JobBoard, request: RunRequest) -> None:
+    """Refuse a run while another trains, a resume without a checkpoint, and bad settings or data."""
+    current = board.latest(JOB_KIND)
+    if current is not None and current.running:
+        raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
+    if request.resume and last_complete_checkpoint(request.run_dir) is None:
+        raise StudioError(f"{request.run_dir} has no complete checkpoint to resume from.")
+    validate_request(request)
+
+
 def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = (), *,
                    policy: AccessPolicy = AccessPolicy.full(), gpus: int = 1) -> Job:
     """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it.
@@ -120,12 +130,7 @@ def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, 
         from studio.train.multigpu import start_multigpu_training
 
         return start_multigpu_training(board, manager, request, gpus, policy=policy)
-    current = board.latest(JOB_KIND)
-    if current is not None and current.running:
-        raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
-    if request.resume and last_complete_checkpoint(request.run_dir) is None:
-        raise StudioError(f"{request.run_dir} has no complete checkpoint to resume from.")
-    validate_request(request)
+    check_can_start(board, request)
     lease = manager.acquire(f"training {Path(request.run_dir).name}")
     try:
         if request.resume:
