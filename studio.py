@@ -160,9 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     train.add_argument("--document", default=None, metavar="FILE",
                        help="also train on this document's sections, one row per section, mixed with the Q/A rows")
-    train.add_argument("--gpus", type=int, default=1,
-                       help="train on N GPUs of this machine as data-parallel processes (accelerate launch); the "
-                            "sequences per optimizer step stay the same (default 1: in this process)")
     train.add_argument("--exam", default=None, metavar="FILE",
                        help="the exam for this run (default: the one built with the dataset, if any); "
                             "exam rows are never trained on")
@@ -501,8 +498,6 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.train.service import start_training
 
     request = checked_train_request(args, services.paths.runs_dir)
-    if args.gpus != 1:
-        return run_train_on_gpus(args, services, request)
     services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
     loaded = services.manager.require_loaded()
     if args.targets == "peft-default" and not args.resume:
@@ -521,17 +516,6 @@ def follow_training(job, request) -> int:
         raise StudioError(job.error)
     print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
     return 0
-
-
-def run_train_on_gpus(args: argparse.Namespace, services, request) -> int:
-    """`train --gpus N`: data-parallel processes, each loading the base itself (studio.train.multigpu)."""
-    from studio.model.loading import ModelSpec
-    from studio.train.multigpu import describe_batch, per_process_settings, start_multigpu_training
-
-    per_process_settings(request.train, max(1, args.gpus))
-    print(f"[log] {describe_batch(request.train, max(1, args.gpus))}", flush=True)
-    job = start_multigpu_training(services.jobs, None, request, args.gpus, spec=ModelSpec(args.model, args.quant))
-    return follow_training(job, request)
 
 
 def run_compare(args: argparse.Namespace, services) -> int:

@@ -121,15 +121,9 @@ def check_can_start(board: JobBoard, request: RunRequest) -> None:
 
 
 def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = (), *,
-                   policy: AccessPolicy = AccessPolicy.full(), gpus: int = 1) -> Job:
-    """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it.
-
-    `gpus` > 1 trains in that many data-parallel processes instead (studio.train.multigpu)."""
+                   policy: AccessPolicy = AccessPolicy.full()) -> Job:
+    """Start a run (or resume one) as a job holding the model; refused at once while anything else holds it."""
     policy.require("train")
-    if gpus > 1:
-        from studio.train.multigpu import start_multigpu_training
-
-        return start_multigpu_training(board, manager, request, gpus, policy=policy)
     check_can_start(board, request)
     lease = manager.acquire(f"training {Path(request.run_dir).name}")
     try:

@@ -66,10 +66,6 @@ class StudioTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = str(real)
-        self._place_checkpoint(real, staging)
-
-    def _place_checkpoint(self, real: Path, staging: Path) -> None:
-        """Record the run's training time in the staged checkpoint and rename it into place."""
         name = f"checkpoint-{self.state.global_step}"
         progress = {"step": self.state.global_step,
                     "duration_s": round(self.seconds_before + time.time() - (self.session_started or time.time()), 2)}
@@ -190,10 +186,8 @@ def precision_flags(precision: str, device: str) -> dict:
 
 
 def build_trainer(model, s, device: str, output_dir: Path, adapter_name: str, train_set, eval_set, collator,
-                  callbacks=(), trainer_class=None, **extra_args) -> StudioTrainer:
-    """A StudioTrainer for `model` with settings `s` (a TrainSettings); used by the job and the benches.
-
-    `trainer_class` and `extra_args` (more TrainingArguments) serve the data-parallel worker."""
+                  callbacks=()) -> StudioTrainer:
+    """A StudioTrainer for `model` with settings `s` (a TrainSettings); used by the job and the benches."""
     collator.counting = True
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -221,10 +215,9 @@ def build_trainer(model, s, device: str, output_dir: Path, adapter_name: str, tr
         gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         **precision_flags(s.precision, device),
-        **extra_args,
     )
     model.config.use_cache = False
-    trainer = (trainer_class or StudioTrainer)(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+    trainer = StudioTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                             data_collator=collator)
     trainer.adapter_name = adapter_name
     trainer.speed_settings = s

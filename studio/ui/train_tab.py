@@ -77,7 +77,6 @@ class TrainTab:
                 self._training_controls()
         with gr.Row():
             self.start_btn = gr.Button(s["start"], variant="primary")
-            self.gpus = gpu_count_choice(s)  # None unless more than one GPU is visible
             self.stop_btn = gr.Button(s["stop"], variant="stop")
             self.resume_pick = gr.Dropdown(self._runs(), label=s["resume_run"], allow_custom_value=True, scale=3)
             self.resume_btn = gr.Button(s["resume"])
@@ -155,12 +154,11 @@ class TrainTab:
                self.estimate_md, action="read_files", name="estimate_memory",
                args=guard_args[:2] + (ANY, RANK) + SETTING_SPECS)
         document_args = (ANY, Id("Document", "documents", optional=True))
-        gpu_inputs, gpu_args = ([self.gpus], (Num("GPUs", 1, len(self.gpus.choices), True),)) if self.gpus else ([], ())
         reg.on(self.start_btn.click, self.start, [self.dataset, self.run_name, self.system] + lora_inputs +
-               [self.document_rows, self.document_file] + self.settings + gpu_inputs,
+               [self.document_rows, self.document_file] + self.settings,
                self.panel.message, action="train", name="start_training",
                args=(Id("Dataset", "datasets", optional=True), Text("Run name", 200), guard_args[1]) + lora_args +
-               document_args + SETTING_SPECS + gpu_args)
+               document_args + SETTING_SPECS)
         reg.on(self.stop_btn.click, self.stop, None, self.panel.message, action="train", name="stop_training")
         reg.on(self.resume_btn.click, self.resume, self.resume_pick, self.panel.message, action="train",
                name="resume_training", args=(Id("Run", "runs"),))
@@ -226,13 +224,11 @@ class TrainTab:
         if not dataset_id:  # none picked yet: say what to do rather than "unknown dataset"
             raise StudioError(self.s["no_dataset"])
         path = self.catalog.resolve_dataset(dataset_id)
-        gpus = int(values[-1]) if self.gpus is not None else 1
-        values = values[:len(SETTING_FIELDS)]
         lora = LoraSettings(int(rank), int(lora_alpha), float(lora_dropout), "none", tuple(chosen))
         request = RunRequest(Path(path), prompt, lora, settings_from(*values),
                              new_run_dir(self.services.paths.runs_dir, name or Path(path).stem),
                              document=self._document_for(path, document_id) if with_document is True else None)
-        job = start_training(self.board, self.manager, request, policy=self.policy, gpus=gpus)
+        job = start_training(self.board, self.manager, request, policy=self.policy)
         return self.s["started"].format(name=job.name)
 
     def _document_for(self, dataset: Path, document_id) -> Path:
@@ -265,16 +261,6 @@ class TrainTab:
                 f"train loss {_fmt(result.get('final_train_loss'))} · eval loss {_fmt(result.get('final_eval_loss'))} · "
                 f"folder `{result.get('run_dir')}`")
         return text, str(png) if png.exists() else None, gr.update(choices=self._runs())
-
-
-def gpu_count_choice(s):
-    """How many GPUs to train on: shown only when more than one GPU is visible, else None (one GPU, in process)."""
-    from studio.train.multigpu import visible_gpu_count
-
-    count = visible_gpu_count()
-    if count <= 1:
-        return None
-    return gr.Dropdown([(str(n), n) for n in range(1, count + 1)], value=1, label=s["gpus"], scale=1)
 
 
 def build_train_tab(services: Services, app: gr.Blocks) -> TrainTab:
