@@ -17,6 +17,7 @@ recorded CUDA graph).
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -49,7 +50,7 @@ def make_decoder(mode: str, device: str) -> "Decoder":
     return GenerateDecoder(static_cache=mode == "static" and on_gpu)
 
 
-class Decoder:
+class Decoder(abc.ABC):
     """Streams the replies of a batch of conversations; subclasses provide `_generate`."""
 
     mode = ""
@@ -112,9 +113,10 @@ class Decoder:
         finally:
             streamer.end()
 
+    @abc.abstractmethod
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
                   adapters: tuple) -> None:
-        raise NotImplementedError
+        """Run the generation proper: feed `streamer` the prompt, then each step's new tokens."""
 
     def _row_streams(self):
         """The `studio.model.routing.RowStreams` the decoder switches on while it records (None: none)."""
