@@ -325,3 +325,22 @@ def test_card_sections_refusals_and_guard_speak_the_page_language(tiny_model_dir
         refused = httpx.post(upload, files=files, headers={"Accept-Language": "zh-CN", "Cookie": "studio_lang=en"})
         assert refused.status_code == 415 and refused.json()["detail"].startswith("Only .md")
     manager.unload()
+
+
+def test_what_the_model_wrote_is_never_translated(monkeypatch):
+    """A reply that happens to equal a table text stays as the model wrote it; the studio's own texts do not."""
+    from studio.access import AccessPolicy
+    from studio.ui import registry as registry_module
+    from studio.ui.strings import EN, ZH
+
+    monkeypatch.setattr(registry_module, "page_language", lambda: "zh")
+    registry = registry_module.Registry(AccessPolicy.full(), catalog=None)
+    said = EN["chat"]["empty_message"]
+
+    def reply():
+        yield said, said
+
+    studio_text = registry._wrap(reply, ("chat",), (), "reply", False)
+    model_text = registry._wrap(reply, ("chat",), (), "reply", False, generated=True)
+    assert list(studio_text()) == [(ZH["chat"]["empty_message"],) * 2]
+    assert list(model_text()) == [(said, said)]

@@ -102,9 +102,9 @@ class ChatTab:
                name="load", args=(Text("Model", 500), Choice("Quantization", QUANT_CHOICES)), concurrency_limit=1)
         reg.on(self.unload_btn.click, self.unload, None, load_outputs, action="load_model", name="unload")
         send_event = reg.on(self.send_btn.click, self.respond, chat_inputs, chat_outputs, action="chat", name="chat",
-                            args=chat_args)
+                            args=chat_args, generated=True)
         submit_event = reg.on(self.message.submit, self.respond, chat_inputs, chat_outputs, action="chat",
-                              args=chat_args)
+                              args=chat_args, generated=True)
         reg.on(self.stop_btn.click, self.stop, None, None, action="chat", name="stop",
                cancels=[e for e in (send_event, submit_event) if e is not None])
         reg.on(self.clear_btn.click, lambda: ([], ""), None, [self.chatbot, self.preview], action="view")

@@ -153,7 +153,7 @@ class CompareTab:
                action="compare", args=(Num("Exam question", 0, 100_000, True, optional=True), picked[0]))
         reg.on(self.compare_btn.click, self.compare, [self.question, self.run_pick] + generation,
                [self.base_out, self.rag_out, self.tuned_out, self.retrieved, self.both_out], action="compare",
-               name="compare", args=(Text("Question", 4000), run) + gen_args)
+               name="compare", args=(Text("Question", 4000), run) + gen_args, generated=True)
         sources = (self.s["source_exam"], self.s["source_heldout"], self.s["source_upload"])
         reg.on(self.report_btn.click, self.report, [self.run_pick, self.report_source, self.upload] + generation +
                [self.judge_url, self.judge_model, self.judge_key], self.panel.message, action="write_reports",

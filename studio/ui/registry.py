@@ -204,11 +204,14 @@ class Registry:
         return self.policy.is_demo
 
     def on(self, trigger: Callable, fn: Callable, inputs=None, outputs=None, *, action: str | tuple[str, ...],
-           name: str | None = None, args: tuple = (), scrub: bool = False, **event_kwargs):
+           name: str | None = None, args: tuple = (), scrub: bool = False, generated: bool = False,
+           **event_kwargs):
         """Register `fn` on `trigger` (a bound event such as `button.click`) unless the policy forbids `action`.
 
         `name` becomes the api_name (None: a hidden endpoint, still callable by fn_index, still checked).
-        `args` holds one spec per input. Returns the event (for `cancels=`/`.then`) or None if left out.
+        `args` holds one spec per input. `generated`: the handler returns what the model wrote, shown
+        exactly as written (never translated); its errors are still translated.
+        Returns the event (for `cancels=`/`.then`) or None if left out.
         """
         actions = (action,) if isinstance(action, str) else tuple(action)
         label = name or getattr(fn, "__name__", "handler")
@@ -218,7 +221,7 @@ class Registry:
         inputs_list = inputs if isinstance(inputs, (list, tuple)) else ([] if inputs is None else [inputs])
         if args and len(args) != len(inputs_list):
             raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
-        wrapped = self._wrap(fn, actions, tuple(args), label, scrub)
+        wrapped = self._wrap(fn, actions, tuple(args), label, scrub, generated)
         event = trigger(wrapped, inputs, outputs, api_name=name if name else False, **event_kwargs)
         self.entries.append(Registered(label, actions, True, event, tuple(args)))
         return event
@@ -291,9 +294,15 @@ class Registry:
                 args[index] = spec.check(args[index], self)
         return tuple(args)
 
-    def _wrap(self, fn, actions, specs, label, scrub):
-        """The handler behind the policy and argument checks; its messages and errors in the page's language."""
-        scrubbed = self._scrub_value if (scrub and self.demo) else (lambda value: value)
+    def _wrap(self, fn, actions, specs, label, scrub, generated=False):
+        """The handler behind the policy and argument checks; its messages and errors in the page's language
+        (what the model generated is shown exactly as written)."""
+        scrub_value = self._scrub_value if (scrub and self.demo) else (lambda value: value)
+
+        def finish(value, lang: str):
+            value = scrub_value(value)
+            return value if generated else translate_outputs(value, lang)
+
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen_wrapper(*args, **kwargs):
@@ -301,7 +310,7 @@ class Registry:
                 try:
                     args = self._checked(actions, specs, args, label)
                     for value in fn(*args, **kwargs):
-                        yield translate_outputs(scrubbed(value), lang)
+                        yield finish(value, lang)
                 except gr.Error as exc:
                     raise _translated(exc, lang)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a traceback
@@ -313,7 +322,7 @@ class Registry:
             lang = page_language()
             try:
                 args = self._checked(actions, specs, args, label)
-                return translate_outputs(scrubbed(fn(*args, **kwargs)), lang)
+                return finish(fn(*args, **kwargs), lang)
             except gr.Error as exc:
                 raise _translated(exc, lang)
             except Exception as exc:  # noqa: BLE001
