@@ -109,6 +109,7 @@ class StepOnStreams(GraphDecoder):
     def __init__(self, cuda: FakeCuda):
         super().__init__(use_graphs=False)
         self.rows_on_streams = True
+        self.rows_together = False  # else the 4-bit layers take the decode step's rows together, not on streams
         self._row_streams_of_steps = RowStreams(cuda)
 
     def _row_streams(self):
@@ -144,6 +145,7 @@ def test_the_setting_is_off_without_cuda_and_a_failed_recording_on_streams_falls
     assert make_decoder("graphs", "cpu").rows_on_streams is False
     assert GraphDecoder(use_graphs=False, rows_on_streams=True)._row_streams() is None
     decoder = GraphDecoder(use_graphs=True, rows_on_streams=True)
+    decoder.rows_together = False  # streams are for 4-bit layers that do not take the rows together
     assert decoder._row_streams() is decoder._row_streams_of_steps
     tried = []
 
@@ -174,3 +176,79 @@ def _decode(decoder, loaded, prompts, settings, adapters):
     from test_graph_decode import decode
 
     return decode(decoder, loaded, prompts, settings, adapters, threading.Event())
+
+
+# ----- 4-bit rows together -------------------------------------------------------------------------------
+
+def _rows_seen(model) -> tuple[list, list]:
+    """Wrap every linear layer to record how many rows each call gets: (4-bit calls, other calls)."""
+    import torch
+
+    four_bit, other = [], []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            seen = four_bit if type(module.weight).__name__ == "Params4bit" else other
+
+            def wrapped(x, *args, _forward=module.forward, _seen=seen, **kwargs):
+                _seen.append(x.numel() // x.shape[-1])
+                return _forward(x, *args, **kwargs)
+
+            module.forward = wrapped
+            module.rows_seen_wrapper = True
+    return four_bit, other
+
+
+def _unwrap(model) -> None:
+    for module in model.modules():
+        if module.__dict__.pop("rows_seen_wrapper", False):
+            module.__dict__.pop("forward", None)
+
+
+def test_four_bit_rows_agree_tells_a_row_exact_kernel_from_one_that_is_not(manager):
+    from studio.model.routing import four_bit_rows_agree
+
+    model = manager.require_loaded().model
+    assert four_bit_rows_agree(model) is True  # bitsandbytes' kernel on this machine: the bits of one row
+    layer = next(m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit")
+    original = layer.forward
+    try:  # a kernel that rounds a batch differently from one row
+        layer.forward = lambda x, *a, **k: original(x, *a, **k) * (1.0 if x.shape[0] == 1 else 1.0 + 2 ** -10)
+        assert four_bit_rows_agree(model) is False
+    finally:
+        layer.__dict__.pop("forward", None)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    plain = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert four_bit_rows_agree(plain) is False  # no 4-bit layers: nothing to take together
+
+
+def test_side_by_side_runs_4bit_decode_rows_together_and_stays_exact(manager, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    import studio.model.decoding as decoding
+
+    with manager.using("test") as loaded:
+        loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                               init_lora_weights=False), adapter_name="a")
+        loaded.model.eval()
+    loaded = manager.require_loaded()
+    prompt = render_prompt(loaded.tokenizer, build_messages(SYSTEM, [], "我该怎么成为天命人？"))
+    settings = GenerationSettings.greedy(12)
+    chats = [_decode(GraphDecoder(use_graphs=False), loaded, [prompt], settings, [name])[0] for name in (None, "a")]
+    four_bit, other = _rows_seen(loaded.model)
+    try:
+        together = _decode(GraphDecoder(use_graphs=False), loaded, [prompt, prompt], settings, [None, "a"])
+        assert together == chats and chats[0] != chats[1]  # each column is its chat; the adapter changes it
+        prompt_tokens = len(loaded.tokenizer(prompt)["input_ids"])
+        assert 2 in four_bit  # the decode steps' 4-bit calls took both rows at once
+        assert max(four_bit) == prompt_tokens  # the prompt: one row's tokens a call, never both rows'
+        assert 2 not in other and max(other) == prompt_tokens  # the output head and LoRA matrices: one row a call
+        four_bit.clear()
+        other.clear()
+        monkeypatch.setattr(decoding, "four_bit_rows_agree", lambda model, rows: False)  # a kernel that differs
+        apart = _decode(GraphDecoder(use_graphs=False), loaded, [prompt, prompt], settings, [None, "a"])
+        assert apart == chats
+        assert four_bit and 2 not in four_bit  # every 4-bit call one row
+    finally:
+        _unwrap(loaded.model)

@@ -19,10 +19,12 @@ out, but are not left to chance), and the step runs without cuDNN attention (see
 cannot be recorded runs eagerly, about 10x slower: the decoder says so in `problem` (shown in the
 model status) and in the log.
 
-Side by side (two rows, each run with one-row kernels, see `studio.model.routing`) can record its
-step with the two rows' 4-bit layers on two CUDA streams (`rows_on_streams`), so their latency-bound
-kernels overlap in the replay; same kernels, same numbers. If that recording fails, the step is
-recorded again with the rows one after another, and `problem` and the log say so.
+Side by side (two rows, see `studio.model.routing`): where bitsandbytes' 4-bit kernel gives each
+row of a two-row step the bits of a one-row step (checked once per model), the recorded step runs the
+4-bit layers with both rows together, reading the weights once. Otherwise it can record the rows'
+4-bit layers on two CUDA streams (`rows_on_streams`), so their latency-bound kernels overlap in the
+replay; same kernels, same numbers. If that recording fails, the step is recorded again with the rows
+one after another, and `problem` and the log say so.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class GraphDecoder(Decoder):
 
     def clear(self) -> None:
         """Forget every recorded step and its cache (the model is about to change)."""
+        super().clear()
         with self._lock:
             self._steps.clear()
             self._pool = None
@@ -104,10 +107,11 @@ class GraphDecoder(Decoder):
     def _row_streams(self):
         return self._row_streams_of_steps if self.use_graphs and self.rows_on_streams else None
 
-    def _streams_wanted(self, batch: int) -> bool:
-        """Whether a step of `batch` rows is to be recorded with its rows on streams."""
+    def _streams_wanted(self, model, batch: int) -> bool:
+        """Whether a step of `batch` rows is to be recorded with its rows' 4-bit layers on streams (not
+        when those layers take the rows together)."""
         return bool(self.use_graphs and self.rows_on_streams and self.rows_alone and batch > 1
-                    and not self._streams_failure)
+                    and not self._streams_failure and not self.together(model, batch))
 
     # ----- generation ----------------------------------------------------------------------------
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
@@ -153,7 +157,10 @@ class GraphDecoder(Decoder):
         import torch
         from transformers import StaticCache
 
-        key = (id(model), batch, cache_len, adapters, self.rows_alone, self._streams_wanted(batch))
+        # how the rows are routed (see studio.model.routing) matters only for several rows
+        routing = ((self.rows_alone, self.together(model, batch), self._streams_wanted(model, batch))
+                   if batch > 1 else ())
+        key = (id(model), batch, cache_len, adapters, routing)
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]
@@ -211,7 +218,7 @@ class GraphDecoder(Decoder):
         recorded with its rows on streams (when wanted); if that fails, with its rows one after
         another; if that fails too, the step runs eagerly.
         """
-        if self._streams_wanted(step.token_ids.shape[0]):
+        if self._streams_wanted(model, step.token_ids.shape[0]):
             failure = self._try_record(model, step, self._row_streams_of_steps)
             if not failure:
                 step.rows_on_streams = True

@@ -16,6 +16,13 @@ linear layers of a batch of several rows compute row by row, so each row runs th
 one-row chat runs: on a GPU a two-row matrix product may add in another order than a one-row one (the
 4-bit kernel for one row is a different kernel altogether), which would make the base column differ
 from a base chat in the last bits, and greedy decoding on near-ties differ in words.
+
+One exception keeps side by side cheap: bitsandbytes computes a few single-token rows (up to
+`ROWS_TOGETHER`) with one kernel that does for each row exactly the arithmetic it does for one row
+alone, while reading the 4-bit weights once. Where `four_bit_rows_agree` finds that true on this
+model (each 4-bit layer shape, checked bit for bit once per model), `route_rows(..., together=True)`
+lets the 4-bit layers take the decode step's rows together; every other linear layer (the output head,
+the LoRA matrices) still runs row by row, and the prompt (many rows) always does.
 The overrides are plain Python that a CUDA graph records like any other code.
 """
 
@@ -27,6 +34,9 @@ from typing import Iterator, Sequence
 from studio.errors import AdapterError
 
 BASE_ROW = None  # the row's adapter: None = the base model
+# bitsandbytes runs batches of up to 3 rows on its one-warp-per-output kernel (gemm_4bit_simt), on every
+# GPU; larger batches may go to a tiled kernel that adds in another order.
+ROWS_TOGETHER = 3
 
 
 def lora_layers(model) -> list:
@@ -36,14 +46,15 @@ def lora_layers(model) -> list:
 
 @contextmanager
 def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
-               row_streams: "RowStreams | None" = None) -> Iterator[None]:
+               row_streams: "RowStreams | None" = None, together: bool = False) -> Iterator[None]:
     """Run rows whose adapter is None as the base model and the others with only their adapter.
 
     The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
     base row, then the adapter row). Raises AdapterError for an adapter that is not attached and
     ValueError for a set-up these overrides cannot honour (a merged adapter, a LoRA variant such as
     DoRA, LoRA on embeddings, modules_to_save). With `rows_alone`, the rows of 4-bit layers run on
-    `row_streams` while it is switched on (see `RowStreams`).
+    `row_streams` while it is switched on (see `RowStreams`). With `together` (only where
+    `four_bit_rows_agree` holds) the 4-bit layers take up to `ROWS_TOGETHER` rows in one call.
     """
     name, rows = adapter_block(adapters)
     layers = lora_layers(model)
@@ -56,8 +67,9 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
             _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
-                streams = row_streams if _is_4bit(module) else None
-                _override(patched, module, _row_by_row(module.forward, streams))
+                four_bit = _is_4bit(module)
+                _override(patched, module, _row_by_row(module.forward, row_streams if four_bit else None,
+                                                       ROWS_TOGETHER if together and four_bit else 1))
         yield
     finally:
         for module, saved in reversed(patched):
@@ -136,13 +148,14 @@ def _is_4bit(module) -> bool:
     return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
-def _row_by_row(forward, streams: "RowStreams | None" = None):
+def _row_by_row(forward, streams: "RowStreams | None" = None, together: int = 1):
     """`forward` applied to each row of the batch on its own, the results stacked again (the rows run
-    concurrently on `streams` while it is switched on)."""
+    concurrently on `streams` while it is switched on); a batch of at most `together` single-token
+    rows goes through in one call."""
     import torch
 
     def forward_rows(x, *args, **kwargs):
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 or x.numel() // x.shape[-1] <= together:
             return forward(x, *args, **kwargs)
         rows = [x[i:i + 1] for i in range(x.shape[0])]
         if streams is not None and streams.active:
@@ -150,6 +163,32 @@ def _row_by_row(forward, streams: "RowStreams | None" = None):
         return torch.cat([forward(row, *args, **kwargs) for row in rows])
 
     return forward_rows
+
+
+def four_bit_rows_agree(model, rows: int = 2) -> bool:
+    """Whether every 4-bit layer shape of `model` gives each row of a batch of `rows` single tokens the
+    very bits it gives that row alone (random inputs, compared bit for bit; False without 4-bit layers).
+
+    True for bitsandbytes' fused kernel (0.49 and later, CPU and GPU builds alike where it is used for
+    a few rows); False where a batch is dequantized and multiplied by another kernel than one row."""
+    import torch
+
+    checked: set = set()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden_dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    for module in _linear_modules(model):
+        shape = (module.in_features, module.out_features)
+        if not _is_4bit(module) or shape in checked:
+            continue
+        checked.add(shape)
+        dtype = hidden_dtype or getattr(module, "compute_dtype", None) or torch.bfloat16
+        x = torch.randn(rows, 1, module.in_features, device=module.weight.device).to(dtype)
+        with torch.inference_mode():
+            together = module(x)
+            alone = torch.cat([module(x[i:i + 1]) for i in range(rows)])
+        if not torch.equal(together, alone):
+            return False
+    return bool(checked)
 
 
 class RowStreams:

@@ -1,0 +1,165 @@
+"""Where a small model's training step goes: the host (Python) against the GPU.
+
+On the GPU, with the random-weight Qwen2.5-0.5B shape in 4-bit NF4 (a 7B-shaped step is mostly GPU
+work; a 0.5B one should be 15 times less, and is not):
+1. the Fast preset through the studio's trainer: seconds per optimizer step, and the GPU's busy time
+   per step from torch.profiler (kernel time against the wall clock);
+2. cProfile of the same steps: the functions that take the host's time (own time and cumulative);
+3. the tutorial preset through the studio's trainer against a plain transformers Trainer with the
+   tutorial's arguments, same rows, seconds per optimizer step.
+
+    python bench/profile_small_train.py [--size 0.5B] [--steps 8]
+    python bench/profile_small_train.py --tiny     # a quick CPU run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from common import ROOT, build_sized_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
+
+from train_speed import run_setup  # noqa: E402
+
+from studio.model.loading import ModelSpec  # noqa: E402
+from studio.model.manager import ModelManager  # noqa: E402
+from studio.train.collate import make_collator  # noqa: E402
+from studio.train.job import add_trainable_adapter  # noqa: E402
+from studio.train.settings import LoraSettings, preset  # noqa: E402
+from studio.train.trainer import ProgressTracker, build_trainer  # noqa: E402
+
+
+def host_profile(run, rows: int = 30) -> dict:
+    """cProfile of `run()`: the top functions by own time and by cumulative time, as text."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    tables = {}
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(key).print_stats(rows)
+        tables[key] = text.getvalue()[-9000:]
+    return tables
+
+
+def gpu_busy(run) -> dict:
+    """Wall seconds of `run()` against the summed time of the CUDA kernels it ran."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    top_cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    return {"wall_s": round(wall, 3), "kernel_s": round(sum(e.self_device_time_total for e in kernels) / 1e6, 3),
+            "kernels": sum(e.count for e in kernels),
+            "top_cpu_ops": [(e.key[:70], round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top_cpu]}
+
+
+class _Job:
+    cancelled = False
+
+    def log(self, *args):
+        pass
+
+    def emit(self, *args, **kwargs):
+        pass
+
+
+def tutorial_vs_plain(loaded, rows: list[dict], steps: int) -> dict:
+    """Seconds per optimizer step: the tutorial preset through the studio's trainer (with its progress
+    callback) and a plain transformers Trainer with the tutorial's arguments."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    out = {}
+    on_gpu = torch.cuda.is_available()
+    for which in ("plain", "studio", "plain again", "studio again"):
+        model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
+        loaded.model = model
+        folder = ROOT / "bench" / "out" / which.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if which.startswith("plain"):
+            args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=1,
+                                     gradient_accumulation_steps=8, learning_rate=1e-3, num_train_epochs=4,
+                                     max_steps=steps, lr_scheduler_type="linear", warmup_steps=0.03,
+                                     logging_steps=1, optim="adamw_torch", report_to=[], save_strategy="no",
+                                     gradient_checkpointing=True, disable_tqdm=True, remove_unused_columns=False,
+                                     bf16=on_gpu, use_cpu=not on_gpu)
+            Trainer(model=model, args=args, train_dataset=rows,
+                    data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True)).train()
+        else:
+            settings = replace(preset("tutorial"), max_steps=steps, save_every=0)
+            collator = make_collator(settings, loaded.tokenizer)
+            run = SimpleNamespace(name="bench", metrics_path=folder / "metrics.jsonl")
+            tracker = ProgressTracker(run, _Job(), collator)
+            trainer = build_trainer(model, settings, loaded.device, folder, "bench", rows, [], collator, (tracker,))
+            tracker.trainer = trainer
+            trainer.train()
+        out[which + " s_per_step"] = round((time.perf_counter() - started) / steps, 4)
+        model.get_base_model().config.use_cache = True
+        model.eval()
+        print(which, out[which + " s_per_step"], flush=True)
+    out["studio / plain"] = round((out["studio s_per_step"] + out["studio again s_per_step"])
+                                  / (out["plain s_per_step"] + out["plain again s_per_step"]), 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--size", default="0.5B")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tutorial-steps", type=int, default=2)
+    parser.add_argument("--model-root", default="/dev/shm/qwen25-random" if Path("/dev/shm").is_dir() else
+                        "/tmp/qwen25-random")
+    args = parser.parse_args()
+    size = "tiny" if args.tiny else args.size
+    folder = build_sized_model(Path(args.model_root) / size, size)
+    manager = ModelManager(decode_mode="eager")
+    manager.load(ModelSpec(str(folder), "4bit"))
+    payload: dict = {"model": f"Qwen2.5-{size} shape, random weights, 4-bit NF4", "steps": args.steps}
+
+    def save():
+        return write_results(f"profile_small_train-{size}", payload)
+
+    with manager.using("benchmark") as loaded:
+        vocab = loaded.model.config.vocab_size - 2000 if not args.tiny else loaded.model.config.vocab_size
+        rows = synthetic_examples(8 * (args.steps + 2), vocab, seed=7)
+        fast = preset("fast")
+        payload["fast_warm"] = {k: v for k, v in run_setup(loaded, "fast warm", fast, rows, args.steps).items()
+                                if k in ("tokens_per_s", "steps_per_s", "train_wall_s", "applied")}
+        print("fast", payload["fast_warm"], flush=True)
+        payload["fast_gpu_busy"] = gpu_busy(lambda: run_setup(loaded, "fast busy", fast, rows, args.steps))
+        print("busy", payload["fast_gpu_busy"], flush=True)
+        save()
+        payload["fast_host"] = host_profile(lambda: run_setup(loaded, "fast host", fast, rows, args.steps))
+        print(payload["fast_host"]["tottime"], flush=True)
+        print(payload["fast_host"]["cumulative"], flush=True)
+        save()
+        tutorial_rows = synthetic_examples(8 * args.tutorial_steps, vocab, seed=8)
+        payload["tutorial_vs_plain"] = tutorial_vs_plain(loaded, tutorial_rows, args.tutorial_steps)
+        print("tutorial vs plain", payload["tutorial_vs_plain"], flush=True)
+        payload["tutorial_host"] = host_profile(
+            lambda: run_setup(loaded, "tutorial host", preset("tutorial"), tutorial_rows, args.tutorial_steps,
+                              studio_kernels=False))
+        print(payload["tutorial_host"]["tottime"], flush=True)
+    print("->", save(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
