@@ -154,7 +154,7 @@ def compare_cost(manager, tokens: int) -> dict:
     result = {"decode_mode": decoder.mode, "one_column_s": round(one, 2),
               "one_column_tokens_per_s": round(tokens / one, 1)}
     costs = {}  # every recorded step, measured while it is still kept (the decoder keeps a few only)
-    variants = {"4-bit rows together": (True, True, False), "rows on two streams": (True, False, True),
+    variants = {"4-bit rows together": (True, True, True), "rows on two streams": (True, False, True),
                 "rows one at a time": (True, False, False), "rows batched": (False, False, False)}
     model = manager.require_loaded().model
     for label, values in variants.items():
@@ -175,7 +175,7 @@ def compare_cost(manager, tokens: int) -> dict:
             costs.update(step_costs(model, decoder))
     for name, value in zip(flags, default):
         setattr(decoder, name, value)
-    result["default_variant"] = next(label for label, value in variants.items() if value == default)
+    result["default_variant"] = next((label for label, value in variants.items() if value == default), str(default))
     if costs:
         result["recorded_steps"] = costs
     return result

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 from common import ROOT, build_sized_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
 
+from transformers import TrainerCallback  # noqa: E402
+
 from train_speed import run_setup  # noqa: E402
 
 from studio.model.loading import ModelSpec  # noqa: E402
@@ -67,6 +69,64 @@ def gpu_busy(run) -> dict:
     return {"wall_s": round(wall, 3), "kernel_s": round(sum(e.self_device_time_total for e in kernels) / 1e6, 3),
             "kernels": sum(e.count for e in kernels),
             "top_cpu_ops": [(e.key[:70], round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top_cpu]}
+
+
+class PhaseClock(TrainerCallback):
+    """Seconds per optimizer step in each phase, the GPU synchronised at every mark: forward and
+    backward (step begin to pre-optimizer), optimizer (to optimizer step done), the rest of the step
+    (clipping is before the optimizer; logging and callbacks after), and between steps (the next batch)."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = []
+
+    def _mark(self, name):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((name, time.perf_counter()))
+
+    def on_step_begin(self, *args, **kwargs):
+        self._mark("begin")
+
+    def on_pre_optimizer_step(self, *args, **kwargs):
+        self._mark("pre_optimizer")
+
+    def on_optimizer_step(self, *args, **kwargs):
+        self._mark("optimizer_done")
+
+    def on_step_end(self, *args, **kwargs):
+        self._mark("end")
+
+    def summary(self, skip: int = 2) -> dict:
+        spans: dict[str, list[float]] = {}
+        for (a, ta), (b, tb) in zip(self.marks, self.marks[1:]):
+            spans.setdefault(f"{a} -> {b}", []).append(tb - ta)
+        return {name: round(sum(v[skip:]) / max(1, len(v[skip:])) * 1000, 2) for name, v in spans.items()}
+
+
+def phase_times(loaded, settings, rows: list[dict], steps: int) -> dict:
+    """Milliseconds per phase of an optimizer step (see PhaseClock), the studio's trainer, no callbacks else."""
+    model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
+    loaded.model = model
+    settings = replace(settings, max_steps=steps, save_every=0, logging_steps=1)
+    collator = make_collator(settings, loaded.tokenizer)
+    clock = PhaseClock()
+    trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / "phases", "bench", rows, [],
+                            collator, (clock,))
+    compute_loss = trainer.compute_loss
+
+    def timed_loss(*args, **kwargs):
+        clock._mark("forward")
+        loss = compute_loss(*args, **kwargs)
+        clock._mark("forward_done")
+        return loss
+
+    trainer.compute_loss = timed_loss
+    trainer.train()
+    model.get_base_model().config.use_cache = True
+    model.eval()
+    return clock.summary()
 
 
 class _Job:
@@ -125,6 +185,7 @@ def main() -> None:
     parser.add_argument("--size", default="0.5B")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tutorial-steps", type=int, default=2)
+    parser.add_argument("--phases-only", action="store_true", help="stop after the per-phase step times")
     parser.add_argument("--model-root", default="/dev/shm/qwen25-random" if Path("/dev/shm").is_dir() else
                         "/tmp/qwen25-random")
     args = parser.parse_args()
@@ -144,6 +205,11 @@ def main() -> None:
         payload["fast_warm"] = {k: v for k, v in run_setup(loaded, "fast warm", fast, rows, args.steps).items()
                                 if k in ("tokens_per_s", "steps_per_s", "train_wall_s", "applied")}
         print("fast", payload["fast_warm"], flush=True)
+        payload["fast_phases_ms"] = phase_times(loaded, fast, rows, args.steps)
+        print("phases", payload["fast_phases_ms"], flush=True)
+        if args.phases_only:
+            print("->", save(), flush=True)
+            return
         payload["fast_gpu_busy"] = gpu_busy(lambda: run_setup(loaded, "fast busy", fast, rows, args.steps))
         print("busy", payload["fast_gpu_busy"], flush=True)
         save()

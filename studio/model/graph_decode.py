@@ -128,7 +128,13 @@ class GraphDecoder(Decoder):
 
     def _decode(self, model, step: _Step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                 pad_token_id) -> None:
-        """Prefill, then one token per step until a stop condition (see `_generate`)."""
+        """Prefill, then one token per step until a stop condition (see `_generate`).
+
+        Each step is launched before its input token is read back to the host, so the host's share of a
+        token (reading it back, the streamer decoding the text) runs while the GPU computes the next
+        one. A step launched for a reply that then ends (end of text, Stop) is dropped unread; the next
+        reply starts from a zeroed cache.
+        """
         import torch
 
         batch = input_ids.shape[0]
@@ -139,18 +145,20 @@ class GraphDecoder(Decoder):
         streamer.put(input_ids.cpu())
         choose = _token_chooser(settings)
         history = input_ids
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        for produced in range(1, int(settings.max_new_tokens) + 1):
+        finished = [False] * batch
+        limit = int(settings.max_new_tokens)
+        for produced in range(1, limit + 1):
             next_ids = choose(history, logits)
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-            if eos_token_id is not None:
-                finished |= next_ids == eos_token_id
-            streamer.put(next_ids.cpu())
+            read = _read_back(next_ids)
             if settings.repetition_penalty != 1.0:
                 history = torch.cat([history, next_ids[:, None]], dim=1)
-            if produced == settings.max_new_tokens or stop.is_set() or bool(finished.all()):
+            if produced < limit and not stop.is_set():
+                logits = self._advance(model, step, next_ids)
+            tokens = [pad_token_id if done else token for done, token in zip(finished, read())]
+            finished = [done or token == eos_token_id for done, token in zip(finished, tokens)]
+            streamer.put(torch.tensor(tokens))
+            if produced == limit or stop.is_set() or all(finished):
                 break
-            logits = self._advance(model, step, next_ids)
 
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:
@@ -260,6 +268,25 @@ class GraphDecoder(Decoder):
             return f"{exc.__class__.__name__}: {str(exc)[:300]}"
         finally:
             _set_cache_counters(step.cache, written)
+
+
+def _read_back(ids) -> Callable[[], list]:
+    """Start copying `ids` to the host without waiting for the GPU; the returned function waits for
+    that copy only (not for work queued after it) and gives the values as a list."""
+    import torch
+
+    if ids.device.type != "cuda":
+        return ids.tolist
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 def _token_chooser(settings) -> Callable:

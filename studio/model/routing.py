@@ -124,6 +124,9 @@ def _routed_forward(layer, name: str | None, rows: slice):
         part_x = x if whole else x[rows]
         part = result if whole else result[rows]
         update = lora_B(lora_A(dropout(part_x.to(lora_A.weight.dtype)))) * scaling
+        if not whole and (cast_update_first or update.dtype == part.dtype):
+            part.add_(update.to(part.dtype))  # the same sum, written into the adapter rows in place
+            return result
         if cast_update_first:
             routed = part + update.to(part.dtype)
         else:
