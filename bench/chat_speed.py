@@ -197,7 +197,8 @@ def step_costs(model, decoder) -> dict:
         _, seconds = timed(lambda: [step.graph.replay() for _ in range(50)])
         adapters, (rows_alone, together, _) = key[3], (key[4] or (True, False, False))  # see GraphDecoder._step_for
         on_streams = getattr(step, "rows_on_streams", False)
-        with torch.inference_mode(), route_rows(model, adapters, rows_alone, None, together), \
+        layers = decoder.together(model, len(adapters)) if together else frozenset()
+        with torch.inference_mode(), route_rows(model, adapters, rows_alone, None, layers), \
                 torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             decoder._run_step(model, step)
             sync()

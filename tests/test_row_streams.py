@@ -187,6 +187,8 @@ def _rows_seen(model) -> tuple[list, list]:
     four_bit, other = [], []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
+            if module is model.get_output_embeddings():
+                continue  # the head may take the rows together too, where it gives each row its bits
             seen = four_bit if type(module.weight).__name__ == "Params4bit" else other
 
             def wrapped(x, *args, _forward=module.forward, _seen=seen, **kwargs):
@@ -204,23 +206,30 @@ def _unwrap(model) -> None:
             module.__dict__.pop("forward", None)
 
 
-def test_four_bit_rows_agree_tells_a_row_exact_kernel_from_one_that_is_not(manager):
-    from studio.model.routing import four_bit_rows_agree
+def test_rows_together_tells_a_row_exact_kernel_from_one_that_is_not(manager):
+    from studio.model.routing import rows_together
 
     model = manager.require_loaded().model
-    assert four_bit_rows_agree(model) is True  # bitsandbytes' kernel on this machine: the bits of one row
-    layer = next(m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit")
-    original = layer.forward
-    try:  # a kernel that rounds a batch differently from one row
-        layer.forward = lambda x, *a, **k: original(x, *a, **k) * (1.0 if x.shape[0] == 1 else 1.0 + 2 ** -10)
-        assert four_bit_rows_agree(model) is False
+    quantized = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    found = rows_together(model)
+    assert {id(m) for m in quantized} <= found  # bitsandbytes' kernel on this machine: the bits of one row
+    assert found <= {id(m) for m in quantized} | {id(model.get_output_embeddings())}
+    first = quantized[0]
+    shape = (first.in_features, first.out_features)
+    original = first.forward
+    try:  # a kernel that rounds a batch differently from one row: its shape's layers are left out
+        first.forward = lambda x, *a, **k: original(x, *a, **k) * (1.0 if x.shape[0] == 1 else 1.0 + 2 ** -10)
+        found = rows_together(model)
     finally:
-        layer.__dict__.pop("forward", None)
+        first.__dict__.pop("forward", None)
+    same_shape = {id(m) for m in quantized if (m.in_features, m.out_features) == shape}
+    assert same_shape and not same_shape & found
+    assert {id(m) for m in quantized} - same_shape <= found
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     plain = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    assert four_bit_rows_agree(plain) is False  # no 4-bit layers: nothing to take together
+    assert rows_together(plain) <= {id(plain.lm_head)}  # no 4-bit layers; at most the head
 
 
 def test_side_by_side_runs_4bit_decode_rows_together_and_stays_exact(manager, monkeypatch):
@@ -243,10 +252,10 @@ def test_side_by_side_runs_4bit_decode_rows_together_and_stays_exact(manager, mo
         prompt_tokens = len(loaded.tokenizer(prompt)["input_ids"])
         assert 2 in four_bit  # the decode steps' 4-bit calls took both rows at once
         assert max(four_bit) == prompt_tokens  # the prompt: one row's tokens a call, never both rows'
-        assert 2 not in other and max(other) == prompt_tokens  # the output head and LoRA matrices: one row a call
+        assert 2 not in other and max(other) == prompt_tokens  # the LoRA matrices: one row a call
         four_bit.clear()
         other.clear()
-        monkeypatch.setattr(decoding, "four_bit_rows_agree", lambda model, rows: False)  # a kernel that differs
+        monkeypatch.setattr(decoding, "rows_together", lambda model, rows: frozenset())  # kernels that differ
         apart = _decode(GraphDecoder(use_graphs=False), loaded, [prompt, prompt], settings, [None, "a"])
         assert apart == chats
         assert four_bit and 2 not in four_bit  # every 4-bit call one row

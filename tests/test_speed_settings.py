@@ -281,3 +281,14 @@ def test_memory_estimate_follows_the_switches(manager):
     assert dense.model_gib > plain.model_gib  # the bf16 copies of the 4-bit layers
     assert plain.activations_gib < half.activations_gib
     assert fast.forward_tokens == sum(lengths) and plain.forward_tokens == 8 * 400
+
+
+def test_decode_kernels_leave_a_cpu_model_as_it_is(manager):
+    from studio.model.kernels import decode_kernels
+
+    model = manager.require_loaded().model
+    before = {id(m): m.__dict__.get("forward") for m in model.modules()}
+    with decode_kernels(model) as note:
+        assert note == "Liger kernels skipped: Liger kernels need a CUDA GPU." or "not installed" in note
+        assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
+    assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before

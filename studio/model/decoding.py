@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 from studio.errors import StudioError
 from studio.model.attention import without_cudnn_attention
 from studio.model.generation import GenerationSettings, render_prompt
-from studio.model.routing import four_bit_rows_agree, route_rows
+from studio.model.routing import route_rows, rows_together
 
 # What each --decode mode does, on a GPU and on the CPU (the CLI's --help and the README say the same).
 DECODE_MODES = {
@@ -55,26 +55,27 @@ class Decoder(abc.ABC):
 
     mode = ""
     rows_alone = True  # see studio.model.routing: each row of a batch runs one-row kernels
-    # ... except the 4-bit layers' decode step, which takes the rows together where that gives each row
-    # the bits of a one-row run (checked once per model, `studio.model.routing.four_bit_rows_agree`)
+    # ... except the decode step's 4-bit layers and output head, which take the rows together where that
+    # gives each row the bits of a one-row run (checked once per model, `studio.model.routing.rows_together`)
     rows_together = True
     rows_on_streams = False  # recorded side-by-side steps run the rows' 4-bit layers concurrently (graphs only)
 
     def __init__(self) -> None:
         self.problem = ""  # why the decoder runs slower than its mode promises ("" when it does not)
-        self._agreement: tuple = (None, False)  # (id of the model checked, four_bit_rows_agree's answer)
+        self._agreement: dict = {}  # (id of the model, rows) -> rows_together's answer
 
     def clear(self) -> None:
         """Forget anything that belongs to the model as it is now (the model is about to change)."""
-        self._agreement = (None, False)
+        self._agreement = {}
 
-    def together(self, model, batch: int) -> bool:
-        """Whether a batch of `batch` rows runs its 4-bit decode step with the rows together."""
+    def together(self, model, batch: int) -> frozenset:
+        """The linear layers (ids) that take a batch of `batch` single-token rows in one call."""
         if not (self.rows_alone and self.rows_together and batch > 1):
-            return False
-        if self._agreement[0] != id(model):
-            self._agreement = (id(model), four_bit_rows_agree(model, batch))
-        return self._agreement[1]
+            return frozenset()
+        key = (id(model), batch)
+        if key not in self._agreement:
+            self._agreement[key] = rows_together(model, batch)
+        return self._agreement[key]
 
     # ----- the one entry point -----------------------------------------------------------------------
     def stream(self, loaded, conversations: Sequence[list[dict]], settings: GenerationSettings,

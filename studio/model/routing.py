@@ -17,12 +17,13 @@ one-row chat runs: on a GPU a two-row matrix product may add in another order th
 4-bit kernel for one row is a different kernel altogether), which would make the base column differ
 from a base chat in the last bits, and greedy decoding on near-ties differ in words.
 
-One exception keeps side by side cheap: bitsandbytes computes a few single-token rows (up to
-`ROWS_TOGETHER`) with one kernel that does for each row exactly the arithmetic it does for one row
-alone, while reading the 4-bit weights once. Where `four_bit_rows_agree` finds that true on this
-model (each 4-bit layer shape, checked bit for bit once per model), `route_rows(..., together=True)`
-lets the 4-bit layers take the decode step's rows together; every other linear layer (the output head,
-the LoRA matrices) still runs row by row, and the prompt (many rows) always does.
+One exception keeps side by side cheap: bitsandbytes computes a few single-token rows (up to 3)
+with one kernel that does for each row exactly the arithmetic it does for one row alone, while reading
+the 4-bit weights once; the output head's matrix product may do the same. `rows_together` finds, bit
+for bit on random rows, which of those layers do so on this model and GPU (each 4-bit shape, and the
+head); `route_rows(..., together=...)` lets just those take a batch of single-token rows in one call.
+The LoRA matrices get one row anyway (an adapter row), and the prompt (many rows) always runs row by
+row.
 The overrides are plain Python that a CUDA graph records like any other code.
 """
 
@@ -34,9 +35,6 @@ from typing import Iterator, Sequence
 from studio.errors import AdapterError
 
 BASE_ROW = None  # the row's adapter: None = the base model
-# bitsandbytes runs batches of up to 3 rows on its one-warp-per-output kernel (gemm_4bit_simt), on every
-# GPU; larger batches may go to a tiled kernel that adds in another order.
-ROWS_TOGETHER = 3
 
 
 def lora_layers(model) -> list:
@@ -46,15 +44,15 @@ def lora_layers(model) -> list:
 
 @contextmanager
 def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
-               row_streams: "RowStreams | None" = None, together: bool = False) -> Iterator[None]:
+               row_streams: "RowStreams | None" = None, together: frozenset = frozenset()) -> Iterator[None]:
     """Run rows whose adapter is None as the base model and the others with only their adapter.
 
     The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
     base row, then the adapter row). Raises AdapterError for an adapter that is not attached and
     ValueError for a set-up these overrides cannot honour (a merged adapter, a LoRA variant such as
     DoRA, LoRA on embeddings, modules_to_save). With `rows_alone`, the rows of 4-bit layers run on
-    `row_streams` while it is switched on (see `RowStreams`). With `together` (only where
-    `four_bit_rows_agree` holds) the 4-bit layers take up to `ROWS_TOGETHER` rows in one call.
+    `row_streams` while it is switched on (see `RowStreams`). The linear layers in `together` (ids,
+    from `rows_together`) take a batch of single-token rows in one call.
     """
     name, rows = adapter_block(adapters)
     layers = lora_layers(model)
@@ -67,9 +65,9 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
             _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
-                four_bit = _is_4bit(module)
-                _override(patched, module, _row_by_row(module.forward, row_streams if four_bit else None,
-                                                       ROWS_TOGETHER if together and four_bit else 1))
+                streams = row_streams if _is_4bit(module) else None
+                limit = len(adapters) if id(module) in together else 1
+                _override(patched, module, _row_by_row(module.forward, streams, limit))
         yield
     finally:
         for module, saved in reversed(patched):
@@ -168,30 +166,41 @@ def _row_by_row(forward, streams: "RowStreams | None" = None, together: int = 1)
     return forward_rows
 
 
-def four_bit_rows_agree(model, rows: int = 2) -> bool:
-    """Whether every 4-bit layer shape of `model` gives each row of a batch of `rows` single tokens the
-    very bits it gives that row alone (random inputs, compared bit for bit; False without 4-bit layers).
+def rows_together(model, rows: int = 2) -> frozenset:
+    """The ids of the linear layers that give each row of a batch of `rows` single tokens the very bits
+    they give that row alone: the 4-bit layers (checked once per shape) and the output head, on random
+    rows compared bit for bit. Empty for a model without such layers.
 
-    True for bitsandbytes' fused kernel (0.49 and later, CPU and GPU builds alike where it is used for
-    a few rows); False where a batch is dequantized and multiplied by another kernel than one row."""
+    bitsandbytes' fused kernel (0.49 and later) passes for up to 3 rows; a build that dequantizes a
+    batch and multiplies it with another kernel than one row does not, and neither may a matrix-product
+    library that picks another kernel for two rows than for one."""
     import torch
 
-    checked: set = set()
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     hidden_dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    agree: set = set()
+    by_shape: dict = {}
     for module in _linear_modules(model):
-        shape = (module.in_features, module.out_features)
-        if not _is_4bit(module) or shape in checked:
-            continue
-        checked.add(shape)
-        dtype = hidden_dtype or getattr(module, "compute_dtype", None) or torch.bfloat16
-        x = torch.randn(rows, 1, module.in_features, device=module.weight.device).to(dtype)
-        with torch.inference_mode():
-            together = module(x)
-            alone = torch.cat([module(x[i:i + 1]) for i in range(rows)])
-        if not torch.equal(together, alone):
-            return False
-    return bool(checked)
+        if _is_4bit(module):
+            by_shape.setdefault((module.in_features, module.out_features), []).append(module)
+    for modules in by_shape.values():
+        if _rows_agree(modules[0], rows, hidden_dtype):
+            agree.update(id(m) for m in modules)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear) and _rows_agree(head, rows, hidden_dtype):
+        agree.add(id(head))
+    return frozenset(agree)
+
+
+def _rows_agree(module, rows: int, hidden_dtype) -> bool:
+    import torch
+
+    dtype = hidden_dtype or getattr(module, "compute_dtype", None) or module.weight.dtype
+    x = torch.randn(rows, 1, module.in_features, device=module.weight.device).to(dtype)
+    with torch.inference_mode():
+        together = module(x)
+        alone = torch.cat([module(x[i:i + 1]) for i in range(rows)])
+    return torch.equal(together, alone)
 
 
 class RowStreams:

@@ -23,20 +23,9 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
+from studio.model.kernels import apply_liger, liger_available  # noqa: F401  (liger_available: studio.train.memory)
+
 COMPILE_BACKEND = "inductor"  # tests on the CPU use "aot_eager" (same graphs, no C++ build)
-
-
-def liger_available() -> str | None:
-    """None when Liger kernels can run here, else why not."""
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "the liger-kernel package is not installed"
-    if not torch.cuda.is_available():
-        return "Liger kernels need a CUDA GPU"
-    return None
 
 
 def decoder_layers(model) -> list:
@@ -51,41 +40,6 @@ def decoder_layers(model) -> list:
 def _forget_instance_attributes(module, names) -> None:
     for name in names:
         module.__dict__.pop(name, None)
-
-
-def apply_liger(model, undo: list) -> str:
-    """Liger's kernels on this model instance; `undo` gets the callables that take them off again."""
-    import importlib
-
-    from studio.model.card import base_of
-
-    reason = liger_available()
-    if reason:
-        return f"Liger kernels skipped: {reason}."
-    base = base_of(model)
-    model_type = base.config.model_type
-    import liger_kernel.transformers as liger
-
-    apply = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
-    if apply is None:
-        return f"Liger kernels skipped: liger-kernel has no kernels for {model_type!r} models."
-    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    saved_globals = dict(vars(modeling))
-    modules = [base, *base.modules()]
-    had = [(m, {k: m.__dict__[k] for k in ("forward", "_get_name", "extra_repr") if k in m.__dict__})
-           for m in modules]
-
-    def restore():
-        for name, value in saved_globals.items():
-            if vars(modeling).get(name) is not value:
-                setattr(modeling, name, value)
-        for module, previous in had:
-            _forget_instance_attributes(module, ("forward", "_get_name", "extra_repr"))
-            module.__dict__.update(previous)
-
-    undo.append(restore)
-    apply(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
-    return "Liger kernels on: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy."
 
 
 def _dense_forward(self, x, *args, **kwargs):
