@@ -166,7 +166,7 @@ def compare_cost(manager, tokens: int) -> dict:
             "two_columns_s": round(two, 2), "ratio": round(two / one, 2), "meets_1.3x": two / one <= 1.3,
             "base_column_equals_base_chat": base == base_alone, "adapter_column_equals_adapter_chat": tuned == single,
             "default": values == default, "decoder_problem": decoder.problem,
-            "rows_together": decoder.together(model, 2),
+            "layers_taking_rows_together": len(decoder.together(model, 2)),
             "recorded_on_streams": any(getattr(step, "rows_on_streams", False)  # see GraphDecoder._step_for
                                        for key, step in getattr(decoder, "_steps", {}).items()
                                        if key[1] == 2 and key[4][0] == values[0])}

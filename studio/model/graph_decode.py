@@ -280,7 +280,9 @@ class GraphDecoder(Decoder):
                         _set_cache_counters(step.cache, written)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                # thread_local: CUDA calls of other threads (a second session's work, a garbage-collected
+                # CUDA object) cannot invalidate this recording; the collector is held off while it runs
+                with _collector_paused(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     logits = self._run_step(model, step)
             step.graph, step.logits = graph, logits
             return ""
@@ -290,6 +292,21 @@ class GraphDecoder(Decoder):
             return f"{exc.__class__.__name__}: {str(exc)[:300]}"
         finally:
             _set_cache_counters(step.cache, written)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's garbage collector off for the block (after one collection), on again after it."""
+    import gc
+
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _read_back(ids) -> Callable[[], list]:
