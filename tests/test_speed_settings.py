@@ -293,14 +293,3 @@ def test_decode_kernels_leave_a_cpu_model_as_it_is(manager):
         assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
     assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
 
-
-def test_the_4bit_decode_kernel_leaves_a_cpu_model_as_it_is(manager):
-    from studio.model.nf4_rows import eligible, nf4_rows_kernel
-
-    model = manager.require_loaded().model
-    quantized = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
-    assert quantized and not any(eligible(m) for m in quantized)  # NF4 layers, but not on a GPU
-    before = {id(m): m.__dict__.get("forward") for m in model.modules()}
-    with nf4_rows_kernel(model) as note:
-        assert note.startswith("4-bit decode kernel skipped:")
-        assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before

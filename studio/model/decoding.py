@@ -18,7 +18,6 @@ recorded CUDA graph).
 from __future__ import annotations
 
 import abc
-import contextlib
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -121,18 +120,13 @@ class Decoder(abc.ABC):
         `model.generate(..., streamer=streamer)` does; runs on the calling thread."""
         adapters = list(adapters) if adapters else [None] * input_ids.shape[0]
         try:
-            with self._decode_kernels(model):
-                together = self.together(model, len(adapters))
-                with route_rows(model, adapters, self.rows_alone, self._row_streams(), together), \
-                        without_cudnn_attention(input_ids.device.type == "cuda"):
-                    self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
-                                   pad_token_id, tuple(adapters))
+            together = self.together(model, len(adapters))
+            with route_rows(model, adapters, self.rows_alone, self._row_streams(), together), \
+                    without_cudnn_attention(input_ids.device.type == "cuda"):
+                self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                               pad_token_id, tuple(adapters))
         finally:
             streamer.end()
-
-    def _decode_kernels(self, model):
-        """A context that puts the decoder's own kernels on `model` for one generation (none here)."""
-        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,

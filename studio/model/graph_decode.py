@@ -12,10 +12,9 @@ length reuses it) and one adapter set-up. `clear()` forgets them all; the model 
 whenever the model may change (training, attaching or deleting adapters), since a graph replays the
 memory addresses it was recorded with. Without CUDA the same loop runs the step eagerly.
 
-On a GPU, each generation also runs the 4-bit layers' one- and two-row products with a Triton kernel
-that reads the weights once for both rows (`studio.model.nf4_rows`), and Liger's fused RMSNorm, RoPE and
-SwiGLU kernels where the liger-kernel package is installed (`studio.model.kernels`, about 650 fewer
-kernels a step). Each computes a row's numbers without regard to the other rows.
+On a GPU, each generation also runs with Liger's fused RMSNorm, RoPE and SwiGLU kernels where the
+liger-kernel package is installed (`studio.model.kernels`): a row's numbers do not depend on the
+other rows, and the step has about 650 fewer kernels.
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
@@ -126,7 +125,7 @@ class GraphDecoder(Decoder):
         once `stop` is set; the caller (Decoder.generate) has routed the rows and ends the streamer."""
         import torch
 
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._fused_kernels(model):
             batch, prompt_len = input_ids.shape
             step = self._step_for(model, batch, cache_length(prompt_len, settings.max_new_tokens), adapters)
             self._decode(model, step, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
@@ -167,18 +166,15 @@ class GraphDecoder(Decoder):
                 break
 
     @contextlib.contextmanager
-    def _decode_kernels(self, model):
-        """On a GPU, for the generation: the Triton kernel for the 4-bit layers' one- and two-row steps
-        (`studio.model.nf4_rows`) and Liger's RMSNorm, RoPE and SwiGLU kernels (`studio.model.kernels`);
-        the log says whether they are on when that changes."""
+    def _fused_kernels(self, model):
+        """On a GPU, Liger's RMSNorm, RoPE and SwiGLU kernels for the generation (`studio.model.kernels`);
+        the first generation logs whether they are on."""
         if not self.use_graphs:
             yield
             return
         from studio.model.kernels import decode_kernels
-        from studio.model.nf4_rows import nf4_rows_kernel
 
-        with nf4_rows_kernel(model) as nf4_note, decode_kernels(model) as liger_note:
-            note = f"{nf4_note} {liger_note}"
+        with decode_kernels(model) as note:
             if note != self.kernels_note:
                 self.kernels_note = note
                 log.info("Graph decoder: %s", note)
