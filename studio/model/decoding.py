@@ -30,7 +30,7 @@ from studio.model.routing import route_rows, rows_together
 # What each --decode mode does, on a GPU and on the CPU (the CLI's --help and the README say the same).
 DECODE_MODES = {
     "graphs": "default. GPU: a static KV cache and the one-token step recorded once as a CUDA graph (about 3 s "
-              "on the first reply of a batch and cache size) and replayed for every token, about 10x the "
+              "on the first reply of a batch and cache size) and replayed for every token, 9-12x the "
               "tutorial's generate(). CPU: the same loop with the step run eagerly, tokens equal to generate()'s",
     "eager": "plain transformers generate(), the tutorial's path. GPU and CPU: the reference; slowest on a GPU",
     "static": "generate() with a static KV cache, no compilation. GPU: about 2x the tutorial's speed. CPU: the "
