@@ -21,20 +21,19 @@ import pstats
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from common import ROOT, build_sized_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
 
 from transformers import TrainerCallback  # noqa: E402
 
-from train_speed import run_setup  # noqa: E402
+from train_speed import run_setup, tutorial_vs_plain  # noqa: E402
 
 from studio.model.loading import ModelSpec  # noqa: E402
 from studio.model.manager import ModelManager  # noqa: E402
 from studio.train.collate import make_collator  # noqa: E402
 from studio.train.job import add_trainable_adapter  # noqa: E402
 from studio.train.settings import LoraSettings, preset  # noqa: E402
-from studio.train.trainer import ProgressTracker, build_trainer  # noqa: E402
+from studio.train.trainer import build_trainer  # noqa: E402
 
 
 def host_profile(run, rows: int = 30) -> dict:
@@ -127,56 +126,6 @@ def phase_times(loaded, settings, rows: list[dict], steps: int) -> dict:
     model.get_base_model().config.use_cache = True
     model.eval()
     return clock.summary()
-
-
-class _Job:
-    cancelled = False
-
-    def log(self, *args):
-        pass
-
-    def emit(self, *args, **kwargs):
-        pass
-
-
-def tutorial_vs_plain(loaded, rows: list[dict], steps: int) -> dict:
-    """Seconds per optimizer step: the tutorial preset through the studio's trainer (with its progress
-    callback) and a plain transformers Trainer with the tutorial's arguments."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    out = {}
-    on_gpu = torch.cuda.is_available()
-    for which in ("plain", "studio", "plain again", "studio again"):
-        model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
-        loaded.model = model
-        folder = ROOT / "bench" / "out" / which.replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        if which.startswith("plain"):
-            args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=1,
-                                     gradient_accumulation_steps=8, learning_rate=1e-3, num_train_epochs=4,
-                                     max_steps=steps, lr_scheduler_type="linear", warmup_steps=0.03,
-                                     logging_steps=1, optim="adamw_torch", report_to=[], save_strategy="no",
-                                     gradient_checkpointing=True, disable_tqdm=True, remove_unused_columns=False,
-                                     bf16=on_gpu, use_cpu=not on_gpu)
-            Trainer(model=model, args=args, train_dataset=rows,
-                    data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True)).train()
-        else:
-            settings = replace(preset("tutorial"), max_steps=steps, save_every=0)
-            collator = make_collator(settings, loaded.tokenizer)
-            run = SimpleNamespace(name="bench", metrics_path=folder / "metrics.jsonl")
-            tracker = ProgressTracker(run, _Job(), collator)
-            trainer = build_trainer(model, settings, loaded.device, folder, "bench", rows, [], collator, (tracker,))
-            tracker.trainer = trainer
-            trainer.train()
-        out[which + " s_per_step"] = round((time.perf_counter() - started) / steps, 4)
-        model.get_base_model().config.use_cache = True
-        model.eval()
-        print(which, out[which + " s_per_step"], flush=True)
-    out["studio / plain"] = round((out["studio s_per_step"] + out["studio again s_per_step"])
-                                  / (out["plain s_per_step"] + out["plain again s_per_step"]), 3)
-    return out
 
 
 def main() -> None:

@@ -384,56 +384,67 @@ class Bench:
         return self.save()
 
 
-# ----- the CPU comparison: the studio's trainer against a plain Trainer -----------------------------
+# ----- the studio's trainer against a plain Trainer ------------------------------------------------
 def studio_vs_plain(manager, steps: int = 6) -> dict:
+    """`tutorial_vs_plain` on rows of 60-200 tokens (the CPU run's comparison)."""
+    with manager.using("benchmark") as loaded:
+        rows = synthetic_examples(8 * steps, loaded.model.config.vocab_size, seed=5, low=60, high=200)
+        out = tutorial_vs_plain(loaded, rows, steps)
+    print("studio vs plain trainer", out, flush=True)
+    return out
+
+
+class _SilentJob:
+    cancelled = False
+
+    def log(self, *args):
+        pass
+
+    def emit(self, *args, **kwargs):
+        pass
+
+
+def tutorial_vs_plain(loaded, rows: list[dict], steps: int) -> dict:
     """Seconds per optimizer step of the tutorial preset through the studio's trainer (with its progress
-    callback) and through a plain transformers Trainer with the tutorial's arguments, same rows."""
+    callback) and through a plain transformers Trainer with the tutorial's arguments, same rows, each
+    twice (the first runs include warm-up); bf16 on a GPU, fp32 on the CPU."""
     from types import SimpleNamespace
 
+    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from studio.train.trainer import ProgressTracker
 
-    class Job:
-        cancelled = False
-
-        def log(self, *a):
-            pass
-
-        def emit(self, *a, **k):
-            pass
-
+    on_gpu = torch.cuda.is_available()
     out = {}
-    with manager.using("benchmark") as loaded:
-        rows = synthetic_examples(8 * steps, loaded.model.config.vocab_size, seed=5, low=60, high=200)
-        for which in ("plain", "studio", "plain again", "studio again"):
-            model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
-            loaded.model = model
-            folder = ROOT / "bench" / "out" / which.replace(" ", "_")
-            started = time.perf_counter()
-            if which.startswith("plain"):
-                args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=1,
-                                         gradient_accumulation_steps=8, learning_rate=1e-3, num_train_epochs=4,
-                                         max_steps=steps, lr_scheduler_type="linear", warmup_steps=0.03,
-                                         logging_steps=1, optim="adamw_torch", use_cpu=True, report_to=[],
-                                         save_strategy="no", gradient_checkpointing=True, disable_tqdm=True,
-                                         remove_unused_columns=False)
-                Trainer(model=model, args=args, train_dataset=rows,
-                        data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True)).train()
-            else:
-                settings = replace(preset("tutorial"), max_steps=steps, save_every=0)
-                collator = make_collator(settings, loaded.tokenizer)
-                run = SimpleNamespace(name="bench", metrics_path=folder / "metrics.jsonl")
-                folder.mkdir(parents=True, exist_ok=True)
-                tracker = ProgressTracker(run, Job(), collator)
-                trainer = build_trainer(model, settings, loaded.device, folder, "bench", rows, [], collator, (tracker,))
-                tracker.trainer = trainer
-                trainer.train()
-            out[which + " s_per_step"] = round((time.perf_counter() - started) / steps, 4)
-            model.eval()
+    for which in ("plain", "studio", "plain again", "studio again"):
+        model = add_trainable_adapter(loaded.model, "bench", LoraSettings(), 42)
+        loaded.model = model
+        folder = ROOT / "bench" / "out" / which.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if which.startswith("plain"):
+            args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=1,
+                                     gradient_accumulation_steps=8, learning_rate=1e-3, num_train_epochs=4,
+                                     max_steps=steps, lr_scheduler_type="linear", warmup_steps=0.03,
+                                     logging_steps=1, optim="adamw_torch", report_to=[], save_strategy="no",
+                                     gradient_checkpointing=True, disable_tqdm=True, remove_unused_columns=False,
+                                     bf16=on_gpu, use_cpu=not on_gpu)
+            Trainer(model=model, args=args, train_dataset=rows,
+                    data_collator=DataCollatorForSeq2Seq(loaded.tokenizer, padding=True)).train()
+        else:
+            settings = replace(preset("tutorial"), max_steps=steps, save_every=0)
+            collator = make_collator(settings, loaded.tokenizer)
+            run = SimpleNamespace(name="bench", metrics_path=folder / "metrics.jsonl")
+            tracker = ProgressTracker(run, _SilentJob(), collator)
+            trainer = build_trainer(model, settings, loaded.device, folder, "bench", rows, [], collator, (tracker,))
+            tracker.trainer = trainer
+            trainer.train()
+        out[which + " s_per_step"] = round((time.perf_counter() - started) / steps, 4)
+        model.get_base_model().config.use_cache = True
+        model.eval()
     out["studio / plain"] = round((out["studio s_per_step"] + out["studio again s_per_step"])
                                   / (out["plain s_per_step"] + out["plain again s_per_step"]), 3)
-    print("studio vs plain trainer", out, flush=True)
     return out
 
 

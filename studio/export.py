@@ -7,12 +7,17 @@
   tokenizer and its chat template, plus an Ollama Modelfile. Plain transformers loads it.
 
 Both refuse an adapter made for another base (the fingerprint in studio.json) before writing anything.
-The export runs as a job: it never touches the model the studio has loaded, so it needs no lease.
+The export runs as a job: it never touches the model the studio has loaded, so it needs no lease. It
+works from a copy of the adapter's files taken when it starts (the run may be renamed or deleted while
+a merge runs), writes into a hidden staging folder and renames it into place only when everything is
+written: a failed, stopped or killed export leaves no half-written folder. A merge first checks that
+the bf16 base fits in the free memory and its output on the disk, and refuses with both figures if not.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import zipfile
@@ -103,15 +108,56 @@ def run_export(job: Job, request: ExportRequest, metadata: dict) -> dict:
     check_fingerprint(request.adapter_dir, source, metadata)
     job.check_cancelled()
     name = request.name or request.adapter_dir.name
-    if request.merge:
-        files = export_merged(job, source, request.adapter_dir, request.out_dir, metadata)
-        text = merged_instructions(request.out_dir, name)
-    else:
-        files = export_adapter(request.adapter_dir, request.out_dir, base)
-        text = adapter_instructions(request.out_dir, base, name, metadata)
-    (request.out_dir / INSTRUCTIONS_FILE).write_text(text + "\n", encoding="utf-8")
-    job.log(f"Exported to {request.out_dir}")
-    return {"out_dir": str(request.out_dir), "merged": request.merge, "files": files, "instructions": text}
+    out_dir = request.out_dir
+    staging = staging_folder(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        snapshot = _snapshot(request.adapter_dir, staging / ".adapter")
+        if request.merge:
+            files = export_merged(job, source, snapshot, staging, metadata)
+            text = merged_instructions(out_dir, name)
+        else:
+            files = export_adapter(snapshot, staging, base, run_name=request.adapter_dir.name)
+            text = adapter_instructions(out_dir, base, name, metadata)
+        shutil.rmtree(staging / ".adapter")
+        (staging / INSTRUCTIONS_FILE).write_text(text + "\n", encoding="utf-8")
+        job.check_cancelled()
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = [str(out_dir / Path(f).relative_to(staging)) for f in files if Path(f).name != ".adapter"]
+    job.log(f"Exported to {out_dir}")
+    return {"out_dir": str(out_dir), "merged": request.merge, "files": files, "instructions": text}
+
+
+def staging_folder(out_dir: Path) -> Path:
+    """Where an export into `out_dir` is written before it is renamed into place (hidden, beside it)."""
+    return out_dir.with_name(f".{out_dir.name}.incomplete")
+
+
+def _snapshot(adapter_dir: Path, into: Path) -> Path:
+    """Copy the adapter's files (config, weights, studio.json) into `into`; the export reads only these."""
+    into.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, into / name)
+    if not (into / adapters.WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{adapter_dir} is not a complete adapter: {adapters.WEIGHTS_FILE} is missing.")
+    return into
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Flush the staged files to disk, then rename the folder to `out_dir` (an empty one is replaced)."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if out_dir.exists():
+        raise StudioError(f"{out_dir} already exists and is not empty; choose a new folder (nothing was overwritten).")
+    os.replace(staging, out_dir)
 
 
 def check_fingerprint(adapter_dir: Path, base_source: str, metadata: dict) -> None:
@@ -131,8 +177,10 @@ def check_fingerprint(adapter_dir: Path, base_source: str, metadata: dict) -> No
 
 
 # ----- the adapter alone ---------------------------------------------------------------------------
-def export_adapter(adapter_dir: Path, out_dir: Path, base: str) -> list[str]:
-    """Copy the PEFT files (the config pointing at `base`) and zip them; returns the written files."""
+def export_adapter(adapter_dir: Path, out_dir: Path, base: str, run_name: str | None = None) -> list[str]:
+    """Copy the PEFT files (the config pointing at `base`) and zip them; returns the written files.
+    `run_name` names the zip and its folder inside (default: the adapter folder's name)."""
+    run_name = run_name or adapter_dir.name
     folder = out_dir / "adapter"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
@@ -141,10 +189,10 @@ def export_adapter(adapter_dir: Path, out_dir: Path, base: str) -> list[str]:
     config = json.loads((folder / adapters.CONFIG_FILE).read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base  # a hub id here lets peft and vLLM find the base anywhere
     (folder / adapters.CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    archive = out_dir / f"{adapter_dir.name}-adapter.zip"
+    archive = out_dir / f"{run_name}-adapter.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
         for path in sorted(folder.iterdir()):
-            zipped.write(path, f"{adapter_dir.name}/{path.name}")
+            zipped.write(path, f"{run_name}/{path.name}")
     return [str(p) for p in sorted(folder.iterdir())] + [str(archive)]
 
 
@@ -178,6 +226,7 @@ def export_merged(job: Job, base_source: str, adapter_dir: Path, out_dir: Path, 
 
     from studio.model.loading import load_tokenizer
 
+    check_room_for_merge(base_source, out_dir)
     job.log("Loading the base in bf16 on the CPU (its original weights, not a 4-bit copy)")
     job.emit("progress", "loading the base in bf16", done=1, total=4)
     base = AutoModelForCausalLM.from_pretrained(base_source, dtype=torch.bfloat16, device_map="cpu")
@@ -197,7 +246,61 @@ def export_merged(job: Job, base_source: str, adapter_dir: Path, out_dir: Path, 
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / MODELFILE).write_text(ollama_modelfile(metadata.get("system_prompt", "")), encoding="utf-8")
     job.emit("progress", "done", done=4, total=4)
-    return [str(p) for p in sorted(out_dir.iterdir())]
+    return [str(p) for p in sorted(out_dir.iterdir()) if p.name != ".adapter"]
+
+
+MERGE_HEADROOM = 1.25  # the merge holds the bf16 base plus peft's copies of the layers it is merging
+
+
+def check_room_for_merge(base_source: str, out_dir: Path) -> None:
+    """Refuse a merge whose bf16 base would not fit in the free memory, or its output on the disk."""
+    needed = bf16_bytes(base_source)
+    if not needed:
+        return
+    free_memory = available_memory()
+    if free_memory is not None and needed * MERGE_HEADROOM > free_memory:
+        raise StudioError(f"Merging needs about {needed * MERGE_HEADROOM / 2**30:.1f} GiB of free memory for the "
+                          f"base in bf16 on the CPU; {free_memory / 2**30:.1f} GiB is free. Close other programs, or "
+                          "export the adapter alone.")
+    existing = next((folder for folder in (out_dir, *out_dir.parents) if folder.exists()), None)
+    free_disk = shutil.disk_usage(existing).free if existing else None
+    if free_disk is not None and needed > free_disk:
+        raise StudioError(f"The merged model needs about {needed / 2**30:.1f} GiB on the disk; "
+                          f"{free_disk / 2**30:.1f} GiB is free where it would be written ({out_dir}).")
+
+
+def bf16_bytes(base_source: str) -> int:
+    """The size of a local model's weights in bf16 (2 bytes a parameter), from its safetensors headers;
+    0 when it cannot be read (not a local folder, other weight files)."""
+    from safetensors import safe_open
+
+    folder = Path(base_source)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    total = 0
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    shape = weights.get_slice(key).get_shape()
+                    count = 1
+                    for size in shape:
+                        count *= size
+                    total += 2 * count
+        except Exception:  # an unreadable file: no estimate rather than a wrong one
+            return 0
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def ollama_modelfile(system_prompt: str) -> str:

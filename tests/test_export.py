@@ -185,3 +185,49 @@ def test_compare_tab_export_button(services, adapter_run, tmp_path):
         sorted([f"{run.name}-adapter.zip", "HOW_TO_USE.txt"])
     exported = next((services.paths.runs_dir.parent / "exports").glob(f"{run.name}-adapter-*"))
     assert (exported / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failed_merge_leaves_no_folder_and_the_run_may_go_while_it_exports(tiny_model_dir, adapter_run, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    import studio.export as export
+
+    run = tmp_path / "run_copy"
+    shutil.copytree(adapter_run, run)
+    real_export_adapter = export.export_adapter
+
+    def delete_the_run_then_export(adapter_dir, out_dir, base, run_name=None):
+        shutil.rmtree(run)  # the run is deleted (or renamed) while its export runs
+        return real_export_adapter(adapter_dir, out_dir, base, run_name)
+
+    monkeypatch.setattr(export, "export_adapter", delete_the_run_then_export)
+    out = tmp_path / "from-snapshot"
+    job = _export(run, out, merge=False, base=str(tiny_model_dir))
+    assert job.status.value == "done", job.error
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (adapter_run / "adapter_model.safetensors").read_bytes()
+    assert not export.staging_folder(out).exists() and not (out / ".adapter").exists()
+    assert all(Path(f).is_file() and str(out) in f for f in job.result["files"])
+
+    def fail_halfway(job, source, adapter_dir, out_dir, metadata):
+        (out_dir / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(export, "export_merged", fail_halfway)
+    job = _export(adapter_run, tmp_path / "merged", merge=True, base=str(tiny_model_dir))
+    assert job.status.value == "failed" and "disk went away" in job.error
+    assert not (tmp_path / "merged").exists() and not export.staging_folder(tmp_path / "merged").exists()
+
+
+def test_a_merge_that_would_not_fit_in_memory_is_refused_with_both_figures(tiny_model_dir, adapter_run, tmp_path,
+                                                                          monkeypatch):
+    import studio.export as export
+
+    needed = export.bf16_bytes(str(tiny_model_dir))
+    assert needed > 0  # read from the safetensors headers: 2 bytes a parameter
+    monkeypatch.setattr(export, "available_memory", lambda: needed // 2)
+    job = _export(adapter_run, tmp_path / "merged", merge=True, base=str(tiny_model_dir))
+    assert job.status.value == "failed"
+    assert "Merging needs about" in job.error and "GiB is free" in job.error and "export the adapter alone" in job.error
+    assert not (tmp_path / "merged").exists()

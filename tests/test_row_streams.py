@@ -120,14 +120,19 @@ class StepOnStreams(GraphDecoder):
             return super()._run_step(model, step)
 
 
-def test_side_by_side_replies_are_unchanged_with_rows_on_streams(manager):
+def _with_adapter_a(manager):
+    """The manager's model with a random LoRA adapter "a" on three projections; returns it loaded."""
     from peft import LoraConfig, get_peft_model
 
     with manager.using("test") as loaded:
         loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                                init_lora_weights=False), adapter_name="a")
         loaded.model.eval()
-    loaded = manager.require_loaded()
+    return manager.require_loaded()
+
+
+def test_side_by_side_replies_are_unchanged_with_rows_on_streams(manager):
+    loaded = _with_adapter_a(manager)
     prompt = render_prompt(loaded.tokenizer, build_messages(SYSTEM, [], "我该怎么成为天命人？"))
     settings = GenerationSettings.greedy(12)
     cuda = FakeCuda()
@@ -233,15 +238,9 @@ def test_rows_together_tells_a_row_exact_kernel_from_one_that_is_not(manager):
 
 
 def test_side_by_side_runs_4bit_decode_rows_together_and_stays_exact(manager, monkeypatch):
-    from peft import LoraConfig, get_peft_model
-
     import studio.model.decoding as decoding
 
-    with manager.using("test") as loaded:
-        loaded.model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                               init_lora_weights=False), adapter_name="a")
-        loaded.model.eval()
-    loaded = manager.require_loaded()
+    loaded = _with_adapter_a(manager)
     prompt = render_prompt(loaded.tokenizer, build_messages(SYSTEM, [], "我该怎么成为天命人？"))
     settings = GenerationSettings.greedy(12)
     chats = [_decode(GraphDecoder(use_graphs=False), loaded, [prompt], settings, [name])[0] for name in (None, "a")]

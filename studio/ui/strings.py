@@ -416,6 +416,10 @@ EN = {
         "export_writing": "writing safetensors",
         "export_no_base": "{folder} does not record its base model; give it with --model.",
         "export_exists": "{folder} already exists and is not empty; choose a new folder (nothing was overwritten).",
+        "export_no_memory": "Merging needs about {needed} GiB of free memory for the base in bf16 on the CPU; {free} "
+                            "GiB is free. Close other programs, or export the adapter alone.",
+        "export_no_disk": "The merged model needs about {needed} GiB on the disk; {free} GiB is free where it would "
+                          "be written ({folder}).",
         "export_inside": "Export into a folder outside the run ({folder}), not inside it.",
         "export_other_base": "The adapter in {folder} was made for another base model ({base}): {differences}. "
                              "Export it with that base.",
@@ -1010,6 +1014,9 @@ ZH = {
         "export_writing": "正在写出 safetensors",
         "export_no_base": "{folder} 没有记录它的基座模型；请用 --model 指定。",
         "export_exists": "{folder} 已存在且不为空；请换一个新文件夹（没有覆盖任何内容）。",
+        "export_no_memory": "合并需要约 {needed} GiB 空闲内存（在 CPU 上以 bf16 载入基座）；当前空闲 {free} GiB。"
+                            "请关闭其他程序，或只导出适配器。",
+        "export_no_disk": "合并后的模型需要约 {needed} GiB 磁盘空间；写入位置（{folder}）只剩 {free} GiB。",
         "export_inside": "请导出到运行文件夹（{folder}）之外的文件夹，而不是它里面。",
         "export_other_base": "{folder} 中的适配器是为另一个基座模型（{base}）训练的：{differences}。请用那个基座导出。",
         "export_apply_failed": "无法把 {folder} 应用到基座上：{kind}：{error}",
