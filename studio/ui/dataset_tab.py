@@ -16,7 +16,7 @@ from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.services import SAMPLE_DOCUMENT, Services
 from studio.ui.common import job_panel
-from studio.ui.i18n import column
+from studio.ui.i18n import column, text
 from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload, page_language
 from studio.ui.strings import strings
 
@@ -30,12 +30,29 @@ def _split_settings(min_chars, max_chars, levels) -> SplitSettings:
     return SplitSettings(int(min_chars or 100), tuple(LEVELS[level] for level in levels or []), int(max_chars or 3000))
 
 
-def _rows_frame(rows: list[dict]) -> pd.DataFrame:
+def _rows_frame(rows: list[dict], lang: str = "en") -> pd.DataFrame:
+    """The rows as the preview shows them: the dataset's fields first, their headers in `lang` (the
+    field name kept beside the Chinese one, as the JSONL file has it)."""
     frame = pd.DataFrame(rows)
-    for column in PREVIEW_COLUMNS:
-        if column not in frame:
-            frame[column] = ""
-    return frame[PREVIEW_COLUMNS + [c for c in frame.columns if c not in PREVIEW_COLUMNS]].fillna("")
+    for name in PREVIEW_COLUMNS:
+        if name not in frame:
+            frame[name] = ""
+    frame = frame[PREVIEW_COLUMNS + [c for c in frame.columns if c not in PREVIEW_COLUMNS]].fillna("")
+    return _with_headers(frame, lang)
+
+
+def _with_headers(frame: pd.DataFrame, lang: str) -> pd.DataFrame:
+    """`frame` with the dataset fields' headers in `lang` (headers in either language are understood)."""
+    return frame.rename(columns=lambda header: text("tables", f"col_data_{_field(header)}", lang)
+                        if _field(header) in PREVIEW_COLUMNS else header)
+
+
+def _field(header) -> str:
+    """The dataset field a preview header stands for, whatever the language it is shown in."""
+    for name in PREVIEW_COLUMNS:
+        if header in (text("tables", f"col_data_{name}", lang) for lang in ("en", "zh")):
+            return name
+    return str(header)
 
 
 class DatasetTab:
@@ -194,6 +211,13 @@ class DatasetTab:
         self.registry.on(language.change, sections_in, self.split_inputs + [language], self.sections,
                          action="read_files", args=self.split_args + (Choice("Language", ("en", "zh"), optional=True),),
                          show_progress="hidden")
+        self.registry.on(language.change, self.preview_in, [self.preview, language], self.preview, action="view",
+                         args=(ANY, Choice("Language", ("en", "zh"), optional=True)), show_progress="hidden")
+
+    @staticmethod
+    def preview_in(frame, lang):
+        """The preview with its headers in the page's new language, its rows (and any edits) kept."""
+        return _with_headers(frame, lang or "en") if isinstance(frame, pd.DataFrame) else gr.skip()
 
     def test(self, url, model, key, seconds):
         self.policy.require("outbound")
@@ -235,23 +259,24 @@ class DatasetTab:
         path = job.result.get("dataset_path") if job is not None else None
         if not path:
             return gr.skip(), gr.skip()
-        return _rows_frame(datasets.read_dataset(path)), gr.update(choices=self._datasets(),
+        return _rows_frame(datasets.read_dataset(path), page_language()), gr.update(choices=self._datasets(),
                                                                    value=self.services.catalog.dataset_id(path))
 
     # ----- the result table --------------------------------------------------------------------
     def open_dataset(self, dataset_id):
         rows = datasets.read_dataset(self.services.catalog.resolve_dataset(dataset_id))
-        return _rows_frame(rows), self.s["opened"].format(rows=len(rows), path=dataset_id), Path(dataset_id).stem
+        return _rows_frame(rows, page_language()), self.s["opened"].format(rows=len(rows), path=dataset_id), Path(dataset_id).stem
 
     def import_rows(self, path):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         saved, rows = datasets.import_dataset(path, self.services.paths.data_dir)
         message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved.name)
-        return _rows_frame(rows), message, gr.update(choices=self._datasets(), value=saved.name), saved.stem
+        return _rows_frame(rows, page_language()), message, gr.update(choices=self._datasets(), value=saved.name), saved.stem
 
     def save(self, frame, save_as):
-        rows = frame.to_dict(orient="records") if isinstance(frame, pd.DataFrame) else []
+        frame = frame.rename(columns=_field) if isinstance(frame, pd.DataFrame) else None
+        rows = frame.to_dict(orient="records") if frame is not None else []
         path = datasets.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
         count = sum(1 for _ in open(path, encoding="utf-8"))
         return self.s["saved"].format(rows=count, path=path.name), gr.update(choices=self._datasets(), value=path.name)
