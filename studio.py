@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key-env", dest="serve_key_env", metavar="VAR", default=None,
                         help="with --api: require the bearer key held in this environment variable")
     parser.add_argument("--lang", choices=("zh", "en"), default="",
-                        help="language of the UI: zh (中文) or en; default: each browser's language")
+                        help="language of the UI and of the commands' messages: zh (中文) or en; default: each "
+                             "browser's language in the UI, the LANG environment variable for commands")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     chat = command_parser(commands, "chat", "print one reply of the model to --message and exit")
@@ -208,7 +209,7 @@ def add_serve_command(commands) -> None:
 
 
 UI_ONLY_HINT = "it applies to the UI only"
-ALWAYS_HONOURED = {"workdir"}  # concerns every command
+ALWAYS_HONOURED = {"workdir", "lang"}  # concern every command
 
 
 def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
@@ -313,7 +314,7 @@ def run_ui(args: argparse.Namespace, services) -> int:
     if args.attach and not args.load:
         raise StudioError("--attach needs --load: adapters are attached to the model loaded at start.")
     if args.load:
-        services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+        services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     if args.attach:
         from studio.serve import attach_named_adapters
 
@@ -358,7 +359,7 @@ def run_chat(args: argparse.Namespace, services) -> int:
         raise StudioError("chat needs --max-new-tokens of at least 1, --temperature of 0 or more, --top-p in (0, 1] "
                           f"and --repetition-penalty above 0 (got {args.max_new_tokens}, {args.temperature:g}, "
                           f"{args.top_p:g}, {args.repetition_penalty:g}).")
-    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     shown = ""
     for reply in services.manager.stream_chat(build_messages(args.system, [], args.message), settings):
@@ -369,14 +370,45 @@ def run_chat(args: argparse.Namespace, services) -> int:
     return 0
 
 
-def print_load_progress(fraction: float, message: str) -> None:
-    """The model load's progress on stderr (downloads report their bytes here); stdout keeps the output."""
-    print(f"[load] {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+def message_language(args: argparse.Namespace) -> str:
+    """The language of a command's messages: --lang, else the environment's (zh_CN.UTF-8 and the like: zh)."""
+    import os
+
+    if getattr(args, "lang", ""):
+        return args.lang
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name, "")
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
 
 
-def print_event(event: dict) -> None:
-    if event["type"] in ("log", "progress") and event.get("message"):
-        print(f"[{event['type']}] {event['message']}", flush=True)
+def in_language(message: str, lang: str) -> str:
+    """A studio message in `lang` (the UI's tables; a message they lack stays as it is)."""
+    from studio.ui.i18n import translate
+
+    return translate(message, lang) if lang != "en" else message
+
+
+def load_progress_printer(args: argparse.Namespace):
+    """Prints the model load's progress on stderr (downloads report their bytes here); stdout keeps the output."""
+    lang = message_language(args)
+
+    def print_load_progress(fraction: float, message: str) -> None:
+        print(f"[load] {fraction:4.0%} {in_language(message, lang)}", file=sys.stderr, flush=True)
+
+    return print_load_progress
+
+
+def event_printer(args: argparse.Namespace):
+    """Prints a job's log and progress messages in the command's language."""
+    lang = message_language(args)
+
+    def print_event(event: dict) -> None:
+        if event["type"] in ("log", "progress") and event.get("message"):
+            print(f"[{event['type']}] {in_language(event['message'], lang)}", flush=True)
+
+    return print_event
 
 
 def run_build_dataset(args: argparse.Namespace, services) -> int:
@@ -398,9 +430,9 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     teacher = None if args.local_teacher else remote_teacher(args)  # the options first, then the document
     print_build_cost(args, settings)
     if args.local_teacher:
-        services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=print_load_progress)
+        services.manager.load(ModelSpec(args.teacher_model or args.model, args.quant), progress=load_progress_printer(args))
     job = start_build(services.jobs, services.manager, paths, args.doc, settings, teacher, args.name)
-    follow(job, print_event)
+    follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     return 0 if job.result.get("rows") else 1
@@ -498,7 +530,7 @@ def run_train(args: argparse.Namespace, services) -> int:
     from studio.train.service import start_training
 
     request = checked_train_request(args, services.paths.runs_dir)
-    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     loaded = services.manager.require_loaded()
     if args.targets == "peft-default" and not args.resume:
         request = train_request(args, loaded, services.paths.runs_dir, run_dir=request.run_dir)
@@ -511,7 +543,7 @@ def follow_training(job, request) -> int:
     from studio.jobs import JobStatus, follow
 
     print(f"[log] run folder: {request.run_dir}", flush=True)
-    follow(job, print_event)
+    follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
@@ -545,7 +577,7 @@ def run_compare(args: argparse.Namespace, services) -> int:
         read_document(document)
     if args.max_new_tokens < 1:
         raise StudioError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}.")
-    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     settings = (GenerationSettings.tutorial_sampling if args.sampling else GenerationSettings.greedy)(args.max_new_tokens)
     judge = None
     if args.judge_base_url:
@@ -554,7 +586,7 @@ def run_compare(args: argparse.Namespace, services) -> int:
         judge = TeacherConfig(args.judge_base_url, args.judge_model, key_from_env(args.judge_api_key_env))
     job = start_report(services.jobs, services.manager, folder, questions, document, settings, judge,
                        question_set="heldout" if args.heldout else "uploaded")
-    follow(job, print_event)
+    follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     print(format_table(job.result))
@@ -571,7 +603,7 @@ def run_export(args: argparse.Namespace, services) -> int:
 
     request = ExportRequest(Path(args.adapter), Path(args.out), args.merge, args.model, args.name)
     job = start_export(services.jobs, request)
-    follow(job, print_event)
+    follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
     print(job.result["instructions"], flush=True)
@@ -583,7 +615,7 @@ def run_serve(args: argparse.Namespace, services) -> int:
     from studio.serve import attach_named_adapters, create_api_app, run_server, server_key
 
     key = server_key(args.serve_key_env)
-    services.manager.load(ModelSpec(args.model, args.quant), progress=print_load_progress)
+    services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     names = attach_named_adapters(services.manager, args.adapter)
     app = create_api_app(services, api_key=key)
     print(f"[serve] OpenAI-compatible API on http://{args.host}:{args.port}/v1 ; models: "
@@ -602,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         services = build_services(args)
         return COMMANDS[args.command](args, services)
     except StudioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        lang = message_language(args)
+        print(f"{'错误：' if lang == 'zh' else 'error: '}{in_language(str(exc), lang)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

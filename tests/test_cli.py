@@ -8,9 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_studio(*args, timeout=300):
+def run_studio(*args, timeout=300, lang_env="C.UTF-8"):
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES")}
     return subprocess.run([sys.executable, str(ROOT / "studio.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, timeout=timeout, env={**env, "PYTHONUNBUFFERED": "1", "LANG": lang_env})
 
 
 def test_help_documents_the_ui_options_and_commands():
@@ -38,6 +39,19 @@ def test_chat_with_unknown_hub_id_fails_with_a_message():
     result = run_studio("chat", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--message", "hi")
     assert result.returncode == 2
     assert "error: Model 'Qwen/Qwen2.5-0.5B-Instruct' is not in the local cache" in result.stderr
+
+
+def test_commands_speak_chinese_with_lang_zh_or_a_chinese_environment(tiny_model_dir):
+    result = run_studio("--lang", "zh", "chat", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--message", "hi")
+    assert result.returncode == 2
+    assert "错误：模型 'Qwen/Qwen2.5-0.5B-Instruct' 不在本地缓存中" in result.stderr
+    result = run_studio("chat", "--model", str(tiny_model_dir), "--message", "hi", "--max-new-tokens", "4",
+                        lang_env="zh_CN.UTF-8")
+    assert result.returncode == 0, result.stderr
+    assert "[load]" in result.stderr and "Resolving" not in result.stderr  # the load's progress in Chinese
+    english = run_studio("--lang", "en", "chat", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--message", "hi",
+                         lang_env="zh_CN.UTF-8")
+    assert "error: Model 'Qwen/Qwen2.5-0.5B-Instruct' is not in the local cache" in english.stderr  # --lang wins
 
 
 # ----- options before a command, renamed teacher options, CPU notes ---------------------------------
