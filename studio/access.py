@@ -13,7 +13,9 @@ loads, reads or writes files, calls another server, trains or changes the adapte
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from studio.errors import PermissionDenied
 
@@ -44,10 +46,13 @@ class AccessPolicy:
 
     allowed: frozenset[str] = field(default_factory=lambda: frozenset(ACTIONS))
     reason: str = ""
+    # whether the page may load a model from any folder of the server (the owner at this machine), or
+    # only hub ids and the models the owner named (signed-in visitors: see `page_model_source`)
+    server_folders: bool = True
 
     @classmethod
-    def full(cls) -> "AccessPolicy":
-        return cls()
+    def full(cls, server_folders: bool = True) -> "AccessPolicy":
+        return cls(server_folders=server_folders)
 
     @classmethod
     def demo(cls) -> "AccessPolicy":
@@ -84,7 +89,24 @@ def is_loopback(host: str) -> bool:
 
 
 def policy_for_launch(share: bool, host: str, has_login: bool, demo: bool) -> AccessPolicy:
-    """Demo mode for `--demo`, for `--share` without a login, and for a non-loopback host without a login."""
+    """Demo mode for `--demo`, for `--share` without a login, and for a non-loopback host without a login.
+    With a login, visitors may do everything but load a model from a server folder the owner did not name."""
     if demo or (not has_login and (share or not is_loopback(host))):
         return AccessPolicy.demo()
-    return AccessPolicy.full()
+    return AccessPolicy.full(server_folders=not has_login)
+
+
+HUB_ID = re.compile(r"(modelscope:)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def page_model_source(policy: AccessPolicy, name: str, owner_named: tuple[str, ...]) -> str:
+    """The model a page may load by `name`: anything for the owner at this machine; for signed-in visitors a
+    hub id (ORG/NAME or modelscope:ORG/NAME) or a model the owner named (--model, the presets), never
+    another server folder. The refusal is the same whether such a folder exists or not."""
+    name = (name or "").strip()
+    if policy.server_folders or name in owner_named:
+        return name
+    if HUB_ID.fullmatch(name) and ".." not in name and not Path(name).exists():
+        return name
+    raise PermissionDenied(f"Model {name[:200]!r}: signed-in visitors load hub ids (ORG/NAME) or the models in the "
+                           "list; other folders of the server are for the owner at this machine.")

@@ -487,3 +487,40 @@ def test_attach_without_load_is_refused(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "studio.py"), "--workdir", str(tmp_path), "--attach", "a=b"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "--attach needs --load" in result.stderr
+
+
+def test_signed_in_visitors_load_hub_ids_and_the_owners_models_never_other_server_folders(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch):
+    from studio.access import page_model_source
+    from studio.errors import PermissionDenied
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+    from studio.ui.i18n import translate
+
+    monkeypatch.chdir(tmp_path)
+    signed_in = policy_for_launch(share=True, host="0.0.0.0", has_login=True, demo=False)
+    owner = policy_for_launch(share=False, host="127.0.0.1", has_login=False, demo=False)
+    assert owner.server_folders and not signed_in.server_folders
+    secret = tmp_path / "secret_model"
+    secret.mkdir()
+    refusals = []
+    for name in (str(secret), str(tmp_path / "nothing_here"), "../etc", "~/models/x", "secret_model"):
+        with pytest.raises(PermissionDenied) as refused:
+            page_model_source(signed_in, name, ("Qwen/Qwen2.5-7B-Instruct",))
+        refusals.append(str(refused.value).replace(repr(name[:200]), "NAME"))
+    assert len(set(refusals)) == 1  # the same words whether the folder exists or not
+    assert "模型" in translate(str(refused.value), "zh")
+    assert page_model_source(signed_in, "Qwen/Qwen2.5-0.5B-Instruct", ()) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert page_model_source(signed_in, "modelscope:qwen/Qwen2.5-7B-Instruct", ()).startswith("modelscope:")
+    assert page_model_source(signed_in, str(tiny_model_dir), (str(tiny_model_dir),)) == str(tiny_model_dir)  # --model
+    assert page_model_source(owner, str(secret), ()) == str(secret)  # the owner at this machine: any folder
+    # through the page's own handler: the manager is never asked to look at the folder
+    manager = ModelManager()
+    services = Services(manager=manager, policy=signed_in, default_model=str(tiny_model_dir))
+    load = next(fn.fn for fn in build_app(services).fns.values() if getattr(fn.fn, "__name__", "") == "load")
+    monkeypatch.setattr(manager, "load", lambda spec, progress=None: pytest.fail(f"loaded {spec}"))
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="signed-in visitors load hub ids"):
+        load(str(secret), "4bit", progress=lambda *a, **k: None)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.access import page_model_source
 from studio.model.card import ModelCard, human_bytes, human_count
 from studio.model.generation import GenerationSettings, StopSignals, build_messages
 from studio.model.loading import QUANT_CHOICES, ModelSpec
@@ -123,7 +124,9 @@ class ChatTab:
     # ----- the model ---------------------------------------------------------------------------
     def load(self, name, quant, progress=gr.Progress()):
         lang = page_language()  # the progress line (resolving, downloading, loading weights) in the page's language
-        self.manager.load(ModelSpec(name, quant),
+        source = page_model_source(self.services.policy, name,
+                                   (self.services.default_model, *MODEL_PRESETS))  # the owner's choices
+        self.manager.load(ModelSpec(source, quant),
                           progress=lambda fraction, message: progress(fraction, desc=translate(message, lang)))
         card = self.manager.card()
         return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card, lang),

@@ -416,6 +416,8 @@ EN = {
         "export_writing": "writing safetensors",
         "export_no_base": "{folder} does not record its base model; give it with --model.",
         "export_exists": "{folder} already exists and is not empty; choose a new folder (nothing was overwritten).",
+        "model_folder_refused": "Model {name}: signed-in visitors load hub ids (ORG/NAME) or the models in the list; "
+                                "other folders of the server are for the owner at this machine.",
         "export_no_memory": "Merging needs about {needed} GiB of free memory for the base in bf16 on the CPU; {free} "
                             "GiB is free. Close other programs, or export the adapter alone.",
         "export_no_disk": "The merged model needs about {needed} GiB on the disk; {free} GiB is free where it would "
@@ -1019,6 +1021,8 @@ ZH = {
         "export_writing": "正在写出 safetensors",
         "export_no_base": "{folder} 没有记录它的基座模型；请用 --model 指定。",
         "export_exists": "{folder} 已存在且不为空；请换一个新文件夹（没有覆盖任何内容）。",
+        "model_folder_refused": "模型 {name}：登录的访客只能加载 Hub 模型 ID（组织/名称）或列表中的模型；服务器上的其他文件夹"
+                                "仅供本机的所有者使用。",
         "export_no_memory": "合并需要约 {needed} GiB 空闲内存（在 CPU 上以 bf16 载入基座）；当前空闲 {free} GiB。"
                             "请关闭其他程序，或只导出适配器。",
         "export_no_disk": "合并后的模型需要约 {needed} GiB 磁盘空间；写入位置（{folder}）只剩 {free} GiB。",
