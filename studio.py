@@ -535,10 +535,10 @@ def run_train(args: argparse.Namespace, services) -> int:
     if args.targets == "peft-default" and not args.resume:
         request = train_request(args, loaded, services.paths.runs_dir, run_dir=request.run_dir)
     print_estimate(loaded, request)
-    return follow_training(start_training(services.jobs, services.manager, request), request)
+    return follow_training(start_training(services.jobs, services.manager, request), request, args)
 
 
-def follow_training(job, request) -> int:
+def follow_training(job, request, args: argparse.Namespace) -> int:
     """Print a training job's progress until it ends; raise its error if it failed."""
     from studio.jobs import JobStatus, follow
 
