@@ -211,7 +211,7 @@ class DatasetTab:
         self.registry.on(language.change, sections_in, self.split_inputs + [language], self.sections,
                          action="read_files", args=self.split_args + (Choice("Language", ("en", "zh"), optional=True),),
                          show_progress="hidden")
-        self.registry.on(language.change, self.preview_in, [self.preview, language], self.preview, action="view",
+        self.registry.on(language.change, self.preview_in, [self.preview, language], self.preview, action="edit_dataset",
                          args=(ANY, Choice("Language", ("en", "zh"), optional=True)), show_progress="hidden")
 
     @staticmethod
