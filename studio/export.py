@@ -149,10 +149,9 @@ def _snapshot(adapter_dir: Path, into: Path) -> Path:
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     """Flush the staged files to disk, then rename the folder to `out_dir` (an empty one is replaced)."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+    from studio.data.datasets import fsync_folder
+
+    fsync_folder(staging)
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
     if out_dir.exists():

@@ -19,6 +19,14 @@ from studio.data.documents import decode_document
 from studio.errors import DataError
 
 
+def fsync_folder(folder: Path) -> None:
+    """Flush every file under `folder` to disk (before the folder is renamed into place)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,16 +16,9 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from studio.data.datasets import fsync_folder
 from studio.model.attention import without_cudnn_attention
 from studio.train import adapters
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 class StudioTrainer(Trainer):
@@ -70,7 +63,7 @@ class StudioTrainer(Trainer):
         progress = {"step": self.state.global_step,
                     "duration_s": round(self.seconds_before + time.time() - (self.session_started or time.time()), 2)}
         (staging / name / "studio_progress.json").write_text(json.dumps(progress), encoding="utf-8")
-        _fsync_folder(staging / name)
+        fsync_folder(staging / name)
         if (real / name).exists():
             shutil.rmtree(real / name)
         os.replace(staging / name, real / name)
