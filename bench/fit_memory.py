@@ -1,10 +1,13 @@
-"""Fit the memory estimate's coefficients to the newest bench/train_speed.py result (CPU, a second).
+"""Fit the memory estimate's coefficients to the newest bench/train_speed.py results (CPU, a second).
+
+The newest results are every train_speed result file of the newest date (the 7B sweep, the sizes
+table, the compiled runs), taken together.
 
 Every third row is held out of the fit (`studio.train.memory.held_out`); the errors on all rows are
 printed, and the coefficients go to studio/train/memory_fit.json, which the studio reads and
-tests/test_speed_settings.py checks (within 10% on every row of the newest result file).
+tests/test_speed_settings.py checks (within 10% on every row of the newest results).
 
-    python bench/fit_memory.py [--file bench/results/train_speed-h200-DATE.json] [--dry-run]
+    python bench/fit_memory.py [--files bench/results/train_speed-h200-DATE.json ...] [--dry-run]
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from pathlib import Path
 
 from common import ROOT  # noqa: F401  (sets sys.path)
 
-from studio.train.memory import FIT_FILE, fit, held_out, measurement_rows, newest_result_file, predict  # noqa: E402
+from studio.train.memory import FIT_FILE, fit, held_out, measurements_of, newest_result_files, predict  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--file", type=Path, default=None)
+    parser.add_argument("--files", type=Path, nargs="*", default=None)
     parser.add_argument("--dry-run", action="store_true", help="print, do not write memory_fit.json")
     args = parser.parse_args()
-    path = args.file or newest_result_file(ROOT / "bench" / "results")
-    rows = measurement_rows(json.loads(path.read_text(encoding="utf-8")))
+    paths = args.files or newest_result_files(ROOT / "bench" / "results")
+    rows = measurements_of(paths)
     fitted_rows = [row for i, row in enumerate(rows) if not held_out(i)]
     coefficients = fit(fitted_rows)
     worst = 0.0
@@ -32,11 +35,12 @@ def main() -> None:
         estimate = predict(features, coefficients).total_gib
         error = (estimate - measured) / measured
         worst = max(worst, abs(error))
-        print(f"{'held out' if held_out(i) else 'fitted  '}  {setup[:60]:60s} measured {measured:6.2f}  "
+        print(f"{'held out' if held_out(i) else 'fitted  '}  {setup[-90:]:90s} measured {measured:6.2f}  "
               f"estimate {estimate:6.2f}  {error:+.1%}")
     print(f"worst {worst:.1%}; coefficients {coefficients}")
     if not args.dry_run:
-        FIT_FILE.write_text(json.dumps({"source": path.name, "held_out": "every third row", "worst_error": round(worst, 4),
+        FIT_FILE.write_text(json.dumps({"source": [path.name for path in paths], "held_out": "every third row",
+                                        "worst_error": round(worst, 4),
                                         "coefficients": coefficients}, indent=2) + "\n", encoding="utf-8")
         print("->", FIT_FILE)
 

@@ -56,7 +56,9 @@ FAST_CANDIDATES = {
     "fast + liger": dict(liger_kernels=True),
     "fast + dequantized base": dict(dequantize_base=True),
     "fast + liger + dequantized base": dict(liger_kernels=True, dequantize_base=True),
-    "fast + dequantized base + compiled layers": dict(dequantize_base=True, compile_layers=True),
+    "fast + dequantized base + compiled layers": dict(liger_kernels=False, dequantize_base=True, compile_layers=True),
+    "fast + liger + dequantized base + compiled layers": dict(liger_kernels=True, dequantize_base=True,
+                                                              compile_layers=True),
 }
 # 24 GB candidates: checkpointing, padded (the preset today) or packed, all or part of the layers.
 GPU24_CANDIDATES = {
@@ -204,10 +206,12 @@ class Bench:
                         "sequences_per_step": 8, "results": [], "sizes": {}, "skipped": [], "errors": [],
                         "recommended": {}}
         self.budget = Budget(args.budget_s, self.payload["skipped"])
+        self.size_rows: dict = {}  # size -> (its rows, its tutorial result), for compiled_on_size
         self.manager = ModelManager(decode_mode="eager")
 
     def save(self) -> Path:
-        return write_results("train_speed-tiny" if self.tiny else "train_speed", self.payload)
+        name = self.args.name or ("train_speed-sizes" if self.args.recommended_from else "train_speed")
+        return write_results(name.replace("train_speed", "train_speed-tiny") if self.tiny else name, self.payload)
 
     # ----- models --------------------------------------------------------------------------------
     def load(self, size: str) -> dict | None:
@@ -279,8 +283,11 @@ class Bench:
             return
         tutorial["ratio_to_tutorial"] = 1.0
         eager = {k: v for k, v in FAST_CANDIDATES.items() if not v.get("compile_layers")}
+        gpu24_candidates = GPU24_CANDIDATES
+        if self.args.recommended_from:  # no sweep: the setups an earlier run recommended
+            eager, gpu24_candidates = earlier_recommendation(Path(self.args.recommended_from))
         fast = self.candidates(size, eager, preset("fast"), rows, steps, static, tutorial)
-        gpu24 = self.candidates(size, GPU24_CANDIDATES, preset("gpu24"), rows, steps, static, tutorial,
+        gpu24 = self.candidates(size, gpu24_candidates, preset("gpu24"), rows, steps, static, tutorial,
                                 limit_gib=GPU24_LIMIT_GIB)
         self.payload["recommended"] = {"fast": fast, "gpu24": gpu24}
         self.save()
@@ -293,7 +300,7 @@ class Bench:
         """The compiled-layers candidates last (their compile time is the least predictable), on the main
         shape again; the recommendation is updated if one wins."""
         compiled = {k: v for k, v in FAST_CANDIDATES.items() if v.get("compile_layers")}
-        if not compiled or not getattr(self, "rows_for_compile", None):
+        if not compiled or not getattr(self, "rows_for_compile", None) or "main" not in self.args.compile_sizes:
             return
         size, rows, steps, _, tutorial = self.rows_for_compile
         if self.payload["sizes"].get(size) is None or not self.budget.allow(f"{size}: reload for compiled layers", 90):
@@ -325,6 +332,11 @@ class Bench:
                 "tokens_per_s": chosen.get("tokens_per_s"), "peak_reserved_gib": chosen.get("peak_reserved_gib")}
 
     def recommended(self, which: str) -> TrainSettings:
+        if not self.payload["recommended"] and self.args.recommended_from:
+            fast, gpu24 = earlier_recommendation(Path(self.args.recommended_from))
+            self.payload["recommended"] = {
+                "fast": {"setup": next(iter(fast)), "switches": next(iter(fast.values()))},
+                "gpu24": {"setup": next(iter(gpu24)), "switches": next(iter(gpu24.values()))}}
         base = preset(which)
         return replace(base, **self.payload["recommended"].get(which, {}).get("switches", {}))
 
@@ -363,12 +375,43 @@ class Bench:
         for which in ("fast", "gpu24"):
             self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows, 8, 15, static,
                        tutorial)
-        if size == "0.5B":
+        if size == "0.5B" or (size == "7B" and self.args.no_main):
             self.time_to_adapter(size, static)
+        self.size_rows[size] = (rows, tutorial)
+
+    def compiled_on_sizes(self) -> None:
+        for size in self.args.compile_sizes:
+            self.compiled_on_size(size)
+
+    def compiled_on_size(self, size: str) -> None:
+        """With --compile-sizes SIZE: after the table, that size again with the compiled-layers candidates
+        (10 steps; tokens/s leaves out the first two, where compiling happens, and `train_wall_s` keeps
+        them), then the tutorial-sized job with the fastest of them, so its compile time counts."""
+        if size not in self.size_rows or not self.budget.allow(f"{size}: reload for compiled layers", 60):
+            return
+        rows, tutorial = self.size_rows[size]
+        static = self.load(size).pop("static_bytes")
+        best = None
+        for name, switches in FAST_CANDIDATES.items():
+            if switches.get("compile_layers"):
+                result = self.setup(size, name, replace(preset("fast"), **switches), rows, 10, 150, static, tutorial)
+                if result and (best is None or result["tokens_per_s"] > best[1]["tokens_per_s"]):
+                    best = (switches, result)
+        if best is None:
+            return
+        job_rows = self.rows(183, seed=1)
+        settings = replace(preset("fast"), epochs=4.0, **best[0])
+        result = self.setup(size, f"time to adapter: 183 rows x 4 epochs, {best[1]['setup']}", settings, job_rows, -1,
+                            120, static)
+        if result:
+            self.payload.setdefault("time_to_adapter_compiled", {})[size] = {
+                "train_s": result["train_wall_s"], "steps": result["steps"], "setup": best[1]["setup"]}
+            self.save()
 
     def run(self) -> Path:
         try:
-            self.main_shape()
+            if not self.args.no_main:
+                self.main_shape()
         except Exception as exc:
             self.payload["errors"].append({"setup": "main shape", "error": f"{type(exc).__name__}: {exc}",
                                            "trace": traceback.format_exc()[-2000:]})
@@ -379,9 +422,22 @@ class Bench:
             for size in self.args.sizes:
                 self.size_row(size)
         self.compiled_candidates()
+        self.compiled_on_sizes()
         if self.manager.is_loaded:
             self.manager.unload()
         return self.save()
+
+
+def earlier_recommendation(path: Path) -> tuple[dict, dict]:
+    """The Fast and 24 GB setups an earlier run recommended, as one-candidate sweeps; with the path
+    `presets`, the studio's presets as they are."""
+    import json
+
+    if str(path) == "presets":
+        return {"fast (preset)": {}}, {"gpu24 (preset)": {}}
+    recommended = json.loads(path.read_text(encoding="utf-8"))["recommended"]
+    return ({recommended["fast"]["setup"]: recommended["fast"]["switches"]},
+            {recommended["gpu24"]["setup"]: recommended["gpu24"]["switches"]})
 
 
 # ----- the studio's trainer against a plain Trainer ------------------------------------------------
@@ -459,6 +515,16 @@ def main() -> None:
                         help="sizes after the 7B shape, in order of priority")
     parser.add_argument("--budget-s", type=float, default=500.0, help="stop starting new work after this long")
     parser.add_argument("--keep-models", action="store_true", help="keep the built models in /tmp")
+    parser.add_argument("--recommended-from", metavar="RESULT_JSON", default=None,
+                        help="skip the 7B sweep: run the tutorial and the Fast and 24 GB setups this earlier result "
+                             "recommended, or with 'presets' the studio's presets as they are (results go to "
+                             "train_speed-sizes-*.json)")
+    parser.add_argument("--name", default=None, help="the result file's name before -<gpu>-<date>.json")
+    parser.add_argument("--no-main", action="store_true",
+                        help="skip the 7B shape; the sizes use the setups --recommended-from names")
+    parser.add_argument("--compile-sizes", nargs="*", default=["main"],
+                        help="where the compiled-layers candidates run: 'main' (the 7B shape, reloaded, last) and/or "
+                             "sizes of the table (e.g. 0.5B 7B, each with its own time to adapter)")
     args = parser.parse_args()
     if args.tiny:
         from studio.train import speedups

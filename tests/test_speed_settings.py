@@ -165,6 +165,27 @@ def test_speed_switches_keep_the_losses_and_are_undone(manager, tmp_path, monkey
             assert getattr(module, "_compiled_call_impl", None) is None
 
 
+def test_a_compiler_that_fails_here_leaves_the_run_eager_and_says_so(manager, tmp_path, monkeypatch):
+    """No working compiler on the user's machine must not fail the job: the layers go back to eager,
+    the losses are the eager ones, and the job's log names the failure."""
+    from studio.train import speedups
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(speedups, "COMPILE_BACKEND", broken_backend)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        reference, _, _ = studio_losses(loaded, preset("gpu24"), examples, tmp_path, steps=2)
+        losses, _, job = studio_losses(loaded, replace(preset("gpu24"), compile_layers=True), examples, tmp_path,
+                                       steps=2)
+        model = loaded.model
+    assert losses == pytest.approx(reference, rel=1e-5)
+    failures = [line for line in job.lines if line.startswith("torch.compile failed here")]
+    assert len(failures) == 1 and "no C compiler found" in failures[0], job.lines
+    assert all(getattr(module, "_compiled_call_impl", None) is None for module in model.modules())
+
+
 def test_partial_checkpointing_sets_the_layer_flags(manager, tmp_path):
     from studio.train.speedups import decoder_layers
 
@@ -234,24 +255,23 @@ def test_studio_trainer_adds_no_syncs_or_callbacks_to_the_plain_trainer(manager,
 
 # ----- the memory estimate against GPU measurements --------------------------------------------------
 def newest_measurements():
-    import json
+    """The newest day's GPU result files (the 7B sweep, the sizes table, the compiled runs) and their rows."""
+    from studio.train.memory import measurements_of, newest_result_files
 
-    from studio.train.memory import measurement_rows, newest_result_file
-
-    path = newest_result_file(ROOT / "bench" / "results")
-    return path, measurement_rows(json.loads(path.read_text(encoding="utf-8")))
+    paths = newest_result_files(ROOT / "bench" / "results")
+    return paths, measurements_of(paths)
 
 
 def test_memory_fit_predicts_rows_it_was_not_fitted_to_within_10_percent():
     from studio.train.memory import fit, held_out, predict
 
-    path, measured = newest_measurements()
+    paths, measured = newest_measurements()
     coefficients = fit([row for i, row in enumerate(measured) if not held_out(i)])
     checked = [(setup, predict(features, coefficients).total_gib, peak)
                for i, (setup, features, peak) in enumerate(measured) if held_out(i)]
-    assert checked, path
+    assert len(checked) >= 10, paths
     for setup, estimate, peak in checked:
-        assert abs(estimate - peak) / peak < 0.10, (path.name, setup, estimate, peak)
+        assert abs(estimate - peak) / peak < 0.10, (setup, estimate, peak)
 
 
 def test_shipped_memory_estimate_is_within_10_percent_on_every_row_of_the_newest_results():
@@ -259,10 +279,11 @@ def test_shipped_memory_estimate_is_within_10_percent_on_every_row_of_the_newest
 
     from studio.train.memory import FIT_FILE, fitted, predict
 
-    path, measured = newest_measurements()
+    paths, measured = newest_measurements()
     source = json.loads(FIT_FILE.read_text(encoding="utf-8"))["source"]
-    assert source == path.name, f"{FIT_FILE.name} was fitted to {source}, not {path.name}: run bench/fit_memory.py"
-    assert len(measured) >= 8
+    names = [path.name for path in paths]
+    assert source == names, f"{FIT_FILE.name} was fitted to {source}, not {names}: run bench/fit_memory.py"
+    assert len(measured) >= 30
     for setup, features, peak in measured:
         estimate = predict(features, fitted()).total_gib
         assert abs(estimate - peak) / peak < 0.10, (setup, estimate, peak)

@@ -24,7 +24,8 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
         split, guard = client.predict(dataset.name, SYSTEM, 1, api_name="/template_guard")
         assert "15 rows → 12 for training, 3 held out (3 groups)" in split
         assert "✅ the training prompt is exactly the inference prompt" in guard and "<mark" in guard
-        settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True, False]
+        # ... then the speed switches: checkpointed share, Liger (skipped with a note on the CPU), bf16 copy, compile
+        settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True, False, 0.5, True, False, False]
         estimate = client.predict(dataset.name, SYSTEM, ["q_proj", "v_proj"], 8, *settings, api_name="/estimate_memory")
         assert estimate.startswith("Estimated peak") and "tokens in the largest forward pass" in estimate
         started = client.predict(dataset.name, "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, False, None, *settings,
@@ -47,6 +48,10 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
         assert any("eval_loss" in m for m in metrics) and any("learning_rate" in m for m in metrics)
         meta = json.loads((Path(job.result["run_dir"]) / "studio.json").read_text(encoding="utf-8"))
         assert meta["lora"]["targets"] == ["q_proj", "v_proj"] and meta["lora"]["r"] == 8
+        # the page's speed switches reach the run (a preset's switches are not lost on the way)
+        assert meta["training"]["checkpoint_fraction"] == 0.5 and meta["training"]["liger_kernels"] is True
+        logged = [str(e) for e in job.events_since(0)[0] if e["type"] == "log"]
+        assert any("Liger kernels skipped" in line for line in logged), logged
 
 
 def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):

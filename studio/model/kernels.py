@@ -30,10 +30,11 @@ def liger_available() -> str | None:
     return None
 
 
-def apply_liger(model, undo: list, fused_linear_cross_entropy: bool = True) -> str:
+def apply_liger(model, undo: list, fused_linear_cross_entropy: bool = True, layer_kernels: bool = True) -> str:
     """Liger's kernels on this model instance; `undo` gets the callables that take them off again.
     `fused_linear_cross_entropy` (training) also replaces the model's forward with one that never
-    builds the logits."""
+    builds the logits; `layer_kernels=False` leaves RMSNorm, RoPE and SwiGLU as they are (compiled
+    decoder layers fuse those themselves: torch.compile fails on Liger's RMSNorm kernel)."""
     import importlib
 
     from studio.model.card import base_of
@@ -64,10 +65,11 @@ def apply_liger(model, undo: list, fused_linear_cross_entropy: bool = True) -> s
             module.__dict__.update(previous)
 
     undo.append(restore)
-    apply(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+    apply(model=base, rope=layer_kernels, rms_norm=layer_kernels, swiglu=layer_kernels, cross_entropy=False,
           fused_linear_cross_entropy=fused_linear_cross_entropy)
-    return "Liger kernels on: RMSNorm, RoPE, SwiGLU" + (", fused linear cross-entropy." if fused_linear_cross_entropy
-                                                          else ".")
+    names = (["RMSNorm", "RoPE", "SwiGLU"] if layer_kernels else []) + \
+        (["fused linear cross-entropy"] if fused_linear_cross_entropy else [])
+    return "Liger kernels on: " + ", ".join(names) + "."
 
 
 @contextmanager

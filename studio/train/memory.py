@@ -97,14 +97,26 @@ def predict(features: Features, coefficients: dict) -> Estimate:
 
 
 # ----- fitting to bench/train_speed.py results -----------------------------------------------------
-def newest_result_file(folder: Path) -> Path:
-    """The newest GPU result of bench/train_speed.py (tiny CPU runs and one-off attempts left out)."""
-    pattern = re.compile(r"train_speed-(?!tiny)[a-z0-9-]+?-(\d{4}-\d{2}-\d{2})\.json$")
-    dated = [(m.group(1), path.name, path) for path in Path(folder).glob("train_speed-*.json")
-             if (m := pattern.match(path.name))]
+def newest_result_files(folder: Path) -> list[Path]:
+    """The GPU results of bench/train_speed.py of the newest date, by name (tiny CPU runs and one-off
+    attempts left out): one day's runs together, e.g. the 7B sweep, the sizes table and the compiled runs."""
+    pattern = re.compile(r"train_speed-(?!tiny)[A-Za-z0-9.-]+?-(\d{4}-\d{2}-\d{2})\.json$")
+    dated = [(m.group(1), path) for path in Path(folder).glob("train_speed-*.json") if (m := pattern.match(path.name))]
     if not dated:
         raise FileNotFoundError(f"No train_speed result file in {folder}.")
-    return max(dated)[2]
+    newest = max(date for date, _ in dated)
+    return sorted((path for date, path in dated if date == newest), key=lambda path: path.name)
+
+
+def measurements_of(paths: list[Path]) -> list[tuple[str, "Features", float]]:
+    """`measurement_rows` of several result files, one after another (each setup named with its file)."""
+    import json
+
+    rows = []
+    for path in paths:
+        rows += [(f"{path.name}: {setup}", features, peak)
+                 for setup, features, peak in measurement_rows(json.loads(path.read_text(encoding="utf-8")))]
+    return rows
 
 
 def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:

@@ -11,7 +11,9 @@ bench/train_speed.py).
   CUDA GPU, the run goes on without it and says so.
 - `dequantize_base`: each 4-bit base layer gets a bf16 copy of its weight, dequantized once (the same
   values bitsandbytes dequantizes on every pass), and runs as a plain linear layer.
-- `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes.
+- `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes. With `liger_kernels`
+  too, Liger keeps only its fused linear cross-entropy (outside the layers): inductor fuses the
+  norms, RoPE and SwiGLU itself, and fails on Liger's RMSNorm kernel.
 - `checkpoint_fraction`: with gradient checkpointing on, only that share of the decoder layers
   recomputes its activations (spread evenly), a callback set after the Trainer switches it on.
 """
@@ -83,18 +85,68 @@ def dequantize_base(model, undo: list) -> str:
     return f"Dequantized base on: {len(patched)} 4-bit layers, {total / 2**30:.1f} GiB of bf16 copies."
 
 
-def compile_layers(model, undo: list) -> str:
+def compile_layers(model, undo: list, notes: list | None = None) -> str:
+    """Compile each decoder layer (as `nn.Module.compile` does). If compiling fails on this machine (no
+    working Triton or C compiler, an unsupported op), every layer goes back to eager for the rest of the
+    run and `notes` (the job's log) says why: the run goes on, only slower. At the end the compiled code
+    is dropped (`torch._dynamo.reset`), so the next run, with another adapter, compiles afresh rather
+    than piling up recompilations until dynamo silently gives up."""
+    import torch
+
     layers = decoder_layers(model)
+    if not layers:
+        return "torch.compile skipped: no decoder layers found."
+    if COMPILE_BACKEND == "inductor" and not torch.cuda.is_available():
+        return "torch.compile skipped: it is measured and used on CUDA GPUs only."
+
+    def back_to_eager(exc: Exception) -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None
+        while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+            exc = inner  # dynamo wraps the compiler's own error
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        if notes is not None:
+            notes.append(f"torch.compile failed here ({type(exc).__name__}: {reason}); the run goes on without it.")
+
     for layer in layers:
-        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
+        compiled = torch.compile(layer._call_impl, dynamic=True, backend=COMPILE_BACKEND)
+        layer._compiled_call_impl = _eager_if_compiling_fails(layer, compiled, back_to_eager)
+    # Compile the backward with the forward (not at the first backward), so its failure is caught above too.
+    functorch_config = torch._functorch.config
+    eager_backward = getattr(functorch_config, "force_non_lazy_backward_lowering", None)
+    if eager_backward is not None:
+        functorch_config.force_non_lazy_backward_lowering = True
 
     def restore():
         for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set; the layer runs eagerly again
+            layer._compiled_call_impl = None  # what nn.Module.compile sets; the layer runs eagerly again
+        if eager_backward is not None:
+            functorch_config.force_non_lazy_backward_lowering = eager_backward
+        torch._dynamo.reset()
 
     undo.append(restore)
-    return f"torch.compile on {len(layers)} decoder layers ({COMPILE_BACKEND})." if layers else \
-        "torch.compile skipped: no decoder layers found."
+    backend = getattr(COMPILE_BACKEND, "__name__", COMPILE_BACKEND)
+    return (f"torch.compile on {len(layers)} decoder layers ({backend}): the first steps wait for the compile "
+            "(a minute or two the first time on a machine, seconds once its compile cache is warm).")
+
+
+def _eager_if_compiling_fails(layer, compiled, on_failure):
+    """The layer's compiled call; on an error other than running out of memory, `on_failure` switches
+    every layer back to eager and this call runs eagerly (a compile error happens before any work)."""
+    import torch
+
+    def call(*args, **kwargs):
+        if layer._compiled_call_impl is None:  # another layer's compile failed first
+            return layer._call_impl(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (any compiler failure: the run goes on eagerly)
+            on_failure(exc)
+            return layer._call_impl(*args, **kwargs)
+
+    return call
 
 
 @contextmanager
@@ -104,11 +156,12 @@ def training_speedups(model, settings):
     notes: list[str] = []
     try:
         if getattr(settings, "liger_kernels", False):
-            notes.append(apply_liger(model, undo))
+            # Compiled layers fuse RMSNorm, RoPE and SwiGLU themselves; Liger keeps the loss.
+            notes.append(apply_liger(model, undo, layer_kernels=not getattr(settings, "compile_layers", False)))
         if getattr(settings, "dequantize_base", False):
             notes.append(dequantize_base(model, undo))
         if getattr(settings, "compile_layers", False):
-            notes.append(compile_layers(model, undo))
+            notes.append(compile_layers(model, undo, notes))
         yield notes
     finally:
         for restore in reversed(undo):

@@ -122,10 +122,20 @@ class ProgressTracker(TrainerCallback):
         self.collator.tokens_seen = 0
         resumed = f", resumed at step {state.global_step}" if state.global_step else ""
         self.job.log(f"Training {self.run.name}: {state.max_steps} optimizer steps{resumed}.")
-        for note in (self.trainer.speedup_notes if self.trainer else []):
+        self._say_new_notes()
+
+    def _say_new_notes(self) -> None:
+        """The speed switches' notes not yet in the job's log (a switch may add one mid-run, e.g. when
+        compiling fails and the layers go back to eager)."""
+        notes = self.trainer.speedup_notes if self.trainer else []
+        for note in notes[self._notes_said:]:
             self.job.log(note)
+        self._notes_said = len(notes)
+
+    _notes_said = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self._say_new_notes()
         logs = logs or {}
         if "train_runtime" in logs:
             return

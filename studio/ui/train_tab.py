@@ -25,13 +25,15 @@ from studio.ui.registry import ANY, Choice, Id, Num, Text, page_language
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
-                  "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing")
+                  "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing",
+                  "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers")
 SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
 # Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
                  Num("Batch size", 1, 256, True), Num("Gradient accumulation", 1, 1024, True), Num("Warmup", 0, 1),
                  Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
-                 Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True), ANY, ANY)
+                 Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True), ANY, ANY,
+                 Num("Checkpointed share", 0, 1), ANY, ANY, ANY)
 RANK = Num("LoRA rank", 1, 512, True)
 
 
@@ -120,6 +122,7 @@ class TrainTab:
                 seed = gr.Number(d.seed, label=s["seed"], precision=0)
                 checkpointing = gr.Checkbox(d.gradient_checkpointing, label=s["checkpointing"])
                 packing = gr.Checkbox(d.packing, label=s["packing"])
+            speed = self._speed_switches(d)
             with gr.Row():
                 self.document_rows = gr.Checkbox(False, label=s["document_rows"])
                 self.document_file = gr.Dropdown(self.catalog.ids("documents"), value=None, label=s["document_file"],
@@ -127,7 +130,18 @@ class TrainTab:
             self.estimate_btn = gr.Button(s["estimate"], size="sm")
             self.estimate_md = gr.Markdown()
         self.settings = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, self.heldout, seed,
-                         checkpointing, packing]
+                         checkpointing, packing, *speed]
+
+    def _speed_switches(self, d: TrainSettings) -> list:
+        """The presets' speed switches (GPU only; each keeps the loss), in SETTING_FIELDS order."""
+        s = self.s
+        with gr.Accordion(s["speed"], open=False):
+            with gr.Row():
+                fraction = gr.Number(d.checkpoint_fraction, label=s["checkpoint_fraction"], minimum=0, maximum=1)
+                liger = gr.Checkbox(d.liger_kernels, label=s["liger_kernels"])
+                dequantized = gr.Checkbox(d.dequantize_base, label=s["dequantize_base"])
+                compiled = gr.Checkbox(d.compile_layers, label=s["compile_layers"])
+        return [fraction, liger, dequantized, compiled]
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:

@@ -1,0 +1,135 @@
+"""bitsandbytes' 4-bit kernels for one and two rows, on each layer shape of the Qwen2.5-7B decoder.
+
+The graph decoder's step spends most of its time in bitsandbytes' few-row NF4 kernel. This bench
+times, for each 7B layer shape (and for q/k/v and gate/up fused into one weight), every way
+bitsandbytes offers to multiply one or two rows by a 4-bit weight:
+
+- `simt, nested absmax`: what `matmul_4bit` runs for 1-3 rows (`gemm_4bit`, the 8-bit absmax
+  dequantized inside the kernel): the studio's decoder today;
+- `simt, fp32 absmax`: the same kernel given absmax already dequantized to fp32 (one tensor);
+- `gemv (inference_naive), fp32 absmax`: bitsandbytes' older one-row kernel (`gemv_4bit`);
+- `bf16 linear`: cuBLAS on the dequantized weight (the bandwidth a plain bf16 layer gets).
+
+Each is recorded as a CUDA graph of 20 calls and replayed, so launch costs do not count. Reported:
+microseconds a call, the weight bytes read per second, whether its output equals the default's
+bit for bit, and, for two rows, whether each row equals that row alone.
+
+    python bench/nf4_kernels.py
+"""
+
+from __future__ import annotations
+
+from common import write_results
+
+SHAPES = {  # (out_features, in_features)
+    "q_proj / o_proj": (3584, 3584),
+    "k_proj / v_proj": (512, 3584),
+    "gate_proj / up_proj": (18944, 3584),
+    "down_proj": (3584, 18944),
+    "q+k+v fused": (4608, 3584),
+    "gate+up fused": (37888, 3584),
+}
+CALLS_PER_GRAPH, REPLAYS = 20, 30
+
+
+def quantized(out_features: int, in_features: int):
+    import bitsandbytes as bnb
+    import torch
+
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02
+    param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                              blocksize=64).cuda()
+    return param, param.quant_state
+
+
+def variants(param, state):
+    """name -> (function of x, rows it supports)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+    import torch
+
+    flat = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float().contiguous()
+    dense = bf.dequantize_4bit(param.data, state).to(torch.bfloat16)
+    ops = torch.ops.bitsandbytes
+    return {
+        "simt, nested absmax": (lambda x: bnb.matmul_4bit(x, param.t(), state), (1, 2)),
+        "simt, fp32 absmax": (lambda x: ops.gemm_4bit.default(x, param.data, state.shape, flat, 64, "nf4"), (1, 2)),
+        "gemv (inference_naive), fp32 absmax": (
+            lambda x: ops.gemv_4bit.default(x, param.data, state.shape, flat, state.code, 64), (1,)),
+        "bf16 linear": (lambda x: torch.nn.functional.linear(x, dense), (1, 2)),
+    }
+
+
+def time_call(fn, x) -> float:
+    """Microseconds a call, from a CUDA graph of CALLS_PER_GRAPH calls."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            fn(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (REPLAYS * CALLS_PER_GRAPH)
+
+
+def measure_shape(out_features: int, in_features: int) -> dict:
+    import torch
+
+    param, state = quantized(out_features, in_features)
+    weight_bytes = param.data.numel() + state.absmax.numel()
+    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
+    x1 = x2[:1].contiguous()
+    found = variants(param, state)
+    reference = {1: found["simt, nested absmax"][0](x1), 2: found["simt, nested absmax"][0](x2)}
+    out = {}
+    for name, (fn, rows) in found.items():
+        for count in rows:
+            x = x1 if count == 1 else x2
+            micro = time_call(fn, x)
+            value = fn(x)
+            entry = {"us": round(micro, 2), "weight_GB_per_s": round(weight_bytes / micro / 1e3, 0),
+                     "equals_default": bool(torch.equal(value, reference[count]))}
+            if count == 2:
+                entry["rows_equal_alone"] = bool(torch.equal(value[:1], fn(x1)) and
+                                                 torch.equal(value[1:], fn(x2[1:].contiguous())))
+            out[f"{name}, {count} row{'s' if count > 1 else ''}"] = entry
+    return out
+
+
+def main() -> None:
+    import torch
+
+    payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
+               "shapes": {}}
+    for name, (n, k) in SHAPES.items():
+        payload["shapes"][name] = measure_shape(n, k)
+        print(name, payload["shapes"][name], flush=True)
+    per_layer = {"q_proj / o_proj": 2, "k_proj / v_proj": 2, "gate_proj / up_proj": 2, "down_proj": 1}
+    fused_layer = {"q+k+v fused": 1, "q_proj / o_proj": 1, "gate+up fused": 1, "down_proj": 1}
+    totals = {}
+    for label, layout in (("7 layers", per_layer), ("4 fused layers", fused_layer)):
+        for variant in next(iter(payload["shapes"].values())):
+            if all(variant in payload["shapes"][shape] for shape in layout):
+                us = sum(payload["shapes"][shape][variant]["us"] * count for shape, count in layout.items())
+                totals[f"{label}: {variant}"] = round(us * 28 / 1000, 3)
+    payload["decoder_ms_per_step_28_layers"] = totals
+    print(totals, flush=True)
+    torch.cuda.synchronize()
+    write_results("nf4_kernels", payload)
+
+
+if __name__ == "__main__":
+    main()
