@@ -127,7 +127,7 @@ def compile_layers(model, undo: list, notes: list | None = None) -> str:
     undo.append(restore)
     backend = getattr(COMPILE_BACKEND, "__name__", COMPILE_BACKEND)
     return (f"torch.compile on {len(layers)} decoder layers ({backend}): the first steps wait for the compile "
-            "(a minute or two the first time on a machine, seconds once its compile cache is warm).")
+            "(a minute or two the first time on a machine, about 10 s once its compile cache is warm).")
 
 
 def _eager_if_compiling_fails(layer, compiled, on_failure):
