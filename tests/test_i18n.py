@@ -369,3 +369,30 @@ def test_the_dataset_preview_shows_chinese_headers_and_saves_the_english_fields(
     assert row["instruction"] == "货币是什么？" and row["output"] == "潮印，岛上的货币。" and row["group"] == "g1"
     english = dataset_tab.DatasetTab.preview_in(frame, "en")  # the switch: headers change, the edit stays
     assert list(english.columns)[:2] == ["instruction", "output"] and english.loc[0, "output"] == "潮印，岛上的货币。"
+
+
+def test_the_training_speed_notes_reach_a_chinese_page_in_chinese():
+    """The notes the speed switches write into a training job's log, as the code writes them here."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from studio.model.kernels import apply_liger
+    from studio.train import speedups
+
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = Qwen2ForCausalLM(config)
+    undo: list = []
+    notes = [apply_liger(model, undo), speedups.dequantize_base(model, undo), speedups.compile_layers(model, undo),
+             "Dequantized base on: 168 4-bit layers, 0.7 GiB of bf16 copies.",
+             "torch.compile failed here (RuntimeError: no C compiler found); the run goes on without it."]
+    for restore in reversed(undo):
+        restore()
+    if not torch.cuda.is_available():  # what a CPU machine writes
+        assert notes[0] == "Liger kernels skipped: Liger kernels need a CUDA GPU." or "not installed" in notes[0]
+        assert notes[2] == "torch.compile skipped: it is measured and used on CUDA GPUs only."
+    for note in notes:
+        chinese = translate(note, "zh")
+        english_left = re.sub(r"RuntimeError|Liger|liger-kernel|torch\.compile|bf16|GiB|4-bit|bitsandbytes|C compiler|"
+                              r"no|found|CUDA|GPU", "", chinese)
+        assert HAN.search(chinese) and not re.search(r"[A-Za-z]{3,}", english_left), (note, chinese)
