@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from gradio_client import Client
 
 from studio.jobs import JobStatus
@@ -28,6 +29,13 @@ def test_ui_starts_a_run_and_shows_its_progress(services, workspace):
         settings = [5e-3, 15, -1, 4, 1, 0.03, 2048, 0, 1, 42, True, False, 0.5, True, False, False]
         estimate = client.predict(dataset.name, SYSTEM, ["q_proj", "v_proj"], 8, *settings, api_name="/estimate_memory")
         assert estimate.startswith("Estimated peak") and "tokens in the largest forward pass" in estimate
+        # the server checks the switches itself: a string is not a tick box, a share is between 0 and 1
+        for bad, message in (([*settings[:15], "false"], "Compile the layers: true or false is needed"),
+                             ([*settings[:12], 2.0, *settings[13:]], "Checkpointed share must be between 0 and 1|greater than maximum value 1")):
+            with pytest.raises(Exception, match=message):
+                client.predict(dataset.name, "bad", SYSTEM, ["q_proj"], 8, 16, 0.05, False, None, *bad,
+                               api_name="/start_training")
+        assert services.jobs.latest("train") is None
         started = client.predict(dataset.name, "ui-run", SYSTEM, ["q_proj", "v_proj"], 8, 16, 0.05, False, None, *settings,
                                  api_name="/start_training")
         assert started.startswith("Training started: ui-run_")

@@ -164,6 +164,18 @@ class Upload:
         return str(path)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """True or false (a checkbox); anything else, the string "false" included, is refused."""
+
+    label: str
+
+    def check(self, value, ctx):
+        if isinstance(value, bool):
+            return value
+        raise BadArgument(f"{self.label}: true or false is needed (got {str(value)[:40]!r}).")
+
+
 class Any_:
     """No check: a value a component's own preprocessing already bounds (a checkbox, a table, a gr.State)."""
 

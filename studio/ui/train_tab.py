@@ -21,7 +21,7 @@ from studio.train.split import split_heldout
 from studio.ui.common import job_panel
 from studio.ui.history_panel import HistoryPanel
 from studio.ui.i18n import text as table_text, translate
-from studio.ui.registry import ANY, Choice, Id, Num, Text, page_language
+from studio.ui.registry import ANY, Choice, Flag, Id, Num, Text, page_language
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
@@ -32,8 +32,9 @@ SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
                  Num("Batch size", 1, 256, True), Num("Gradient accumulation", 1, 1024, True), Num("Warmup", 0, 1),
                  Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
-                 Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True), ANY, ANY,
-                 Num("Checkpointed share", 0, 1), ANY, ANY, ANY)
+                 Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True),
+                 Flag("Gradient checkpointing"), Flag("Packing"), Num("Checkpointed share", 0, 1),
+                 Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"))
 RANK = Num("LoRA rank", 1, 512, True)
 
 
