@@ -17,6 +17,12 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 
+def forget_instance_attributes(module, names) -> None:
+    """Drop attributes set on this module instance (a patched forward): its class's are used again."""
+    for name in names:
+        module.__dict__.pop(name, None)
+
+
 def liger_available() -> str | None:
     """None when Liger kernels can run here, else why not."""
     import importlib.util
@@ -60,8 +66,7 @@ def apply_liger(model, undo: list, fused_linear_cross_entropy: bool = True, laye
             if vars(modeling).get(name) is not value:
                 setattr(modeling, name, value)
         for module, previous in had:
-            for name in ("forward", "_get_name", "extra_repr"):
-                module.__dict__.pop(name, None)
+            forget_instance_attributes(module, ("forward", "_get_name", "extra_repr"))
             module.__dict__.update(previous)
 
     undo.append(restore)

@@ -25,7 +25,8 @@ from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
-from studio.model.kernels import apply_liger, liger_available  # noqa: F401  (liger_available: studio.train.memory)
+# liger_available is imported from here by studio.train.memory
+from studio.model.kernels import apply_liger, forget_instance_attributes, liger_available  # noqa: F401
 
 COMPILE_BACKEND = "inductor"  # tests on the CPU use "aot_eager" (same graphs, no C++ build)
 
@@ -37,11 +38,6 @@ def decoder_layers(model) -> list:
     inner = getattr(base_of(model), "model", None)
     layers = getattr(inner, "layers", None)
     return list(layers) if layers is not None else []
-
-
-def _forget_instance_attributes(module, names) -> None:
-    for name in names:
-        module.__dict__.pop(name, None)
 
 
 def _dense_forward(self, x, *args, **kwargs):
@@ -77,7 +73,7 @@ def dequantize_base(model, undo: list) -> str:
 
     def restore():
         for module in patched:
-            _forget_instance_attributes(module, ("forward", "studio_dense_weight"))
+            forget_instance_attributes(module, ("forward", "studio_dense_weight"))
 
     undo.append(restore)
     if not patched:
