@@ -207,11 +207,17 @@ class Bench:
                         "recommended": {}}
         self.budget = Budget(args.budget_s, self.payload["skipped"])
         self.size_rows: dict = {}  # size -> (its rows, its tutorial result), for compiled_on_size
+        if args.no_main and args.recommended_from:  # the sizes run what the earlier result recommended
+            fast, gpu24 = earlier_recommendation(Path(args.recommended_from))
+            self.payload["recommended"] = {which: {"setup": next(iter(chosen)), "switches": next(iter(chosen.values()))}
+                                           for which, chosen in (("fast", fast), ("gpu24", gpu24))}
         self.manager = ModelManager(decode_mode="eager")
 
     def save(self) -> Path:
         name = self.args.name or ("train_speed-sizes" if self.args.recommended_from else "train_speed")
-        return write_results(name.replace("train_speed", "train_speed-tiny") if self.tiny else name, self.payload)
+        if self.tiny:  # a CPU run never passes for a GPU result (studio.train.memory reads train_speed-*)
+            name = "-".join(part for part in ("train_speed-tiny", name.removeprefix("train_speed").strip("-")) if part)
+        return write_results(name, self.payload)
 
     # ----- models --------------------------------------------------------------------------------
     def load(self, size: str) -> dict | None:
@@ -332,11 +338,6 @@ class Bench:
                 "tokens_per_s": chosen.get("tokens_per_s"), "peak_reserved_gib": chosen.get("peak_reserved_gib")}
 
     def recommended(self, which: str) -> TrainSettings:
-        if not self.payload["recommended"] and self.args.recommended_from:
-            fast, gpu24 = earlier_recommendation(Path(self.args.recommended_from))
-            self.payload["recommended"] = {
-                "fast": {"setup": next(iter(fast)), "switches": next(iter(fast.values()))},
-                "gpu24": {"setup": next(iter(gpu24)), "switches": next(iter(gpu24.values()))}}
         base = preset(which)
         return replace(base, **self.payload["recommended"].get(which, {}).get("switches", {}))
 
@@ -526,6 +527,8 @@ def main() -> None:
                         help="where the compiled-layers candidates run: 'main' (the 7B shape, reloaded, last) and/or "
                              "sizes of the table (e.g. 0.5B 7B, each with its own time to adapter)")
     args = parser.parse_args()
+    if args.tiny and args.no_main:
+        parser.error("--no-main leaves only the GPU sizes table, which --tiny does not run")
     if args.tiny:
         from studio.train import speedups
 
