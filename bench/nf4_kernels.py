@@ -8,16 +8,25 @@ bitsandbytes offers to multiply one or two rows by a 4-bit weight:
   dequantized inside the kernel): the studio's decoder today;
 - `simt, fp32 absmax`: the same kernel given absmax already dequantized to fp32 (one tensor);
 - `gemv (inference_naive), fp32 absmax`: bitsandbytes' older one-row kernel (`gemv_4bit`);
-- `bf16 linear`: cuBLAS on the dequantized weight (the bandwidth a plain bf16 layer gets).
+- `bf16 linear`: cuBLAS on the dequantized weight (the bandwidth a plain bf16 layer gets);
+- `triton attempt`: a Triton kernel written for this step (`bench/nf4_triton.py`, not used by the
+  studio: it is slower); `triton attempt, rows as programs` gives each row programs of its own. Its
+  `max_rel_error` is its largest difference from the default, relative to the default's largest value.
+
+With `--sweep`, each shape also times that kernel's launch settings (outputs per program, 64-blocks
+per step, warps) and reports the fastest.
 
 Each is recorded as a CUDA graph of 20 calls and replayed, so launch costs do not count. Reported:
 microseconds a call, the weight bytes read per second, whether its output equals the default's
 bit for bit, and, for two rows, whether each row equals that row alone.
 
-    python bench/nf4_kernels.py      # GPU only, about 30 s on the H200
+    python bench/nf4_kernels.py [--sweep]     # GPU only, about 30 s on the H200 (sweep: 2 minutes)
 """
 
 from __future__ import annotations
+
+import argparse
+import itertools
 
 from common import write_results
 
@@ -48,6 +57,11 @@ def variants(param, state):
     import bitsandbytes.functional as bf
     import torch
 
+    import nf4_triton
+
+    module = type("Layer", (), {})()
+    module.weight, module.bias, module.compute_dtype = param, None, torch.bfloat16
+    layer = nf4_triton._Layer(module, torch.bfloat16)
     flat = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float().contiguous()
     dense = bf.dequantize_4bit(param.data, state).to(torch.bfloat16)
     ops = torch.ops.bitsandbytes
@@ -57,6 +71,11 @@ def variants(param, state):
         "gemv (inference_naive), fp32 absmax": (
             lambda x: ops.gemv_4bit.default(x, param.data, state.shape, flat, state.code, 64), (1,)),
         "bf16 linear": (lambda x: torch.nn.functional.linear(x, dense), (1, 2)),
+        "triton attempt": (lambda x: nf4_triton.products(layer, x.view(-1, x.shape[-1])).view(*x.shape[:-1], -1),
+                          (1, 2)),
+        "triton attempt, rows as programs": (
+            lambda x: nf4_triton.products(layer, x.view(-1, x.shape[-1]), rows_per_program=1).view(*x.shape[:-1], -1),
+            (2,)),
     }
 
 
@@ -102,6 +121,9 @@ def measure_shape(out_features: int, in_features: int) -> dict:
             value = fn(x)
             entry = {"us": round(micro, 2), "weight_GB_per_s": round(weight_bytes / micro / 1e3, 0),
                      "equals_default": bool(torch.equal(value, reference[count]))}
+            if not entry["equals_default"]:
+                scale = reference[count].float().abs().max().item()
+                entry["max_rel_error"] = float(f"{(value.float() - reference[count].float()).abs().max().item() / scale:.2e}")
             if count == 2:
                 entry["rows_equal_alone"] = bool(torch.equal(value[:1], fn(x1)) and
                                                  torch.equal(value[1:], fn(x2[1:].contiguous())))
@@ -109,11 +131,49 @@ def measure_shape(out_features: int, in_features: int) -> dict:
     return out
 
 
+def sweep_shape(out_features: int, in_features: int) -> dict:
+    """The Triton attempt's microseconds for one and two rows under each launch setting."""
+    import torch
+
+    import nf4_triton
+
+    param, state = quantized(out_features, in_features)
+    module = type("Layer", (), {})()
+    module.weight, module.bias, module.compute_dtype = param, None, torch.bfloat16
+    layer = nf4_triton._Layer(module, torch.bfloat16)
+    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
+    blocks = in_features // 64
+    timed = {}
+    for block_n, groups, warps in itertools.product((2, 4, 8, 16), (1, 2, 4, 8), (4, 8)):
+        if blocks % groups:
+            continue
+        config = (block_n, groups, warps)
+        try:
+            one = time_call(lambda x: nf4_triton.products(layer, x, config), x2[:1].contiguous())
+            two = time_call(lambda x: nf4_triton.products(layer, x, config), x2)
+        except Exception as exc:  # a setting the compiler refuses (too many registers)
+            timed[str(config)] = f"{exc.__class__.__name__}"
+            continue
+        timed[str(config)] = {"1 row us": round(one, 2), "2 rows us": round(two, 2)}
+    scored = {k: v for k, v in timed.items() if isinstance(v, dict)}
+    best = min(scored, key=lambda k: scored[k]["1 row us"] + 0.25 * scored[k]["2 rows us"])
+    return {"best": best, "best_us": scored[best], "default": str(nf4_triton.launch_config(out_features, in_features)),
+            "all": timed}
+
+
 def main() -> None:
     import torch
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton attempt's launch settings")
+    args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
+    if args.sweep:
+        payload["sweep"] = {}
+        for name, (n, k) in SHAPES.items():
+            payload["sweep"][name] = sweep_shape(n, k)
+            print(name, "best", payload["sweep"][name]["best"], payload["sweep"][name]["best_us"], flush=True)
     for name, (n, k) in SHAPES.items():
         payload["shapes"][name] = measure_shape(n, k)
         print(name, payload["shapes"][name], flush=True)
