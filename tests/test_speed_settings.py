@@ -120,20 +120,23 @@ class _Job:
         pass
 
 
-def studio_losses(loaded, settings, examples, tmp_path, steps=4, callbacks=()):
-    """Losses of `steps` optimizer steps through build_trainer, a fresh adapter (no dropout) each time."""
+def studio_losses(loaded, settings, examples, tmp_path, steps=4, callbacks=(), name="speed",
+                  lora=LoraSettings(dropout=0.0), route=True):
+    """Losses of `steps` optimizer steps through build_trainer, a fresh adapter (no dropout unless `lora`
+    says) each time; `route=False` trains through peft's own LoRA forward."""
     from studio.train.job import add_trainable_adapter
     from studio.train.trainer import ProgressTracker, build_trainer
 
     settings = replace(settings, max_steps=steps, save_every=0, logging_steps=1, warmup_ratio=0.0)
-    model = add_trainable_adapter(loaded.model, "speed", LoraSettings(dropout=0.0), settings.seed)
+    model = add_trainable_adapter(loaded.model, name, lora, settings.seed)
     loaded.model = model
     collator = make_collator(settings, loaded.tokenizer)
     job = _Job()
-    run = SimpleNamespace(name="speed", metrics_path=tmp_path / f"metrics-{len(list(tmp_path.iterdir()))}.jsonl")
+    run = SimpleNamespace(name=name, metrics_path=tmp_path / f"metrics-{len(list(tmp_path.iterdir()))}.jsonl")
     tracker = ProgressTracker(run, job, collator)
-    trainer = build_trainer(model, settings, loaded.device, tmp_path / "out", "speed", examples, [], collator,
+    trainer = build_trainer(model, settings, loaded.device, tmp_path / "out", name, examples, [], collator,
                             (tracker, *callbacks))
+    trainer.route_trained_adapter = route
     tracker.trainer = trainer
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -184,6 +187,55 @@ def test_a_compiler_that_fails_here_leaves_the_run_eager_and_says_so(manager, tm
     failures = [line for line in job.lines if line.startswith("torch.compile failed here")]
     assert len(failures) == 1 and "no C compiler found" in failures[0], job.lines
     assert all(getattr(module, "_compiled_call_impl", None) is None for module in model.modules())
+
+
+def test_the_trained_adapter_alone_gives_peft_s_losses(manager, tmp_path):
+    """The studio's LoRA forward while training (the trained adapter only, whatever else is attached) is
+    peft's arithmetic: the same losses, bit for bit, with dropout on (the same random draws) and with
+    another adapter attached beside it; and peft's forward is back on the layers afterwards."""
+    from studio.model.routing import lora_layers
+
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12) * 4, seed=4)
+        lora = LoraSettings(dropout=0.1)
+        studio_losses(loaded, preset("tutorial"), examples, tmp_path, steps=1, name="other")  # attached beside
+        peft_losses, _, _ = studio_losses(loaded, preset("tutorial"), examples, tmp_path, steps=3, lora=lora,
+                                          route=False)
+        routed, _, _ = studio_losses(loaded, preset("tutorial"), examples, tmp_path, steps=3, lora=lora)
+        layers = lora_layers(loaded.model)
+    assert routed == peft_losses
+    assert routed[0] != routed[-1]  # it trained
+    assert layers and all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_compiled_layers_are_reused_by_the_next_run_with_the_same_settings(manager, tmp_path, monkeypatch):
+    """A new run (a new adapter name, another adapter attached) with the same LoRA shape and switches
+    compiles nothing: the code of the run before is reused, and the log says so. Another rank compiles
+    again (and drops the old code first)."""
+    from studio.train import speedups
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(speedups, "COMPILE_BACKEND", counting_backend)
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda real=torch._dynamo.reset: (resets.append(1), real())[1])
+    settings = replace(preset("gpu24"), compile_layers=True)
+    compiled = []
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        for name, lora in (("first", LoraSettings(dropout=0.0)), ("second", LoraSettings(dropout=0.0)),
+                           ("third", LoraSettings(dropout=0.0, r=4))):
+            before = len(graphs)
+            losses, _, job = studio_losses(loaded, settings, examples, tmp_path, steps=2, name=name, lora=lora)
+            compiled.append((len(graphs) - before, len(resets), " ".join(job.lines)))
+    (first, first_resets, _), (second, second_resets, second_log), (third, third_resets, _) = compiled
+    assert first > 0 and second == 0 and third > 0, compiled
+    assert "is reused" in second_log
+    assert second_resets == first_resets and third_resets == first_resets + 1
 
 
 def test_partial_checkpointing_sets_the_layer_flags(manager, tmp_path):

@@ -70,11 +70,25 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
                 _override(patched, module, _row_by_row(module.forward, streams, limit))
         yield
     finally:
-        for module, saved in reversed(patched):
-            if saved is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = saved
+        _restore(patched)
+
+
+@contextmanager
+def only_adapter(model, name: str) -> Iterator[None]:
+    """Every LoRA layer computes its base output plus `name`'s update alone, for the block (training
+    `name`): peft's arithmetic, in its order, without its per-call walk over the other attached adapters
+    or the copy of the base output its 4-bit layers make. The same forward, wherever `name` is attached
+    beside other adapters, also keeps a compiled layer's guards the same from run to run."""
+    layers = lora_layers(model)
+    _refuse_unsupported(model, layers, name)
+    every_row = slice(0, None)
+    patched: list = []
+    try:
+        for layer in layers:
+            _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, every_row))
+        yield
+    finally:
+        _restore(patched)
 
 
 def adapter_block(adapters: Sequence[str | None]) -> tuple[str | None, slice]:
@@ -106,6 +120,14 @@ def _override(patched: list, module, forward) -> None:
     module.forward = forward
 
 
+def _restore(patched: list) -> None:
+    for module, saved in reversed(patched):
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+
 def _routed_forward(layer, name: str | None, rows: slice):
     """The layer's forward with exactly `name`'s update on `rows` (peft's arithmetic, in its order)."""
     base = layer.base_layer
@@ -118,7 +140,7 @@ def _routed_forward(layer, name: str | None, rows: slice):
 
     def forward(x, *args, **kwargs):
         result = base(x, *args, **kwargs)
-        whole = rows.start == 0 and rows.stop >= x.shape[0]
+        whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
         part_x = x if whole else x[rows]
         part = result if whole else result[rows]
         update = lora_B(lora_A(dropout(part_x.to(lora_A.weight.dtype)))) * scaling

@@ -14,6 +14,10 @@ bench/train_speed.py).
 - `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes. With `liger_kernels`
   too, Liger keeps only its fused linear cross-entropy (outside the layers): inductor fuses the
   norms, RoPE and SwiGLU itself, and fails on Liger's RMSNorm kernel.
+- Always (not a switch): while training, each LoRA layer computes its base output plus the trained
+  adapter's update only (`only_trained_adapter`, `studio.model.routing.only_adapter`): peft's
+  arithmetic in its order, without its per-call walk over the attached adapters and the copy of the
+  base output its 4-bit layers make.
 - `checkpoint_fraction`: with gradient checkpointing on, only that share of the decoder layers
   recomputes its activations (spread evenly), a callback set after the Trainer switches it on.
 """
@@ -21,7 +25,7 @@ bench/train_speed.py).
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from transformers import TrainerCallback
 
@@ -81,12 +85,15 @@ def dequantize_base(model, undo: list) -> str:
     return f"Dequantized base on: {len(patched)} 4-bit layers, {total / 2**30:.1f} GiB of bf16 copies."
 
 
-def compile_layers(model, undo: list, notes: list | None = None) -> str:
+def compile_layers(model, undo: list, notes: list | None = None, signature: tuple = ()) -> str:
     """Compile each decoder layer (as `nn.Module.compile` does). If compiling fails on this machine (no
     working Triton or C compiler, an unsupported op), every layer goes back to eager for the rest of the
-    run and `notes` (the job's log) says why: the run goes on, only slower. At the end the compiled code
-    is dropped (`torch._dynamo.reset`), so the next run, with another adapter, compiles afresh rather
-    than piling up recompilations until dynamo silently gives up."""
+    run and `notes` (the job's log) says why: the run goes on, only slower.
+
+    The compiled code outlives the run: the layers' LoRA forward names no adapter
+    (`only_trained_adapter`), so the next run on the same model with the same `signature` (LoRA shape,
+    switches) reuses it and starts at full speed. A run with another signature drops it first
+    (`torch._dynamo.reset`), so recompilations never pile up until dynamo silently gives up."""
     import torch
 
     layers = decoder_layers(model)
@@ -96,6 +103,7 @@ def compile_layers(model, undo: list, notes: list | None = None) -> str:
         return "torch.compile skipped: it is measured and used on CUDA GPUs only."
 
     def back_to_eager(exc: Exception) -> None:
+        base.studio_compiled_for = None  # nothing of this compile is kept
         for layer in layers:
             layer._compiled_call_impl = None
         while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
@@ -104,6 +112,11 @@ def compile_layers(model, undo: list, notes: list | None = None) -> str:
         if notes is not None:
             notes.append(f"torch.compile failed here ({type(exc).__name__}: {reason}); the run goes on without it.")
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reused = getattr(base, "studio_compiled_for", None) == signature
+    if not reused:
+        torch._dynamo.reset()
+        base.studio_compiled_for = signature
     for layer in layers:
         compiled = torch.compile(layer._call_impl, dynamic=True, backend=COMPILE_BACKEND)
         layer._compiled_call_impl = _eager_if_compiling_fails(layer, compiled, back_to_eager)
@@ -118,10 +131,12 @@ def compile_layers(model, undo: list, notes: list | None = None) -> str:
             layer._compiled_call_impl = None  # what nn.Module.compile sets; the layer runs eagerly again
         if eager_backward is not None:
             functorch_config.force_non_lazy_backward_lowering = eager_backward
-        torch._dynamo.reset()
 
     undo.append(restore)
     backend = getattr(COMPILE_BACKEND, "__name__", COMPILE_BACKEND)
+    if reused:
+        return (f"torch.compile on {len(layers)} decoder layers ({backend}): the code compiled for an earlier run "
+                "with these settings is reused.")
     return (f"torch.compile on {len(layers)} decoder layers ({backend}): the first steps wait for the compile "
             "(a minute or two the first time on a machine, about 10 s once its compile cache is warm).")
 
@@ -146,6 +161,21 @@ def _eager_if_compiling_fails(layer, compiled, on_failure):
 
 
 @contextmanager
+def only_trained_adapter(model, name: str, on: bool = True):
+    """`studio.model.routing.only_adapter` for the block, where the model holds `name` as plain LoRA;
+    peft's own forward otherwise (a LoRA variant, whole saved modules) or when not `on`."""
+    from studio.model.routing import only_adapter
+
+    with ExitStack() as stack:
+        if on and name in getattr(model, "peft_config", {}):
+            try:
+                stack.enter_context(only_adapter(model, name))
+            except ValueError:  # a set-up the routing cannot honour: peft's forward does the work
+                pass
+        yield
+
+
+@contextmanager
 def training_speedups(model, settings):
     """Apply the switches of `settings` for the duration of the block; yields what was applied or skipped."""
     undo: list = []
@@ -157,11 +187,22 @@ def training_speedups(model, settings):
         if getattr(settings, "dequantize_base", False):
             notes.append(dequantize_base(model, undo))
         if getattr(settings, "compile_layers", False):
-            notes.append(compile_layers(model, undo, notes))
+            notes.append(compile_layers(model, undo, notes, compile_signature(model, settings)))
         yield notes
     finally:
         for restore in reversed(undo):
             restore()
+
+
+def compile_signature(model, settings) -> tuple:
+    """What compiled layers depend on besides the shapes of a batch: the trained adapter's LoRA shape and
+    the run's other switches (a run with another signature compiles afresh)."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    lora = (config.r, config.lora_alpha, config.lora_dropout, tuple(sorted(config.target_modules or ())),
+            getattr(config, "bias", None)) if config is not None else None
+    switches = tuple(getattr(settings, name, None) for name in (
+        "liger_kernels", "dequantize_base", "gradient_checkpointing", "checkpoint_fraction", "packing", "precision"))
+    return lora, switches
 
 
 def checkpointed_layers(count: int, fraction: float) -> list[bool]:

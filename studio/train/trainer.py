@@ -33,13 +33,16 @@ class StudioTrainer(Trainer):
     adapter_name: str = "default"
     eval_seconds: float = 0.0
     avoid_cudnn_attention: bool = True
+    # each LoRA layer computes the trained adapter alone (studio.train.speedups.only_trained_adapter);
+    # False: peft's own forward, as the tutorial's code runs it (bench/train_speed.py's tutorial row)
+    route_trained_adapter: bool = True
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
-        from studio.train.speedups import training_speedups
+        from studio.train.speedups import only_trained_adapter, training_speedups
 
-        with without_cudnn_attention(self.avoid_cudnn_attention), \
+        with without_cudnn_attention(self.avoid_cudnn_attention), only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, self.speed_settings) as notes:
             self.speedup_notes = notes
             return super().train(*args, **kwargs)

@@ -352,6 +352,8 @@ EN = {
         "speed_dense_skipped": "Dequantized base skipped: {reason}.",
         "speed_compile_on": "torch.compile on {count} decoder layers ({backend}): the first steps wait for the compile "
                             "(a minute or two the first time on a machine, about 10 s once its compile cache is warm).",
+        "speed_compile_reused": "torch.compile on {count} decoder layers ({backend}): the code compiled for an earlier "
+                                "run with these settings is reused.",
         "speed_compile_skipped": "torch.compile skipped: {reason}.",
         "speed_compile_failed": "torch.compile failed here ({error}); the run goes on without it.",
         "training_start": "Training {name}: {steps} optimizer steps.",
@@ -996,6 +998,7 @@ ZH = {
         "speed_dense_skipped": "未使用基座的 bf16 副本：{reason}。",
         "speed_compile_on": "已对 {count} 个解码层启用 torch.compile（{backend}）：最初几步要等编译完成（在一台机器上第一次约一两分钟，"
                             "编译缓存就绪后约 10 秒）。",
+        "speed_compile_reused": "已对 {count} 个解码层启用 torch.compile（{backend}）：沿用此前相同设置的训练已编译好的代码。",
         "speed_compile_skipped": "未使用 torch.compile：{reason}。",
         "speed_compile_failed": "torch.compile 在本机编译失败（{error}）；本次训练不用它继续进行。",
         "training_start": "训练 {name}：共 {steps} 个优化步。",
