@@ -136,9 +136,11 @@ class ForwardSize:
 
 
 def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], steps: int, warmup_steps: int = 2,
-              studio_kernels: bool = True, deadline: float | None = None, model_bytes: int | None = None) -> dict:
+              studio_kernels: bool = True, deadline: float | None = None, model_bytes: int | None = None,
+              studio_lora_forward: bool | None = None) -> dict:
     """Train `steps` optimizer steps through the studio's trainer; `studio_kernels=False` keeps PyTorch's
-    default attention kernels and peft's own LoRA forward, as the tutorial's own code gets them."""
+    default attention kernels and peft's own LoRA forward, as the tutorial's own code gets them
+    (`studio_lora_forward` sets the LoRA forward alone)."""
     import gc
 
     import torch
@@ -152,7 +154,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / name.replace(" ", "_"), "bench",
                             rows, [], collator, (clock,))
     trainer.avoid_cudnn_attention = studio_kernels
-    trainer.route_trained_adapter = studio_kernels
+    trainer.route_trained_adapter = studio_kernels if studio_lora_forward is None else studio_lora_forward
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -179,7 +181,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
                      if k in ("batch_size", "grad_accum", "packing", "gradient_checkpointing", "checkpoint_fraction",
                               "liger_kernels", "dequantize_base", "compile_layers")},
         "applied": applied, "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
-        "lora_forward": "studio (trained adapter only)" if studio_kernels else "peft",
+        "lora_forward": "studio (trained adapter only)" if trainer.route_trained_adapter else "peft",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
         "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),
@@ -382,6 +384,20 @@ class Bench:
             self.time_to_adapter(size, static)
         self.size_rows[size] = (rows, tutorial)
 
+    def lora_forward_on_sizes(self) -> None:
+        """With --lora-forward-sizes SIZE: Fast on that size with peft's LoRA forward and with the studio's
+        (the trained adapter alone), twice each, alternating, so the host's drift touches both alike."""
+        for size in self.args.lora_forward_sizes:
+            if size not in self.size_rows or not self.budget.allow(f"{size}: LoRA forward, peft vs studio", 60):
+                continue
+            rows, tutorial = self.size_rows[size]
+            static = self.load(size).pop("static_bytes")
+            for turn in (1, 2):
+                for studio_forward in (False, True):
+                    label = f"fast (preset), {'studio' if studio_forward else 'peft'} LoRA forward, turn {turn}"
+                    self.setup(size, label, preset("fast"), rows, self.args.steps, 20, static, tutorial,
+                               studio_lora_forward=studio_forward)
+
     def compiled_on_sizes(self) -> None:
         for size in self.args.compile_sizes:
             self.compiled_on_size(size)
@@ -432,6 +448,7 @@ class Bench:
         else:
             for size in self.args.sizes:
                 self.size_row(size)
+        self.lora_forward_on_sizes()
         self.compiled_candidates()
         self.compiled_on_sizes()
         if self.manager.is_loaded:
@@ -533,6 +550,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="the result file's name before -<gpu>-<date>.json")
     parser.add_argument("--no-main", action="store_true",
                         help="skip the 7B shape; the sizes use the setups --recommended-from names")
+    parser.add_argument("--lora-forward-sizes", nargs="*", default=[],
+                        help="sizes of the table on which Fast runs with peft's LoRA forward and with the studio's")
     parser.add_argument("--compile-sizes", nargs="*", default=["main"],
                         help="where the compiled-layers candidates run: 'main' (the 7B shape, reloaded, last) and/or "
                              "sizes of the table (e.g. 0.5B 7B, each with its own time to adapter)")
