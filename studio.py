@@ -18,6 +18,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Training shapes change every step; expandable segments keep the CUDA allocator from fragmenting.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# Compiled layers (the compile_layers switch): the compiler's cache outside /tmp, so it survives a reboot.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "qlora-studio", "torchinductor"))
 
 from studio.access import AccessPolicy, is_loopback, policy_for_launch  # noqa: E402
 from studio.errors import StudioError  # noqa: E402
