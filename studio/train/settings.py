@@ -63,7 +63,7 @@ PRESETS: dict[str, tuple[str, TrainSettings]] = {
                  TrainSettings()),
     "fast": ("Fast (large GPU): the same 8 sequences per step packed into one padding-free forward pass, no "
              "checkpointing, Liger kernels and a bf16 copy of the base while training (23.6x the tutorial on an H200; "
-             "for runs of more than a few minutes, also tick 'Compile the layers')",
+             "for long runs, or to train again in the same session, also tick 'Compile the layers')",
              TrainSettings(batch_size=8, grad_accum=1, packing=True, gradient_checkpointing=False, liger_kernels=True,
                            dequantize_base=True)),
     "gpu24": ("24 GB card: the same 8 sequences per step packed into one forward pass, Liger kernels, half the "

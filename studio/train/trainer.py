@@ -42,7 +42,8 @@ class StudioTrainer(Trainer):
     def train(self, *args, **kwargs):
         from studio.train.speedups import only_trained_adapter, training_speedups
 
-        with without_cudnn_attention(self.avoid_cudnn_attention), only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
+        with without_cudnn_attention(self.avoid_cudnn_attention), \
+                only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, self.speed_settings) as notes:
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
