@@ -192,6 +192,12 @@ def test_every_label_of_the_page_is_in_the_tables(services):
     labels = {u.get("label") for u in updates if isinstance(u, dict)}
     assert {"基座模型（Hub ID 或本地文件夹）", "基线对话", "对比"} <= labels
     assert updates[len(registry.static)] == "就绪：tiny (4bit, cpu)"
+    # the training presets' dropdown: Chinese labels, the same keys
+    preset_choices = [u["choices"] for u in updates if isinstance(u, dict) and
+                      [value for _, value in u.get("choices") or []] == ["tutorial", "fast", "gpu24"]]
+    assert len(preset_choices) == 1
+    assert [label[:4] for label, _ in preset_choices[0]] == ["教程配方", "快速（大", "24 G"]
+    assert all("Liger kernels" not in label and "recipe" not in label for label, _ in preset_choices[0])
 
 
 def test_a_handler_answers_in_the_page_language(workspace):

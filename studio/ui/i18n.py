@@ -201,10 +201,24 @@ TEXT_PROPS = ("label", "info", "placeholder")
 CHOICE_TYPES = ("Radio", "CheckboxGroup")  # components whose choice labels are static
 
 
+FIXED_CHOICES = "fixed-choices"  # the elem_classes mark of a dropdown whose choices never change
+
+
+def _static_choices(block, known) -> bool:
+    """Whether `block` shows fixed choices whose labels come from the tables: a radio or check group with
+    one such label, or a dropdown marked FIXED_CHOICES (other dropdowns list the user's files, adapters
+    and runs, which change: their choices are never reset from a snapshot)."""
+    choices = getattr(block, "choices", None) or []
+    labels = [c[0] for c in choices if isinstance(c, (tuple, list))]
+    if type(block).__name__ in CHOICE_TYPES:
+        return any(label in known for label in labels)
+    return FIXED_CHOICES in (getattr(block, "elem_classes", None) or []) and any(label in known for label in labels)
+
+
 class LabelRegistry:
     """The page's components whose visible texts come from the tables.
 
-    Labels, hints, placeholders, button texts and radio choices are static: their English text is
+    Labels, hints, placeholders, button texts, radio choices and fixed dropdown choices are static: their English text is
     kept here. Markdown texts change (status lines, results): the switch reads what each shows now
     and translates that, from whichever language it is in.
     """
@@ -227,9 +241,7 @@ class LabelRegistry:
                      if isinstance(getattr(block, prop, None), str) and getattr(block, prop) in known}
             if isinstance(block, gr.Button) and isinstance(block.value, str) and block.value in known:
                 texts["value"] = block.value
-            choices = getattr(block, "choices", None) if type(block).__name__ in CHOICE_TYPES else None
-            if choices and not any(isinstance(c, (tuple, list)) and c[0] in known for c in choices):
-                choices = None
+            choices = getattr(block, "choices", None) if _static_choices(block, known) else None
             if texts or choices:
                 registry.static.append((block, texts, list(choices) if choices else None))
         return registry

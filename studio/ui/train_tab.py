@@ -20,7 +20,7 @@ from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainS
 from studio.train.split import split_heldout
 from studio.ui.common import job_panel
 from studio.ui.history_panel import HistoryPanel
-from studio.ui.i18n import text as table_text, translate
+from studio.ui.i18n import FIXED_CHOICES, text as table_text, translate
 from studio.ui.registry import ANY, Choice, Flag, Id, Num, Text, page_language
 from studio.ui.strings import strings
 
@@ -106,7 +106,7 @@ class TrainTab:
         s, d = self.s, TrainSettings()
         with gr.Accordion(s["training"], open=True):
             self.preset = gr.Dropdown([(label, key) for key, (label, _) in PRESETS.items()], value="tutorial",
-                                      label=s["preset"])
+                                      label=s["preset"], elem_classes=[FIXED_CHOICES])  # relabelled in Chinese
             with gr.Row():
                 lr = gr.Number(d.learning_rate, label=s["lr"])
                 epochs = gr.Number(d.epochs, label=s["epochs"])
