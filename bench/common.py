@@ -142,11 +142,19 @@ def build_sized_model(folder: Path, size: str) -> Path:
 
 
 def use_decoder(manager, mode: str) -> None:
-    """Give the loaded model the decoder of `mode` (the studio chooses it once, at load; benches swap)."""
+    """Give the loaded model the decoder of `mode` (the studio chooses it once, at load; benches swap).
+    `graphs-bnb`, `graphs-sdpa`, `graphs-bnb-sdpa`: the graph decoder with bitsandbytes' kernel for the
+    4-bit token rows, with PyTorch's attention, or with both (instead of the studio's kernels)."""
     from studio.model.decoding import make_decoder
 
     loaded = manager.require_loaded()
+    variant = mode
+    mode = "graphs" if mode.startswith("graphs-") else mode
     loaded.decoder = make_decoder(mode, loaded.device)
+    if variant in ("graphs-bnb", "graphs-bnb-sdpa"):  # bitsandbytes' 4-bit kernel, not the studio's
+        loaded.decoder.nf4_kernel = False
+    if variant in ("graphs-sdpa", "graphs-bnb-sdpa"):  # PyTorch's attention, not the studio's kernel
+        loaded.decoder.attention_kernel = False
     loaded.decode_mode = mode
 
 

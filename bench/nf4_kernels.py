@@ -13,6 +13,11 @@ bitsandbytes offers to multiply one or two rows by a 4-bit weight:
   studio: it is slower); `triton attempt, rows as programs` gives each row programs of its own. Its
   `max_rel_error` is its largest difference from the default, relative to the default's largest value.
 
+- `cuda kernel`: the studio's own CUDA kernel (`studio/model/nf4_cuda.py`, compiled at run time), with
+  its default launch settings; `--cuda-sweep` times its settings (unroll, outputs per warp, warps
+  along K) on each shape. Its `max_rel_error_exact` (as every variant's) is against the product
+  computed in fp32 from the dequantized weight.
+
 With `--sweep`, each shape also times that kernel's launch settings (outputs per program, 64-blocks
 per step, warps) and reports the fastest.
 
@@ -58,6 +63,7 @@ def variants(param, state):
     import torch
 
     import nf4_triton
+    from studio.model import nf4_cuda
 
     module = type("Layer", (), {})()
     module.weight, module.bias, module.compute_dtype = param, None, torch.bfloat16
@@ -65,7 +71,11 @@ def variants(param, state):
     flat = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float().contiguous()
     dense = bf.dequantize_4bit(param.data, state).to(torch.bfloat16)
     ops = torch.ops.bitsandbytes
+    cuda = _cuda_kernels()
+    cuda_layer = nf4_cuda.layer_args(param)
     return {
+        "cuda kernel": (lambda x: cuda.products(cuda_layer, x.view(-1, x.shape[-1])).view(*x.shape[:-1], -1),
+                        (1, 2)),
         "simt, nested absmax": (lambda x: bnb.matmul_4bit(x, param.t(), state), (1, 2)),
         "simt, fp32 absmax": (lambda x: ops.gemm_4bit.default(x, param.data, state.shape, flat, 64, "nf4"), (1, 2)),
         "gemv (inference_naive), fp32 absmax": (
@@ -77,6 +87,17 @@ def variants(param, state):
             lambda x: nf4_triton.products(layer, x.view(-1, x.shape[-1]), rows_per_program=1).view(*x.shape[:-1], -1),
             (2,)),
     }
+
+
+_KERNELS: dict = {}
+
+
+def _cuda_kernels(unroll: int = 2):
+    from studio.model import nf4_cuda
+
+    if unroll not in _KERNELS:
+        _KERNELS[unroll] = nf4_cuda.Nf4Kernels(unroll=unroll)
+    return _KERNELS[unroll]
 
 
 def time_call(fn, x) -> float:
@@ -113,6 +134,10 @@ def measure_shape(out_features: int, in_features: int) -> dict:
     x1 = x2[:1].contiguous()
     found = variants(param, state)
     reference = {1: found["simt, nested absmax"][0](x1), 2: found["simt, nested absmax"][0](x2)}
+    import bitsandbytes.functional as bf
+
+    dense32 = bf.dequantize_4bit(param.data, state).float()
+    exact = {1: x1.float() @ dense32.t(), 2: x2.float() @ dense32.t()}
     out = {}
     for name, (fn, rows) in found.items():
         for count in rows:
@@ -124,6 +149,7 @@ def measure_shape(out_features: int, in_features: int) -> dict:
             if not entry["equals_default"]:
                 scale = reference[count].float().abs().max().item()
                 entry["max_rel_error"] = float(f"{(value.float() - reference[count].float()).abs().max().item() / scale:.2e}")
+            entry["max_rel_error_exact"] = float(f"{(value.float() - exact[count]).abs().max().item() / exact[count].abs().max().item():.2e}")
             if count == 2:
                 entry["rows_equal_alone"] = bool(torch.equal(value[:1], fn(x1)) and
                                                  torch.equal(value[1:], fn(x2[1:].contiguous())))
@@ -161,11 +187,34 @@ def sweep_shape(out_features: int, in_features: int) -> dict:
             "all": timed}
 
 
+def cuda_sweep_shape(out_features: int, in_features: int) -> dict:
+    """The CUDA kernel's microseconds for one and two rows under each launch setting."""
+    import torch
+
+    from studio.model import nf4_cuda
+
+    param, _ = quantized(out_features, in_features)
+    layer = nf4_cuda.layer_args(param)
+    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
+    timed = {}
+    for unroll, outs, split in itertools.product((2, 4, 8), (1, 2, 4), (1, 2, 4)):
+        if unroll == 8 and outs == 4:
+            continue
+        kernels = _cuda_kernels(unroll)
+        shape = (split, outs)
+        one = time_call(lambda x: kernels.products(layer, x, shape=shape), x2[:1].contiguous())
+        two = time_call(lambda x: kernels.products(layer, x, shape=shape), x2)
+        timed[f"unroll {unroll}, outs {outs}, split {split}"] = {"1 row us": round(one, 2), "2 rows us": round(two, 2)}
+    best = min(timed, key=lambda k: timed[k]["1 row us"] + 0.25 * timed[k]["2 rows us"])
+    return {"best": best, "best_us": timed[best], "default": str(nf4_cuda.launch_shape(out_features)), "all": timed}
+
+
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time the Triton attempt's launch settings")
+    parser.add_argument("--cuda-sweep", action="store_true", help="also time the CUDA kernel's launch settings")
     args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
@@ -174,6 +223,11 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             payload["sweep"][name] = sweep_shape(n, k)
             print(name, "best", payload["sweep"][name]["best"], payload["sweep"][name]["best_us"], flush=True)
+    if args.cuda_sweep:
+        payload["cuda_sweep"] = {}
+        for name, (n, k) in SHAPES.items():
+            payload["cuda_sweep"][name] = cuda_sweep_shape(n, k)
+            print(name, "best", payload["cuda_sweep"][name]["best"], payload["cuda_sweep"][name]["best_us"], flush=True)
     for name, (n, k) in SHAPES.items():
         payload["shapes"][name] = measure_shape(n, k)
         print(name, payload["shapes"][name], flush=True)

@@ -54,6 +54,17 @@ def profile_chat(manager, payload: dict) -> None:
             step.graph.replay()
         torch.cuda.synchronize()
         payload["graph_replay_ms"] = round((time.perf_counter() - started) / 50 * 1000, 2)
+    if step.graph is not None:  # the kernels of the recorded step, as it is replayed for each token
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step.graph.replay()
+            torch.cuda.synchronize()
+        payload["graph_replay_by_cuda_time"] = table(prof, "self_cuda_time_total", rows=30)
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        payload["graph_replay_gpu_ms"] = round(sum(e.self_device_time_total for e in kernels) / 3 / 1000, 2)
+        payload["graph_replay_kernels"] = sum(e.count for e in kernels) // 3
+        print("replay: kernels", payload["graph_replay_kernels"], "gpu ms", payload["graph_replay_gpu_ms"], flush=True)
+        print(payload["graph_replay_by_cuda_time"], flush=True)
     with torch.inference_mode(), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

@@ -18,6 +18,7 @@ recorded CUDA graph).
 from __future__ import annotations
 
 import abc
+import contextlib
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -120,11 +121,12 @@ class Decoder(abc.ABC):
         `model.generate(..., streamer=streamer)` does; runs on the calling thread."""
         adapters = list(adapters) if adapters else [None] * input_ids.shape[0]
         try:
-            together = self.together(model, len(adapters))
-            with route_rows(model, adapters, self.rows_alone, self._row_streams(), together), \
-                    without_cudnn_attention(input_ids.device.type == "cuda"):
-                self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
-                               pad_token_id, tuple(adapters))
+            with self._layer_kernels(model):
+                together = self.together(model, len(adapters))
+                with route_rows(model, adapters, self.rows_alone, self._row_streams(), together), \
+                        without_cudnn_attention(input_ids.device.type == "cuda"):
+                    self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
+                                   pad_token_id, tuple(adapters))
         finally:
             streamer.end()
 
@@ -132,6 +134,11 @@ class Decoder(abc.ABC):
     def _generate(self, model, input_ids, attention_mask, settings, stop, streamer, eos_token_id, pad_token_id,
                   adapters: tuple) -> None:
         """Run the generation proper: feed `streamer` the prompt, then each step's new tokens."""
+
+    def _layer_kernels(self, model):
+        """A context in which the model's layers run the decoder's own kernels, if it has any (they are
+        in place before the rows are routed, so routing wraps them)."""
+        return contextlib.nullcontext()
 
     def _row_streams(self):
         """The `studio.model.routing.RowStreams` the decoder switches on while it records (None: none)."""

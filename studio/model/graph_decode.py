@@ -48,6 +48,12 @@ from studio.model.decoding import Decoder
 # Record side-by-side steps with the rows on two CUDA streams (GPU only). Off until measured on the H200
 # (bench/chat_speed.py --compare-only graphs: "rows on two streams" against "rows one at a time"): flip here.
 ROWS_ON_STREAMS = True
+# The 4-bit layers' token rows through the studio's CUDA kernel (studio.model.nf4_cuda) rather than
+# bitsandbytes' (measured with bench/chat_speed.py: "graphs" against "graphs-bnb").
+NF4_KERNEL = True
+# Attention of the one-token step through the studio's CUDA kernel (studio.model.decode_attention) rather
+# than PyTorch's SDPA (measured with bench/chat_speed.py: "graphs" against "graphs-sdpa").
+ATTENTION_KERNEL = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
@@ -90,6 +96,11 @@ class GraphDecoder(Decoder):
         self._steps: OrderedDict[tuple, _Step] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
+        self.nf4_kernel = use_graphs and NF4_KERNEL  # the studio's CUDA kernel for the 4-bit token rows
+        self.attention_kernel = use_graphs and ATTENTION_KERNEL  # ... and for attention over the cache
+        self._nf4 = None  # studio.model.nf4_cuda.Nf4Kernels, made on first use
+        self._attention = None  # studio.model.decode_attention.DecodeAttentionKernels, made on first use
+        self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used)
 
     def clear(self) -> None:
         """Forget every recorded step and its cache (the model is about to change)."""
@@ -97,6 +108,7 @@ class GraphDecoder(Decoder):
         with self._lock:
             self._steps.clear()
             self._pool = None
+            self._kernels_ready = {}
 
     @property
     def recorded_steps(self) -> int:
@@ -181,6 +193,52 @@ class GraphDecoder(Decoder):
             yield
 
     kernels_note = ""  # what studio.model.kernels applied to the last generation
+
+    def _layer_kernels(self, model):
+        """On a GPU, the studio's CUDA kernels for the token rows (`studio.model.nf4_cuda` for the 4-bit
+        layers, `studio.model.decode_attention` for attention over the cache), each once checked on this
+        model; bitsandbytes' kernel or PyTorch's attention where one is off or not ready."""
+        stack = contextlib.ExitStack()
+        if not self.use_graphs:
+            return stack
+        key = id(model)
+        if key not in self._kernels_ready:
+            self._kernels_ready[key] = self._check_kernels(model)
+        nf4_ok, attention_ok = self._kernels_ready[key]
+        if nf4_ok:
+            from studio.model import nf4_cuda
+
+            stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4))
+        if attention_ok:
+            from studio.model import decode_attention
+
+            stack.enter_context(decode_attention.decode_attention(model, self._attention))
+        return stack
+
+    def _check_kernels(self, model) -> tuple[bool, bool]:
+        """Whether the 4-bit kernel and the attention kernel are used on `model`; logs which and why."""
+        from studio.model import decode_attention, nf4_cuda
+
+        notes = []
+        nf4_problem = attention_problem = "switched off"
+        if self.nf4_kernel:
+            self._nf4 = self._nf4 or nf4_cuda.Nf4Kernels()
+            nf4_problem = nf4_cuda.kernel_ready(model, self._nf4)
+        notes.append("4-bit products: the studio's CUDA kernel" if nf4_problem is None
+                     else f"4-bit products: bitsandbytes' kernel (the studio's is not used: {nf4_problem})")
+        if self.attention_kernel:
+            self._attention = self._attention or decode_attention.DecodeAttentionKernels()
+            config = _config_of(model)
+            heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            attention_problem = decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads or heads)
+        notes.append("attention of a token step: the studio's CUDA kernel" if attention_problem is None
+                     else f"attention of a token step: PyTorch's (the studio's kernel is not used: {attention_problem})")
+        self.nf4_note = "; ".join(notes) + "."
+        log.info("Graph decoder: %s", self.nf4_note)
+        return nf4_problem is None, attention_problem is None
+
+    nf4_note = ""  # which kernels the token rows use (4-bit products, attention), and why
 
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:

@@ -62,15 +62,15 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
     patched: list = []
     try:
         for layer in layers:
-            _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
+            override_forward(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
                 streams = row_streams if _is_4bit(module) else None
                 limit = len(adapters) if id(module) in together else 1
-                _override(patched, module, _row_by_row(module.forward, streams, limit))
+                override_forward(patched, module, _row_by_row(module.forward, streams, limit))
         yield
     finally:
-        _restore(patched)
+        restore_forwards(patched)
 
 
 @contextmanager
@@ -85,10 +85,10 @@ def only_adapter(model, name: str) -> Iterator[None]:
     patched: list = []
     try:
         for layer in layers:
-            _override(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, every_row))
+            override_forward(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, every_row))
         yield
     finally:
-        _restore(patched)
+        restore_forwards(patched)
 
 
 def adapter_block(adapters: Sequence[str | None]) -> tuple[str | None, slice]:
@@ -115,12 +115,14 @@ def _refuse_unsupported(model, layers: list, name: str | None) -> None:
             raise ValueError(f"{name!r} is a LoRA variant (e.g. DoRA); the studio compares plain LoRA adapters only")
 
 
-def _override(patched: list, module, forward) -> None:
+def override_forward(patched: list, module, forward) -> None:
+    """Give `module` its own `forward` (noted in `patched`, for `restore_forwards`)."""
     patched.append((module, module.__dict__.get("forward")))
     module.forward = forward
 
 
-def _restore(patched: list) -> None:
+def restore_forwards(patched: list) -> None:
+    """Undo `override_forward`s, the last first."""
     for module, saved in reversed(patched):
         if saved is None:
             module.__dict__.pop("forward", None)

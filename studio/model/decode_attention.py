@@ -1,0 +1,303 @@
+"""Attention for the one-token decode step, as a CUDA kernel: one query per row over the static KV cache.
+
+Over a static cache PyTorch's attention kernels are slow for a single query: the memory-efficient
+kernel walks the whole cache in one block per head (about 40 us a layer on an H200 for a 1,024-slot
+cache), and transformers first copies the cache's 4 key/value heads out to the 28 query heads
+(another 20 us a layer). That was a third of a 7B decode step (`bench/chat_speed.py`'s step profile).
+
+This kernel splits the cache into chunks of 32 slots (the "flash-decoding" split): one block per
+chunk and key/value head computes the scores of that head's query heads, their softmax within the
+chunk and the weighted values; a second kernel combines the chunks per head. Slots the mask leaves
+out are neither read nor counted. Each row (batch entry) is computed by the same instructions
+whatever the other rows are, so a row of side by side has the bits of that row alone. Compiled at
+run time with NVRTC like the 4-bit kernel (`studio.model.nf4_cuda.compile_kernel`).
+
+The graph decoder puts it in place for the generation (`decode_attention`): the model's attention
+implementation is switched to `studio-decode`, which runs this kernel for one-token steps with a
+boolean mask over the cache and PyTorch's SDPA (transformers' `sdpa`) for everything else (the
+prompt). Its masks are SDPA's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+IMPLEMENTATION = "studio-decode"
+KEYS_PER_CHUNK = 32
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#define MAX_GROUP 8
+#define CHUNK 32
+#define THREADS HEAD_DIM
+#define WARPS (THREADS / 32)
+#define PER_LANE (HEAD_DIM / 32)
+
+__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float(((u32)v) << 16); }
+
+__device__ __forceinline__ u16 to_bf16(float v) {
+    u32 u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// One block per (chunk of CHUNK cache slots, key/value head, row). q: (B, H, HEAD_DIM);
+// k, v: (B, KVH, L, HEAD_DIM); mask: (B, L) bytes, nonzero = attend. Writes, per query head and chunk,
+// the unnormalised weighted values (fp32), the chunk's largest score and its sum of exponentials.
+extern "C" __global__ void __launch_bounds__(THREADS) attention_chunks(
+    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+    const u8* __restrict__ mask, float* __restrict__ part_out, float* __restrict__ part_max,
+    float* __restrict__ part_sum, int H, int KVH, int L, int chunks, double scale_d)
+{
+    __shared__ float qs[MAX_GROUP][HEAD_DIM];
+    __shared__ float weight[MAX_GROUP][CHUNK];
+    __shared__ int on[CHUNK];
+    const int chunk = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
+    const int group = H / KVH;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float scale = (float)scale_d;
+    const int first = chunk * CHUNK;
+    const float NEG_INF = __int_as_float(0xff800000);
+
+    for (int i = tid; i < group * HEAD_DIM; i += THREADS) {
+        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+        qs[g][d] = from_bf16(q[((size_t)row * H + kv_head * group + g) * HEAD_DIM + d]);
+    }
+    if (tid < CHUNK) {
+        const int slot = first + tid;
+        on[tid] = slot < L && mask[(size_t)row * L + slot] != 0;
+    }
+    __syncthreads();
+
+    const size_t head_base = ((size_t)row * KVH + kv_head) * (size_t)L;
+    for (int j = warp; j < CHUNK; j += WARPS) {
+        float kd[PER_LANE];
+        if (on[j]) {
+            const u16* key = k + (head_base + first + j) * HEAD_DIM + lane * PER_LANE;
+#pragma unroll
+            for (int t = 0; t < PER_LANE; ++t) kd[t] = from_bf16(key[t]);
+        }
+        for (int g = 0; g < group; ++g) {
+            float dot = 0.0f;
+            if (on[j]) {
+#pragma unroll
+                for (int t = 0; t < PER_LANE; ++t) dot = fmaf(kd[t], qs[g][lane * PER_LANE + t], dot);
+            }
+#pragma unroll
+            for (int d = 16; d > 0; d >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, d);
+            if (lane == 0) weight[g][j] = on[j] ? dot * scale : NEG_INF;
+        }
+    }
+    __syncthreads();
+
+    for (int g = warp; g < group; g += WARPS) {  // CHUNK == 32: one slot per lane
+        const float score = weight[g][lane];
+        float top = score;
+#pragma unroll
+        for (int d = 16; d > 0; d >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, d));
+        const float p = (top == NEG_INF) ? 0.0f : expf(score - top);
+        float total = p;
+#pragma unroll
+        for (int d = 16; d > 0; d >>= 1) total += __shfl_xor_sync(0xffffffffu, total, d);
+        weight[g][lane] = p;
+        if (lane == 0) {
+            const size_t at = ((size_t)row * H + kv_head * group + g) * chunks + chunk;
+            part_max[at] = top;
+            part_sum[at] = total;
+        }
+    }
+    __syncthreads();
+
+    float out[MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g) out[g] = 0.0f;
+    for (int j = 0; j < CHUNK; ++j) {
+        if (!on[j]) continue;
+        const float value = from_bf16(v[(head_base + first + j) * HEAD_DIM + tid]);
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; ++g)
+            if (g < group) out[g] = fmaf(weight[g][j], value, out[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; ++g)
+        if (g < group)
+            part_out[(((size_t)row * H + kv_head * group + g) * chunks + chunk) * HEAD_DIM + tid] = out[g];
+}
+
+// One block per (query head, row): combines the chunks into out (B, 1, H, HEAD_DIM), bf16.
+extern "C" __global__ void __launch_bounds__(THREADS) attention_combine(
+    const float* __restrict__ part_out, const float* __restrict__ part_max, const float* __restrict__ part_sum,
+    u16* __restrict__ out, int H, int chunks)
+{
+    const int head = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
+    const size_t base = ((size_t)row * H + head) * chunks;
+    const float NEG_INF = __int_as_float(0xff800000);
+    float top = NEG_INF;
+    for (int c = 0; c < chunks; ++c) top = fmaxf(top, part_max[base + c]);
+    float numerator = 0.0f, denominator = 0.0f;
+    if (top != NEG_INF) {
+        for (int c = 0; c < chunks; ++c) {
+            const float m = part_max[base + c];
+            if (m == NEG_INF) continue;
+            const float f = expf(m - top);
+            numerator = fmaf(f, part_out[(base + c) * HEAD_DIM + tid], numerator);
+            denominator = fmaf(f, part_sum[base + c], denominator);
+        }
+    }
+    const float value = denominator > 0.0f ? numerator / denominator : 0.0f;
+    out[((size_t)row * H + head) * HEAD_DIM + tid] = to_bf16(value);
+}
+"""
+
+
+class DecodeAttentionKernels:
+    """The two kernels for one head size, compiled on first use."""
+
+    dtype_name = "bfloat16"  # the tensors they take
+    device_type = "cuda"
+    head_dims = (64, 128)  # compiled with HEAD_DIM threads a block; Qwen2.5's sizes use these
+
+    def __init__(self):
+        self._compiled: dict = {}
+
+    def _kernels(self, head_dim: int):
+        if head_dim not in self._compiled:
+            from studio.model.nf4_cuda import compile_kernel
+
+            options = [f"-DHEAD_DIM={head_dim}"]
+            self._compiled[head_dim] = (compile_kernel(SOURCE, "attention_chunks", options),
+                                        compile_kernel(SOURCE, "attention_combine", options))
+        return self._compiled[head_dim]
+
+    def attend(self, query, key, value, mask, scaling: float):
+        """query (B, H, 1, D), key/value (B, KVH, L, D) bf16, mask (B, 1, 1, L) bool: (B, 1, H, D) bf16."""
+        import torch
+
+        batch, heads, _, head_dim = query.shape
+        kv_heads, slots = key.shape[1], key.shape[2]
+        chunks = -(-slots // KEYS_PER_CHUNK)
+        chunk_kernel, combine_kernel = self._kernels(head_dim)
+        part_out = torch.empty((batch, heads, chunks, head_dim), dtype=torch.float32, device=query.device)
+        part_max = torch.empty((batch, heads, chunks), dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        out = torch.empty((batch, 1, heads, head_dim), dtype=torch.bfloat16, device=query.device)
+        chunk_kernel(grid=(chunks, kv_heads, batch), block=(head_dim, 1, 1), args=[
+            query.contiguous(), key.contiguous(), value.contiguous(), mask.contiguous(), part_out, part_max,
+            part_sum, heads, kv_heads, slots, chunks, float(scaling)])
+        combine_kernel(grid=(heads, batch, 1), block=(head_dim, 1, 1),
+                       args=[part_out, part_max, part_sum, out, heads, chunks])
+        return out
+
+
+def kernels_ready(kernels: DecodeAttentionKernels, head_dim: int, heads: int, kv_heads: int) -> str | None:
+    """None when the kernels compile and agree with PyTorch's attention on random rows (within bf16
+    rounding) with part of the cache masked out, each row of two equal to that row alone; else why not."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU"
+    try:
+        generator = torch.Generator().manual_seed(0)
+        slots = 3 * KEYS_PER_CHUNK + 5
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
+
+        query, key, value = draw(2, heads, 1, head_dim), draw(2, kv_heads, slots, head_dim), draw(2, kv_heads, slots, head_dim)
+        mask = torch.zeros(2, 1, 1, slots, dtype=torch.bool)
+        mask[0, ..., 3:70] = True  # a left-padded row with an empty chunk at the end
+        mask[1, ..., :slots - 1] = True
+        mask = mask.cuda()
+        scale = head_dim ** -0.5
+        both = kernels.attend(query, key, value, mask, scale)
+        group = heads // kv_heads
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1),
+            attn_mask=mask, scale=scale).transpose(1, 2)
+        error = (both.float() - expected).abs().max().item()
+        if not error <= 0.02 * expected.abs().max().item():
+            return f"the attention kernel differs from PyTorch's by {error:.3g}"
+        for row in range(2):
+            alone = kernels.attend(query[row:row + 1], key[row:row + 1], value[row:row + 1], mask[row:row + 1], scale)
+            if not torch.equal(alone, both[row:row + 1]):
+                return "a row of two differs from that row alone in the attention kernel"
+    except Exception as exc:  # no NVRTC, a compile or launch failure: PyTorch's attention is used
+        return f"{exc.__class__.__name__}: {str(exc)[:300]}"
+    return None
+
+
+def usable(kernels, query, key, value, attention_mask, dropout: float, kwargs: dict) -> bool:
+    """Whether a call of the attention function is a one-token step the kernels compute exactly as asked."""
+    import torch
+
+    if query.shape[2] != 1 or query.device.type != kernels.device_type or dropout:
+        return False
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or kwargs.get("position_bias") is not None:
+        return False
+    batch, heads, _, head_dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    if head_dim not in kernels.head_dims or heads % kv_heads or heads // kv_heads > 8:
+        return False
+    dtype = getattr(torch, kernels.dtype_name)
+    if any(t.dtype != dtype for t in (query, key, value)) or value.shape != key.shape:
+        return False
+    return (attention_mask is not None and attention_mask.dtype == torch.bool
+            and tuple(attention_mask.shape) == (batch, 1, 1, slots))
+
+
+def attention_function(kernels: DecodeAttentionKernels):
+    """transformers' attention-function signature: the kernel for one-token steps, SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        if usable(kernels, query, key, value, attention_mask, dropout, kwargs):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return kernels.attend(query, key, value, attention_mask, scale), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+
+    return attention
+
+
+def register(kernels: DecodeAttentionKernels) -> None:
+    """Make `studio-decode` an attention implementation transformers knows, with SDPA's masks."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, attention_function(kernels))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
+    """For the block, `model` attends with `studio-decode` where it attended with SDPA."""
+    configs = [config for config in _configs(model) if getattr(config, "_attn_implementation", None) == "sdpa"]
+    if not configs:
+        yield
+        return
+    register(kernels)
+    try:
+        for config in configs:
+            config._attn_implementation = IMPLEMENTATION
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+
+
+def _configs(model) -> list:
+    """The model's config and every other config object its modules hold (e.g. a text sub-config)."""
+    found: dict = {}
+    for module in [model, *model.modules()]:
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            found[id(config)] = config
+    return list(found.values())

@@ -1,0 +1,170 @@
+"""The graph decoder's own kernels, without a GPU: what they read and where they are put in place.
+
+The CUDA kernels themselves run on the GPU only (`bench/nf4_kernels.py`, `bench/chat_speed.py`). Here:
+- the 4-bit weight layout the kernel reads (`layer_args`: nibble order, double-quantized absmax) is
+  decoded in plain PyTorch and must equal bitsandbytes' own dequantization of the tiny model's layers;
+- with stand-in kernels that compute on the CPU, the token rows of the decode step go through them and
+  the prompt does not, the model's outputs are unchanged, and the attention implementation is put back;
+- the check that decides whether the 4-bit kernel is used refuses one that differs from bitsandbytes
+  and one whose rows depend on each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from studio.model import decode_attention, nf4_cuda
+from studio.model.generation import GenerationSettings
+from studio.model.graph_decode import GraphDecoder
+
+from test_graph_decode import decode, prompt_for, reference
+
+
+def dequantized(layer: nf4_cuda.LayerArgs):
+    """The layer's weight (out, in) in fp32, decoded as the CUDA kernel decodes it."""
+    import torch
+
+    packed = layer.weight.reshape(-1)
+    high, low = (packed >> 4).long(), (packed & 15).long()
+    indices = torch.stack([high, low], dim=1).reshape(layer.out_features, layer.in_features)
+    if layer.nested:
+        blocks = torch.arange(layer.qabsmax.numel())
+        absmax = layer.code2[layer.qabsmax.long()] * layer.absmax2[blocks // 256] + layer.offset
+    else:
+        absmax = layer.absmax
+    values = layer.code[indices].reshape(layer.out_features, -1, 64)
+    return (values * absmax.reshape(layer.out_features, -1, 1)).reshape(layer.out_features, layer.in_features)
+
+
+class CpuProducts:
+    """Stands in for nf4_cuda.Nf4Kernels on the CPU: the same layer view; like bitsandbytes' CPU layers,
+    it takes fp32 rows and multiplies them in bf16 (adding in fp32, as the CUDA kernel does)."""
+
+    dtype_name, compute_dtype_name, device_type = "float32", "bfloat16", "cpu"
+
+    def __init__(self, skew=None):
+        self.rows_seen: list[int] = []
+        self.skew = skew  # a mistake to plant: f(y, rows) -> y
+
+    def products(self, layer, x2d, bias=None):
+        self.rows_seen.append(x2d.shape[0])
+        import torch
+
+        y = (x2d.to(torch.bfloat16).float() @ dequantized(layer).t()).to(torch.bfloat16).float()
+        if bias is not None:
+            y = y + bias.float()
+        if self.skew is not None:
+            y = self.skew(y, x2d.shape[0])
+        return y.to(x2d.dtype)
+
+
+class CpuAttention:
+    """Stands in for decode_attention.DecodeAttentionKernels on the CPU (PyTorch's attention)."""
+
+    dtype_name, device_type, head_dims = "float32", "cpu", (16,)  # the tiny model's heads
+
+    def __init__(self):
+        self.calls = 0
+
+    def attend(self, query, key, value, mask, scaling):
+        import torch
+
+        self.calls += 1
+        group = query.shape[1] // key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous()
+
+
+def test_the_kernel_reads_the_4bit_layout_bitsandbytes_writes(manager):
+    import bitsandbytes.functional as bf
+
+    layers = nf4_cuda.four_bit_layers(manager.require_loaded().model)
+    assert layers
+    for module in layers:
+        layer = nf4_cuda.layer_args(module.weight)
+        assert layer.nested  # the seed's recipe: double quantization
+        expected = bf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        assert (dequantized(layer) - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+
+
+def test_token_rows_take_the_kernel_and_the_prompt_takes_bitsandbytes(manager):
+    import torch
+
+    model = manager.require_loaded().model
+    products = CpuProducts()
+    count = len(nf4_cuda.four_bit_layers(model))
+    with torch.no_grad():
+        token = model(torch.tensor([[5]])).logits
+        prompt = model(torch.tensor([[5, 6, 7]])).logits
+        with nf4_cuda.kernel_layers(model, products):
+            token_kernel = model(torch.tensor([[5]])).logits
+            assert products.rows_seen == [1] * count
+            prompt_kernel = model(torch.tensor([[5, 6, 7]])).logits
+            assert products.rows_seen == [1] * count  # three rows: bitsandbytes
+            model(torch.tensor([[5], [6]]))
+            assert products.rows_seen[count:] == [2] * count
+        model(torch.tensor([[5]]))
+    assert products.rows_seen == [1] * count + [2] * count  # taken off again
+    assert (token_kernel - token).abs().max().item() <= 0.02 * token.abs().max().item()  # bf16 rounding
+    assert torch.equal(prompt_kernel, prompt)
+
+
+def test_the_check_refuses_a_kernel_that_differs_or_whose_rows_depend_on_each_other(manager):
+    module = nf4_cuda.four_bit_layers(manager.require_loaded().model)[0]
+    assert nf4_cuda.layer_problem(module, CpuProducts(), (1, 2)) is None
+    wrong = nf4_cuda.layer_problem(module, CpuProducts(skew=lambda y, rows: y * 1.1), (1, 2))
+    assert "differs from bitsandbytes" in wrong
+    coupled = nf4_cuda.layer_problem(module, CpuProducts(skew=lambda y, rows: y + 1e-3 * (rows - 1)), (1, 2))
+    assert "a row of 2 rows differs from that row alone" in coupled
+
+
+def test_token_steps_attend_through_the_kernel_and_the_implementation_is_put_back(manager):
+    loaded = manager.require_loaded()
+    model = loaded.model
+    assert model.config._attn_implementation == "sdpa"
+    settings = GenerationSettings.greedy(8)
+    prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
+    attention = CpuAttention()
+    seen = []
+
+    def during(*args, **kwargs):
+        seen.append(model.config._attn_implementation)
+
+    with decode_attention.decode_attention(model, attention):
+        during()
+        rows = decode(GraphDecoder(use_graphs=False), loaded, [prompt], settings)
+    assert seen == [decode_attention.IMPLEMENTATION]
+    assert model.config._attn_implementation == "sdpa"
+    layers = model.config.num_hidden_layers
+    assert attention.calls == 7 * layers  # each one-token step (the prompt went to SDPA)
+    assert rows[0] == reference(loaded, prompt, settings)
+
+
+def test_on_the_cpu_the_graph_decoder_uses_neither_kernel(manager):
+    loaded = manager.require_loaded()
+    decoder = GraphDecoder(use_graphs=False)
+    assert not decoder.nf4_kernel and not decoder.attention_kernel
+    with decoder._layer_kernels(loaded.model):
+        assert loaded.model.config._attn_implementation == "sdpa"
+        assert "forward" not in nf4_cuda.four_bit_layers(loaded.model)[0].__dict__
+    assert decode_attention.kernels_ready(decode_attention.DecodeAttentionKernels(), 64, 4, 2) == "it needs a CUDA GPU"
+
+
+@pytest.mark.parametrize("rows", [0, 4])
+def test_the_kernel_refuses_rows_it_does_not_take(rows):
+    import torch
+
+    with pytest.raises(ValueError, match="1 to 3 bf16 rows"):
+        nf4_cuda.Nf4Kernels().products(None, torch.zeros(rows, 64, dtype=torch.bfloat16))
+
+
+def test_a_weight_that_is_not_nf4_in_blocks_of_64_is_refused():
+    import torch
+
+    class Weight:
+        quant_state = type("State", (), {"quant_type": "fp4", "blocksize": 64})()
+        data = torch.zeros(1)
+
+    with pytest.raises(ValueError, match="NF4 weights quantized in blocks of 64"):
+        nf4_cuda.layer_args(Weight())
