@@ -130,7 +130,8 @@ def main() -> None:
                  "ratio_to_tutorial": round(rate / payload["tutorial"]["tokens_per_s"], 2),
                  "same_first_32_tokens": first32 == reference32,
                  "meets_10x": rate / payload["tutorial"]["tokens_per_s"] >= 10.0,
-                 "decoder_problem": manager.require_loaded().decoder.problem}
+                 "decoder_problem": manager.require_loaded().decoder.problem,
+                 "kernels": getattr(manager.require_loaded().decoder, "nf4_note", "")}
         payload["modes"][mode] = entry
         print(mode, entry, flush=True)
         if entry["same_first_32_tokens"] and (best is None or rate > payload["modes"][best]["tokens_per_s"]):

@@ -30,6 +30,8 @@ SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
+struct __align__(16) uint4_ { u32 x, y, z, w; };
+#define uint4 uint4_
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -38,7 +40,6 @@ typedef unsigned char u8;
 #define CHUNK 32
 #define THREADS HEAD_DIM
 #define WARPS (THREADS / 32)
-#define PER_LANE (HEAD_DIM / 32)
 
 __device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float(((u32)v) << 16); }
 
@@ -52,12 +53,15 @@ __device__ __forceinline__ u16 to_bf16(float v) {
 // One block per (chunk of CHUNK cache slots, key/value head, row). q: (B, H, HEAD_DIM);
 // k, v: (B, KVH, L, HEAD_DIM); mask: (B, L) bytes, nonzero = attend. Writes, per query head and chunk,
 // the unnormalised weighted values (fp32), the chunk's largest score and its sum of exponentials.
+// Scores: lane j takes slot j of the chunk, warp w the dimensions [w * 32, w * 32 + 32); every load of
+// a stage is issued before its arithmetic.
 extern "C" __global__ void __launch_bounds__(THREADS) attention_chunks(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, float* __restrict__ part_out, float* __restrict__ part_max,
     float* __restrict__ part_sum, int H, int KVH, int L, int chunks, double scale_d)
 {
     __shared__ float qs[MAX_GROUP][HEAD_DIM];
+    __shared__ float dots[WARPS][MAX_GROUP][CHUNK];
     __shared__ float weight[MAX_GROUP][CHUNK];
     __shared__ int on[CHUNK];
     const int chunk = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
@@ -71,35 +75,43 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_chunks(
         const int g = i / HEAD_DIM, d = i % HEAD_DIM;
         qs[g][d] = from_bf16(q[((size_t)row * H + kv_head * group + g) * HEAD_DIM + d]);
     }
-    if (tid < CHUNK) {
-        const int slot = first + tid;
-        on[tid] = slot < L && mask[(size_t)row * L + slot] != 0;
+    const int slot = first + lane;
+    const bool mine = slot < L && mask[(size_t)row * L + slot] != 0;
+    if (warp == 0) on[lane] = mine;
+    const size_t head_base = ((size_t)row * KVH + kv_head) * (size_t)L;
+
+    // this lane's slot, this warp's 32 dimensions: 64 bytes in four 16-byte loads
+    u32 kw[16];
+    if (mine) {
+        const uint4* key = (const uint4*)(k + (head_base + slot) * HEAD_DIM + warp * 32);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const uint4 part = key[t];
+            kw[4 * t] = part.x; kw[4 * t + 1] = part.y; kw[4 * t + 2] = part.z; kw[4 * t + 3] = part.w;
+        }
     }
     __syncthreads();
-
-    const size_t head_base = ((size_t)row * KVH + kv_head) * (size_t)L;
-    for (int j = warp; j < CHUNK; j += WARPS) {
-        float kd[PER_LANE];
-        if (on[j]) {
-            const u16* key = k + (head_base + first + j) * HEAD_DIM + lane * PER_LANE;
+    for (int g = 0; g < group; ++g) {
+        float dot = 0.0f;
+        if (mine) {
 #pragma unroll
-            for (int t = 0; t < PER_LANE; ++t) kd[t] = from_bf16(key[t]);
-        }
-        for (int g = 0; g < group; ++g) {
-            float dot = 0.0f;
-            if (on[j]) {
-#pragma unroll
-                for (int t = 0; t < PER_LANE; ++t) dot = fmaf(kd[t], qs[g][lane * PER_LANE + t], dot);
+            for (int t = 0; t < 16; ++t) {
+                dot = fmaf(__uint_as_float(kw[t] << 16), qs[g][warp * 32 + 2 * t], dot);
+                dot = fmaf(__uint_as_float(kw[t] & 0xffff0000u), qs[g][warp * 32 + 2 * t + 1], dot);
             }
-#pragma unroll
-            for (int d = 16; d > 0; d >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, d);
-            if (lane == 0) weight[g][j] = on[j] ? dot * scale : NEG_INF;
         }
+        dots[warp][g][lane] = dot;
     }
     __syncthreads();
 
     for (int g = warp; g < group; g += WARPS) {  // CHUNK == 32: one slot per lane
-        const float score = weight[g][lane];
+        float score = NEG_INF;
+        if (on[lane]) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) dot += dots[w][g][lane];
+            score = dot * scale;
+        }
         float top = score;
 #pragma unroll
         for (int d = 16; d > 0; d >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, d));
@@ -116,16 +128,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_chunks(
     }
     __syncthreads();
 
+    float values[CHUNK];
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j)
+        values[j] = on[j] ? from_bf16(v[(head_base + first + j) * HEAD_DIM + tid]) : 0.0f;
     float out[MAX_GROUP];
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g) out[g] = 0.0f;
-    for (int j = 0; j < CHUNK; ++j) {
-        if (!on[j]) continue;
-        const float value = from_bf16(v[(head_base + first + j) * HEAD_DIM + tid]);
+#pragma unroll
+    for (int j = 0; j < CHUNK; ++j)
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; ++g)
-            if (g < group) out[g] = fmaf(weight[g][j], value, out[g]);
-    }
+            if (g < group) out[g] = fmaf(weight[g][j], values[j], out[g]);
 #pragma unroll
     for (int g = 0; g < MAX_GROUP; ++g)
         if (g < group)
