@@ -168,3 +168,13 @@ def test_a_weight_that_is_not_nf4_in_blocks_of_64_is_refused():
 
     with pytest.raises(ValueError, match="NF4 weights quantized in blocks of 64"):
         nf4_cuda.layer_args(Weight())
+
+
+def test_rows_that_do_not_start_on_16_bytes_are_copied_for_the_vector_loads():
+    import torch
+
+    storage = torch.zeros(130, dtype=torch.bfloat16)
+    on_boundary, off_boundary = storage[8:72], storage[1:65]
+    assert nf4_cuda.aligned(on_boundary) is on_boundary
+    copied = nf4_cuda.aligned(off_boundary)
+    assert copied.data_ptr() % 16 == 0 and torch.equal(copied, off_boundary)

@@ -203,8 +203,10 @@ class DecodeAttentionKernels:
         part_max = torch.empty((batch, heads, chunks), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         out = torch.empty((batch, 1, heads, head_dim), dtype=torch.bfloat16, device=query.device)
+        from studio.model.nf4_cuda import aligned
+
         chunk_kernel(grid=(chunks, kv_heads, batch), block=(head_dim, 1, 1), args=[
-            query.contiguous(), key.contiguous(), value.contiguous(), mask.contiguous(), part_out, part_max,
+            query.contiguous(), aligned(key.contiguous()), value.contiguous(), mask.contiguous(), part_out, part_max,
             part_sum, heads, kv_heads, slots, chunks, float(scaling)])
         combine_kernel(grid=(heads, batch, 1), block=(head_dim, 1, 1),
                        args=[part_out, part_max, part_sum, out, heads, chunks])

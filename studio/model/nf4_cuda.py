@@ -264,7 +264,7 @@ class Nf4Kernels:
             raise ValueError(f"the kernel takes 1 to 3 bf16 rows, got {rows} {x2d.dtype} rows")
         n = layer.out_features
         split, outs = shape or self.shapes.get(n) or launch_shape(n)
-        x2d = x2d.contiguous()
+        x2d = aligned(x2d.contiguous())
         y = torch.empty((rows, n), dtype=torch.bfloat16, device=x2d.device)
         unused = y  # a pointer the kernel does not read for this layer's kind
         per_block = (WARPS_PER_BLOCK // split) * outs
@@ -404,6 +404,11 @@ def _kernel_forward(module, kernels: Nf4Kernels, max_rows: int):
         return y.view(*x.shape[:-1], layer.out_features)
 
     return forward
+
+
+def aligned(tensor):
+    """`tensor`, or a copy of it where its data does not start on 16 bytes (the kernels' vector loads)."""
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
 
 
 def _or(tensor, fallback):
