@@ -71,9 +71,10 @@ class CpuAttention:
 
         self.calls += 1
         group = query.shape[1] // key.shape[1]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous()
+        rows = [torch.nn.functional.scaled_dot_product_attention(  # row by row, as the kernel computes them
+            query[i:i + 1], key[i:i + 1].repeat_interleave(group, 1), value[i:i + 1].repeat_interleave(group, 1),
+            attn_mask=mask[i:i + 1], scale=scaling) for i in range(query.shape[0])]
+        return torch.cat(rows).transpose(1, 2).contiguous()
 
 
 def test_the_kernel_reads_the_4bit_layout_bitsandbytes_writes(manager):
@@ -141,14 +142,103 @@ def test_token_steps_attend_through_the_kernel_and_the_implementation_is_put_bac
     assert rows[0] == reference(loaded, prompt, settings)
 
 
-def test_on_the_cpu_the_graph_decoder_uses_neither_kernel(manager):
-    loaded = manager.require_loaded()
+def decoder_with_stand_ins() -> GraphDecoder:
+    """A graph decoder whose kernels are the CPU stand-ins (the CUDA graphs themselves stay off)."""
     decoder = GraphDecoder(use_graphs=False)
-    assert not decoder.nf4_kernel and not decoder.attention_kernel
-    with decoder._layer_kernels(loaded.model):
-        assert loaded.model.config._attn_implementation == "sdpa"
-        assert "forward" not in nf4_cuda.four_bit_layers(loaded.model)[0].__dict__
-    assert decode_attention.kernels_ready(decode_attention.DecodeAttentionKernels(), 64, 4, 2) == "it needs a CUDA GPU"
+    decoder.use_graphs = decoder.nf4_kernel = decoder.attention_kernel = True
+    decoder._nf4, decoder._attention = CpuProducts(), CpuAttention()
+    return decoder
+
+
+def patched_layers(model) -> int:
+    return sum("forward" in m.__dict__ for m in nf4_cuda.four_bit_layers(model))
+
+
+def test_the_decoder_puts_its_kernels_in_place_for_a_generation_and_takes_them_off(manager):
+    model = manager.require_loaded().model
+    decoder = decoder_with_stand_ins()
+    with decoder._layer_kernels(model):
+        assert model.config._attn_implementation == decode_attention.IMPLEMENTATION
+        assert patched_layers(model) == len(nf4_cuda.four_bit_layers(model)) > 0
+    assert "the studio's CUDA kernel;" in decoder.nf4_note and "PyTorch's" not in decoder.nf4_note
+    assert model.config._attn_implementation == "sdpa" and patched_layers(model) == 0
+    with pytest.raises(RuntimeError, match="mid-reply"):
+        with decoder._layer_kernels(model):
+            raise RuntimeError("mid-reply")
+    assert model.config._attn_implementation == "sdpa" and patched_layers(model) == 0
+
+
+def test_when_the_attention_switch_fails_the_4bit_layers_are_put_back(manager, monkeypatch):
+    model = manager.require_loaded().model
+    decoder = decoder_with_stand_ins()
+
+    def broken(kernels):
+        raise RuntimeError("no registry")
+
+    monkeypatch.setattr(decode_attention, "register", broken)
+    with pytest.raises(RuntimeError, match="no registry"):
+        with decoder._layer_kernels(model):
+            pass
+    assert patched_layers(model) == 0 and model.config._attn_implementation == "sdpa"
+
+
+def test_a_model_that_does_not_attend_with_sdpa_keeps_its_attention(manager):
+    model = manager.require_loaded().model
+    decoder = decoder_with_stand_ins()
+    model.config._attn_implementation = "eager"
+    try:
+        with decoder._layer_kernels(model):
+            assert model.config._attn_implementation == "eager"
+            assert patched_layers(model) > 0
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert "PyTorch's (the studio's kernel is not used: the model does not attend with PyTorch's SDPA)" in decoder.nf4_note
+
+
+class NeverLaunched(CpuAttention):
+    def attend(self, *args, **kwargs):
+        raise AssertionError("a shape the kernel cannot take was launched")
+
+
+@pytest.mark.parametrize("head_dim, heads, kv_heads, reason", [
+    (80, 32, 8, "heads of 80 dimensions"),
+    (64, 48, 4, "48 query heads over 4 key/value heads"),
+])
+def test_heads_the_attention_kernel_cannot_take_are_refused_before_a_launch(head_dim, heads, kv_heads, reason):
+    kernels = NeverLaunched()
+    kernels.head_dims = (64, 128)
+    assert reason in decode_attention.kernels_ready(kernels, head_dim, heads, kv_heads)
+
+
+def test_switching_attention_leaves_each_sub_config_its_own_implementation():
+    import torch
+    from transformers import LlavaConfig
+
+    config = LlavaConfig()
+    for part, value in ((config, "sdpa"), (config.text_config, "sdpa"), (config.vision_config, "eager")):
+        part.__dict__["_attn_implementation_internal"] = value
+    model = torch.nn.Module()
+    model.config = config
+    model.language, model.vision = torch.nn.Module(), torch.nn.Module()
+    model.language.config, model.vision.config = config.text_config, config.vision_config
+    with decode_attention.decode_attention(model, CpuAttention()):
+        assert config._attn_implementation == config.text_config._attn_implementation == decode_attention.IMPLEMENTATION
+        assert config.vision_config._attn_implementation == "eager"
+    assert (config._attn_implementation, config.text_config._attn_implementation,
+            config.vision_config._attn_implementation) == ("sdpa", "sdpa", "eager")
+
+
+def test_tables_of_another_dtype_are_refused_not_copied():
+    import torch
+
+    class Weight:
+        quant_state = type("State", (), {"quant_type": "nf4", "blocksize": 64, "shape": (64, 64), "nested": False,
+                                         "code": torch.zeros(16, dtype=torch.float16),
+                                         "absmax": torch.ones(64, dtype=torch.float32), "offset": 0.0})()
+        data = torch.zeros(2048, dtype=torch.uint8)
+
+    with pytest.raises(ValueError, match="fp32 code tables and absmax"):
+        nf4_cuda.layer_args(Weight())
 
 
 @pytest.mark.parametrize("rows", [0, 4])

@@ -66,6 +66,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_chunks(
     __shared__ int on[CHUNK];
     const int chunk = blockIdx.x, kv_head = blockIdx.y, row = blockIdx.z;
     const int group = H / KVH;
+    if (group > MAX_GROUP) return;  // refused by the caller; never write past the shared arrays
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float scale = (float)scale_d;
     const int first = chunk * CHUNK;
@@ -218,20 +219,25 @@ def kernels_ready(kernels: DecodeAttentionKernels, head_dim: int, heads: int, kv
     rounding) with part of the cache masked out, each row of two equal to that row alone; else why not."""
     import torch
 
-    if not torch.cuda.is_available():
+    if kernels.device_type == "cuda" and not torch.cuda.is_available():
         return "it needs a CUDA GPU"
+    problem = shape_problem(kernels, head_dim, heads, kv_heads)
+    if problem:
+        return problem
     try:
         generator = torch.Generator().manual_seed(0)
         slots = 3 * KEYS_PER_CHUNK + 5
 
+        dtype = getattr(torch, kernels.dtype_name)
+
         def draw(*shape):
-            return torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
+            return torch.randn(*shape, generator=generator).to(kernels.device_type, dtype)
 
         query, key, value = draw(2, heads, 1, head_dim), draw(2, kv_heads, slots, head_dim), draw(2, kv_heads, slots, head_dim)
         mask = torch.zeros(2, 1, 1, slots, dtype=torch.bool)
         mask[0, ..., 3:70] = True  # a left-padded row with an empty chunk at the end
         mask[1, ..., :slots - 1] = True
-        mask = mask.cuda()
+        mask = mask.to(kernels.device_type)
         scale = head_dim ** -0.5
         both = kernels.attend(query, key, value, mask, scale)
         group = heads // kv_heads
@@ -250,6 +256,15 @@ def kernels_ready(kernels: DecodeAttentionKernels, head_dim: int, heads: int, kv
     return None
 
 
+def shape_problem(kernels, head_dim: int, heads: int, kv_heads: int) -> str | None:
+    """Why the kernels cannot take heads of this shape (None: they can)."""
+    if head_dim not in kernels.head_dims:
+        return f"heads of {head_dim} dimensions (the kernel takes {', '.join(map(str, kernels.head_dims))})"
+    if heads % kv_heads or heads // kv_heads > 8:
+        return f"{heads} query heads over {kv_heads} key/value heads (the kernel takes up to 8 a key/value head)"
+    return None
+
+
 def usable(kernels, query, key, value, attention_mask, dropout: float, kwargs: dict) -> bool:
     """Whether a call of the attention function is a one-token step the kernels compute exactly as asked."""
     import torch
@@ -260,7 +275,7 @@ def usable(kernels, query, key, value, attention_mask, dropout: float, kwargs: d
         return False
     batch, heads, _, head_dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
-    if head_dim not in kernels.head_dims or heads % kv_heads or heads // kv_heads > 8:
+    if shape_problem(kernels, head_dim, heads, kv_heads):
         return False
     dtype = getattr(torch, kernels.dtype_name)
     if any(t.dtype != dtype for t in (query, key, value)) or value.shape != key.shape:
@@ -294,19 +309,34 @@ def register(kernels: DecodeAttentionKernels) -> None:
 
 @contextlib.contextmanager
 def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
-    """For the block, `model` attends with `studio-decode` where it attended with SDPA."""
+    """For the block, `model` attends with `studio-decode` where it attended with SDPA. Each config is
+    switched on its own (transformers' setter would also overwrite the sub-configs) and gets its own
+    value back."""
     configs = [config for config in _configs(model) if getattr(config, "_attn_implementation", None) == "sdpa"]
     if not configs:
         yield
         return
     register(kernels)
+    saved = [(config, config.__dict__.get("_attn_implementation_internal", "sdpa")) for config in configs]
     try:
         for config in configs:
-            config._attn_implementation = IMPLEMENTATION
+            _set_implementation(config, IMPLEMENTATION)
         yield
     finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
+        for config, value in saved:
+            _set_implementation(config, value)
+
+
+def uses_sdpa(model) -> bool:
+    """Whether any of the model's configs attends with SDPA (what `decode_attention` switches)."""
+    return any(getattr(config, "_attn_implementation", None) == "sdpa" for config in _configs(model))
+
+
+def _set_implementation(config, value) -> None:
+    if "_attn_implementation_internal" in config.__dict__:
+        config.__dict__["_attn_implementation_internal"] = value  # this config only, not its sub-configs
+    else:
+        config._attn_implementation = value
 
 
 def _configs(model) -> list:

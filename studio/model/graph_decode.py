@@ -194,26 +194,27 @@ class GraphDecoder(Decoder):
 
     kernels_note = ""  # what studio.model.kernels applied to the last generation
 
+    @contextlib.contextmanager
     def _layer_kernels(self, model):
         """On a GPU, the studio's CUDA kernels for the token rows (`studio.model.nf4_cuda` for the 4-bit
         layers, `studio.model.decode_attention` for attention over the cache), each once checked on this
-        model; bitsandbytes' kernel or PyTorch's attention where one is off or not ready."""
-        stack = contextlib.ExitStack()
-        if not self.use_graphs:
-            return stack
-        key = id(model)
-        if key not in self._kernels_ready:
-            self._kernels_ready[key] = self._check_kernels(model)
-        nf4_ok, attention_ok = self._kernels_ready[key]
-        if nf4_ok:
-            from studio.model import nf4_cuda
+        model; bitsandbytes' kernel or PyTorch's attention where one is off or not ready. Whatever is put
+        in place is taken off again on the way out, also when putting the next one in place fails."""
+        with contextlib.ExitStack() as stack:
+            if self.use_graphs:
+                key = id(model)
+                if key not in self._kernels_ready:
+                    self._kernels_ready[key] = self._check_kernels(model)
+                nf4_ok, attention_ok = self._kernels_ready[key]
+                if nf4_ok:
+                    from studio.model import nf4_cuda
 
-            stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4))
-        if attention_ok:
-            from studio.model import decode_attention
+                    stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4))
+                if attention_ok:
+                    from studio.model import decode_attention
 
-            stack.enter_context(decode_attention.decode_attention(model, self._attention))
-        return stack
+                    stack.enter_context(decode_attention.decode_attention(model, self._attention))
+            yield
 
     def _check_kernels(self, model) -> tuple[bool, bool]:
         """Whether the 4-bit kernel and the attention kernel are used on `model`; logs which and why."""
@@ -228,15 +229,27 @@ class GraphDecoder(Decoder):
                      else f"4-bit products: bitsandbytes' kernel (the studio's is not used: {nf4_problem})")
         if self.attention_kernel:
             self._attention = self._attention or decode_attention.DecodeAttentionKernels()
-            config = _config_of(model)
-            heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-            attention_problem = decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads or heads)
+            attention_problem = self._attention_problem(model)
         notes.append("attention of a token step: the studio's CUDA kernel" if attention_problem is None
                      else f"attention of a token step: PyTorch's (the studio's kernel is not used: {attention_problem})")
         self.nf4_note = "; ".join(notes) + "."
         log.info("Graph decoder: %s", self.nf4_note)
         return nf4_problem is None, attention_problem is None
+
+    def _attention_problem(self, model) -> str | None:
+        from studio.model import decode_attention
+
+        if not decode_attention.uses_sdpa(model):
+            return "the model does not attend with PyTorch's SDPA"
+        try:
+            config = _config_of(model)
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            heads = int(config.num_attention_heads)
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        except (AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:
+            return f"its head counts could not be read from the model's config ({exc.__class__.__name__}: {exc})"
+        return decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads)
 
     nf4_note = ""  # which kernels the token rows use (4-bit products, attention), and why
 

@@ -217,6 +217,8 @@ class LayerArgs:
 
 def layer_args(weight) -> LayerArgs:
     """The kernel's view of a bitsandbytes `Params4bit` (NF4, blocks of 64); ValueError for another kind."""
+    import torch
+
     state = getattr(weight, "quant_state", None)
     if state is None or state.quant_type != "nf4" or state.blocksize != 64:
         raise ValueError("the kernel takes NF4 weights quantized in blocks of 64")
@@ -226,12 +228,18 @@ def layer_args(weight) -> LayerArgs:
     nested = bool(state.nested)
     if nested and state.state2.blocksize != 256:
         raise ValueError("the kernel takes double-quantized absmax in blocks of 256")
+    # used in place (recorded CUDA graphs keep their addresses): tensors of another dtype are refused, not copied
+    tables = (state.code, state.state2.absmax, state.state2.code) if nested else (state.code, state.absmax)
+    if any(t.dtype != torch.float32 for t in tables):
+        raise ValueError("the kernel takes bitsandbytes' fp32 code tables and absmax")
+    if weight.data.data_ptr() % 8:
+        raise ValueError("the kernel's loads need the 4-bit weight to start on 8 bytes")
     return LayerArgs(weight=weight.data, out_features=out_features, in_features=in_features, nested=nested,
                      qabsmax=state.absmax if nested else None,
                      absmax2=state.state2.absmax if nested else None,
                      code2=state.state2.code if nested else None,
-                     absmax=None if nested else state.absmax.float(),
-                     code=state.code.float().contiguous(),
+                     absmax=None if nested else state.absmax,
+                     code=state.code,
                      offset=float(state.offset) if nested else 0.0)
 
 
@@ -330,7 +338,7 @@ def kernel_ready(model, kernels: Nf4Kernels, rows: tuple[int, ...] = (1, 2)) -> 
     output) and, for several rows, each row against that row alone, bit for bit. Else why not."""
     import torch
 
-    if not torch.cuda.is_available():
+    if kernels.device_type == "cuda" and not torch.cuda.is_available():
         return "it needs a CUDA GPU"
     shapes: dict = {}
     for module in four_bit_layers(model):
