@@ -131,7 +131,7 @@ def main() -> None:
                  "same_first_32_tokens": first32 == reference32,
                  "meets_10x": rate / payload["tutorial"]["tokens_per_s"] >= 10.0,
                  "decoder_problem": manager.require_loaded().decoder.problem,
-                 "kernels": getattr(manager.require_loaded().decoder, "nf4_note", "")}
+                 "kernels": getattr(manager.require_loaded().decoder, "cuda_kernels_note", "")}
         payload["modes"][mode] = entry
         print(mode, entry, flush=True)
         if entry["same_first_32_tokens"] and (best is None or rate > payload["modes"][best]["tokens_per_s"]):

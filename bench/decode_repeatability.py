@@ -197,7 +197,7 @@ def part_graphs_equal_eager(args) -> dict:
     out["base"] = compare_decoders(manager, None, args.tokens)
     if job.status is JobStatus.DONE:
         out["adapter"] = compare_decoders(manager, job.result["adapter"], args.tokens)
-    out["decoder_kernels"] = getattr(manager.require_loaded().decoder, "nf4_note", "")
+    out["decoder_kernels"] = getattr(manager.require_loaded().decoder, "cuda_kernels_note", "")
     out["graphs_equal_generate"] = all(r["graph_equals_generate"] for part in ("base", "adapter")
                                        for r in out.get(part, []))
     out["decoder_problem"] = manager.require_loaded().decoder.problem

@@ -160,7 +160,7 @@ def test_the_decoder_puts_its_kernels_in_place_for_a_generation_and_takes_them_o
     with decoder._layer_kernels(model):
         assert model.config._attn_implementation == decode_attention.IMPLEMENTATION
         assert patched_layers(model) == len(nf4_cuda.four_bit_layers(model)) > 0
-    assert "the studio's CUDA kernel;" in decoder.nf4_note and "PyTorch's" not in decoder.nf4_note
+    assert "the studio's CUDA kernel;" in decoder.cuda_kernels_note and "PyTorch's" not in decoder.cuda_kernels_note
     assert model.config._attn_implementation == "sdpa" and patched_layers(model) == 0
     with pytest.raises(RuntimeError, match="mid-reply"):
         with decoder._layer_kernels(model):
@@ -192,7 +192,7 @@ def test_a_model_that_does_not_attend_with_sdpa_keeps_its_attention(manager):
             assert patched_layers(model) > 0
     finally:
         model.config._attn_implementation = "sdpa"
-    assert "PyTorch's (the studio's kernel is not used: the model does not attend with PyTorch's SDPA)" in decoder.nf4_note
+    assert "PyTorch's (the studio's kernel is not used: the model does not attend with PyTorch's SDPA)" in decoder.cuda_kernels_note
 
 
 class NeverLaunched(CpuAttention):

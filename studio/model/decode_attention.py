@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from studio.model.nf4_cuda import PRELUDE, aligned, compile_kernel
+
 IMPLEMENTATION = "studio-decode"
 KEYS_PER_CHUNK = 32
 
-SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
+SOURCE = PRELUDE + r"""
 struct __align__(16) uint4_ { u32 x, y, z, w; };
 #define uint4 uint4_
 
@@ -40,15 +39,6 @@ struct __align__(16) uint4_ { u32 x, y, z, w; };
 #define CHUNK 32
 #define THREADS HEAD_DIM
 #define WARPS (THREADS / 32)
-
-__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float(((u32)v) << 16); }
-
-__device__ __forceinline__ u16 to_bf16(float v) {
-    u32 u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
 
 // One block per (chunk of CHUNK cache slots, key/value head, row). q: (B, H, HEAD_DIM);
 // k, v: (B, KVH, L, HEAD_DIM); mask: (B, L) bytes, nonzero = attend. Writes, per query head and chunk,
@@ -185,8 +175,6 @@ class DecodeAttentionKernels:
 
     def _kernels(self, head_dim: int):
         if head_dim not in self._compiled:
-            from studio.model.nf4_cuda import compile_kernel
-
             options = [f"-DHEAD_DIM={head_dim}"]
             self._compiled[head_dim] = (compile_kernel(SOURCE, "attention_chunks", options),
                                         compile_kernel(SOURCE, "attention_combine", options))
@@ -204,8 +192,6 @@ class DecodeAttentionKernels:
         part_max = torch.empty((batch, heads, chunks), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         out = torch.empty((batch, 1, heads, head_dim), dtype=torch.bfloat16, device=query.device)
-        from studio.model.nf4_cuda import aligned
-
         chunk_kernel(grid=(chunks, kv_heads, batch), block=(head_dim, 1, 1), args=[
             query.contiguous(), aligned(key.contiguous()), value.contiguous(), mask.contiguous(), part_out, part_max,
             part_sum, heads, kv_heads, slots, chunks, float(scaling)])

@@ -14,7 +14,10 @@ memory addresses it was recorded with. Without CUDA the same loop runs the step 
 
 On a GPU, each generation also runs with Liger's fused RMSNorm, RoPE and SwiGLU kernels where the
 liger-kernel package is installed (`studio.model.kernels`): a row's numbers do not depend on the
-other rows, and the step has about 650 fewer kernels.
+other rows, and the step has about 650 fewer kernels. The 4-bit layers' token rows and the attention
+over the cache run the studio's own CUDA kernels (`studio.model.nf4_cuda`,
+`studio.model.decode_attention`), once each has passed its check on the loaded model (`_check_kernels`;
+the log says which kernels are used and why not).
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
@@ -232,8 +235,8 @@ class GraphDecoder(Decoder):
             attention_problem = self._attention_problem(model)
         notes.append("attention of a token step: the studio's CUDA kernel" if attention_problem is None
                      else f"attention of a token step: PyTorch's (the studio's kernel is not used: {attention_problem})")
-        self.nf4_note = "; ".join(notes) + "."
-        log.info("Graph decoder: %s", self.nf4_note)
+        self.cuda_kernels_note = "; ".join(notes) + "."
+        log.info("Graph decoder: %s", self.cuda_kernels_note)
         return nf4_problem is None, attention_problem is None
 
     def _attention_problem(self, model) -> str | None:
@@ -251,7 +254,7 @@ class GraphDecoder(Decoder):
             return f"its head counts could not be read from the model's config ({exc.__class__.__name__}: {exc})"
         return decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads)
 
-    nf4_note = ""  # which kernels the token rows use (4-bit products, attention), and why
+    cuda_kernels_note = ""  # which kernels the token rows use (4-bit products, attention), and why
 
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:

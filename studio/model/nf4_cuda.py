@@ -20,20 +20,29 @@ rows through the kernel and anything else through bitsandbytes.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-log = logging.getLogger(__name__)
-
 WARPS_PER_BLOCK = 4
 
-SOURCE = r"""
+# Shared by the studio's kernels (no headers: NVRTC compiles them without a CUDA toolkit's includes).
+PRELUDE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
+__device__ __forceinline__ u16 to_bf16(float v) {
+    u32 u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                            // round to nearest even
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float(((u32)v) << 16); }
+"""
+
+SOURCE = PRELUDE + r"""
 #ifndef ROWS
 #define ROWS 1
 #endif
@@ -53,15 +62,6 @@ __device__ __forceinline__ void load_x(const u16* p, u32* v) {
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v[4]), "=r"(v[5]), "=r"(v[6]), "=r"(v[7]) : "l"(p + 8));
 }
-
-__device__ __forceinline__ u16 to_bf16(float v) {
-    u32 u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)0x7fc0;  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                            // round to nearest even
-    return (u16)(u >> 16);
-}
-
-__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float(((u32)v) << 16); }
 
 // y[r, n] = sum_k x[r, k] * code[q(n, k)] * absmax(n, k / 64)  (+ bias[n])
 // One warp (or `split` warps along K) per OUTS output features; each lane takes chunks of 16 weights,
