@@ -25,14 +25,7 @@ Each is recorded as a CUDA graph of 20 calls and replayed, so launch costs do no
 microseconds a call, the weight bytes read per second, whether its output equals the default's
 bit for bit, and, for two rows, whether each row equals that row alone.
 
-The studio kernel's variants that were measured and not kept (`bench/nf4_variants.py`), each over
-COPIES distinct weights so that the L2 cache holds none of them, as in a decode step:
-`--roofline` (a plain streaming read, the kernel's loads alone, the kernel, the tensor-core kernel),
-`--mma-sweep` (the tensor-core kernel's settings), `--pairs-sweep` (byte-pair tables), `--pipe-sweep`
-(chunks loaded ahead), `--blocks-sweep` (fewer registers); `--only-sweeps` skips the comparison above.
-
     python bench/nf4_kernels.py [--sweep]     # GPU only, about 30 s on the H200 (sweep: 2 minutes)
-    python bench/nf4_kernels.py --roofline --only-sweeps   # about 2 minutes
 """
 
 from __future__ import annotations
@@ -78,7 +71,7 @@ def variants(param, state):
     flat = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float().contiguous()
     dense = bf.dequantize_4bit(param.data, state).to(torch.bfloat16)
     ops = torch.ops.bitsandbytes
-    cuda = nf4_cuda.Nf4Kernels()
+    cuda = _cuda_kernels()
     cuda_layer = nf4_cuda.layer_args(param)
     return {
         "cuda kernel": (lambda x: cuda.products(cuda_layer, x.view(-1, x.shape[-1])).view(*x.shape[:-1], -1),
@@ -99,13 +92,12 @@ def variants(param, state):
 _KERNELS: dict = {}
 
 
-def _cuda_kernels(unroll: int = 2, min_blocks: int = 1):
-    """The kernel variants of `bench/nf4_variants.py` (with the defaults, the studio's kernel)."""
-    from nf4_variants import VariantKernels
+def _cuda_kernels(unroll: int = 2):
+    from studio.model import nf4_cuda
 
-    if (unroll, min_blocks) not in _KERNELS:
-        _KERNELS[unroll, min_blocks] = VariantKernels(unroll, [f"-DMIN_BLOCKS={min_blocks}"])
-    return _KERNELS[unroll, min_blocks]
+    if unroll not in _KERNELS:
+        _KERNELS[unroll] = nf4_cuda.Nf4Kernels(unroll=unroll)
+    return _KERNELS[unroll]
 
 
 def time_call(fn, x) -> float:
@@ -217,215 +209,15 @@ def cuda_sweep_shape(out_features: int, in_features: int) -> dict:
     return {"best": best, "best_us": timed[best], "default": str(nf4_cuda.launch_shape(out_features)), "all": timed}
 
 
-def mma_sweep_shape(out_features: int, in_features: int) -> dict:
-    """The tensor-core kernel's microseconds for one and two rows under each launch setting (warps a block,
-    64-blocks in flight a warp, 16-output tiles a block), with its error against the exact product and
-    whether each of two rows equals that row alone; the SIMT kernel's default beside it."""
-    import torch
-
-    import bitsandbytes.functional as bf
-    from studio.model import nf4_cuda
-
-    param, state = quantized(out_features, in_features)
-    layer = nf4_cuda.layer_args(param)
-    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
-    x1 = x2[:1].contiguous()
-    exact = x2.float() @ bf.dequantize_4bit(param.data, state).float().t()
-    kernels = _cuda_kernels()
-
-    def measure(shape) -> dict:
-        one = time_call(lambda x: kernels.products(layer, x, shape=shape), x1)
-        two = time_call(lambda x: kernels.products(layer, x, shape=shape), x2)
-        value = kernels.products(layer, x2, shape=shape)
-        error = (value.float() - exact).abs().max().item() / exact.abs().max().item()
-        alone = torch.equal(value[:1], kernels.products(layer, x1, shape=shape)) and torch.equal(
-            value[1:], kernels.products(layer, x2[1:].contiguous(), shape=shape))
-        return {"1 row us": round(one, 2), "2 rows us": round(two, 2),
-                "1 row GB/s": round((param.data.numel() + state.absmax.numel()) / one / 1e3),
-                "max_rel_error_exact": float(f"{error:.2e}"), "rows_equal_alone": bool(alone)}
-
-    timed = {"simt default " + str(nf4_cuda.launch_shape(out_features)): measure(nf4_cuda.launch_shape(out_features))}
-    for warps, unroll, tiles in itertools.product((4, 8, 16), (2, 4), (1, 2, 4)):
-        try:
-            timed[f"mma warps {warps}, unroll {unroll}, tiles {tiles}"] = measure(("mma", warps, unroll, tiles))
-        except Exception as exc:  # a setting that does not launch (registers, shared memory)
-            timed[f"mma warps {warps}, unroll {unroll}, tiles {tiles}"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-    scored = {k: v for k, v in timed.items() if isinstance(v, dict) and v["rows_equal_alone"]
-              and v["max_rel_error_exact"] < 0.02}
-    best = min(scored, key=lambda k: scored[k]["1 row us"] + 0.25 * scored[k]["2 rows us"])
-    return {"best": best, "best_us": scored[best], "all": timed}
-
-
-STREAM_SOURCE = r"""
-extern "C" __global__ void stream_read(const uint4* __restrict__ data, int count, unsigned int* __restrict__ out) {
-    unsigned int acc = 0;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count; i += (long long)gridDim.x * blockDim.x) {
-        uint4 v;
-        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(data + i));
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x9e3779b9u) out[0] = acc;  // never true in practice; keeps the loads
-}
-"""
-COPIES = 12  # distinct weights a shape cycles through, so the 50 MB L2 cannot hold them
-
-
-def time_rotating(fns, x) -> float:
-    """Microseconds a call, from a CUDA graph that calls each of `fns` in turn (distinct weights, so
-    the L2 cache holds none of them from one call to the next, as in a decode step)."""
-    calls = iter(itertools.cycle(fns))
-    return time_call(lambda value: next(calls)(value), x)
-
-
-def roofline_shape(out_features: int, in_features: int) -> dict:
-    """For one shape, over COPIES distinct weights: a plain 16-byte streaming read of the 4-bit bytes,
-    the SIMT kernel's loads with next to no arithmetic, the SIMT kernel, and the tensor-core kernel."""
-    import torch
-
-    from studio.model import nf4_cuda
-
-    made = [quantized(out_features, in_features) for _ in range(COPIES)]
-    layers = [nf4_cuda.layer_args(param) for param, _ in made]
-    nbytes = made[0][0].data.numel() + made[0][1].absmax.numel()
-    x = torch.randn(1, in_features, dtype=torch.bfloat16, device="cuda")
-    from nf4_variants import VariantKernels
-
-    stream = nf4_cuda.compile_kernel(STREAM_SOURCE, "stream_read", [])
-    sink = torch.zeros(4, dtype=torch.int32, device="cuda")
-    plain, read_only = _cuda_kernels(), VariantKernels(options=["-DREAD_ONLY"])
-    shape = nf4_cuda.launch_shape(out_features)
-
-    def streamer(param):
-        count = param.data.numel() // 16
-        blocks = 132 * 8
-        return lambda value: stream(grid=(blocks, 1, 1), block=(256, 1, 1), args=[param.data, count, sink])
-
-    rows = {
-        "stream read (16-byte loads)": [streamer(param) for param, _ in made],
-        "simt loads only": [lambda v, layer=layer: read_only.products(layer, v, shape=shape) for layer in layers],
-        "simt kernel": [lambda v, layer=layer: plain.products(layer, v, shape=shape) for layer in layers],
-        "mma kernel (warps 8, unroll 2)": [lambda v, layer=layer: plain.products(layer, v, shape=("mma", 8, 2, 1))
-                                           for layer in layers],
-    }
-    out = {}
-    for name, fns in rows.items():
-        micro = time_rotating(fns, x)
-        out[name] = {"us": round(micro, 2), "GB_per_s": round(nbytes / micro / 1e3)}
-    return out
-
-
-def pipe_settings() -> list:
-    """(unroll, shape) for the pipelined loop: DEPTH chunks in flight a lane, next to the default loop."""
-    found = [(2, (split, outs, 4, 0, 0)) for split, outs in ((2, 4), (4, 4), (4, 2))]
-    for depth, warps, (split, outs) in itertools.product((2, 3), (4, 8), ((1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4))):
-        found.append((2, (split, outs, warps, 0, depth)))
-    return found
-
-
-def blocks_settings() -> list:
-    """(unroll, shape, minimum blocks a multiprocessor the compiler must fit) for the default loop."""
-    found = []
-    for min_blocks, (split, outs) in itertools.product((1, 8, 10, 12), ((2, 4), (4, 4), (4, 2), (1, 4))):
-        found.append((2, (split, outs, 4, 0, 0), min_blocks))
-    return found
-
-
-def pairs_settings() -> list:
-    found = []
-    for unroll, pairs, warps, (split, outs) in itertools.product(
-            (2, 4), (0, 1, 2), (4, 8), ((1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4))):
-        if unroll == 4 and (pairs != 2 or outs == 4):
-            continue
-        found.append((unroll, (split, outs, warps, pairs, 0)))
-    return found
-
-
-def pairs_sweep_shape(out_features: int, in_features: int, settings: list | None = None) -> dict:
-    """The SIMT kernel's settings over COPIES distinct weights (as in a decode step, the L2 cache holds
-    none of them): the 16-entry table (pairs 0) or a byte-pair table once per half-warp (1) or per lane
-    (2, 64 KB), warps a block, warps along K and outputs a warp; its error against the exact product
-    and whether each of two rows equals that row alone."""
-    import torch
-
-    import bitsandbytes.functional as bf
-    from studio.model import nf4_cuda
-
-    made = [quantized(out_features, in_features) for _ in range(COPIES)]
-    layers = [nf4_cuda.layer_args(param) for param, _ in made]
-    nbytes = made[0][0].data.numel() + made[0][1].absmax.numel()
-    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
-    x1 = x2[:1].contiguous()
-    exact = x2.float() @ bf.dequantize_4bit(made[0][0].data, made[0][1]).float().t()
-    timed = {}
-    for unroll, shape, *more in settings or pairs_settings():
-        split, outs, warps, pairs, depth = shape
-        min_blocks = more[0] if more else 1
-        kernels = _cuda_kernels(unroll, min_blocks)
-        name = f"unroll {unroll}, pairs {pairs}, warps {warps}, split {split}, outs {outs}, depth {depth}"
-        name += f", min blocks {min_blocks}" if more else ""
-        try:
-            one = time_rotating([lambda v, layer=layer: kernels.products(layer, v, shape=shape) for layer in layers], x1)
-            two = time_rotating([lambda v, layer=layer: kernels.products(layer, v, shape=shape) for layer in layers], x2)
-            value = kernels.products(layers[0], x2, shape=shape)
-            alone = torch.equal(value[:1], kernels.products(layers[0], x1, shape=shape)) and torch.equal(
-                value[1:], kernels.products(layers[0], x2[1:].contiguous(), shape=shape))
-        except Exception as exc:  # a setting that does not compile or launch
-            timed[name] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-            continue
-        error = (value.float() - exact).abs().max().item() / exact.abs().max().item()
-        timed[name] = {"1 row us": round(one, 2), "2 rows us": round(two, 2), "1 row GB/s": round(nbytes / one / 1e3),
-                       "max_rel_error_exact": float(f"{error:.2e}"), "rows_equal_alone": bool(alone)}
-    scored = {k: v for k, v in timed.items() if isinstance(v, dict) and v["rows_equal_alone"]
-              and v["max_rel_error_exact"] < 0.02}
-    best = min(scored, key=lambda k: scored[k]["1 row us"] + 0.25 * scored[k]["2 rows us"])
-    split, outs = nf4_cuda.launch_shape(out_features)[:2]
-    default = f"unroll 2, pairs 0, warps 4, split {split}, outs {outs}, depth 0"
-    return {"best": best, "best_us": scored[best], "default": default, "default_us": timed.get(default), "all": timed}
-
-
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time the Triton attempt's launch settings")
     parser.add_argument("--cuda-sweep", action="store_true", help="also time the CUDA kernel's launch settings")
-    parser.add_argument("--mma-sweep", action="store_true", help="time the tensor-core kernel's launch settings")
-    parser.add_argument("--pairs-sweep", action="store_true",
-                        help="the SIMT kernel's table kinds and launch settings, over weights the L2 cannot hold")
-    parser.add_argument("--blocks-sweep", action="store_true",
-                        help="the SIMT kernel with fewer registers (more blocks a multiprocessor)")
-    parser.add_argument("--pipe-sweep", action="store_true",
-                        help="the SIMT kernel with chunks loaded ahead of the arithmetic, over weights the L2 cannot hold")
-    parser.add_argument("--roofline", action="store_true",
-                        help="a plain streaming read and the kernels' loads alone, over weights the L2 cannot hold")
-    parser.add_argument("--only-sweeps", action="store_true", help="skip the comparison of every kernel")
     args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
-    for flag, key, settings in ((args.pairs_sweep, "pairs_sweep", pairs_settings()),
-                                (args.pipe_sweep, "pipe_sweep", pipe_settings()),
-                                (args.blocks_sweep, "blocks_sweep", blocks_settings())):
-        if not flag:
-            continue
-        payload[key] = {}
-        for name in ("q_proj / o_proj", "k_proj / v_proj", "gate_proj / up_proj", "down_proj"):
-            payload[key][name] = pairs_sweep_shape(*SHAPES[name], settings)
-            found = payload[key][name]
-            print(name, "best", found["best"], found["best_us"], "default", found["default_us"], flush=True)
-            write_results("nf4_kernels-" + key.replace("_", "-"), payload)
-    if args.roofline:
-        payload["roofline"] = {}
-        for name, (n, k) in SHAPES.items():
-            payload["roofline"][name] = roofline_shape(n, k)
-            print(name, payload["roofline"][name], flush=True)
-        write_results("nf4_kernels-roofline", payload)
-    if args.mma_sweep:
-        payload["mma_sweep"] = {}
-        for name, (n, k) in SHAPES.items():
-            payload["mma_sweep"][name] = mma_sweep_shape(n, k)
-            print(name, "best", payload["mma_sweep"][name]["best"], payload["mma_sweep"][name]["best_us"], flush=True)
-            print("   simt", next(iter(payload["mma_sweep"][name]["all"].values())), flush=True)
-        write_results("nf4_kernels-mma-sweep", payload)
     if args.sweep:
         payload["sweep"] = {}
         for name, (n, k) in SHAPES.items():
@@ -436,8 +228,6 @@ def main() -> None:
         for name, (n, k) in SHAPES.items():
             payload["cuda_sweep"][name] = cuda_sweep_shape(n, k)
             print(name, "best", payload["cuda_sweep"][name]["best"], payload["cuda_sweep"][name]["best_us"], flush=True)
-    if args.only_sweeps:
-        return
     for name, (n, k) in SHAPES.items():
         payload["shapes"][name] = measure_shape(n, k)
         print(name, payload["shapes"][name], flush=True)
