@@ -184,6 +184,8 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "lora_forward": "studio (trained adapter only)" if trainer.route_trained_adapter else "peft",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
+        "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
+        "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
         "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),
         "memory_features": asdict(features),
     }
