@@ -231,7 +231,8 @@ def pairs_settings(kind: str) -> list:
     return found
 
 
-def pairs_sweep_shape(out_features: int, in_features: int, kind: str = "pairs", x_late: bool = False) -> dict:
+def pairs_sweep_shape(out_features: int, in_features: int, kind: str = "pairs", x_late: bool = False,
+                      interleave: bool = False) -> dict:
     """The studio's kernel against the byte-pair kernel's settings over COPIES weights (L2 defeated),
     one and two rows, with each setting's largest difference from the fp32 product."""
     import torch
@@ -247,7 +248,7 @@ def pairs_sweep_shape(out_features: int, in_features: int, kind: str = "pairs", 
     exact = x2.float() @ bf.dequantize_4bit(made[0][0].data, made[0][1]).float().t()
     from nf4_variants import VariantKernels
 
-    kernels = VariantKernels(x_late=x_late)
+    kernels = VariantKernels(x_late=x_late, interleave=interleave)
 
     def entry(run):
         one = time_rotating([lambda v, layer=layer: run(layer, v) for layer in layers], x1)
@@ -282,6 +283,8 @@ def main() -> None:
     parser.add_argument("--mma-sweep", action="store_true",
                         help="only time the tensor-core kernel's settings against the studio's kernel (L2 defeated)")
     parser.add_argument("--x-late", action="store_true", help="the tensor-core kernel reads the token rows when needed")
+    parser.add_argument("--interleave", action="store_true",
+                        help="the tensor-core kernel's blocks in flight as independent chains of products")
     args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
@@ -290,12 +293,13 @@ def main() -> None:
         key = f"{kind}_sweep"
         payload[key] = {}
         for name, (n, k) in SHAPES.items():
-            payload[key][name] = pairs_sweep_shape(n, k, kind, args.x_late)
+            payload[key][name] = pairs_sweep_shape(n, k, kind, args.x_late, args.interleave)
             print(name, "best", payload[key][name]["best"], payload[key][name]["best_us"],
                   "studio", next(iter(payload[key][name]["all"].values())), flush=True)
-        payload["x_late"] = args.x_late
+        payload["x_late"], payload["interleave"] = args.x_late, args.interleave
         write_results("nf4_kernels-pairs-bf16-sweep" if kind == "pairs" else
-                      "nf4_kernels-mma-resident" + ("-x-late" if args.x_late else "") + "-sweep", payload)
+                      "nf4_kernels-mma-resident" + ("-x-late" if args.x_late else "")
+                      + ("-interleave" if args.interleave else "") + "-sweep", payload)
         return
     if args.sweep:
         payload["sweep"] = {}

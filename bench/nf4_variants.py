@@ -10,7 +10,8 @@ results in `bench/results/nf4_kernels-pairs-bf16-sweep-h200-2026-11-30.json` and
   shared-memory reads; blocks stay resident and fill the table once.
 - `MMA_SOURCE`: 16-output tiles on the tensor cores (m16n8k16), the same bf16-pair table filled once
   per resident block, the lookups going straight into the tensor cores; `X_LATE` reads the token rows
-  when needed instead of ahead.
+  when needed instead of ahead; `INTERLEAVE` runs the blocks in flight as independent chains of
+  products (`--mma-sweep --interleave`).
 
 Neither is faster for one row; the README's Chat section says by how much.
 """
@@ -191,6 +192,9 @@ MMA_SOURCE = nf4_cuda.PRELUDE + r"""
 #ifndef X_LATE
 #define X_LATE 0
 #endif
+#ifndef INTERLEAVE
+#define INTERLEAVE 0
+#endif
 #define SLOTS 64
 
 __device__ __forceinline__ void load_weights(const u8* p, u32& a, u32& b) {
@@ -208,11 +212,19 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
     return a;
 }
 
+#if INTERLEAVE  // lookups the compiler may schedule freely (they depend on the loaded weights)
+__device__ __forceinline__ u32 lookup(u32 at) {
+    u32 v;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at));
+    return v;
+}
+#else
 __device__ __forceinline__ u32 lookup(u32 at) {
     u32 v;
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at));
     return v;
 }
+#endif
 
 // c += a (16 outputs x 16 k, bf16) times b (16 k x 8 token rows, bf16), in fp32 on the tensor cores
 __device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -303,6 +315,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                         }
                     }
                 }
+#if INTERLEAVE && !X_LATE
+                // the blocks in flight as independent chains of products, one accumulator each
+                float cs[UNROLL][4];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) cs[u][0] = cs[u][1] = cs[u][2] = cs[u][3] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int u = 0; u < UNROLL; ++u) {
+                        const u32 word_a = va[u][j >> 1], word_b = vb[u][j >> 1];
+                        const u32 first = 0x5504u | (((2 * j) & 3) << 4), second = 0x5504u | (((2 * j + 1) & 3) << 4);
+                        mma_bf16(cs[u], lookup(table + __byte_perm(word_a, lane4, first)),
+                                 lookup(table + __byte_perm(word_b, lane4, first)),
+                                 lookup(table + __byte_perm(word_a, lane4, second)),
+                                 lookup(table + __byte_perm(word_b, lane4, second)),
+                                 xr_ahead[u][2 * j], xr_ahead[u][2 * j + 1]);
+                    }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (blk0 + u < blocks_per_row && scaled) {
+                        const float ma = nested ? __fadd_rn(__fmul_rn(table2[qa[u]], sa[u]), offset) : sa[u];
+                        const float mb = nested ? __fadd_rn(__fmul_rn(table2[qb[u]], sb[u]), offset) : sb[u];
+                        acc[0] = fmaf(cs[u][0], ma, acc[0]);
+                        acc[1] = fmaf(cs[u][1], ma, acc[1]);
+                        acc[2] = fmaf(cs[u][2], mb, acc[2]);
+                        acc[3] = fmaf(cs[u][3], mb, acc[3]);
+                    }
+                }
+#else
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
                     if (blk0 + u < blocks_per_row) {
@@ -340,6 +381,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                         }
                     }
                 }
+#endif
             }
         }
         if (scaled) {
@@ -372,9 +414,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 class VariantKernels(nf4_cuda.Nf4Kernels):
     """`Nf4Kernels` with the byte-pair and tensor-core variants (`pairs_products`, `mma_products`)."""
 
-    def __init__(self, x_late: bool = False):
+    def __init__(self, x_late: bool = False, interleave: bool = False):
         super().__init__()
-        self.x_late = x_late
+        self.x_late, self.interleave = x_late, interleave
 
     def pairs_kernel(self, rows: int, outs: int, unroll: int, warps: int):
         key = ("pairs", rows, outs, unroll, warps)
@@ -409,9 +451,10 @@ class VariantKernels(nf4_cuda.Nf4Kernels):
     _sm_count = None
 
     def mma_kernel(self, rows: int, unroll: int, warps: int):
-        key = ("mma", rows, unroll, warps, self.x_late)
+        key = ("mma", rows, unroll, warps, self.x_late, self.interleave)
         if key not in self._compiled:
-            options = [f"-DROWS={rows}", f"-DUNROLL={unroll}", f"-DWARPS={warps}", f"-DX_LATE={int(self.x_late)}"]
+            options = [f"-DROWS={rows}", f"-DUNROLL={unroll}", f"-DWARPS={warps}", f"-DX_LATE={int(self.x_late)}",
+                       f"-DINTERLEAVE={int(self.interleave)}"]
             kernel = nf4_cuda.compile_kernel(MMA_SOURCE, "nf4_mma", options)
             kernel.set_shared_memory_config(PAIRS_TABLE_BYTES)
             self._compiled[key] = kernel
