@@ -209,98 +209,15 @@ def cuda_sweep_shape(out_features: int, in_features: int) -> dict:
     return {"best": best, "best_us": timed[best], "default": str(nf4_cuda.launch_shape(out_features)), "all": timed}
 
 
-COPIES = 12  # distinct weights a shape cycles through, so the 50 MB L2 cannot hold them (as in a decode step)
-
-
-def time_rotating(fns, x) -> float:
-    """Microseconds a call, from a CUDA graph that calls each of `fns` (distinct weights) in turn."""
-    calls = itertools.cycle(fns)
-    return time_call(lambda value: next(calls)(value), x)
-
-
-def pairs_settings(kind: str) -> list:
-    """Launch settings to time: for the byte-pair kernel (split, outs, unroll, warps, blocks a
-    multiprocessor), for the tensor-core kernel (split, unroll, warps, blocks a multiprocessor)."""
-    if kind == "mma":
-        return [(split, unroll, 8, per_sm) for split, unroll, per_sm in itertools.product((1, 2, 4, 8), (2, 4, 8), (1, 2, 3))]
-    found = []
-    for split, outs, unroll, per_sm in itertools.product((1, 2, 4, 8), (1, 2, 4), (2, 4), (2, 3)):
-        if outs == 4 and unroll == 4:
-            continue
-        found.append((split, outs, unroll, 8, per_sm))
-    return found
-
-
-def pairs_sweep_shape(out_features: int, in_features: int, kind: str = "pairs", x_late: bool = False,
-                      interleave: bool = False) -> dict:
-    """The studio's kernel against the byte-pair kernel's settings over COPIES weights (L2 defeated),
-    one and two rows, with each setting's largest difference from the fp32 product."""
-    import torch
-    import bitsandbytes.functional as bf
-
-    from studio.model import nf4_cuda
-
-    made = [quantized(out_features, in_features) for _ in range(COPIES)]
-    layers = [nf4_cuda.layer_args(param) for param, _ in made]
-    nbytes = made[0][0].data.numel() + made[0][1].absmax.numel()
-    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
-    x1 = x2[:1].contiguous()
-    exact = x2.float() @ bf.dequantize_4bit(made[0][0].data, made[0][1]).float().t()
-    from nf4_variants import VariantKernels
-
-    kernels = VariantKernels(x_late=x_late, interleave=interleave)
-
-    def entry(run):
-        one = time_rotating([lambda v, layer=layer: run(layer, v) for layer in layers], x1)
-        two = time_rotating([lambda v, layer=layer: run(layer, v) for layer in layers], x2)
-        both = run(layers[0], x2)
-        error = (both.float() - exact).abs().max().item() / exact.abs().max().item()
-        alone = torch.equal(both[:1], run(layers[0], x1)) and torch.equal(both[1:], run(layers[0], x2[1:].contiguous()))
-        return {"1 row us": round(one, 2), "2 rows us": round(two, 2), "GB_per_s": round(nbytes / one / 1e3),
-                "max_rel_error_exact": float(f"{error:.2e}"), "rows_equal_alone": bool(alone)}
-
-    timed = {"studio kernel " + str(nf4_cuda.launch_shape(out_features)):
-             entry(lambda layer, v: kernels.products(layer, v))}
-    run = kernels.mma_products if kind == "mma" else kernels.pairs_products
-    for shape in pairs_settings(kind):
-        try:
-            timed[f"{kind} {shape}"] = entry(lambda layer, v, shape=shape: run(layer, v, shape=shape))
-        except Exception as exc:  # a setting that does not fit (registers, shared memory)
-            timed[f"{kind} {shape}"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-    scored = {k: v for k, v in timed.items() if isinstance(v, dict)}
-    best = min(scored, key=lambda k: scored[k]["1 row us"])
-    return {"best": best, "best_us": scored[best], "all": timed}
-
-
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time the Triton attempt's launch settings")
     parser.add_argument("--cuda-sweep", action="store_true", help="also time the CUDA kernel's launch settings")
-    parser.add_argument("--pairs-sweep", action="store_true",
-                        help="only time the byte-pair kernel's settings against the studio's kernel (L2 defeated)")
-    parser.add_argument("--mma-sweep", action="store_true",
-                        help="only time the tensor-core kernel's settings against the studio's kernel (L2 defeated)")
-    parser.add_argument("--x-late", action="store_true", help="the tensor-core kernel reads the token rows when needed")
-    parser.add_argument("--interleave", action="store_true",
-                        help="the tensor-core kernel's blocks in flight as independent chains of products")
     args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
-    if args.pairs_sweep or args.mma_sweep:
-        kind = "mma" if args.mma_sweep else "pairs"
-        key = f"{kind}_sweep"
-        payload[key] = {}
-        for name, (n, k) in SHAPES.items():
-            payload[key][name] = pairs_sweep_shape(n, k, kind, args.x_late, args.interleave)
-            print(name, "best", payload[key][name]["best"], payload[key][name]["best_us"],
-                  "studio", next(iter(payload[key][name]["all"].values())), flush=True)
-        payload["x_late"], payload["interleave"] = args.x_late, args.interleave
-        write_results("nf4_kernels-pairs-bf16-sweep" if kind == "pairs" else
-                      "nf4_kernels-mma-resident" + ("-x-late" if args.x_late else "")
-                      + ("-interleave" if args.interleave else "") + "-sweep", payload)
-        return
     if args.sweep:
         payload["sweep"] = {}
         for name, (n, k) in SHAPES.items():
