@@ -65,9 +65,11 @@ def gpu_busy(run) -> dict:
         wall = time.perf_counter() - started
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     top_cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    top_gpu = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
     return {"wall_s": round(wall, 3), "kernel_s": round(sum(e.self_device_time_total for e in kernels) / 1e6, 3),
             "kernels": sum(e.count for e in kernels),
-            "top_cpu_ops": [(e.key[:70], round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top_cpu]}
+            "top_cpu_ops": [(e.key[:70], round(e.self_cpu_time_total / 1e6, 3), e.count) for e in top_cpu],
+            "top_gpu_kernels": [(e.key[:90], round(e.self_device_time_total / 1e6, 4), e.count) for e in top_gpu]}
 
 
 class PhaseClock(TrainerCallback):
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tutorial-steps", type=int, default=2)
     parser.add_argument("--phases-only", action="store_true", help="stop after the per-phase step times")
+    parser.add_argument("--skip-tutorial", action="store_true", help="stop after the Fast preset's profiles")
     parser.add_argument("--model-root", default="/dev/shm/qwen25-random" if Path("/dev/shm").is_dir() else
                         "/tmp/qwen25-random")
     args = parser.parse_args()
@@ -166,6 +169,9 @@ def main() -> None:
         print(payload["fast_host"]["tottime"], flush=True)
         print(payload["fast_host"]["cumulative"], flush=True)
         save()
+        if args.skip_tutorial:
+            print("->", save(), flush=True)
+            return
         tutorial_rows = synthetic_examples(8 * args.tutorial_steps, vocab, seed=8)
         payload["tutorial_vs_plain"] = tutorial_vs_plain(loaded, tutorial_rows, args.tutorial_steps)
         print("tutorial vs plain", payload["tutorial_vs_plain"], flush=True)

@@ -137,10 +137,11 @@ class ForwardSize:
 
 def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], steps: int, warmup_steps: int = 2,
               studio_kernels: bool = True, deadline: float | None = None, model_bytes: int | None = None,
-              studio_lora_forward: bool | None = None) -> dict:
+              studio_lora_forward: bool | None = None, packed_varlen: bool = True) -> dict:
     """Train `steps` optimizer steps through the studio's trainer; `studio_kernels=False` keeps PyTorch's
     default attention kernels and peft's own LoRA forward, as the tutorial's own code gets them
-    (`studio_lora_forward` sets the LoRA forward alone)."""
+    (`studio_lora_forward` sets the LoRA forward alone); `packed_varlen=False` keeps SDPA's block mask
+    for packed passes (`--varlen-ab`)."""
     import gc
 
     import torch
@@ -155,6 +156,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
                             rows, [], collator, (clock,))
     trainer.avoid_cudnn_attention = studio_kernels
     trainer.route_trained_adapter = studio_kernels if studio_lora_forward is None else studio_lora_forward
+    trainer.packed_varlen = packed_varlen
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -303,10 +305,29 @@ class Bench:
                                 limit_gib=GPU24_LIMIT_GIB)
         self.payload["recommended"] = {"fast": fast, "gpu24": gpu24}
         self.save()
+        if self.args.varlen_ab:
+            self.varlen_ab(size, rows, steps, static, tutorial)
         base_after = self.manager.chat(question, GenerationSettings.greedy(16))
         self.payload["base_unchanged_after_training"] = base_before == base_after
         self.time_to_adapter(size, static)
         self.rows_for_compile = (size, rows, steps, static, tutorial)
+
+    def varlen_ab(self, size, rows, steps, static, tutorial) -> None:
+        """With --varlen-ab: the Fast preset's packed passes through SDPA's block mask and through
+        varlen_attn, alternating, twice each (the host's drift touches both alike), then the
+        tutorial-sized job with the block mask (the table's job runs with varlen_attn)."""
+        for turn in (1, 2):
+            for varlen in (False, True):
+                label = f"fast (preset), {'varlen_attn' if varlen else 'SDPA block mask'}, turn {turn}"
+                self.setup(size, label, preset("fast"), rows, steps, 8 + steps * 0.6, static, tutorial,
+                           packed_varlen=varlen)
+        job_rows = self.rows(183, seed=1)
+        result = self.setup(size, "time to adapter: 183 rows x 4 epochs, fast (preset), SDPA block mask",
+                            replace(preset("fast"), epochs=4.0), job_rows, -1, 40, static, packed_varlen=False)
+        if result:
+            self.payload.setdefault("time_to_adapter_block_mask", {})[size] = {"train_s": result["train_wall_s"],
+                                                                              "steps": result["steps"]}
+            self.save()
 
     def compiled_candidates(self) -> None:
         """The compiled-layers candidates last (their compile time is the least predictable), on the main
@@ -557,6 +578,9 @@ def main() -> None:
     parser.add_argument("--compile-sizes", nargs="*", default=["main"],
                         help="where the compiled-layers candidates run: 'main' (the 7B shape, reloaded, last) and/or "
                              "sizes of the table (e.g. 0.5B 7B, each with its own time to adapter)")
+    parser.add_argument("--varlen-ab", action="store_true",
+                        help="after the 7B presets: Fast with packed passes through SDPA's block mask against "
+                             "varlen_attn, alternating, and the tutorial-sized job with the block mask")
     args = parser.parse_args()
     if args.tiny and args.no_main:
         parser.error("--no-main leaves only the GPU sizes table, which --tiny does not run")

@@ -366,3 +366,82 @@ def test_decode_kernels_leave_a_cpu_model_as_it_is(manager):
         assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
     assert {id(m): m.__dict__.get("forward") for m in model.modules()} == before
 
+
+
+# ----- packed rows through a variable-length kernel ---------------------------------------------
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False, calls=None):
+    """varlen_attn's contract on the CPU: (tokens, heads, dim) rows between the boundaries, each alone."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    assert cu_seq_q.dtype == torch.int32
+    if calls is not None:
+        calls.append(query.shape)
+    out = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=tuple(window_size) == (-1, 0), scale=scale, enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(out)
+
+
+def reference_varlen_without_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                                 is_causal=False, calls=None):
+    """An older varlen_attn's signature: a causal flag, no grouped key/value heads."""
+    assert key.shape[1] == query.shape[1]  # the caller repeated the key/value heads
+    return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                            window_size=(-1, 0) if is_causal else (-1, -1), calls=calls)
+
+
+def test_packed_batches_carry_the_rows_boundaries():
+    batch = PackedCollator()(rows(500))  # lengths 9, 15, 6, 12
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 9, 24, 30, 42]
+    assert batch["max_length_q"] == batch["max_length_k"] == 15
+    assert batch["position_ids"][0, 9].item() == 0 and batch["input_ids"].shape == (1, 42)
+
+
+@pytest.mark.parametrize("reference", [reference_varlen, reference_varlen_without_gqa])
+def test_packed_rows_through_the_variable_length_kernel_give_sdpa_s_logits(plain_model, tokenizer, reference):
+    from functools import partial
+
+    from studio.model.attention import packed_row_attention
+
+    assert plain_model.config.num_attention_heads != plain_model.config.num_key_value_heads  # grouped heads
+    examples = rows(plain_model.config.vocab_size)
+    batch = PackedCollator()(examples)
+    calls, notes = [], []
+    kernel = partial(reference, calls=calls)
+    with torch.no_grad():
+        masked = plain_model(**batch, use_cache=False)
+        with packed_row_attention(plain_model, True, notes, kernel=kernel):
+            assert plain_model.config._attn_implementation == "studio-varlen"
+            rows_alone = plain_model(**batch, use_cache=False)
+            assert len(calls) == plain_model.config.num_hidden_layers
+            padded = PaddedCollator(tokenizer)(examples)  # no boundaries: SDPA as before
+            plain_model(**padded)
+            assert len(calls) == plain_model.config.num_hidden_layers
+    assert plain_model.config._attn_implementation == "sdpa"
+    assert torch.allclose(masked.logits, rows_alone.logits, atol=1e-5)
+    assert rows_alone.loss.item() == pytest.approx(masked.loss.item(), rel=1e-6)
+    assert "variable-length kernel" in notes[0]
+
+
+def test_the_trainer_attends_to_packed_rows_alone_where_a_kernel_is_there(manager, tmp_path, monkeypatch):
+    from functools import partial
+
+    from studio.model import attention
+
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        reference_losses, _, job = studio_losses(loaded, preset("gpu24"), examples, tmp_path)
+        assert "variable-length" not in " ".join(job.lines)  # the CPU has no kernel: SDPA's block mask
+        calls = []
+        monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen, calls=calls))
+        losses, _, job = studio_losses(loaded, preset("gpu24"), examples, tmp_path)
+        padded_losses, _, _ = studio_losses(loaded, replace(preset("gpu24"), packing=False), examples, tmp_path)
+        model = loaded.model
+    layers = model.get_base_model().config.num_hidden_layers if hasattr(model, "get_base_model") else 2
+    assert len(calls) >= 4 * layers  # each layer of each of the 4 packed passes
+    assert losses == pytest.approx(reference_losses, rel=1e-3)  # the same sums, in another order
+    assert "variable-length kernel" in " ".join(job.lines)
+    assert padded_losses == pytest.approx(reference_losses, rel=1e-3)
+    assert all(getattr(c, "_attn_implementation", "sdpa") == "sdpa" for c in attention.attention_configs(model))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from studio.model.attention import attention_configs, set_implementation
 from studio.model.nf4_cuda import PRELUDE, aligned, compile_kernel
 
 IMPLEMENTATION = "studio-decode"
@@ -298,7 +299,7 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
     """For the block, `model` attends with `studio-decode` where it attended with SDPA. Each config is
     switched on its own (transformers' setter would also overwrite the sub-configs) and gets its own
     value back."""
-    configs = [config for config in _configs(model) if getattr(config, "_attn_implementation", None) == "sdpa"]
+    configs = [config for config in attention_configs(model) if getattr(config, "_attn_implementation", None) == "sdpa"]
     if not configs:
         yield
         return
@@ -306,30 +307,13 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
     saved = [(config, config.__dict__.get("_attn_implementation_internal", "sdpa")) for config in configs]
     try:
         for config in configs:
-            _set_implementation(config, IMPLEMENTATION)
+            set_implementation(config, IMPLEMENTATION)
         yield
     finally:
         for config, value in saved:
-            _set_implementation(config, value)
+            set_implementation(config, value)
 
 
 def uses_sdpa(model) -> bool:
     """Whether any of the model's configs attends with SDPA (what `decode_attention` switches)."""
-    return any(getattr(config, "_attn_implementation", None) == "sdpa" for config in _configs(model))
-
-
-def _set_implementation(config, value) -> None:
-    if "_attn_implementation_internal" in config.__dict__:
-        config.__dict__["_attn_implementation_internal"] = value  # this config only, not its sub-configs
-    else:
-        config._attn_implementation = value
-
-
-def _configs(model) -> list:
-    """The model's config and every other config object its modules hold (e.g. a text sub-config)."""
-    found: dict = {}
-    for module in [model, *model.modules()]:
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            found[id(config)] = config
-    return list(found.values())
+    return any(getattr(config, "_attn_implementation", None) == "sdpa" for config in attention_configs(model))

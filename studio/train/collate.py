@@ -3,7 +3,9 @@
 - packed (`TrainSettings.packing`): `DataCollatorWithFlattening` puts a batch's rows end to end in
   one padding-free row; position ids restart at each row and the first label of each row is -100, so
   with no attention mask transformers derives a block-diagonal causal mask from the position ids: no
-  row attends to another and the loss is the same as one row at a time.
+  row attends to another and the loss is the same as one row at a time. The batch also carries the
+  rows' boundaries (`cu_seq_lens_q/k`, `max_length_q/k`), with which the trainer attends to each row
+  alone on a GPU (`studio.model.attention.packed_row_attention`).
 - padded: `DataCollatorForSeq2Seq` pads input ids with the pad id and labels with -100.
 
 `tokens_seen` counts the non-padding tokens of the batches made while `counting` is on (the trainer
@@ -36,7 +38,8 @@ class PackedCollator(CountingCollator):
     def __init__(self):
         from transformers import DataCollatorWithFlattening
 
-        super().__init__(DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE))
+        super().__init__(DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE,
+                                                    return_flash_attn_kwargs=True))
 
 
 class PaddedCollator(CountingCollator):

@@ -17,14 +17,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from studio.data.datasets import fsync_folder
-from studio.model.attention import without_cudnn_attention
+from studio.model.attention import packed_row_attention, without_cudnn_attention
 from studio.train import adapters
 
 
 class StudioTrainer(Trainer):
     """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s, trains
-    without cuDNN attention (see `without_cudnn_attention`) and with the settings' speed switches
-    (`studio.train.speedups`), undone when training ends.
+    without cuDNN attention (see `without_cudnn_attention`), packed rows each attending to itself alone
+    (`packed_row_attention`), and with the settings' speed switches (`studio.train.speedups`), undone
+    when training ends.
 
     It overrides two private Trainer methods, `_save` and `_load_from_checkpoint`: the model is shared
     and may carry several adapters, and the Trainer has no public hook for what a checkpoint holds, so
@@ -36,15 +37,23 @@ class StudioTrainer(Trainer):
     # each LoRA layer computes the trained adapter alone (studio.train.speedups.only_trained_adapter);
     # False: peft's own forward, as the tutorial's code runs it (bench/train_speed.py's tutorial row)
     route_trained_adapter: bool = True
+    # packed passes attend to each row alone through varlen_attn on a GPU (studio.model.attention);
+    # False: SDPA with the block mask (bench/train_speed.py --varlen-ab)
+    packed_varlen: bool = True
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
         from studio.train.speedups import only_trained_adapter, training_speedups
 
+        packed = bool(getattr(self.speed_settings, "packing", False))
+        # not with compiled layers: measured eagerly only
+        compiled = bool(getattr(self.speed_settings, "compile_layers", False))
+        varlen = packed and self.packed_varlen and self.avoid_cudnn_attention and not compiled
         with without_cudnn_attention(self.avoid_cudnn_attention), \
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
-                training_speedups(self.model, self.speed_settings) as notes:
+                training_speedups(self.model, self.speed_settings) as notes, \
+                packed_row_attention(self.model, varlen, notes):
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
