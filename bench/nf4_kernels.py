@@ -209,95 +209,15 @@ def cuda_sweep_shape(out_features: int, in_features: int) -> dict:
     return {"best": best, "best_us": timed[best], "default": str(nf4_cuda.launch_shape(out_features)), "all": timed}
 
 
-COPIES = 12  # distinct weights a shape cycles through, so the 50 MB L2 cannot hold them (as in a decode step)
-
-
-def time_rotating(fns, x) -> float:
-    """Microseconds a call, from a CUDA graph that calls each of `fns` (distinct weights) in turn."""
-    calls = itertools.cycle(fns)
-    return time_call(lambda value: next(calls)(value), x)
-
-
-PAIRS32_SETTINGS = [  # (split, outs, unroll, warps, blocks a multiprocessor)
-    (split, outs, unroll, warps, per_sm)
-    for split, outs, unroll, warps, per_sm in itertools.product((1, 2, 4), (2, 4), (1, 2), (8, 16), (1, 2, 3))
-    if warps * per_sm <= 32 and not (warps == 16 and per_sm == 2 and outs == 4 and unroll == 2)]
-
-
-STAGED_SETTINGS = [  # (split, outs, unroll, warps, stages)
-    shape for shape in itertools.product((1, 2, 4), (2, 4), (1, 2), (4, 8), (2, 4)) if shape[3] >= shape[0]]
-
-
-def pairs32_sweep_shape(out_features: int, in_features: int, kind: str = "pairs32") -> dict:
-    """The studio's kernel against the fp32-pair kernel's settings (`bench/nf4_variants.py`) over COPIES
-    weights (L2 defeated), one and two rows, with each setting's largest difference from the fp32
-    product and whether its rows equal the studio kernel's bit for bit."""
-    import torch
-    import bitsandbytes.functional as bf
-
-    from nf4_variants import VariantKernels
-    from studio.model import nf4_cuda
-
-    made = [quantized(out_features, in_features) for _ in range(COPIES)]
-    layers = [nf4_cuda.layer_args(param) for param, _ in made]
-    nbytes = made[0][0].data.numel() + made[0][1].absmax.numel()
-    x2 = torch.randn(2, in_features, dtype=torch.bfloat16, device="cuda")
-    x1 = x2[:1].contiguous()
-    exact = x2.float() @ bf.dequantize_4bit(made[0][0].data, made[0][1]).float().t()
-    kernels = VariantKernels()
-    studio_shape = nf4_cuda.launch_shape(out_features)
-
-    def entry(run, same_sums_as=None):
-        one = time_rotating([lambda v, layer=layer: run(layer, v) for layer in layers], x1)
-        two = time_rotating([lambda v, layer=layer: run(layer, v) for layer in layers], x2)
-        both = run(layers[0], x2)
-        error = (both.float() - exact).abs().max().item() / exact.abs().max().item()
-        alone = torch.equal(both[:1], run(layers[0], x1)) and torch.equal(both[1:], run(layers[0], x2[1:].contiguous()))
-        found = {"1 row us": round(one, 2), "2 rows us": round(two, 2), "GB_per_s": round(nbytes / one / 1e3),
-                 "max_rel_error_exact": float(f"{error:.2e}"), "rows_equal_alone": bool(alone)}
-        if same_sums_as is not None:
-            found["equals_studio_kernel_same_split"] = bool(torch.equal(both, same_sums_as(layers[0], x2)))
-        return found
-
-    timed = {"studio kernel " + str(studio_shape): entry(lambda layer, v: kernels.products(layer, v))}
-    run = kernels.staged_products if kind == "staged" else kernels.pairs32_products
-    for shape in STAGED_SETTINGS if kind == "staged" else PAIRS32_SETTINGS:
-        split, outs = shape[0], shape[1]
-        try:
-            timed[f"{kind} {shape}"] = entry(
-                lambda layer, v, shape=shape: run(layer, v, shape=shape),
-                lambda layer, v, split=split, outs=outs: kernels.products(layer, v, shape=(split, outs)))
-        except Exception as exc:  # a setting that does not fit (registers, shared memory)
-            timed[f"{kind} {shape}"] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-    scored = {k: v for k, v in timed.items() if isinstance(v, dict)}
-    best = min(scored, key=lambda k: scored[k]["1 row us"])
-    best_two = min(scored, key=lambda k: scored[k]["2 rows us"])
-    return {"best": best, "best_us": scored[best], "best_2_rows": best_two, "best_2_rows_us": scored[best_two],
-            "all": timed}
-
-
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time the Triton attempt's launch settings")
     parser.add_argument("--cuda-sweep", action="store_true", help="also time the CUDA kernel's launch settings")
-    parser.add_argument("--pairs32-sweep", action="store_true",
-                        help="only time the fp32-pair kernel's settings against the studio's kernel (L2 defeated)")
-    parser.add_argument("--staged-sweep", action="store_true",
-                        help="only time the staged kernel's settings against the studio's kernel (L2 defeated)")
     args = parser.parse_args()
     payload = {"what": "4-bit NF4 (double quant, block 64) products of 1 and 2 bf16 rows, CUDA-graph replay",
                "shapes": {}}
-    if args.pairs32_sweep or args.staged_sweep:
-        kind = "staged" if args.staged_sweep else "pairs32"
-        payload[f"{kind}_sweep"] = {}
-        for name, (n, k) in SHAPES.items():
-            found = payload[f"{kind}_sweep"][name] = pairs32_sweep_shape(n, k, kind)
-            print(name, "best", found["best"], found["best_us"], "2 rows", found["best_2_rows"],
-                  found["best_2_rows_us"]["2 rows us"], "studio", next(iter(found["all"].values())), flush=True)
-        write_results(f"nf4_kernels-{kind}-sweep", payload)
-        return
     if args.sweep:
         payload["sweep"] = {}
         for name, (n, k) in SHAPES.items():
