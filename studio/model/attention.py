@@ -129,13 +129,21 @@ def packed_row_attention(model, active: bool, notes: list | None = None, kernel=
         yield
         return
     register_packed(kernel)
-    saved = [(config, config.__dict__.get("_attn_implementation_internal", "sdpa")) for config in configs]
     if notes is not None:
         notes.append("Packed rows attend through flash attention's variable-length kernel (varlen_attn): each "
                      "row attends to itself alone, no work on the masked-out pairs.")
+    with replacing_sdpa(configs, PACKED_IMPLEMENTATION):
+        yield
+
+
+@contextmanager
+def replacing_sdpa(configs: list, implementation: str) -> Iterator[None]:
+    """For the block, each of `configs` (those attending with SDPA) attends with `implementation`; each
+    config is switched on its own and gets its own value back."""
+    saved = [(config, config.__dict__.get("_attn_implementation_internal", "sdpa")) for config in configs]
     try:
         for config in configs:
-            set_implementation(config, PACKED_IMPLEMENTATION)
+            set_implementation(config, implementation)
         yield
     finally:
         for config, value in saved:

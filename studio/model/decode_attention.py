@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from studio.model.attention import attention_configs, set_implementation
+from studio.model.attention import attention_configs, replacing_sdpa
 from studio.model.nf4_cuda import PRELUDE, aligned, compile_kernel
 
 IMPLEMENTATION = "studio-decode"
@@ -304,14 +304,8 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
         yield
         return
     register(kernels)
-    saved = [(config, config.__dict__.get("_attn_implementation_internal", "sdpa")) for config in configs]
-    try:
-        for config in configs:
-            set_implementation(config, IMPLEMENTATION)
+    with replacing_sdpa(configs, IMPLEMENTATION):
         yield
-    finally:
-        for config, value in saved:
-            set_implementation(config, value)
 
 
 def uses_sdpa(model) -> bool:
