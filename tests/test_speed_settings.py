@@ -445,3 +445,18 @@ def test_the_trainer_attends_to_packed_rows_alone_where_a_kernel_is_there(manage
     assert "variable-length kernel" in " ".join(job.lines)
     assert padded_losses == pytest.approx(reference_losses, rel=1e-3)
     assert all(getattr(c, "_attn_implementation", "sdpa") == "sdpa" for c in attention.attention_configs(model))
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_the_packed_attention_notes_read_in_chinese(plain_model, monkeypatch, available):
+    from studio.model import attention
+    from studio.ui.i18n import translate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the notes are written on a GPU
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen if available else None)
+    notes = []
+    with attention.packed_row_attention(plain_model, True, notes):
+        assert (plain_model.config._attn_implementation == "studio-varlen") == available
+    assert plain_model.config._attn_implementation == "sdpa"
+    assert len(notes) == 1 and ("variable-length" in notes[0]) == available
+    assert "拼接的样本" in translate(notes[0], "zh")

@@ -49,7 +49,7 @@ class StudioTrainer(Trainer):
         packed = bool(getattr(self.speed_settings, "packing", False))
         # not with compiled layers: measured eagerly only
         compiled = bool(getattr(self.speed_settings, "compile_layers", False))
-        varlen = packed and self.packed_varlen and self.avoid_cudnn_attention and not compiled
+        varlen = packed and self.packed_varlen and not compiled
         with without_cudnn_attention(self.avoid_cudnn_attention), \
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, self.speed_settings) as notes, \

@@ -361,6 +361,10 @@ EN = {
                                 "run with these settings is reused.",
         "speed_compile_skipped": "torch.compile skipped: {reason}.",
         "speed_compile_failed": "torch.compile failed here ({error}); the run goes on without it.",
+        "speed_packed_varlen_on": "Packed rows attend through flash attention's variable-length kernel (varlen_attn): "
+                                  "each row attends to itself alone, no work on the masked-out pairs.",
+        "speed_packed_no_varlen": "Packed rows attend through SDPA with a block mask (this PyTorch has no varlen_attn).",
+        "speed_packed_not_sdpa": "Packed rows: the model does not attend through SDPA; kept as is.",
         "kernel_nvrtc_failed": "NVRTC could not compile {name}: {log}",
         "kernel_nvrtc_error": "NVRTC error {code}: {message}",
         "training_start": "Training {name}: {steps} optimizer steps.",
@@ -1013,6 +1017,10 @@ ZH = {
         "speed_compile_reused": "已对 {count} 个解码层启用 torch.compile（{backend}）：沿用此前相同设置的训练已编译好的代码。",
         "speed_compile_skipped": "未使用 torch.compile：{reason}。",
         "speed_compile_failed": "torch.compile 在本机编译失败（{error}）；本次训练不用它继续进行。",
+        "speed_packed_varlen_on": "拼接的样本经 flash attention 的变长算子（varlen_attn）计算注意力：每条样本只关注自身，"
+                                  "不再计算被遮掉的位置对。",
+        "speed_packed_no_varlen": "拼接的样本经 SDPA 加块状掩码计算注意力（此版本的 PyTorch 没有 varlen_attn）。",
+        "speed_packed_not_sdpa": "拼接的样本：模型的注意力不经 SDPA，保持原样。",
         "kernel_nvrtc_failed": "NVRTC 无法编译 {name}：{log}",
         "kernel_nvrtc_error": "NVRTC 出错 {code}：{message}",
         "training_start": "训练 {name}：共 {steps} 个优化步。",
