@@ -188,6 +188,8 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
         "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
         "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
+        "graphs": ({"replayed_passes": trainer.graphed.replayed_passes, "captured": trainer.graphed.captured}
+                   if trainer.graphed is not None else None),
         "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),
         "memory_features": asdict(features),
     }

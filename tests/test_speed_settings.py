@@ -6,6 +6,7 @@ fitted to."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -372,7 +373,8 @@ def test_decode_kernels_leave_a_cpu_model_as_it_is(manager):
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
                      enable_gqa=False, calls=None):
     """varlen_attn's contract on the CPU: (tokens, heads, dim) rows between the boundaries, each alone."""
-    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    # the longest row's length or more: flash attention sizes its grid with it, blocks past a row's end do nothing
+    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k >= int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
     assert cu_seq_q.dtype == torch.int32
     if calls is not None:
         calls.append(query.shape)
@@ -460,3 +462,120 @@ def test_the_packed_attention_notes_read_in_chinese(plain_model, monkeypatch, av
     assert plain_model.config._attn_implementation == "sdpa"
     assert len(notes) == 1 and ("variable-length" in notes[0]) == available
     assert "拼接的样本" in translate(notes[0], "zh")
+
+
+# ----- CUDA graphs of the decoder layers (studio.train.graphs) --------------------------------------
+def static_inputs_capture(captured: list):
+    """`torch.cuda.make_graphed_callables`' contract without a GPU: each callable keeps the sample tensors
+    it was captured with and copies each call's arguments into them, as a replayed graph reads only its
+    static inputs; the hidden states pass through as they are, so autograd still reaches earlier layers."""
+    def capture(calls, samples):
+        captured.append([tuple(t.shape for t in sample) for sample in samples])
+
+        def graphed(call, sample):
+            def run(hidden, *rest):
+                for static, arg in zip(sample[1:], rest):
+                    if static.data_ptr() != arg.data_ptr():
+                        static.copy_(arg)
+                return call(hidden, *sample[1:])
+            return run
+
+        return [graphed(call, sample) for call, sample in zip(calls, samples)]
+
+    return capture
+
+
+def test_a_padded_packed_pass_gives_the_unpadded_loss(plain_model):
+    from functools import partial
+
+    from studio.model.attention import packed_row_attention
+    from studio.train.graphs import pad_packed
+
+    batch = PackedCollator()(rows(plain_model.config.vocab_size))  # 4 rows, 42 positions
+    padded = pad_packed(batch, 16, 7)
+    assert padded["input_ids"].shape == padded["labels"].shape == padded["position_ids"].shape == (1, 48)
+    assert padded["cu_seq_lens_q"].tolist() == [0, 9, 24, 30, 42, 43, 44, 48]  # 3 padding segments
+    assert padded["position_ids"][0, 42:].tolist() == [0, 0, 0, 1, 2, 3]
+    assert padded["labels"][0, 42:].tolist() == [-100] * 6 and padded["max_length_q"] == 48
+    assert pad_packed(batch, 16, 4) is batch  # no room for a padding segment: as it was
+    calls = []
+    with torch.no_grad(), packed_row_attention(plain_model, True, [], kernel=partial(reference_varlen, calls=calls)):
+        plain = plain_model(**batch, use_cache=False)
+        both = plain_model(**padded, use_cache=False)
+    assert both.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert torch.allclose(both.logits[:, :42], plain.logits, atol=1e-5)
+
+
+def test_graphed_layers_train_as_the_eager_ones_and_are_undone(manager, tmp_path, monkeypatch):
+    """The trainer's CUDA-graph plumbing on the CPU, with a capture that keeps make_graphed_callables'
+    static inputs: passes padded to the bucket, one capture per size, every layer replayed, the losses of
+    the eager run, and the layers' own forwards and the collator's padding back afterwards."""
+    from functools import partial
+
+    from studio.model import attention
+    from studio.train import graphs
+    from studio.train.trainer import StudioTrainer
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
+    monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
+    captured: list = []
+    monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(static_inputs_capture(captured)))
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4)
+        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=4)
+        model = loaded.model
+    layers = model.get_base_model().config.num_hidden_layers
+    sizes = {shapes[0][0][1] for shapes in captured}
+    assert sizes and all(size % 32 == 0 for size in sizes) and len(captured) == len(sizes)  # each size once
+    assert all(len(shapes) == layers and shapes[0][3] == (10,) for shapes in captured)  # 8 rows + 1 pad segment
+    assert losses == pytest.approx(reference, rel=1e-4)
+    assert any(line.startswith("CUDA graphs on: 2 decoder layers") for line in job.lines), job.lines
+    assert trainer.data_collator.graph_padding is None
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+def test_a_failed_capture_leaves_the_run_eager_and_says_why(manager, tmp_path, monkeypatch):
+    from functools import partial
+
+    from studio.model import attention
+    from studio.train import graphs
+    from studio.train.trainer import StudioTrainer
+
+    def broken(calls, samples):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
+    monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
+    monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(broken))
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=2)
+        losses, _, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=2)
+    assert losses == pytest.approx(reference, rel=1e-4)
+    failures = [line for line in job.lines if line.startswith("CUDA graphs failed here")]
+    assert len(failures) == 1 and "stream is capturing" in failures[0], job.lines
+
+
+@pytest.mark.parametrize("change, device, varlen, reason", [
+    ({}, "cpu", True, "they need a CUDA GPU"),
+    (dict(packing=False), "cuda:0", True, "they need packed passes (packing on)"),
+    (dict(gradient_checkpointing=True), "cuda:0", True, "not with gradient checkpointing"),
+    (dict(compile_layers=True), "cuda:0", True, "not with compiled layers"),
+    (dict(grad_accum=2), "cuda:0", True, "gradient accumulation 1"),
+    ({}, "cuda:0", False, "varlen_attn"),
+    ({}, "cuda:0", True, None),
+])
+def test_cuda_graphs_say_why_they_cannot_apply(change, device, varlen, reason):
+    from studio.train.graphs import graph_problem
+    from studio.ui.i18n import translate
+
+    problem = graph_problem(replace(preset("fast"), cuda_graphs=True, **change), device, varlen)
+    assert (problem is None) if reason is None else (reason in problem)
+    if problem:
+        chinese = translate(f"CUDA graphs skipped: {problem}.", "zh")
+        assert "CUDA" in chinese and re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"\b(they|with|need)\b",
+                                                                                              chinese), chinese
+    assert graph_problem(replace(preset("fast"), cuda_graphs=False), "cpu", False) is None

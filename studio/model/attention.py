@@ -114,10 +114,10 @@ def register_packed(kernel) -> None:
 
 
 @contextmanager
-def packed_row_attention(model, active: bool, notes: list | None = None, kernel=None) -> Iterator[None]:
+def packed_row_attention(model, active: bool, notes: list | None = None, kernel=None) -> Iterator[bool]:
     """For the block, `model`'s SDPA attention becomes `studio-varlen` (a no-op when not `active`, without
-    CUDA, or where PyTorch has no `varlen_attn`; `notes` says which on a GPU). `kernel` replaces
-    `varlen_kernel()` (the CPU tests pass a reference)."""
+    CUDA, or where PyTorch has no `varlen_attn`; `notes` says which on a GPU). Yields whether it did.
+    `kernel` replaces `varlen_kernel()` (the CPU tests pass a reference)."""
     import torch
 
     kernel = kernel or varlen_kernel()
@@ -126,14 +126,14 @@ def packed_row_attention(model, active: bool, notes: list | None = None, kernel=
         if active and torch.cuda.is_available() and notes is not None:
             notes.append("Packed rows attend through SDPA with a block mask (this PyTorch has no varlen_attn)."
                           if kernel is None else "Packed rows: the model does not attend through SDPA; kept as is.")
-        yield
+        yield False
         return
     register_packed(kernel)
     if notes is not None:
         notes.append("Packed rows attend through flash attention's variable-length kernel (varlen_attn): each "
                      "row attends to itself alone, no work on the masked-out pairs.")
     with replacing_sdpa(configs, PACKED_IMPLEMENTATION):
-        yield
+        yield True
 
 
 @contextmanager

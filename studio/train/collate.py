@@ -5,7 +5,8 @@
   with no attention mask transformers derives a block-diagonal causal mask from the position ids: no
   row attends to another and the loss is the same as one row at a time. The batch also carries the
   rows' boundaries (`cu_seq_lens_q/k`, `max_length_q/k`), with which the trainer attends to each row
-  alone on a GPU (`studio.model.attention.packed_row_attention`).
+  alone on a GPU (`studio.model.attention.packed_row_attention`). With CUDA graphs, each pass is padded
+  to a size the graphs were captured for (`studio.train.graphs`).
 - padded: `DataCollatorForSeq2Seq` pads input ids with the pad id and labels with -100.
 
 `tokens_seen` counts the non-padding tokens of the batches made while `counting` is on (the trainer
@@ -33,13 +34,24 @@ class CountingCollator:
 
 
 class PackedCollator(CountingCollator):
-    """One padding-free row per batch (transformers' `DataCollatorWithFlattening`)."""
+    """One padding-free row per batch (transformers' `DataCollatorWithFlattening`). While
+    `graph_padding` is (multiple, segments), as CUDA-graphed training sets it, each batch is padded to
+    sizes the graphs were captured for (`studio.train.graphs.pad_packed`)."""
 
     def __init__(self):
         from transformers import DataCollatorWithFlattening
 
         super().__init__(DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE,
                                                     return_flash_attn_kwargs=True))
+        self.graph_padding: tuple[int, int] | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = super().__call__(features)
+        if self.graph_padding is None:
+            return batch
+        from studio.train.graphs import pad_packed
+
+        return pad_packed(batch, *self.graph_padding, ignore=IGNORE)
 
 
 class PaddedCollator(CountingCollator):

@@ -24,8 +24,8 @@ from studio.train import adapters
 class StudioTrainer(Trainer):
     """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s, trains
     without cuDNN attention (see `without_cudnn_attention`), packed rows each attending to itself alone
-    (`packed_row_attention`), and with the settings' speed switches (`studio.train.speedups`), undone
-    when training ends.
+    (`packed_row_attention`), with the settings' speed switches (`studio.train.speedups`) and its decoder
+    layers replayed from CUDA graphs (`studio.train.graphs`), all undone when training ends.
 
     It overrides two private Trainer methods, `_save` and `_load_from_checkpoint`: the model is shared
     and may carry several adapters, and the Trainer has no public hook for what a checkpoint holds, so
@@ -40,10 +40,14 @@ class StudioTrainer(Trainer):
     # packed passes attend to each row alone through varlen_attn on a GPU (studio.model.attention);
     # False: SDPA with the block mask (bench/train_speed.py --varlen-ab)
     packed_varlen: bool = True
+    # replaces torch.cuda.make_graphed_callables for `cuda_graphs` (the CPU tests pass one that graphs nothing)
+    graph_capture = None
+    graphed = None  # the run's GraphedLayers (its captures and replays), when CUDA graphs were on
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
+        from studio.train.graphs import graphed_layers
         from studio.train.speedups import only_trained_adapter, training_speedups
 
         packed = bool(getattr(self.speed_settings, "packing", False))
@@ -53,7 +57,9 @@ class StudioTrainer(Trainer):
         with without_cudnn_attention(self.avoid_cudnn_attention), \
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, self.speed_settings) as notes, \
-                packed_row_attention(self.model, varlen, notes):
+                packed_row_attention(self.model, varlen, notes) as varlen_on, \
+                graphed_layers(self.model, self.speed_settings, str(self.args.device), self.data_collator,
+                               varlen_on, notes, capture=self.graph_capture) as self.graphed:
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 

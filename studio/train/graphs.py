@@ -1,0 +1,262 @@
+"""CUDA graphs of the decoder layers for packed training passes (`TrainSettings.cuda_graphs`).
+
+A 7B step of the Fast preset is bound by the host on an H200: about 6,300 kernels a step, each
+launched from Python (peft's LoRA arithmetic, Liger's kernels, the autograd engine), and the GPU waits
+between them (bench/profile_small_train.py: 1.75 s of kernels in 5.5 s of wall clock). With this
+switch each decoder layer's forward and backward are captured once per pass size with PyTorch's
+`torch.cuda.make_graphed_callables` and replayed: one launch per layer and direction.
+
+- Shapes: a graph replays fixed shapes, so the collator pads each packed pass (`pad_packed`) to a
+  multiple of `BUCKET_TOKENS` positions and to a fixed number of segments: the rows, then padding
+  segments. Padding attends only to its own segment and its labels are -100, so the loss and the
+  gradients are those of the unpadded pass. A new size is captured when the first layer first sees it
+  (a warm-up pass and the capture, about two eager steps); all sizes share one memory pool, as only
+  one runs at a time.
+- When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
+  or compiled layers, one pass per optimizer step. `make_graphed_callables` hands autograd its static
+  gradient buffers, which the next replay overwrites: fine when the optimizer uses them before the next
+  pass and the Trainer's `zero_grad` drops them (it sets them to None). A pass that finds gradients
+  already there (a second pass of an accumulation) runs eagerly. Otherwise the run trains eagerly and
+  its log says why. A capture that fails switches every layer back to eager for the rest of the run,
+  and the log says why.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+BUCKET_TOKENS = 256  # pass sizes are padded to a multiple of this (at most this many wasted positions)
+WARMUP_PASSES = 1  # eager passes before a capture (lazy initialisation stays out of the graph)
+
+
+def graph_problem(settings, device: str, varlen_on: bool) -> str | None:
+    """Why `settings` cannot train with CUDA graphs on `device` (None when they can)."""
+    if not getattr(settings, "cuda_graphs", False):
+        return None
+    if not str(device).startswith("cuda"):
+        return "they need a CUDA GPU"
+    if not settings.packing:
+        return "they need packed passes (packing on)"
+    if settings.gradient_checkpointing:
+        return "not with gradient checkpointing (its recomputation is not captured)"
+    if settings.compile_layers:
+        return "not with compiled layers"
+    if settings.grad_accum != 1:
+        return "they need one forward pass per optimizer step (gradient accumulation 1)"
+    if not varlen_on:
+        return "they need packed rows attending through varlen_attn"
+    return None
+
+
+def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignore: int = -100) -> dict:
+    """Pad one packed batch (transformers' `DataCollatorWithFlattening`, one row of token positions and
+    the rows' boundaries) to a multiple of `multiple` positions and exactly `segments` segments: at
+    least one padding segment after the rows, each padding segment one position long but the last,
+    which takes the rest. Padding tokens are `pad_id`, their labels `ignore`, their positions restart
+    at 0 in each segment, and `max_length_q/k` become the padded length (what a graph was captured
+    with). A batch with more rows than `segments - 1` is returned as it is."""
+    import torch
+
+    starts = batch["cu_seq_lens_q"]
+    tokens, rows = batch["input_ids"].shape[1], starts.numel() - 1
+    pad_segments = segments - rows
+    if batch["input_ids"].shape[0] != 1 or pad_segments < 1:
+        return batch
+    size = -(-(tokens + pad_segments) // multiple) * multiple
+    lengths = [1] * (pad_segments - 1) + [size - tokens - (pad_segments - 1)]
+    padding = size - tokens
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(batch["position_ids"].dtype).unsqueeze(0)
+    bounds = torch.tensor(lengths, dtype=starts.dtype).cumsum(0) + tokens
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_full((1, padding), pad_id)], 1)
+    padded["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, padding), ignore)], 1)
+    padded["position_ids"] = torch.cat([batch["position_ids"], positions], 1)
+    padded["cu_seq_lens_q"] = padded["cu_seq_lens_k"] = torch.cat([starts, bounds])
+    padded["max_length_q"] = padded["max_length_k"] = size
+    return padded
+
+
+class GraphedLayers:
+    """The decoder layers of one training run, replayed from CUDA graphs for padded packed passes.
+
+    `install()` gives each layer a forward that replays its graph for a pass of a captured size (and
+    captures every layer's graphs, in order, when layer 0 first sees a size); any other call (eval, no
+    gradients, another shape, a failed capture) runs the layer's own forward. `remove()` restores the
+    forwards and drops the graphs and their memory pool. `capture` replaces
+    `torch.cuda.make_graphed_callables` (the CPU tests pass one that returns the callables as they are)."""
+
+    def __init__(self, layers: list, trained: list, notes: list | None = None, capture=None,
+                 warmup_passes: int = WARMUP_PASSES):
+        self.layers, self.trained, self.notes = layers, trained, notes
+        self.capture = capture
+        self.warmup_passes = warmup_passes
+        self.graphs: dict[tuple, list] = {}  # (positions, segments, input needs grad) -> per-layer callables
+        self.statics: dict[tuple, tuple] = {}  # the same key -> (cos, sin, boundaries) the graphs read
+        self.failed = False
+        self.pool = None
+        self.originals: list = []  # (layer, its own instance forward or None), for `remove`
+        self.eager: list = []  # each layer's forward before `install`
+        self.current: tuple | None = None  # the size of the pass under way, when it replays graphs
+        self.replayed_passes = 0
+        self.captured: list[dict] = []  # each size captured: positions, segments, seconds
+
+    # ----- switching on and off -------------------------------------------------------------------
+    def install(self) -> None:
+        for index, layer in enumerate(self.layers):
+            self.originals.append((layer, layer.__dict__.get("forward")))
+            self.eager.append(layer.forward)
+            layer.forward = self._forward_for(index)
+
+    def remove(self) -> None:
+        for layer, saved in reversed(self.originals):
+            if saved is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = saved
+        self.originals.clear()
+        self.eager.clear()
+        self.graphs.clear()
+        self.statics.clear()
+        self.pool = None
+
+    # ----- one layer's call -----------------------------------------------------------------------
+    def _forward_for(self, index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:  # layer 0 decides for the whole pass
+                self.current = None if args else self._key(hidden_states, kwargs)
+                if self.current is not None and self.current not in self.graphs:
+                    self._capture_all(self.current, hidden_states, kwargs)
+                if self.current not in self.graphs:
+                    self.current = None
+            if self.current is None or args or hidden_states.shape[1] != self.current[0]:
+                return self.eager[index](hidden_states, *args, **kwargs)
+            if index == 0:
+                self.replayed_passes += 1
+                cos, sin = kwargs["position_embeddings"]
+                return self.graphs[self.current][0](hidden_states, cos, sin, kwargs["cu_seq_lens_q"])
+            # layer 0's replay copied this pass's cos, sin and boundaries into the tensors all layers read
+            return self.graphs[self.current][index](hidden_states, *self.statics[self.current])
+
+        return forward
+
+    def _key(self, hidden, kwargs) -> tuple | None:
+        """The size of the pass that layer 0 starts, when it can replay graphs; None for an eager pass."""
+        import torch
+
+        if self.failed or not torch.is_grad_enabled() or not self.layers[0].training:
+            return None
+        starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+        if (starts is None or kwargs.get("position_embeddings") is None or hidden.dim() != 3 or hidden.shape[0] != 1
+                or longest != hidden.shape[1] or hidden.shape[1] % BUCKET_TOKENS):
+            return None
+        if any(p.grad is not None for p in self.trained):
+            return None  # gradients of an earlier pass not yet used: the graphs' buffers would overwrite them
+        return hidden.shape[1], starts.numel(), hidden.requires_grad
+
+    # ----- capture --------------------------------------------------------------------------------
+    def _capture_all(self, key: tuple, hidden, kwargs) -> None:
+        """Capture every layer's forward and backward for the size `key`; on failure, eager from now on."""
+        import torch
+
+        started = time.perf_counter()
+        cos, sin = (t.detach().clone() for t in kwargs["position_embeddings"])
+        starts = kwargs["cu_seq_lens_q"].clone()
+        calls, samples = [], []
+        for index, layer in enumerate(self.layers):
+            sample = hidden.detach().clone().requires_grad_(hidden.requires_grad if index == 0 else True)
+            calls.append(_layer_call(layer, self.eager[index], hidden.shape[1]))
+            samples.append((sample, cos, sin, starts))
+        try:
+            if self.pool is None and self.capture is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with _autocast_without_cache():
+                graphed = self._make_graphed(tuple(calls), tuple(samples))
+        except torch.OutOfMemoryError:
+            self.failed = True
+            raise
+        except Exception as exc:  # noqa: BLE001  (any capture failure: the run goes on eagerly)
+            self.failed = True
+            self.graphs.clear()
+            if self.notes is not None:
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.notes.append(f"CUDA graphs failed here ({type(exc).__name__}: {reason}); the run goes on "
+                                  "without them.")
+            return
+        self.graphs[key] = list(graphed)
+        self.statics[key] = (cos, sin, starts)
+        self.captured.append({"positions": key[0], "segments": key[1] - 1,
+                              "seconds": round(time.perf_counter() - started, 2)})
+
+    def _make_graphed(self, calls: tuple, samples: tuple):
+        import torch
+
+        if self.capture is not None:
+            return self.capture(calls, samples)
+        return torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=self.warmup_passes,
+                                                 allow_unused_input=True, pool=self.pool)
+
+
+def _layer_call(layer, eager, positions: int):
+    """A module whose forward is `layer`'s (`eager`) on a packed pass of `positions` positions, with
+    tensor arguments only (as `make_graphed_callables` needs) and `layer`'s parameters as its own."""
+    import torch
+
+    class LayerCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden_states, cos, sin, starts):
+            return eager(hidden_states, attention_mask=None, position_embeddings=(cos, sin), use_cache=False,
+                         cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=positions, max_length_k=positions)
+
+    return LayerCall()
+
+
+@contextmanager
+def _autocast_without_cache() -> Iterator[None]:
+    """The caller's CUDA autocast (as the Trainer's mixed precision sets it), with its weight-cast cache
+    off: `make_graphed_callables` refuses to capture with that cache on."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.is_autocast_enabled("cuda"):
+        yield
+        return
+    with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+        yield
+
+
+@contextmanager
+def graphed_layers(model, settings, device: str, collator, varlen_on: bool, notes: list | None = None,
+                   capture=None) -> Iterator[GraphedLayers | None]:
+    """For the block, `model`'s decoder layers replay CUDA graphs on packed passes, and `collator` pads
+    them to the captured sizes (a no-op when `settings.cuda_graphs` is off; `notes` says why when it is
+    on but cannot apply). Yields the `GraphedLayers`, or None."""
+    from studio.train.speedups import decoder_layers
+
+    if not getattr(settings, "cuda_graphs", False):
+        yield None
+        return
+    problem = graph_problem(settings, device, varlen_on) if capture is None else None
+    layers = decoder_layers(model)
+    if problem is None and not layers:
+        problem = "no decoder layers found"
+    if problem is not None:
+        if notes is not None:
+            notes.append(f"CUDA graphs skipped: {problem}.")
+        yield None
+        return
+    trained = [p for p in model.parameters() if p.requires_grad]
+    graphs = GraphedLayers(layers, trained, notes, capture=capture)
+    graphs.install()
+    collator.graph_padding = (BUCKET_TOKENS, settings.batch_size + 1)
+    if notes is not None:
+        notes.append(f"CUDA graphs on: {len(layers)} decoder layers replayed per packed pass, passes padded to a "
+                     f"multiple of {BUCKET_TOKENS} positions (each new size captured once).")
+    try:
+        yield graphs
+    finally:
+        collator.graph_padding = None
+        graphs.remove()
