@@ -466,21 +466,20 @@ def test_the_packed_attention_notes_read_in_chinese(plain_model, monkeypatch, av
 
 # ----- CUDA graphs of the decoder layers (studio.train.graphs) --------------------------------------
 def static_inputs_capture(captured: list):
-    """`torch.cuda.make_graphed_callables`' contract without a GPU: each callable keeps the sample tensors
-    it was captured with and copies each call's arguments into them, as a replayed graph reads only its
-    static inputs; the hidden states pass through as they are, so autograd still reaches earlier layers."""
-    def capture(calls, samples):
-        captured.append([tuple(t.shape for t in sample) for sample in samples])
+    """`torch.cuda.make_graphed_callables`' contract without a GPU: the graphed callable keeps the sample
+    tensors it was captured with and copies each call's arguments into them, as a replayed graph reads
+    only its static inputs; the hidden states pass through as they are, so autograd still reaches the
+    layers' parameters."""
+    def capture(stack, sample):
+        captured.append(tuple(t.shape for t in sample))
 
-        def graphed(call, sample):
-            def run(hidden, *rest):
-                for static, arg in zip(sample[1:], rest):
-                    if static.data_ptr() != arg.data_ptr():
-                        static.copy_(arg)
-                return call(hidden, *sample[1:])
-            return run
+        def run(hidden, *rest):
+            for static, arg in zip(sample[1:], rest):
+                if static.data_ptr() != arg.data_ptr():
+                    static.copy_(arg)
+            return stack(hidden, *sample[1:])
 
-        return [graphed(call, sample) for call, sample in zip(calls, samples)]
+        return run
 
     return capture
 
@@ -527,9 +526,10 @@ def test_graphed_layers_train_as_the_eager_ones_and_are_undone(manager, tmp_path
         losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=4)
         model = loaded.model
     layers = model.get_base_model().config.num_hidden_layers
-    sizes = {shapes[0][0][1] for shapes in captured}
+    sizes = {shapes[0][1] for shapes in captured}
     assert sizes and all(size % 32 == 0 for size in sizes) and len(captured) == len(sizes)  # each size once
-    assert all(len(shapes) == layers and shapes[0][3] == (10,) for shapes in captured)  # 8 rows + 1 pad segment
+    assert all(shapes[3] == (10,) for shapes in captured)  # 8 rows and 1 padding segment: 10 boundaries
+    assert trainer.graphed.replayed_passes == 4 and layers == 2
     assert losses == pytest.approx(reference, rel=1e-4)
     assert any(line.startswith("CUDA graphs on: 2 decoder layers") for line in job.lines), job.lines
     assert trainer.data_collator.graph_padding is None

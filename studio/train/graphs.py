@@ -81,24 +81,26 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
 class GraphedLayers:
     """The decoder layers of one training run, replayed from CUDA graphs for padded packed passes.
 
-    `install()` gives each layer a forward that replays its graph for a pass of a captured size (and
-    captures every layer's graphs, in order, when layer 0 first sees a size); any other call (eval, no
-    gradients, another shape, a failed capture) runs the layer's own forward. `remove()` restores the
-    forwards and drops the graphs and their memory pool. `capture` replaces
-    `torch.cuda.make_graphed_callables` (the CPU tests pass one that returns the callables as they are)."""
+    `install()` patches each layer's forward. On a pass of a captured size, layer 0 replays one graph
+    that runs every layer (forward, and backward when autograd reaches it), and the other layers hand
+    its output on untouched; a new size is captured first, when layer 0 sees it. Any other pass (eval,
+    no gradients, another shape, a failed capture) runs the layers' own forwards. One graph for the
+    whole stack keeps a size's own memory small: its input, output and their gradients, and the
+    adapter's gradients; the activations live in the memory pool all sizes share. `remove()` restores
+    the forwards and drops the graphs and their pool. `capture` replaces
+    `torch.cuda.make_graphed_callables` (the CPU tests pass one without a GPU)."""
 
     def __init__(self, layers: list, trained: list, notes: list | None = None, capture=None,
                  warmup_passes: int = WARMUP_PASSES):
         self.layers, self.trained, self.notes = layers, trained, notes
         self.capture = capture
         self.warmup_passes = warmup_passes
-        self.graphs: dict[tuple, list] = {}  # (positions, segments, input needs grad) -> per-layer callables
-        self.statics: dict[tuple, tuple] = {}  # the same key -> (cos, sin, boundaries) the graphs read
+        self.graphs: dict[tuple, object] = {}  # (positions, segments, input needs grad) -> the graphed stack
         self.failed = False
         self.pool = None
         self.originals: list = []  # (layer, its own instance forward or None), for `remove`
         self.eager: list = []  # each layer's forward before `install`
-        self.current: tuple | None = None  # the size of the pass under way, when it replays graphs
+        self.current: tuple | None = None  # the size of the pass under way, when layer 0 replayed it
         self.replayed_passes = 0
         self.captured: list[dict] = []  # each size captured: positions, segments, seconds
 
@@ -118,31 +120,29 @@ class GraphedLayers:
         self.originals.clear()
         self.eager.clear()
         self.graphs.clear()
-        self.statics.clear()
         self.pool = None
 
     # ----- one layer's call -----------------------------------------------------------------------
     def _forward_for(self, index: int):
         def forward(hidden_states, *args, **kwargs):
-            if index == 0:  # layer 0 decides for the whole pass
-                self.current = None if args else self._key(hidden_states, kwargs)
-                if self.current is not None and self.current not in self.graphs:
-                    self._capture_all(self.current, hidden_states, kwargs)
-                if self.current not in self.graphs:
-                    self.current = None
-            if self.current is None or args or hidden_states.shape[1] != self.current[0]:
+            if index > 0:
+                if self.current is not None:
+                    return hidden_states  # layer 0's graph ran this layer already
                 return self.eager[index](hidden_states, *args, **kwargs)
-            if index == 0:
-                self.replayed_passes += 1
-                cos, sin = kwargs["position_embeddings"]
-                return self.graphs[self.current][0](hidden_states, cos, sin, kwargs["cu_seq_lens_q"])
-            # layer 0's replay copied this pass's cos, sin and boundaries into the tensors all layers read
-            return self.graphs[self.current][index](hidden_states, *self.statics[self.current])
+            self.current = None if args else self._key(hidden_states, kwargs)
+            if self.current is not None and self.current not in self.graphs:
+                self._capture(self.current, hidden_states, kwargs)
+            if self.current not in self.graphs:
+                self.current = None
+                return self.eager[0](hidden_states, *args, **kwargs)
+            self.replayed_passes += 1
+            cos, sin = kwargs["position_embeddings"]
+            return self.graphs[self.current](hidden_states, cos, sin, kwargs["cu_seq_lens_q"])
 
         return forward
 
     def _key(self, hidden, kwargs) -> tuple | None:
-        """The size of the pass that layer 0 starts, when it can replay graphs; None for an eager pass."""
+        """The size of the pass that layer 0 starts, when it can replay a graph; None for an eager pass."""
         import torch
 
         if self.failed or not torch.is_grad_enabled() or not self.layers[0].training:
@@ -152,27 +152,24 @@ class GraphedLayers:
                 or longest != hidden.shape[1] or hidden.shape[1] % BUCKET_TOKENS):
             return None
         if any(p.grad is not None for p in self.trained):
-            return None  # gradients of an earlier pass not yet used: the graphs' buffers would overwrite them
+            return None  # gradients of an earlier pass not yet used: the graph's buffers would overwrite them
         return hidden.shape[1], starts.numel(), hidden.requires_grad
 
     # ----- capture --------------------------------------------------------------------------------
-    def _capture_all(self, key: tuple, hidden, kwargs) -> None:
-        """Capture every layer's forward and backward for the size `key`; on failure, eager from now on."""
+    def _capture(self, key: tuple, hidden, kwargs) -> None:
+        """Capture the stack's forward and backward for the size `key`; on failure, eager from now on."""
         import torch
 
         started = time.perf_counter()
         cos, sin = (t.detach().clone() for t in kwargs["position_embeddings"])
-        starts = kwargs["cu_seq_lens_q"].clone()
-        calls, samples = [], []
-        for index, layer in enumerate(self.layers):
-            sample = hidden.detach().clone().requires_grad_(hidden.requires_grad if index == 0 else True)
-            calls.append(_layer_call(layer, self.eager[index], hidden.shape[1]))
-            samples.append((sample, cos, sin, starts))
+        sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin,
+                  kwargs["cu_seq_lens_q"].clone())
+        stack = _layer_stack(self.layers, list(self.eager), hidden.shape[1])
         try:
             if self.pool is None and self.capture is None:
                 self.pool = torch.cuda.graph_pool_handle()
             with _autocast_without_cache():
-                graphed = self._make_graphed(tuple(calls), tuple(samples))
+                graphed = self._make_graphed(stack, sample)
         except torch.OutOfMemoryError:
             self.failed = True
             raise
@@ -184,35 +181,38 @@ class GraphedLayers:
                 self.notes.append(f"CUDA graphs failed here ({type(exc).__name__}: {reason}); the run goes on "
                                   "without them.")
             return
-        self.graphs[key] = list(graphed)
-        self.statics[key] = (cos, sin, starts)
+        self.graphs[key] = graphed
         self.captured.append({"positions": key[0], "segments": key[1] - 1,
                               "seconds": round(time.perf_counter() - started, 2)})
 
-    def _make_graphed(self, calls: tuple, samples: tuple):
+    def _make_graphed(self, stack, sample: tuple):
         import torch
 
         if self.capture is not None:
-            return self.capture(calls, samples)
-        return torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=self.warmup_passes,
+            return self.capture(stack, sample)
+        return torch.cuda.make_graphed_callables(stack, sample, num_warmup_iters=self.warmup_passes,
                                                  allow_unused_input=True, pool=self.pool)
 
 
-def _layer_call(layer, eager, positions: int):
-    """A module whose forward is `layer`'s (`eager`) on a packed pass of `positions` positions, with
-    tensor arguments only (as `make_graphed_callables` needs) and `layer`'s parameters as its own."""
+def _layer_stack(layers: list, forwards: list, positions: int):
+    """A module that runs `layers` (through `forwards`, their own forwards) on a packed pass of
+    `positions` positions, with tensor arguments only (as `make_graphed_callables` needs) and the
+    layers' parameters as its own."""
     import torch
 
-    class LayerCall(torch.nn.Module):
+    class LayerStack(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = layer
+            self.layers = torch.nn.ModuleList(layers)
 
         def forward(self, hidden_states, cos, sin, starts):
-            return eager(hidden_states, attention_mask=None, position_embeddings=(cos, sin), use_cache=False,
-                         cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=positions, max_length_k=positions)
+            for forward in forwards:
+                hidden_states = forward(hidden_states, attention_mask=None, position_embeddings=(cos, sin),
+                                        use_cache=False, cu_seq_lens_q=starts, cu_seq_lens_k=starts,
+                                        max_length_q=positions, max_length_k=positions)
+            return hidden_states
 
-    return LayerCall()
+    return LayerStack()
 
 
 @contextmanager
@@ -226,6 +226,16 @@ def _autocast_without_cache() -> Iterator[None]:
         return
     with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
         yield
+
+
+def _sliding_window(model) -> bool:
+    """Whether any decoder layer attends through a sliding window (the graph gives every layer the
+    same full causal attention over each row)."""
+    from studio.model.card import base_of
+
+    config = getattr(base_of(model), "config", None)
+    types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "use_sliding_window", False)) or any(t != "full_attention" for t in types)
 
 
 @contextmanager
@@ -243,6 +253,8 @@ def graphed_layers(model, settings, device: str, collator, varlen_on: bool, note
     layers = decoder_layers(model)
     if problem is None and not layers:
         problem = "no decoder layers found"
+    if problem is None and _sliding_window(model):
+        problem = "not on a model with sliding-window attention layers"
     if problem is not None:
         if notes is not None:
             notes.append(f"CUDA graphs skipped: {problem}.")
