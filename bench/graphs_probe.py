@@ -19,9 +19,7 @@ for size in sizes:
         for graphs in (False, True):
             bench.setup(size, f"fast{' + cuda graphs' if graphs else ''}, turn {turn}",
                         replace(preset("fast"), cuda_graphs=graphs), rows, steps, 30 + steps, static)
-    job_rows = bench.rows(183, seed=1)
-    for graphs in (True,):
-        bench.setup(size, f"job 183x4, fast{' + cuda graphs' if graphs else ''}",
-                    replace(preset("fast"), epochs=4.0, cuda_graphs=graphs), job_rows, -1, 60, static)
+    bench.setup(size, "job 183x4, fast + cuda graphs", replace(preset("fast"), epochs=4.0, cuda_graphs=True),
+                bench.rows(183, seed=1), -1, 60, static)
 bench.manager.unload()
 print("->", bench.save())

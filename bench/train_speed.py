@@ -155,6 +155,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     trainer = build_trainer(model, settings, loaded.device, ROOT / "bench" / "out" / name.replace(" ", "_"), "bench",
                             rows, [], collator, (clock,))
     trainer.avoid_cudnn_attention = studio_kernels
+    trainer.lean_steps = studio_kernels  # the tutorial row: the Trainer's per-step calls as they are
     trainer.route_trained_adapter = studio_kernels if studio_lora_forward is None else studio_lora_forward
     trainer.packed_varlen = packed_varlen
     if torch.cuda.is_available():

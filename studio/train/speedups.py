@@ -7,8 +7,9 @@ run ends or fails. None of them changes the loss beyond rounding (tests/test_spe
 bench/train_speed.py).
 
 - `liger_kernels`: the liger-kernel package's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused
-  linear cross-entropy that never builds the logits), by instance. Optional: absent, or without a
-  CUDA GPU, the run goes on without it and says so.
+  linear cross-entropy that never builds the logits; not with CUDA graphs, where the model's own loss
+  is faster), by instance. Optional: absent, or without a CUDA GPU, the run goes on without it and
+  says so.
 - `dequantize_base`: each 4-bit base layer gets a bf16 copy of its weight, dequantized once (the same
   values bitsandbytes dequantizes on every pass), and runs as a plain linear layer.
 - `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes. With `liger_kernels`
@@ -176,14 +177,17 @@ def only_trained_adapter(model, name: str, on: bool = True):
 
 
 @contextmanager
-def training_speedups(model, settings):
-    """Apply the switches of `settings` for the duration of the block; yields what was applied or skipped."""
+def training_speedups(model, settings, fused_loss: bool = True):
+    """Apply the switches of `settings` for the duration of the block; yields what was applied or skipped.
+    `fused_loss=False` keeps the model's own loss with Liger's kernels (CUDA-graphed layers: Liger's
+    fused loss then costs more host time than it saves, `studio.train.graphs`)."""
     undo: list = []
     notes: list[str] = []
     try:
         if getattr(settings, "liger_kernels", False):
             # Compiled layers fuse RMSNorm, RoPE and SwiGLU themselves; Liger keeps the loss.
-            notes.append(apply_liger(model, undo, layer_kernels=not getattr(settings, "compile_layers", False)))
+            notes.append(apply_liger(model, undo, fused_linear_cross_entropy=fused_loss,
+                                     layer_kernels=not getattr(settings, "compile_layers", False)))
         if getattr(settings, "dequantize_base", False):
             notes.append(dequantize_base(model, undo))
         if getattr(settings, "compile_layers", False):

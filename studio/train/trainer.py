@@ -11,7 +11,9 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -19,6 +21,41 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from studio.data.datasets import fsync_folder
 from studio.model.attention import packed_row_attention, without_cudnn_attention
 from studio.train import adapters
+
+
+@contextmanager
+def lean_model_calls(model, active: bool = True) -> Iterator[None]:
+    """For the block (a training run), `model.parameters()` answers from a list made once, and
+    `model.train(mode)` returns at once when the model is already in that mode through an earlier call
+    of its own. The Trainer calls `train()` at every step and `parameters()` in gradient clipping and
+    `zero_grad`, and each walks every module of the model: on a 7B with an adapter, about 3,000
+    modules, tens of milliseconds a step of host time (bench/graphs_probe.py's profile). No parameter
+    is added or removed while training."""
+    if not active:
+        yield
+        return
+    listed = list(model.parameters())
+    own_train = model.train
+    mode_set: list = [None]  # the mode the last full `train()` call set
+
+    def parameters(recurse: bool = True):
+        return iter(listed) if recurse else type(model).parameters(model, recurse)
+
+    def train(mode: bool = True):
+        if mode_set[0] == mode and model.training == mode:
+            return model
+        result = own_train(mode)
+        mode_set[0] = mode
+        return result
+
+    saved = {name: model.__dict__[name] for name in ("parameters", "train") if name in model.__dict__}
+    model.parameters, model.train = parameters, train
+    try:
+        yield
+    finally:
+        for name in ("parameters", "train"):
+            model.__dict__.pop(name, None)
+        model.__dict__.update(saved)
 
 
 class StudioTrainer(Trainer):
@@ -42,26 +79,45 @@ class StudioTrainer(Trainer):
     packed_varlen: bool = True
     # replaces torch.cuda.make_graphed_callables for `cuda_graphs` (the CPU tests pass one that graphs nothing)
     graph_capture = None
+    # the model's parameters listed once and `train()` skipped when nothing changes (`lean_model_calls`),
+    # and the flops estimate's parameter count taken once; False: the Trainer as the tutorial runs it
+    lean_steps: bool = True
+    flops_per_token: int | None = None
     graphed = None  # the run's GraphedLayers (its captures and replays), when CUDA graphs were on
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
-        from studio.train.graphs import graphed_layers
+        from studio.model.attention import varlen_kernel
+        from studio.train.graphs import graph_problem, graphed_layers
         from studio.train.speedups import only_trained_adapter, training_speedups
 
-        packed = bool(getattr(self.speed_settings, "packing", False))
+        settings = self.speed_settings
+        packed = bool(getattr(settings, "packing", False))
         # not with compiled layers: measured eagerly only
-        compiled = bool(getattr(self.speed_settings, "compile_layers", False))
+        compiled = bool(getattr(settings, "compile_layers", False))
         varlen = packed and self.packed_varlen and not compiled
+        graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_capture is not None or graph_problem(
+            settings, str(self.args.device), varlen and varlen_kernel() is not None) is None)
+        self.flops_per_token = None
         with without_cudnn_attention(self.avoid_cudnn_attention), \
+                lean_model_calls(self.model, self.lean_steps), \
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
-                training_speedups(self.model, self.speed_settings) as notes, \
+                training_speedups(self.model, settings, fused_loss=not graphs) as notes, \
                 packed_row_attention(self.model, varlen, notes) as varlen_on, \
-                graphed_layers(self.model, self.speed_settings, str(self.args.device), self.data_collator,
+                graphed_layers(self.model, settings, str(self.args.device), self.data_collator,
                                varlen_on, notes, capture=self.graph_capture) as self.graphed:
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate (6 x tokens x parameters), with the parameter count taken once per run:
+        the Trainer's own counts the model's parameters again at every step (with `lean_steps`)."""
+        if not self.lean_steps or not hasattr(self.model, "num_parameters") or "input_ids" not in inputs:
+            return super().floating_point_ops(inputs)
+        if self.flops_per_token is None:
+            self.flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+        return inputs["input_ids"].numel() * self.flops_per_token
 
     keep_checkpoints: int = 2
     seconds_before: float = 0.0  # training time of earlier sessions of this run
