@@ -51,14 +51,17 @@ LOSS_TOLERANCE = 0.01  # first 20 losses within 1% of the tutorial's
 GPU24_LIMIT_GIB = 20.0
 
 # Fast candidates: the same 8 sequences per step packed into one pass, no checkpointing, plus switches.
+_NO_SWITCHES = dict(liger_kernels=False, dequantize_base=False, compile_layers=False, cuda_graphs=False)
 FAST_CANDIDATES = {
-    "fast": {},
-    "fast + liger": dict(liger_kernels=True),
-    "fast + dequantized base": dict(dequantize_base=True),
-    "fast + liger + dequantized base": dict(liger_kernels=True, dequantize_base=True),
-    "fast + dequantized base + compiled layers": dict(liger_kernels=False, dequantize_base=True, compile_layers=True),
-    "fast + liger + dequantized base + compiled layers": dict(liger_kernels=True, dequantize_base=True,
-                                                              compile_layers=True),
+    "fast": _NO_SWITCHES,
+    "fast + liger": {**_NO_SWITCHES, "liger_kernels": True},
+    "fast + dequantized base": {**_NO_SWITCHES, "dequantize_base": True},
+    "fast + liger + dequantized base": {**_NO_SWITCHES, "liger_kernels": True, "dequantize_base": True},
+    "fast + liger + dequantized base + cuda graphs": {**_NO_SWITCHES, "liger_kernels": True, "dequantize_base": True,
+                                                      "cuda_graphs": True},
+    "fast + dequantized base + compiled layers": {**_NO_SWITCHES, "dequantize_base": True, "compile_layers": True},
+    "fast + liger + dequantized base + compiled layers": {**_NO_SWITCHES, "liger_kernels": True,
+                                                          "dequantize_base": True, "compile_layers": True},
 }
 # 24 GB candidates: checkpointing, padded (the preset today) or packed, all or part of the layers.
 GPU24_CANDIDATES = {
@@ -182,14 +185,15 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "setup": name, "steps": len(clock.times), "cut_at_deadline": clock.cut,
         "settings": {k: v for k, v in asdict(settings).items()
                      if k in ("batch_size", "grad_accum", "packing", "gradient_checkpointing", "checkpoint_fraction",
-                              "liger_kernels", "dequantize_base", "compile_layers")},
+                              "liger_kernels", "dequantize_base", "compile_layers", "cuda_graphs")},
         "applied": applied, "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
         "lora_forward": "studio (trained adapter only)" if trainer.route_trained_adapter else "peft",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
         "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
         "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
-        "graphs": ({"replayed_passes": trainer.graphed.replayed_passes, "captured": trainer.graphed.captured}
+        "graphs": ({"replayed_passes": trainer.graphed.replayed_passes, "captured": trainer.graphed.captured,
+                    "capture_s": round(sum(c["seconds"] for c in trainer.graphed.captured), 2)}
                    if trainer.graphed is not None else None),
         "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),
         "memory_features": asdict(features),
@@ -310,6 +314,8 @@ class Bench:
         self.save()
         if self.args.varlen_ab:
             self.varlen_ab(size, rows, steps, static, tutorial)
+        if self.args.graphs_ab:
+            self.graphs_ab(size, rows, steps, static, tutorial)
         base_after = self.manager.chat(question, GenerationSettings.greedy(16))
         self.payload["base_unchanged_after_training"] = base_before == base_after
         self.time_to_adapter(size, static)
@@ -331,6 +337,15 @@ class Bench:
             self.payload.setdefault("time_to_adapter_block_mask", {})[size] = {"train_s": result["train_wall_s"],
                                                                               "steps": result["steps"]}
             self.save()
+
+    def graphs_ab(self, size, rows, steps, static, tutorial) -> None:
+        """With --graphs-ab: the Fast preset with its decoder layers eager and replayed from CUDA graphs,
+        alternating, twice each (the host's drift touches both alike)."""
+        for turn in (1, 2):
+            for graphs in (False, True):
+                label = f"fast (preset), {'CUDA graphs' if graphs else 'eager layers'}, turn {turn}"
+                self.setup(size, label, replace(preset("fast"), cuda_graphs=graphs), rows, steps, 8 + steps * 0.6,
+                           static, tutorial)
 
     def compiled_candidates(self) -> None:
         """The compiled-layers candidates last (their compile time is the least predictable), on the main
@@ -584,6 +599,9 @@ def main() -> None:
     parser.add_argument("--varlen-ab", action="store_true",
                         help="after the 7B presets: Fast with packed passes through SDPA's block mask against "
                              "varlen_attn, alternating, and the tutorial-sized job with the block mask")
+    parser.add_argument("--graphs-ab", action="store_true",
+                        help="after the 7B presets: the Fast preset with eager decoder layers against CUDA graphs, "
+                             "alternating")
     args = parser.parse_args()
     if args.tiny and args.no_main:
         parser.error("--no-main leaves only the GPU sizes table, which --tiny does not run")

@@ -519,7 +519,7 @@ def test_graphed_layers_train_as_the_eager_ones_and_are_undone(manager, tmp_path
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
     captured: list = []
     monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(static_inputs_capture(captured)))
-    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False)
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
     with manager.using("test") as loaded:
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
         reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4)
@@ -549,7 +549,7 @@ def test_a_failed_capture_leaves_the_run_eager_and_says_why(manager, tmp_path, m
     monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
     monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(broken))
-    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False)
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
     with manager.using("test") as loaded:
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
         reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=2)

@@ -10,8 +10,11 @@ switch each decoder layer's forward and backward are captured once per pass size
   multiple of `BUCKET_TOKENS` positions and to a fixed number of segments: the rows, then padding
   segments. Padding attends only to its own segment and its labels are -100, so the loss and the
   gradients are those of the unpadded pass. A new size is captured when the first layer first sees it
-  (a warm-up pass and the capture, about two eager steps); all sizes share one memory pool, as only
-  one runs at a time.
+  (about 0.3-0.6 s on an H200; the first size also runs one eager warm-up pass); all sizes share one
+  memory pool, as only one runs at a time.
+- Loss: with graphs on, the model computes its own loss (lm_head and cross-entropy) rather than Liger's
+  fused linear cross-entropy, whose hundreds of small chunks a pass cost more host time than the
+  logits' memory is worth on the large GPUs this preset is for (bench/graphs_probe.py).
 - When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
   or compiled layers, one pass per optimizer step. `make_graphed_callables` hands autograd its static
   gradient buffers, which the next replay overwrites: fine when the optimizer uses them before the next
@@ -28,7 +31,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 BUCKET_TOKENS = 256  # pass sizes are padded to a multiple of this (at most this many wasted positions)
-WARMUP_PASSES = 1  # eager passes before a capture (lazy initialisation stays out of the graph)
+WARMUP_PASSES = 1  # eager passes before the first capture (lazy initialisation stays out of the graph)
 
 
 def graph_problem(settings, device: str, varlen_on: bool) -> str | None:
@@ -186,12 +189,19 @@ class GraphedLayers:
                               "seconds": round(time.perf_counter() - started, 2)})
 
     def _make_graphed(self, stack, sample: tuple):
+        """The graphed stack. Only the first size gets eager warm-up passes (the lazy initialisation of
+        cuBLAS, Triton and flash attention happens once, not per size); the warm-up runs on a stream of
+        its own, whose cached blocks no later work reuses, so the cache is emptied after each capture."""
         import torch
 
         if self.capture is not None:
             return self.capture(stack, sample)
-        return torch.cuda.make_graphed_callables(stack, sample, num_warmup_iters=self.warmup_passes,
-                                                 allow_unused_input=True, pool=self.pool)
+        warmup = self.warmup_passes if not self.graphs else 0
+        try:
+            return torch.cuda.make_graphed_callables(stack, sample, num_warmup_iters=warmup,
+                                                     allow_unused_input=True, pool=self.pool)
+        finally:
+            torch.cuda.empty_cache()
 
 
 def _layer_stack(layers: list, forwards: list, positions: int):

@@ -63,10 +63,10 @@ PRESETS: dict[str, tuple[str, TrainSettings]] = {
     "tutorial": ("Tutorial recipe: lr 1e-3, 4 epochs, batch 1 x grad-accum 8, linear, 3% warmup, checkpointing",
                  TrainSettings()),
     "fast": ("Fast (large GPU): the same 8 sequences per step packed into one padding-free forward pass, no "
-             "checkpointing, Liger kernels and a bf16 copy of the base while training (23.6x the tutorial on an H200; "
-             "for long runs, or to train again in the same session, also tick 'Compile the layers')",
+             "checkpointing, Liger kernels, a bf16 copy of the base and the decoder layers replayed from CUDA graphs "
+             "while training",
              TrainSettings(batch_size=8, grad_accum=1, packing=True, gradient_checkpointing=False, liger_kernels=True,
-                           dequantize_base=True)),
+                           dequantize_base=True, cuda_graphs=True)),
     "gpu24": ("24 GB card: the same 8 sequences per step packed into one forward pass, Liger kernels, half the "
               "layers checkpointed (12.3x the tutorial at 15 GiB on the 7B)",
               TrainSettings(batch_size=8, grad_accum=1, packing=True, gradient_checkpointing=True, liger_kernels=True,

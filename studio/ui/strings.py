@@ -138,6 +138,7 @@ EN = {
         "liger_kernels": "Liger kernels",
         "dequantize_base": "bf16 copy of the base while training",
         "compile_layers": "Compile the layers (torch.compile)",
+        "cuda_graphs": "Replay the layers from CUDA graphs (packed, no checkpointing)",
         "document_rows": "Also train on the document's sections (one row per section, mixed with the Q/A rows)",
         "document_file": "Document for those rows (empty = the dataset's source document)",
         "no_document": "Document rows need a document: the dataset names none; pick one in the list.",
@@ -798,8 +799,8 @@ ZH = {
         "training": "训练参数",
         "preset": "预设",
         "preset_tutorial": "教程配方：学习率 1e-3，4 个 epoch，batch 1 × 梯度累积 8，线性调度，3% 预热，梯度检查点",
-        "preset_fast": "快速（大显存 GPU）：每步同样的 8 条序列打包成一次无填充的前向，不做梯度检查点，训练时使用 Liger 融合算子和"
-                       "基座的 bf16 副本（H200 上为教程的 23.6 倍；长时间训练，或在同一会话中再次训练时，再勾选“编译各层”）",
+        "preset_fast": "快速（大显存 GPU）：每步同样的 8 条序列打包成一次无填充的前向，不做梯度检查点，训练时使用 Liger 融合算子、"
+                       "基座的 bf16 副本，并用 CUDA graph 重放各解码层",
         "preset_gpu24": "24 GB 显卡：每步同样的 8 条序列打包成一次前向，Liger 融合算子，一半的层做梯度检查点（7B 上为教程的 12.3 倍，"
                         "占用 15 GiB）",
         "lr": "学习率",
@@ -819,6 +820,7 @@ ZH = {
         "liger_kernels": "Liger 融合算子",
         "dequantize_base": "训练时保留基座的 bf16 副本",
         "compile_layers": "编译各层（torch.compile）",
+        "cuda_graphs": "用 CUDA graph 重放各层（需打包、不做梯度检查点）",
         "document_rows": "同时用文档的章节训练（每个章节一行，与问答行混在一起）",
         "document_file": "这些行所用的文档（留空 = 数据集的源文档）",
         "no_document": "文档行需要一个文档：数据集没有记录源文档，请在列表中选一个。",

@@ -26,7 +26,7 @@ from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing",
-                  "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers")
+                  "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers", "cuda_graphs")
 SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
 # Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
@@ -34,7 +34,7 @@ SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num
                  Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
                  Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True),
                  Flag("Gradient checkpointing"), Flag("Packing"), Num("Checkpointed share", 0, 1),
-                 Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"))
+                 Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"), Flag("CUDA graphs"))
 RANK = Num("LoRA rank", 1, 512, True)
 
 
@@ -142,7 +142,8 @@ class TrainTab:
                 liger = gr.Checkbox(d.liger_kernels, label=s["liger_kernels"])
                 dequantized = gr.Checkbox(d.dequantize_base, label=s["dequantize_base"])
                 compiled = gr.Checkbox(d.compile_layers, label=s["compile_layers"])
-        return [fraction, liger, dequantized, compiled]
+                graphs = gr.Checkbox(d.cuda_graphs, label=s["cuda_graphs"])
+        return [fraction, liger, dequantized, compiled, graphs]
 
     # ----- wiring ------------------------------------------------------------------------------
     def _wire(self) -> None:
