@@ -1,7 +1,7 @@
 """Fit the memory estimate's coefficients to the newest bench/train_speed.py results (CPU, a second).
 
-The newest results are every train_speed result file of the newest date (the 7B sweep, the sizes
-table, the compiled runs), taken together.
+The newest results are every train_speed result file of the two newest dates (the 7B sweep, the
+sizes table, the compiled runs, and the day before's), taken together.
 
 Every third row is held out of the fit (`studio.train.memory.held_out`); the errors on all rows are
 printed, and the coefficients go to studio/train/memory_fit.json, which the studio reads and

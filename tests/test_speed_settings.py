@@ -308,7 +308,7 @@ def test_studio_trainer_adds_no_syncs_or_callbacks_to_the_plain_trainer(manager,
 
 # ----- the memory estimate against GPU measurements --------------------------------------------------
 def newest_measurements():
-    """The newest day's GPU result files (the 7B sweep, the sizes table, the compiled runs) and their rows."""
+    """The GPU result files of the two newest days (the 7B sweep, the sizes table, the compiled runs) and their rows."""
     from studio.train.memory import measurements_of, newest_result_files
 
     paths = newest_result_files(ROOT / "bench" / "results")
@@ -579,3 +579,18 @@ def test_cuda_graphs_say_why_they_cannot_apply(change, device, varlen, reason):
         assert "CUDA" in chinese and re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"\b(they|with|need)\b",
                                                                                               chinese), chinese
     assert graph_problem(replace(preset("fast"), cuda_graphs=False), "cpu", False) is None
+
+
+def test_a_graphed_run_is_estimated_with_the_model_s_own_loss(manager, monkeypatch):
+    """CUDA-graphed runs keep the model's loss (the logits are built), so the estimate counts them."""
+    from studio.model import attention
+    from studio.train import speedups
+    from studio.train.memory import model_features
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)  # what a GPU has
+    monkeypatch.setattr(speedups, "liger_available", lambda: None)
+    with manager.using("test") as loaded:
+        graphed = model_features(loaded.model, preset("fast"), 2048)
+        eager = model_features(loaded.model, replace(preset("fast"), cuda_graphs=False), 2048)
+    assert graphed.liger and eager.liger and eager.fused_loss and not graphed.fused_loss
+    assert graphed.vector()[4] > 0 and eager.vector()[4] == 0  # the logits term

@@ -6,10 +6,10 @@ overhead + activations, which grow with the token positions of the largest forwa
 and layer, a cost in the hidden and the MLP (intermediate) sizes for the layers that keep their
 activations, a much smaller one for the layers that recompute them (gradient checkpointing), less
 of both with Liger's fused kernels, plus the logits over the vocabulary (none with Liger's fused
-linear cross-entropy).
+linear cross-entropy, which CUDA-graphed runs leave out).
 
-The coefficients are fitted by `fit` to the newest `bench/results/train_speed-*.json` with some rows
-held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
+The coefficients are fitted by `fit` to the `bench/results/train_speed-*.json` of the two newest
+dates with some rows held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
 tests/test_speed_settings.py checks the estimate on every row of that file.
 """
 
@@ -72,6 +72,9 @@ class Features:
     vocab: int
     checkpointed_share: float  # share of layers recomputing activations (0 without checkpointing)
     liger: bool
+    # Liger's fused linear cross-entropy (no logits); None: as `liger` (rows from before CUDA graphs,
+    # which keep the model's own loss with Liger's layer kernels)
+    fused_loss: bool | None = None
 
     @property
     def known_gib(self) -> float:
@@ -83,8 +86,9 @@ class Features:
         kept = 1.0 - self.checkpointed_share
         liger = 1.0 if self.liger else 0.0
         plain = 1.0 - liger
+        logits = 0.0 if (self.liger if self.fused_loss is None else self.fused_loss) else 1.0
         return [1.0, per * kept * self.hidden * plain, per * kept * self.intermediate * plain,
-                per * self.checkpointed_share * self.hidden, self.tokens * self.vocab * plain / GIB,
+                per * self.checkpointed_share * self.hidden, self.tokens * self.vocab * logits / GIB,
                 per * kept * self.hidden * liger, per * kept * self.intermediate * liger]
 
 
@@ -97,15 +101,17 @@ def predict(features: Features, coefficients: dict) -> Estimate:
 
 
 # ----- fitting to bench/train_speed.py results -----------------------------------------------------
-def newest_result_files(folder: Path) -> list[Path]:
-    """The GPU results of bench/train_speed.py of the newest date, by name (tiny CPU runs and one-off
-    attempts left out): one day's runs together, e.g. the 7B sweep, the sizes table and the compiled runs."""
+def newest_result_files(folder: Path, dates: int = 2) -> list[Path]:
+    """The GPU results of bench/train_speed.py of the `dates` newest dates, by name (tiny CPU runs and
+    one-off attempts left out): a day's runs together (the 7B sweep, the sizes table, the compiled
+    runs) and the day before, whose rows cover switches a newer run may not (e.g. no Liger and no
+    checkpointing); each row carries its own features, so rows of either day describe the same code."""
     pattern = re.compile(r"train_speed-(?!tiny)[A-Za-z0-9.-]+?-(\d{4}-\d{2}-\d{2})\.json$")
     dated = [(m.group(1), path) for path in Path(folder).glob("train_speed-*.json") if (m := pattern.match(path.name))]
     if not dated:
         raise FileNotFoundError(f"No train_speed result file in {folder}.")
-    newest = max(date for date, _ in dated)
-    return sorted((path for date, path in dated if date == newest), key=lambda path: path.name)
+    kept = sorted({date for date, _ in dated}, reverse=True)[:dates]
+    return sorted((path for date, path in dated if date in kept), key=lambda path: path.name)
 
 
 def measurements_of(paths: list[Path]) -> list[tuple[str, "Features", float]]:
@@ -130,6 +136,8 @@ def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:
             continue
         if "memory_features" in result:
             features = Features(**result["memory_features"])
+            if features.fused_loss is None and features.liger:  # a CUDA-graphed run keeps the model's own loss
+                features.fused_loss = not any(note.startswith("CUDA graphs on") for note in result.get("applied", []))
         else:
             share = 1.0 if result["gradient_checkpointing"] else 0.0
             features = Features(model_gib=payload["static_gib"], dequantized_gib=0.0, adapter_gib=LORA_7B * 16 / GIB,
@@ -207,13 +215,25 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
 
     config = base_of(model).config
     share = min(1.0, max(0.0, settings.checkpoint_fraction)) if settings.gradient_checkpointing else 0.0
+    liger = bool(settings.liger_kernels and liger_available() is None)
+    graphs = graphs_expected(settings)
     dequantized = four_bit_parameters(model) * 2 if settings.dequantize_base else 0
     return Features(model_gib=(memory_in_use(model) if model_bytes is None else model_bytes) / GIB,
                     dequantized_gib=dequantized / GIB,
                     adapter_gib=lora_param_count(model, lora.targets, lora.r) * 16 / GIB, tokens=tokens,
                     hidden=config.hidden_size, intermediate=config.intermediate_size,
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
-                    liger=bool(settings.liger_kernels and liger_available() is None))
+                    liger=liger, fused_loss=liger and not graphs)
+
+
+def graphs_expected(settings: TrainSettings) -> bool:
+    """Whether training with `settings` here replays CUDA graphs (and so keeps the model's own loss)."""
+    from studio.model.attention import varlen_kernel
+    from studio.train.graphs import graph_problem
+
+    if not settings.cuda_graphs:
+        return False
+    return graph_problem(settings, "cuda" if varlen_kernel() is not None else "cpu", True) is None
 
 
 def estimate_peak(model, settings: TrainSettings, lengths: list[int], lora: LoraSettings = LoraSettings()) -> Estimate:
