@@ -64,9 +64,10 @@ class StudioTrainer(Trainer):
     (`packed_row_attention`), with the settings' speed switches (`studio.train.speedups`) and its decoder
     layers replayed from CUDA graphs (`studio.train.graphs`), all undone when training ends.
 
-    It overrides two private Trainer methods, `_save` and `_load_from_checkpoint`: the model is shared
-    and may carry several adapters, and the Trainer has no public hook for what a checkpoint holds, so
-    these save and restore only this run's adapter (README, Performance, Training)."""
+    It overrides three private Trainer methods: `_save` and `_load_from_checkpoint`, because the model
+    is shared and may carry several adapters and the Trainer has no public hook for what a checkpoint
+    holds (these save and restore only this run's adapter), and `_save_checkpoint`, which stages each
+    checkpoint and renames it into place (README, Performance, Training)."""
 
     adapter_name: str = "default"
     eval_seconds: float = 0.0
