@@ -99,11 +99,16 @@ class PhaseClock(TrainerCallback):
     def on_step_end(self, *args, **kwargs):
         self._mark("end")
 
-    def summary(self, skip: int = 2) -> dict:
+    def summary(self, skip: int = 2, median: bool = False) -> dict:
+        """Milliseconds per phase after the first `skip` steps: the mean, or with `median` the median
+        (steps that capture a CUDA graph for a new pass size are outliers of the forward)."""
+        import statistics
+
         spans: dict[str, list[float]] = {}
         for (a, ta), (b, tb) in zip(self.marks, self.marks[1:]):
             spans.setdefault(f"{a} -> {b}", []).append(tb - ta)
-        return {name: round(sum(v[skip:]) / max(1, len(v[skip:])) * 1000, 2) for name, v in spans.items()}
+        pick = statistics.median if median else (lambda v: sum(v) / max(1, len(v)))
+        return {name: round(pick(v[skip:] or [0.0]) * 1000, 2) for name, v in spans.items()}
 
 
 def phase_times(loaded, settings, rows: list[dict], steps: int) -> dict:
@@ -127,7 +132,7 @@ def phase_times(loaded, settings, rows: list[dict], steps: int) -> dict:
     trainer.train()
     model.get_base_model().config.use_cache = True
     model.eval()
-    return clock.summary()
+    return {**clock.summary(), "median": clock.summary(median=True)}
 
 
 def main() -> None:
