@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile-layers", action="store_true",
                        help="torch.compile the decoder layers (GPU): about 1.7x the steps/s after a compile at the start "
                             "of the run (1-2 min the first time on a machine, about 10 s later); for long runs")
+    train.add_argument("--no-cuda-graphs", action="store_true",
+                       help="train the decoder layers eagerly, not replayed from CUDA graphs (the fast preset uses them)")
     train.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16; alpha is 2 x r)")
     train.add_argument("--targets", default="all",
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")
@@ -507,7 +509,8 @@ def train_request(args: argparse.Namespace, loaded, runs_dir, run_dir=None):
         raise StudioError("train needs --dataset (a JSONL file), or --resume RUN_DIR to continue a stopped run.")
     overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "save_every": args.save_every,
-                 "compile_layers": True if args.compile_layers else None}
+                 "compile_layers": True if args.compile_layers else None,
+                 "cuda_graphs": False if args.no_cuda_graphs else None}
     settings = replace(preset(args.preset), **{k: v for k, v in overrides.items() if v is not None})
     if args.targets == "all":
         targets = ALL_PROJECTIONS

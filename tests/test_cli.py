@@ -132,3 +132,20 @@ def test_every_command_help_says_what_happens_without_a_gpu(capsys):
         _parse("build-dataset", "--help")
     text = capsys.readouterr().out
     assert "--teacher-model" in text and "--teacher-base-url" in text
+
+
+def test_the_fast_preset_replays_cuda_graphs_unless_told_not_to(tmp_path):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))  # studio.py imports the studio package beside it
+
+    spec = importlib.util.spec_from_file_location("studio_cli", ROOT / "studio.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    fast = cli.train_request(cli.parse_command_line(["train", "--dataset", str(dataset), "--preset", "fast"]),
+                             None, tmp_path)
+    eager = cli.train_request(cli.parse_command_line(["train", "--dataset", str(dataset), "--preset", "fast",
+                                                      "--no-cuda-graphs"]), None, tmp_path)
+    assert fast.train.cuda_graphs and not eager.train.cuda_graphs and eager.train.packing
