@@ -496,6 +496,7 @@ def test_a_padded_packed_pass_gives_the_unpadded_loss(plain_model):
     assert padded["cu_seq_lens_q"].tolist() == [0, 9, 24, 30, 42, 43, 44, 48]  # 3 padding segments
     assert padded["position_ids"][0, 42:].tolist() == [0, 0, 0, 1, 2, 3]
     assert padded["labels"][0, 42:].tolist() == [-100] * 6 and padded["max_length_q"] == 48
+    assert padded["cu_seq_lens_q"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32  # what flash attention takes
     assert pad_packed(batch, 16, 4) is batch  # no room for a padding segment: as it was
     calls = []
     with torch.no_grad(), packed_row_attention(plain_model, True, [], kernel=partial(reference_varlen, calls=calls)):
@@ -594,3 +595,54 @@ def test_a_graphed_run_is_estimated_with_the_model_s_own_loss(manager, monkeypat
         eager = model_features(loaded.model, replace(preset("fast"), cuda_graphs=False), 2048)
     assert graphed.liger and eager.liger and eager.fused_loss and not graphed.fused_loss
     assert graphed.vector()[4] > 0 and eager.vector()[4] == 0  # the logits term
+
+
+def test_a_capture_out_of_memory_or_past_the_size_cap_leaves_those_passes_eager(manager, tmp_path, monkeypatch):
+    from functools import partial
+
+    from studio.model import attention
+    from studio.train import graphs
+    from studio.train.trainer import StudioTrainer
+
+    def out_of_memory(stack, sample):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
+    monkeypatch.setattr(graphs, "BUCKET_TOKENS", 16)
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=2)
+        monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(out_of_memory))
+        losses, _, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=2)
+        assert losses == pytest.approx(reference, rel=1e-4)
+        assert any(line.startswith("CUDA graphs ran out of GPU memory capturing a pass of") for line in job.lines)
+        captured: list = []
+        monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(static_inputs_capture(captured)))
+        monkeypatch.setattr(graphs, "MAX_SIZES", 1)
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7, 40, 41, 9, 8) * 2,
+                        seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=3)
+        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=3)
+    assert len(captured) == 1 and 1 <= trainer.graphed.replayed_passes < 3  # the other sizes ran eagerly
+    assert losses == pytest.approx(reference, rel=1e-4)
+    assert any("pass sizes captured, the most a run keeps" in line for line in job.lines), job.lines
+
+
+def test_graphs_refuse_models_whose_attention_would_see_across_rows(plain_model):
+    """Inside the graph every layer gets the rows' boundaries and no mask: a sliding window (Mistral sets
+    one in its config), attention dropout or soft-capped logits would fall back to SDPA without the mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from studio.train.graphs import model_problem
+    from studio.ui.i18n import translate
+
+    assert model_problem(plain_model) is None  # Qwen2: full attention on every layer
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    assert mistral.config.sliding_window is not None
+    assert model_problem(mistral) == "not on a model with sliding-window attention layers"
+    plain_model.config.attention_dropout = 0.1
+    assert model_problem(plain_model) == "not on a model whose attention uses dropout or soft-capped logits"
+    for problem in (model_problem(mistral), model_problem(plain_model)):
+        assert re.search(r"[\u4e00-\u9fff]", translate(f"CUDA graphs skipped: {problem}.", "zh"))

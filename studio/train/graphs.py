@@ -31,11 +31,13 @@ from contextlib import contextmanager
 from typing import Iterator
 
 BUCKET_TOKENS = 256  # pass sizes are padded to a multiple of this (at most this many wasted positions)
+MAX_SIZES = 8  # captured pass sizes a run keeps (each holds its own input, output and gradient buffers)
 WARMUP_PASSES = 1  # eager passes before the first capture (lazy initialisation stays out of the graph)
 
 
-def graph_problem(settings, device: str, varlen_on: bool) -> str | None:
-    """Why `settings` cannot train with CUDA graphs on `device` (None when they can)."""
+def graph_problem(settings, device: str, varlen_on: bool, model=None) -> str | None:
+    """Why `settings` cannot train with CUDA graphs on `device` (None when they can); with `model`, its
+    layers are checked too (`model_problem`)."""
     if not getattr(settings, "cuda_graphs", False):
         return None
     if not str(device).startswith("cuda"):
@@ -50,7 +52,7 @@ def graph_problem(settings, device: str, varlen_on: bool) -> str | None:
         return "they need one forward pass per optimizer step (gradient accumulation 1)"
     if not varlen_on:
         return "they need packed rows attending through varlen_attn"
-    return None
+    return model_problem(model) if model is not None else None
 
 
 def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignore: int = -100) -> dict:
@@ -71,7 +73,7 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
     lengths = [1] * (pad_segments - 1) + [size - tokens - (pad_segments - 1)]
     padding = size - tokens
     positions = torch.cat([torch.arange(n) for n in lengths]).to(batch["position_ids"].dtype).unsqueeze(0)
-    bounds = torch.tensor(lengths, dtype=starts.dtype).cumsum(0) + tokens
+    bounds = (torch.tensor(lengths).cumsum(0) + tokens).to(starts.dtype)  # int32, as flash attention needs
     padded = dict(batch)
     padded["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_full((1, padding), pad_id)], 1)
     padded["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, padding), ignore)], 1)
@@ -100,6 +102,7 @@ class GraphedLayers:
         self.warmup_passes = warmup_passes
         self.graphs: dict[tuple, object] = {}  # (positions, segments, input needs grad) -> the graphed stack
         self.failed = False
+        self.full = False  # MAX_SIZES sizes captured: new sizes run eagerly
         self.pool = None
         self.originals: list = []  # (layer, its own instance forward or None), for `remove`
         self.eager: list = []  # each layer's forward before `install`
@@ -134,7 +137,13 @@ class GraphedLayers:
                 return self.eager[index](hidden_states, *args, **kwargs)
             self.current = None if args else self._key(hidden_states, kwargs)
             if self.current is not None and self.current not in self.graphs:
-                self._capture(self.current, hidden_states, kwargs)
+                if len(self.graphs) < MAX_SIZES:
+                    self._capture(self.current, hidden_states, kwargs)
+                elif not self.full:
+                    self.full = True
+                    if self.notes is not None:
+                        self.notes.append(f"CUDA graphs: {MAX_SIZES} pass sizes captured, the most a run keeps; "
+                                          "passes of other sizes run eagerly.")
             if self.current not in self.graphs:
                 self.current = None
                 return self.eager[0](hidden_states, *args, **kwargs)
@@ -174,19 +183,28 @@ class GraphedLayers:
             with _autocast_without_cache():
                 graphed = self._make_graphed(stack, sample)
         except torch.OutOfMemoryError:
-            self.failed = True
-            raise
+            self._give_up(f"CUDA graphs ran out of GPU memory capturing a pass of {key[0]} positions; the run "
+                          "goes on without them.")
+            return
         except Exception as exc:  # noqa: BLE001  (any capture failure: the run goes on eagerly)
-            self.failed = True
-            self.graphs.clear()
-            if self.notes is not None:
-                reason = (str(exc).strip().splitlines() or [""])[0][:200]
-                self.notes.append(f"CUDA graphs failed here ({type(exc).__name__}: {reason}); the run goes on "
-                                  "without them.")
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            self._give_up(f"CUDA graphs failed here ({type(exc).__name__}: {reason}); the run goes on without them.")
             return
         self.graphs[key] = graphed
         self.captured.append({"positions": key[0], "segments": key[1] - 1,
                               "seconds": round(time.perf_counter() - started, 2)})
+
+    def _give_up(self, note: str) -> None:
+        """Eager from now on: the graphs and their pool dropped, `note` in the job's log."""
+        self.failed = True
+        self.graphs.clear()
+        self.pool = None
+        if self.capture is None:
+            import torch
+
+            torch.cuda.empty_cache()
+        if self.notes is not None:
+            self.notes.append(note)
 
     def _make_graphed(self, stack, sample: tuple):
         """The graphed stack. Only the first size gets eager warm-up passes (the lazy initialisation of
@@ -238,14 +256,28 @@ def _autocast_without_cache() -> Iterator[None]:
         yield
 
 
-def _sliding_window(model) -> bool:
-    """Whether any decoder layer attends through a sliding window (the graph gives every layer the
-    same full causal attention over each row)."""
+def model_problem(model) -> str | None:
+    """Why `model`'s layers cannot be graphed (None when they can). Inside the graph every layer gets
+    the rows' boundaries and no mask, so each must attend through `varlen_attn`: a layer whose
+    attention would fall back to SDPA with the model's mask (a sliding window, attention dropout,
+    soft-capped logits) would see across rows there."""
     from studio.model.card import base_of
+    from studio.train.speedups import decoder_layers
 
+    layers = decoder_layers(model)
+    if not layers:
+        return "no decoder layers found"
     config = getattr(base_of(model), "config", None)
+    attentions = [getattr(layer, "self_attn", None) for layer in layers]
     types = getattr(config, "layer_types", None) or ()
-    return bool(getattr(config, "use_sliding_window", False)) or any(t != "full_attention" for t in types)
+    if (getattr(config, "sliding_window", None) is not None or any(t != "full_attention" for t in types)
+            or any(getattr(a, "sliding_window", None) is not None for a in attentions)):
+        return "not on a model with sliding-window attention layers"
+    if (float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0
+            or any(float(getattr(a, "attention_dropout", 0.0) or 0.0) > 0 for a in attentions)
+            or getattr(config, "attn_logit_softcapping", None) is not None):
+        return "not on a model whose attention uses dropout or soft-capped logits"
+    return None
 
 
 @contextmanager
@@ -260,11 +292,8 @@ def graphed_layers(model, settings, device: str, collator, varlen_on: bool, note
         yield None
         return
     problem = graph_problem(settings, device, varlen_on) if capture is None else None
+    problem = problem or model_problem(model)
     layers = decoder_layers(model)
-    if problem is None and not layers:
-        problem = "no decoder layers found"
-    if problem is None and _sliding_window(model):
-        problem = "not on a model with sliding-window attention layers"
     if problem is not None:
         if notes is not None:
             notes.append(f"CUDA graphs skipped: {problem}.")

@@ -216,7 +216,7 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
     config = base_of(model).config
     share = min(1.0, max(0.0, settings.checkpoint_fraction)) if settings.gradient_checkpointing else 0.0
     liger = bool(settings.liger_kernels and liger_available() is None)
-    graphs = graphs_expected(settings)
+    graphs = graphs_expected(settings, model)
     dequantized = four_bit_parameters(model) * 2 if settings.dequantize_base else 0
     return Features(model_gib=(memory_in_use(model) if model_bytes is None else model_bytes) / GIB,
                     dequantized_gib=dequantized / GIB,
@@ -226,14 +226,14 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                     liger=liger, fused_loss=liger and not graphs)
 
 
-def graphs_expected(settings: TrainSettings) -> bool:
-    """Whether training with `settings` here replays CUDA graphs (and so keeps the model's own loss)."""
+def graphs_expected(settings: TrainSettings, model=None) -> bool:
+    """Whether training `model` with `settings` here replays CUDA graphs (and so keeps the model's own loss)."""
     from studio.model.attention import varlen_kernel
     from studio.train.graphs import graph_problem
 
     if not settings.cuda_graphs:
         return False
-    return graph_problem(settings, "cuda" if varlen_kernel() is not None else "cpu", True) is None
+    return graph_problem(settings, "cuda" if varlen_kernel() is not None else "cpu", True, model) is None
 
 
 def estimate_peak(model, settings: TrainSettings, lengths: list[int], lora: LoraSettings = LoraSettings()) -> Estimate:

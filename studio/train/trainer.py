@@ -89,7 +89,7 @@ class StudioTrainer(Trainer):
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
-        from studio.model.attention import varlen_kernel
+        from studio.model.attention import attention_configs, varlen_kernel
         from studio.train.graphs import graph_problem, graphed_layers
         from studio.train.speedups import only_trained_adapter, training_speedups
 
@@ -98,8 +98,11 @@ class StudioTrainer(Trainer):
         # not with compiled layers: measured eagerly only
         compiled = bool(getattr(settings, "compile_layers", False))
         varlen = packed and self.packed_varlen and not compiled
+        # the same checks `graphed_layers` makes, so Liger's fused loss is dropped only where graphs will run
+        varlen_possible = varlen and varlen_kernel() is not None and any(
+            getattr(c, "_attn_implementation", None) == "sdpa" for c in attention_configs(self.model))
         graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_capture is not None or graph_problem(
-            settings, str(self.args.device), varlen and varlen_kernel() is not None) is None)
+            settings, str(self.args.device), varlen_possible, self.model) is None)
         self.flops_per_token = None
         with without_cudnn_attention(self.avoid_cudnn_attention), \
                 lean_model_calls(self.model, self.lean_steps), \
