@@ -114,7 +114,7 @@ def test_a_chinese_browser_sees_chinese_first_and_lang_forces_english(browser, w
         page = _page(browser, "zh-CN")
         page.goto(url)
         page.get_by_role("tab", name="基线对话").wait_for()
-        assert page.get_by_role("tab", name="数据集构建").is_visible()
+        page.get_by_role("tab", name="数据集构建").wait_for()  # visible in Chinese, however late the page draws it
         page.goto(url + "?lang=en")
         page.get_by_role("tab", name="Baseline Chat").wait_for()
     forced = Services(manager=ModelManager(), paths=workspace, lang="zh")
