@@ -121,7 +121,7 @@ def packed_row_attention(model, active: bool, notes: list | None = None, kernel=
     import torch
 
     kernel = kernel or varlen_kernel()
-    configs = [c for c in attention_configs(model) if getattr(c, "_attn_implementation", None) == "sdpa"]
+    configs = sdpa_configs(model)
     if not active or kernel is None or not configs:
         if active and torch.cuda.is_available() and notes is not None:
             notes.append("Packed rows attend through SDPA with a block mask (this PyTorch has no varlen_attn)."
@@ -156,6 +156,12 @@ def set_implementation(config, value) -> None:
         config.__dict__["_attn_implementation_internal"] = value  # this config only, not its sub-configs
     else:
         config._attn_implementation = value
+
+
+def sdpa_configs(model) -> list:
+    """The configs of `model` (`attention_configs`) that attend through SDPA: what `packed_row_attention`
+    switches to varlen_attn."""
+    return [c for c in attention_configs(model) if getattr(c, "_attn_implementation", None) == "sdpa"]
 
 
 def attention_configs(model) -> list:

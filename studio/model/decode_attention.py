@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from studio.model.attention import attention_configs, replacing_sdpa
+from studio.model.attention import replacing_sdpa, sdpa_configs
 from studio.model.nf4_cuda import PRELUDE, aligned, compile_kernel
 
 IMPLEMENTATION = "studio-decode"
@@ -299,7 +299,7 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
     """For the block, `model` attends with `studio-decode` where it attended with SDPA. Each config is
     switched on its own (transformers' setter would also overwrite the sub-configs) and gets its own
     value back."""
-    configs = [config for config in attention_configs(model) if getattr(config, "_attn_implementation", None) == "sdpa"]
+    configs = sdpa_configs(model)
     if not configs:
         yield
         return
@@ -310,4 +310,4 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
 
 def uses_sdpa(model) -> bool:
     """Whether any of the model's configs attends with SDPA (what `decode_attention` switches)."""
-    return any(getattr(config, "_attn_implementation", None) == "sdpa" for config in attention_configs(model))
+    return bool(sdpa_configs(model))

@@ -3,25 +3,27 @@
 A 7B step of the Fast preset is bound by the host on an H200: about 6,300 kernels a step, each
 launched from Python (peft's LoRA arithmetic, Liger's kernels, the autograd engine), and the GPU waits
 between them (bench/profile_small_train.py: 1.75 s of kernels in 5.5 s of wall clock). With this
-switch each decoder layer's forward and backward are captured once per pass size with PyTorch's
-`torch.cuda.make_graphed_callables` and replayed: one launch per layer and direction.
+switch the forward and backward of the whole stack of decoder layers are captured once per pass size
+with PyTorch's `torch.cuda.make_graphed_callables` and replayed: one launch per pass and direction.
 
 - Shapes: a graph replays fixed shapes, so the collator pads each packed pass (`pad_packed`) to a
   multiple of `BUCKET_TOKENS` positions and to a fixed number of segments: the rows, then padding
   segments. Padding attends only to its own segment and its labels are -100, so the loss and the
   gradients are those of the unpadded pass. A new size is captured when the first layer first sees it
-  (about 0.3-0.6 s on an H200; the first size also runs one eager warm-up pass); all sizes share one
-  memory pool, as only one runs at a time.
+  (0.2-0.5 s on an H200's 7B; a run's first size also runs one eager warm-up pass); all sizes share
+  one memory pool, as only one runs at a time, and a run keeps at most `MAX_SIZES` of them.
 - Loss: with graphs on, the model computes its own loss (lm_head and cross-entropy) rather than Liger's
   fused linear cross-entropy, whose hundreds of small chunks a pass cost more host time than the
-  logits' memory is worth on the large GPUs this preset is for (bench/graphs_probe.py).
+  logits' memory is worth on the large GPUs this preset is for
+  (bench/results/graphs_probe-flce-h200-2026-11-30.json).
 - When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
   or compiled layers, one pass per optimizer step. `make_graphed_callables` hands autograd its static
   gradient buffers, which the next replay overwrites: fine when the optimizer uses them before the next
   pass and the Trainer's `zero_grad` drops them (it sets them to None). A pass that finds gradients
   already there (a second pass of an accumulation) runs eagerly. Otherwise the run trains eagerly and
-  its log says why. A capture that fails switches every layer back to eager for the rest of the run,
-  and the log says why.
+  its log says why; so does a model whose attention would need the mask inside the graph
+  (`model_problem`). A capture that fails or runs out of memory switches every layer back to eager
+  for the rest of the run, and the log says why.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ def lean_model_calls(model, active: bool = True) -> Iterator[None]:
     `model.train(mode)` returns at once when the model is already in that mode through an earlier call
     of its own. The Trainer calls `train()` at every step and `parameters()` in gradient clipping and
     `zero_grad`, and each walks every module of the model: on a 7B with an adapter, about 3,000
-    modules, tens of milliseconds a step of host time (bench/graphs_probe.py's profile). No parameter
+    modules, tens of milliseconds a step of host time (bench/results/graphs_probe-flce-h200-2026-11-30.json,
+    its profile). No parameter
     is added or removed while training."""
     if not active:
         yield
@@ -89,7 +90,7 @@ class StudioTrainer(Trainer):
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
-        from studio.model.attention import attention_configs, varlen_kernel
+        from studio.model.attention import sdpa_configs, varlen_kernel
         from studio.train.graphs import graph_problem, graphed_layers
         from studio.train.speedups import only_trained_adapter, training_speedups
 
@@ -99,8 +100,7 @@ class StudioTrainer(Trainer):
         compiled = bool(getattr(settings, "compile_layers", False))
         varlen = packed and self.packed_varlen and not compiled
         # the same checks `graphed_layers` makes, so Liger's fused loss is dropped only where graphs will run
-        varlen_possible = varlen and varlen_kernel() is not None and any(
-            getattr(c, "_attn_implementation", None) == "sdpa" for c in attention_configs(self.model))
+        varlen_possible = varlen and varlen_kernel() is not None and bool(sdpa_configs(self.model))
         graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_capture is not None or graph_problem(
             settings, str(self.args.device), varlen_possible, self.model) is None)
         self.flops_per_token = None
