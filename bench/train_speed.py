@@ -189,6 +189,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "applied": applied, "attention": "studio (no cuDNN)" if studio_kernels else "PyTorch defaults",
         "lora_forward": "studio (trained adapter only)" if trainer.route_trained_adapter else "peft",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
+        "steady_tokens_per_s": steady_rate(clock, started, first, trainer.graphed),
         "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
         "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
         "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
@@ -203,6 +204,17 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     del trainer
     return result
+
+
+def steady_rate(clock, started: float, first: int, graphed) -> float | None:
+    """Tokens/s over the steps after the first `first + 1` that captured no CUDA graph (a capture is a
+    one-time cost per pass size, like a compile); None when no such step is left."""
+    captured = {c["pass"] for c in (graphed.captured if graphed is not None else [])}
+    starts = [started, *clock.times]
+    tokens = [b - a for a, b in zip([0, *clock.tokens], clock.tokens)]
+    kept = [i for i in range(first + 1, len(clock.times)) if i not in captured]
+    seconds = sum(starts[i + 1] - starts[i] for i in kept)
+    return round(sum(tokens[i] for i in kept) / seconds, 1) if kept and seconds > 0 else None
 
 
 def loss_match(reference: list[float], losses: list[float]) -> float | None:
@@ -412,15 +424,15 @@ class Bench:
         self.payload["sizes"][size] = info
         static = info.pop("static_bytes")
         self.save()
-        rows = self.rows(8 * 10 + 16, seed=2)
+        rows = self.rows(8 * self.args.steps + 16, seed=2)
         steps = self.args.tutorial_steps
         tutorial = self.setup(size, "tutorial", preset("tutorial"), rows, steps,
                               NEEDS["tutorial_step"][size] * steps + 5, static, warmup_steps=1, studio_kernels=False)
         if tutorial:
             tutorial["ratio_to_tutorial"] = 1.0
-        for which in ("fast", "gpu24"):
-            self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows, 8, 15, static,
-                       tutorial)
+        for which, steps in (("fast", self.args.steps), ("gpu24", 8)):  # Fast as many steps as the 7B's row
+            self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows, steps,
+                       15 + steps, static, tutorial)
         if size == "0.5B" or (size == "7B" and self.args.no_main):
             self.time_to_adapter(size, static)
         self.size_rows[size] = (rows, tutorial)

@@ -308,7 +308,7 @@ def test_studio_trainer_adds_no_syncs_or_callbacks_to_the_plain_trainer(manager,
 
 # ----- the memory estimate against GPU measurements --------------------------------------------------
 def newest_measurements():
-    """The GPU result files of the two newest days (the 7B sweep, the sizes table, the compiled runs) and their rows."""
+    """The GPU result files of the newest day (the 7B presets, the tutorial recipe, the sizes table) and their rows."""
     from studio.train.memory import measurements_of, newest_result_files
 
     paths = newest_result_files(ROOT / "bench" / "results")
@@ -340,6 +340,19 @@ def test_shipped_memory_estimate_is_within_10_percent_on_every_row_of_the_newest
     for setup, features, peak in measured:
         estimate = predict(features, fitted()).total_gib
         assert abs(estimate - peak) / peak < 0.10, (setup, estimate, peak)
+
+
+def test_a_refit_keeps_the_earlier_value_of_what_no_row_measures():
+    """The newest runs all used Liger: the layers that keep their activations without it are measured by
+    no row, so a refit keeps the earlier fit's coefficients for them instead of zero bytes."""
+    from studio.train.memory import fit, measurements_of, newest_result_files, unmeasured
+
+    rows = measurements_of(newest_result_files(ROOT / "bench" / "results"))
+    earlier = {"full_hidden": 37.0, "full_intermediate": 7.0}
+    assert set(unmeasured(rows)) == set(earlier)
+    assert fit(rows)["full_hidden"] == 0.0  # without an earlier fit: nothing measured, nothing assumed
+    refit = fit(rows, earlier)
+    assert refit["full_hidden"] == 37.0 and refit["full_intermediate"] == 7.0 and refit["liger_hidden"] > 0
 
 
 def test_memory_estimate_follows_the_switches(manager):
@@ -464,24 +477,17 @@ def test_the_packed_attention_notes_read_in_chinese(plain_model, monkeypatch, av
     assert "拼接的样本" in translate(notes[0], "zh")
 
 
-# ----- CUDA graphs of the decoder layers (studio.train.graphs) --------------------------------------
-def static_inputs_capture(captured: list):
-    """`torch.cuda.make_graphed_callables`' contract without a GPU: the graphed callable keeps the sample
-    tensors it was captured with and copies each call's arguments into them, as a replayed graph reads
-    only its static inputs; the hidden states pass through as they are, so autograd still reaches the
-    layers' parameters."""
-    def capture(stack, sample):
-        captured.append(tuple(t.shape for t in sample))
+# ----- CUDA graphs of training passes (studio.train.graphs) -----------------------------------------
+def rerunning_recorder(recorded: list):
+    """`CudaRecorder`'s contract without a GPU: the recorded work runs once at capture, and each replay
+    runs it again; the work reads only the graph's static inputs, as a replayed graph does, so a pass whose
+    tensors were not copied into them would train on the captured batch again."""
+    def record(work):
+        recorded.append(work)
+        work()
+        return work
 
-        def run(hidden, *rest):
-            for static, arg in zip(sample[1:], rest):
-                if static.data_ptr() != arg.data_ptr():
-                    static.copy_(arg)
-            return stack(hidden, *sample[1:])
-
-        return run
-
-    return capture
+    return SimpleNamespace(record=record)
 
 
 def test_a_padded_packed_pass_gives_the_unpadded_loss(plain_model):
@@ -506,10 +512,11 @@ def test_a_padded_packed_pass_gives_the_unpadded_loss(plain_model):
     assert torch.allclose(both.logits[:, :42], plain.logits, atol=1e-5)
 
 
-def test_graphed_layers_train_as_the_eager_ones_and_are_undone(manager, tmp_path, monkeypatch):
-    """The trainer's CUDA-graph plumbing on the CPU, with a capture that keeps make_graphed_callables'
-    static inputs: passes padded to the bucket, one capture per size, every layer replayed, the losses of
-    the eager run, and the layers' own forwards and the collator's padding back afterwards."""
+def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path, monkeypatch):
+    """The trainer's CUDA-graph plumbing on the CPU, with a recorder that replays by running the recorded
+    pass again over its static inputs: passes padded to the bucket, one capture per size, every pass but
+    the first replayed, the gradients handed to the optimizer, the losses of the eager run, and the
+    collator's padding gone afterwards."""
     from functools import partial
 
     from studio.model import attention
@@ -518,22 +525,24 @@ def test_graphed_layers_train_as_the_eager_ones_and_are_undone(manager, tmp_path
 
     monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
-    captured: list = []
-    monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(static_inputs_capture(captured)))
+    recorded: list = []
+    monkeypatch.setattr(StudioTrainer, "graph_recorder", rerunning_recorder(recorded))
     fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
     with manager.using("test") as loaded:
-        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
-        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4)
-        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=4)
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 3, seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=6)
+        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=6)
         model = loaded.model
-    layers = model.get_base_model().config.num_hidden_layers
-    sizes = {shapes[0][1] for shapes in captured}
-    assert sizes and all(size % 32 == 0 for size in sizes) and len(captured) == len(sizes)  # each size once
-    assert all(shapes[3] == (10,) for shapes in captured)  # 8 rows and 1 padding segment: 10 boundaries
-    assert trainer.graphed.replayed_passes == 4 and layers == 2
+    captured = trainer.graphed.captured
+    sizes = [c["positions"] for c in captured]
+    assert sizes and all(size % 32 == 0 for size in sizes) and len(set(sizes)) == len(sizes) == len(recorded)
+    assert all(c["segments"] == 9 for c in captured)  # 8 rows and 1 padding segment
+    assert trainer.graphed.replayed_passes == 5  # the first pass runs eagerly (warm-up)
+    assert trainer.graphed.casts is not None  # the adapter's weights were cast, and their gradients gathered, in one go
     assert losses == pytest.approx(reference, rel=1e-4)
-    assert any(line.startswith("CUDA graphs on: 2 decoder layers") for line in job.lines), job.lines
-    assert trainer.data_collator.graph_padding is None
+    assert losses[-1] != losses[1]  # the adapter learned: the optimizer got each replay's gradients
+    assert any(line.startswith("CUDA graphs on: forward, loss and backward of the 2-layer model") for line in job.lines)
+    assert trainer.data_collator.graph_padding is None and not trainer.graphed.graphs
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
@@ -544,12 +553,12 @@ def test_a_failed_capture_leaves_the_run_eager_and_says_why(manager, tmp_path, m
     from studio.train import graphs
     from studio.train.trainer import StudioTrainer
 
-    def broken(calls, samples):
+    def broken(work):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
-    monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(broken))
+    monkeypatch.setattr(StudioTrainer, "graph_recorder", SimpleNamespace(record=broken))
     fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
     with manager.using("test") as loaded:
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
@@ -604,7 +613,7 @@ def test_a_capture_out_of_memory_or_past_the_size_cap_leaves_those_passes_eager(
     from studio.train import graphs
     from studio.train.trainer import StudioTrainer
 
-    def out_of_memory(stack, sample):
+    def out_of_memory(work):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
@@ -613,18 +622,18 @@ def test_a_capture_out_of_memory_or_past_the_size_cap_leaves_those_passes_eager(
     with manager.using("test") as loaded:
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 2, seed=3)
         reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=2)
-        monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(out_of_memory))
+        monkeypatch.setattr(StudioTrainer, "graph_recorder", SimpleNamespace(record=out_of_memory))
         losses, _, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=2)
         assert losses == pytest.approx(reference, rel=1e-4)
         assert any(line.startswith("CUDA graphs ran out of GPU memory capturing a pass of") for line in job.lines)
-        captured: list = []
-        monkeypatch.setattr(StudioTrainer, "graph_capture", staticmethod(static_inputs_capture(captured)))
+        recorded: list = []
+        monkeypatch.setattr(StudioTrainer, "graph_recorder", rerunning_recorder(recorded))
         monkeypatch.setattr(graphs, "MAX_SIZES", 1)
-        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7, 40, 41, 9, 8) * 2,
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7, 40, 41, 9, 8) * 4,
                         seed=3)
-        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=3)
-        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=3)
-    assert len(captured) == 1 and 1 <= trainer.graphed.replayed_passes < 3  # the other sizes ran eagerly
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=6)
+        losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=6)
+    assert len(recorded) == 1 and 1 <= trainer.graphed.replayed_passes < 5  # the first pass and other sizes: eager
     assert losses == pytest.approx(reference, rel=1e-4)
     assert any("pass sizes captured, the most a run keeps" in line for line in job.lines), job.lines
 
@@ -646,3 +655,31 @@ def test_graphs_refuse_models_whose_attention_would_see_across_rows(plain_model)
     assert model_problem(plain_model) == "not on a model whose attention uses dropout or soft-capped logits"
     for problem in (model_problem(mistral), model_problem(plain_model)):
         assert re.search(r"[\u4e00-\u9fff]", translate(f"CUDA graphs skipped: {problem}.", "zh"))
+
+
+def test_the_one_node_lora_update_is_peft_s_update_with_its_gradients():
+    """`studio.model.lora_update`: result + scaling * dropout(x) A^T B^T, its gradients checked numerically,
+    and with dropout the forward and the backward use one mask, the kept inputs scaled by 1 / (1 - p)."""
+    from studio.model.lora_update import lora_update
+
+    torch.manual_seed(0)
+    x, result = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    a, b = torch.randn(3, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, result, a, b))
+    assert torch.autograd.gradcheck(lambda *t: lora_update(*t, 2.0, 0.0), inputs)
+    assert torch.allclose(lora_update(x, result, a, b, 2.0, 0.0), result + (x @ a.T @ b.T) * 2.0)
+
+    torch.manual_seed(1)
+    out = lora_update(x, result, a, b, 2.0, 0.5)
+    out.sum().backward()
+    torch.manual_seed(1)
+    _, mask = torch.native_dropout(x.detach().reshape(-1, 8), 0.5, True)
+    dropped = x * mask.view(2, 5, 8) * 2.0
+    assert 0 < mask.sum() < mask.numel()
+    reference = result + (dropped @ a.T @ b.T) * 2.0
+    assert torch.allclose(out, reference)
+    grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    reference.sum().backward()
+    assert all(torch.allclose(mine, t.grad) for mine, t in zip(grads, inputs))

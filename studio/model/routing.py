@@ -76,16 +76,19 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
 @contextmanager
 def only_adapter(model, name: str) -> Iterator[None]:
     """Every LoRA layer computes its base output plus `name`'s update alone, for the block (training
-    `name`): peft's arithmetic, in its order, without its per-call walk over the other attached adapters
-    or the copy of the base output its 4-bit layers make. The same forward, wherever `name` is attached
-    beside other adapters, also keeps a compiled layer's guards the same from run to run."""
+    `name`), without peft's per-call walk over the other attached adapters or the copy of the base
+    output its 4-bit layers make: a pass with gradients through `studio.model.lora_update` (one autograd
+    node, fewer kernels), any other pass with peft's arithmetic in its order. The same forward, wherever
+    `name` is attached beside other adapters, also keeps a compiled layer's guards the same from run to
+    run."""
     layers = lora_layers(model)
     _refuse_unsupported(model, layers, name)
     every_row = slice(0, None)
     patched: list = []
     try:
         for layer in layers:
-            override_forward(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, every_row))
+            routed = _routed_forward(layer, name if name in layer.lora_A else None, every_row)
+            override_forward(patched, layer, _trained_forward(layer, name, routed) if name in layer.lora_A else routed)
         yield
     finally:
         restore_forwards(patched)
@@ -157,6 +160,31 @@ def _routed_forward(layer, name: str | None, rows: slice):
             return routed
         result[rows] = routed
         return result
+
+    return forward
+
+
+def _trained_forward(layer, name: str, routed):
+    """The layer's forward while `name` trains: a pass with gradients computes the update in one
+    autograd node (`studio.model.lora_update`, fewer kernels; dropout as the adapter's dropout module
+    is in training mode; while a CUDA graph is captured, the weights' casts and gradients go through the
+    layer's `studio_casts`); any other pass (an evaluation, a frozen adapter) runs `routed`."""
+    import torch
+
+    from studio.model.lora_update import lora_update
+
+    base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
+    rate = float(getattr(dropout, "p", 0.0))
+
+    def forward(x, *args, **kwargs):
+        if not (torch.is_grad_enabled() and lora_A.weight.requires_grad and lora_B.weight.requires_grad):
+            return routed(x, *args, **kwargs)
+        result = base(x, *args, **kwargs)
+        casts = layer.__dict__.get("studio_casts")  # set while a CUDA graph is captured (studio.train.graphs)
+        if casts is not None and casts.dtype != result.dtype:
+            casts = None
+        return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate if dropout.training else 0.0, casts)
 
     return forward
 

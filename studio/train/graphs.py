@@ -1,29 +1,28 @@
-"""CUDA graphs of the decoder layers for packed training passes (`TrainSettings.cuda_graphs`).
+"""CUDA graphs of whole training passes for packed training (`TrainSettings.cuda_graphs`).
 
-A 7B step of the Fast preset is bound by the host on an H200: about 6,300 kernels a step, each
-launched from Python (peft's LoRA arithmetic, Liger's kernels, the autograd engine), and the GPU waits
-between them (bench/profile_small_train.py: 1.75 s of kernels in 5.5 s of wall clock). With this
-switch the forward and backward of the whole stack of decoder layers are captured once per pass size
-with PyTorch's `torch.cuda.make_graphed_callables` and replayed: one launch per pass and direction.
+A Fast step is launched from Python kernel by kernel: several thousand a pass (peft's LoRA arithmetic,
+Liger's kernels, the autograd engine), each a few microseconds of GPU work on a small model, so the
+GPU waits for the host (bench/profile_small_train.py). With this switch a pass (embedding, decoder
+layers, loss, and the backward down to the adapter's gradients) is captured once per pass size into
+one CUDA graph and replayed: one launch a pass. Only the optimizer step stays outside.
 
 - Shapes: a graph replays fixed shapes, so the collator pads each packed pass (`pad_packed`) to a
   multiple of `BUCKET_TOKENS` positions and to a fixed number of segments: the rows, then padding
   segments. Padding attends only to its own segment and its labels are -100, so the loss and the
-  gradients are those of the unpadded pass. A new size is captured when the first layer first sees it
-  (0.2-0.5 s on an H200's 7B; a run's first size also runs one eager warm-up pass); all sizes share
-  one memory pool, as only one runs at a time, and a run keeps at most `MAX_SIZES` of them.
-- Loss: with graphs on, the model computes its own loss (lm_head and cross-entropy) rather than Liger's
-  fused linear cross-entropy, whose hundreds of small chunks a pass cost more host time than the
-  logits' memory is worth on the large GPUs this preset is for
-  (bench/results/graphs_probe-flce-h200-2026-11-30.json).
+  gradients are those of the unpadded pass. A new size is captured when first seen (the run's first
+  pass runs eagerly, so lazy initialisation stays out of the graphs); all sizes share one memory pool,
+  as only one runs at a time, and a run keeps at most `MAX_SIZES` of them.
+- Gradients: the capture's backward leaves the adapter's gradients in buffers of the graph, which each
+  replay rewrites and which become the parameters' `.grad` after it (no copy). The optimizer uses them
+  before the next pass, and the Trainer's `zero_grad` drops them (it sets them to None); a pass that
+  finds gradients already there (a second pass of an accumulation) runs eagerly.
+- Loss: with graphs on, the model computes its own loss (lm_head and cross-entropy): Liger's fused
+  linear cross-entropy reads its count of labels back to the host, which a graph cannot hold.
 - When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
-  or compiled layers, one pass per optimizer step. `make_graphed_callables` hands autograd its static
-  gradient buffers, which the next replay overwrites: fine when the optimizer uses them before the next
-  pass and the Trainer's `zero_grad` drops them (it sets them to None). A pass that finds gradients
-  already there (a second pass of an accumulation) runs eagerly. Otherwise the run trains eagerly and
-  its log says why; so does a model whose attention would need the mask inside the graph
-  (`model_problem`). A capture that fails or runs out of memory switches every layer back to eager
-  for the rest of the run, and the log says why.
+  or compiled layers, one pass per optimizer step; otherwise the run trains eagerly and its log says
+  why, as it does for a model whose attention would need what the varlen kernel does not do
+  (`model_problem`). A capture that fails or runs out of memory leaves the rest of the run eager, and
+  the log says why.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 BUCKET_TOKENS = 256  # pass sizes are padded to a multiple of this (at most this many wasted positions)
-MAX_SIZES = 8  # captured pass sizes a run keeps (each holds its own input, output and gradient buffers)
-WARMUP_PASSES = 1  # eager passes before the first capture (lazy initialisation stays out of the graph)
+MAX_SIZES = 8  # captured pass sizes a run keeps (each holds its own inputs, loss and gradient buffers)
 
 
 def graph_problem(settings, device: str, varlen_on: bool, model=None) -> str | None:
@@ -85,170 +83,208 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
     return padded
 
 
-class GraphedLayers:
-    """The decoder layers of one training run, replayed from CUDA graphs for padded packed passes.
+class StepGraphs:
+    """The forward, loss and backward of a run's packed passes, replayed from one CUDA graph per pass size.
 
-    `install()` patches each layer's forward. On a pass of a captured size, layer 0 replays one graph
-    that runs every layer (forward, and backward when autograd reaches it), and the other layers hand
-    its output on untouched; a new size is captured first, when layer 0 sees it. Any other pass (eval,
-    no gradients, another shape, a failed capture) runs the layers' own forwards. One graph for the
-    whole stack keeps a size's own memory small: its input, output and their gradients, and the
-    adapter's gradients; the activations live in the memory pool all sizes share. `remove()` restores
-    the forwards and drops the graphs and their pool. `capture` replaces
-    `torch.cuda.make_graphed_callables` (the CPU tests pass one without a GPU)."""
+    `step(inputs, num_items, eager_step)` runs one training pass (the Trainer's `training_step` is
+    `eager_step`): a pass of a captured size copies its tensors into the graph's static inputs and
+    replays the graph, whose backward writes the adapter's gradients into static buffers that become
+    the parameters' `.grad` (no copy); a new size is captured first, then replayed. The run's first
+    pass, and any pass the graphs cannot take (no gradients, another shape, gradients already there, a
+    failed capture), runs `eager_step` as it is. `recorder` replaces `CudaRecorder` (the CPU tests pass
+    one that runs the recorded work again at each replay)."""
 
-    def __init__(self, layers: list, trained: list, notes: list | None = None, capture=None,
-                 warmup_passes: int = WARMUP_PASSES):
-        self.layers, self.trained, self.notes = layers, trained, notes
-        self.capture = capture
-        self.warmup_passes = warmup_passes
-        self.graphs: dict[tuple, object] = {}  # (positions, segments, input needs grad) -> the graphed stack
+    def __init__(self, trained: list, notes: list | None = None, recorder=None, casts=None, lora_layers=()):
+        self.trained, self.notes = trained, notes
+        self.recorder = recorder
+        self.casts, self.lora_layers = casts, list(lora_layers)  # the adapter's weights cast in one go (FlatCasts)
+        self.graphs: dict[tuple, _Captured] = {}  # a pass's signature -> its graph and static tensors
+        self.warmed = False  # one eager pass ran (lazy initialisation stays out of the graphs)
         self.failed = False
         self.full = False  # MAX_SIZES sizes captured: new sizes run eagerly
-        self.pool = None
-        self.originals: list = []  # (layer, its own instance forward or None), for `remove`
-        self.eager: list = []  # each layer's forward before `install`
-        self.current: tuple | None = None  # the size of the pass under way, when layer 0 replayed it
+        self.passes = 0  # training passes seen
         self.replayed_passes = 0
-        self.captured: list[dict] = []  # each size captured: positions, segments, seconds
+        self.captured: list[dict] = []  # each size captured: positions, segments, seconds, the pass (from 0)
 
-    # ----- switching on and off -------------------------------------------------------------------
-    def install(self) -> None:
-        for index, layer in enumerate(self.layers):
-            self.originals.append((layer, layer.__dict__.get("forward")))
-            self.eager.append(layer.forward)
-            layer.forward = self._forward_for(index)
+    def step(self, inputs: dict, num_items, eager_step):
+        """One training pass of `inputs`; returns its loss, as `eager_step(inputs, num_items)` does."""
+        self.passes += 1
+        key = self._key(inputs, num_items)
+        if key is None or not self.warmed:
+            self.warmed = self.warmed or key is not None
+            return eager_step(inputs, num_items)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture_new(key, inputs, num_items, eager_step)
+            if captured is None:
+                return eager_step(inputs, num_items)
+        return self._replay(captured, inputs, num_items)
 
     def remove(self) -> None:
-        for layer, saved in reversed(self.originals):
-            if saved is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = saved
-        self.originals.clear()
-        self.eager.clear()
+        """Drop the graphs, their static tensors and their memory pool."""
         self.graphs.clear()
-        self.pool = None
+        self.recorder = None
 
-    # ----- one layer's call -----------------------------------------------------------------------
-    def _forward_for(self, index: int):
-        def forward(hidden_states, *args, **kwargs):
-            if index > 0:
-                if self.current is not None:
-                    return hidden_states  # layer 0's graph ran this layer already
-                return self.eager[index](hidden_states, *args, **kwargs)
-            self.current = None if args else self._key(hidden_states, kwargs)
-            if self.current is not None and self.current not in self.graphs:
-                if len(self.graphs) < MAX_SIZES:
-                    self._capture(self.current, hidden_states, kwargs)
-                elif not self.full:
-                    self.full = True
-                    if self.notes is not None:
-                        self.notes.append(f"CUDA graphs: {MAX_SIZES} pass sizes captured, the most a run keeps; "
-                                          "passes of other sizes run eagerly.")
-            if self.current not in self.graphs:
-                self.current = None
-                return self.eager[0](hidden_states, *args, **kwargs)
-            self.replayed_passes += 1
-            cos, sin = kwargs["position_embeddings"]
-            return self.graphs[self.current](hidden_states, cos, sin, kwargs["cu_seq_lens_q"])
-
-        return forward
-
-    def _key(self, hidden, kwargs) -> tuple | None:
-        """The size of the pass that layer 0 starts, when it can replay a graph; None for an eager pass."""
+    # ----- which passes replay ----------------------------------------------------------------------
+    def _key(self, inputs: dict, num_items) -> tuple | None:
+        """The signature of a pass a graph can replay (names, shapes and dtypes of its tensors, its plain
+        values); None for a pass that runs eagerly."""
         import torch
 
-        if self.failed or not torch.is_grad_enabled() or not self.layers[0].training:
+        ids, starts = inputs.get("input_ids"), inputs.get("cu_seq_lens_q")
+        if self.failed or not torch.is_grad_enabled() or ids is None or starts is None or ids.dim() != 2:
             return None
-        starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-        if (starts is None or kwargs.get("position_embeddings") is None or hidden.dim() != 3 or hidden.shape[0] != 1
-                or longest != hidden.shape[1] or hidden.shape[1] % BUCKET_TOKENS):
+        if ids.shape[0] != 1 or ids.shape[1] % BUCKET_TOKENS or inputs.get("max_length_q") != ids.shape[1]:
+            return None
+        if num_items is not None and not torch.is_tensor(num_items):
             return None
         if any(p.grad is not None for p in self.trained):
-            return None  # gradients of an earlier pass not yet used: the graph's buffers would overwrite them
-        return hidden.shape[1], starts.numel(), hidden.requires_grad
+            return None  # gradients of an earlier pass not yet used: the graph would overwrite them
+        return tuple(sorted((name, tuple(value.shape), str(value.dtype)) if torch.is_tensor(value) else (name, value)
+                            for name, value in inputs.items())) + (num_items is None,)
 
-    # ----- capture --------------------------------------------------------------------------------
-    def _capture(self, key: tuple, hidden, kwargs) -> None:
-        """Capture the stack's forward and backward for the size `key`; on failure, eager from now on."""
+    # ----- capture and replay -----------------------------------------------------------------------
+    def _capture_new(self, key: tuple, inputs: dict, num_items, eager_step) -> "_Captured | None":
+        """Capture a new pass size; None when the run keeps no more sizes, or when the capture failed
+        (eager from now on, the reason in the log)."""
         import torch
 
+        if len(self.graphs) >= MAX_SIZES:
+            if not self.full and self.notes is not None:
+                self.notes.append(f"CUDA graphs: {MAX_SIZES} pass sizes captured, the most a run keeps; "
+                                  "passes of other sizes run eagerly.")
+            self.full = True
+            return None
+        positions = inputs["input_ids"].shape[1]
         started = time.perf_counter()
-        cos, sin = (t.detach().clone() for t in kwargs["position_embeddings"])
-        sample = (hidden.detach().clone().requires_grad_(hidden.requires_grad), cos, sin,
-                  kwargs["cu_seq_lens_q"].clone())
-        stack = _layer_stack(self.layers, list(self.eager), hidden.shape[1])
+        captured = _Captured(inputs, num_items, self.trained[0].device if self.trained else "cpu")
         try:
-            if self.pool is None and self.capture is None:
-                self.pool = torch.cuda.graph_pool_handle()
+            if self.recorder is None:
+                self.recorder = CudaRecorder()
             with _autocast_without_cache():
-                graphed = self._make_graphed(stack, sample)
+                captured.replay = self.recorder.record(
+                    lambda: captured.run(eager_step, self.trained, self.casts, self.lora_layers))
         except torch.OutOfMemoryError:
-            self._give_up(f"CUDA graphs ran out of GPU memory capturing a pass of {key[0]} positions; the run "
+            self._give_up(f"CUDA graphs ran out of GPU memory capturing a pass of {positions} positions; the run "
                           "goes on without them.")
-            return
+            return None
         except Exception as exc:  # noqa: BLE001  (any capture failure: the run goes on eagerly)
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
             self._give_up(f"CUDA graphs failed here ({type(exc).__name__}: {reason}); the run goes on without them.")
-            return
-        self.graphs[key] = graphed
-        self.captured.append({"positions": key[0], "segments": key[1] - 1,
-                              "seconds": round(time.perf_counter() - started, 2)})
+            return None
+        finally:
+            for parameter in self.trained:
+                parameter.grad = None  # the capture leaves the graph's buffers there, not yet computed
+        self.graphs[key] = captured
+        self.captured.append({"positions": positions, "segments": inputs["cu_seq_lens_q"].numel() - 1,
+                              "seconds": round(time.perf_counter() - started, 2), "pass": self.passes - 1})
+        return captured
+
+    def _replay(self, captured: "_Captured", inputs: dict, num_items):
+        captured.load(inputs, num_items)
+        captured.replay()
+        for parameter, grad in zip(self.trained, captured.grads):
+            parameter.grad = grad
+        self.replayed_passes += 1
+        return captured.loss.detach().clone()  # the graph's own loss tensor is overwritten by the next replay
 
     def _give_up(self, note: str) -> None:
         """Eager from now on: the graphs and their pool dropped, `note` in the job's log."""
         self.failed = True
         self.graphs.clear()
-        self.pool = None
-        if self.capture is None:
+        if isinstance(self.recorder, CudaRecorder):
             import torch
 
+            self.recorder = None
             torch.cuda.empty_cache()
         if self.notes is not None:
             self.notes.append(note)
 
-    def _make_graphed(self, stack, sample: tuple):
-        """The graphed stack. Only the first size gets eager warm-up passes (the lazy initialisation of
-        cuBLAS, Triton and flash attention happens once, not per size); the warm-up runs on a stream of
-        its own, whose cached blocks no later work reuses, so the cache is emptied after each capture."""
+
+class _Captured:
+    """One pass size's graph: its static inputs (what a replay reads), and its loss and gradients (what a
+    replay writes)."""
+
+    def __init__(self, inputs: dict, num_items, device):
         import torch
 
-        if self.capture is not None:
-            return self.capture(stack, sample)
-        warmup = self.warmup_passes if not self.graphs else 0
+        copies: dict[int, object] = {}  # one static tensor per distinct input tensor (cu_seq_lens_q is _k)
+        self.inputs = {}
+        for name, value in inputs.items():
+            if torch.is_tensor(value):
+                if id(value) not in copies:
+                    copies[id(value)] = value.to(device, copy=True)
+                value = copies[id(value)]
+            self.inputs[name] = value
+        self.num_items = num_items.to(device, copy=True) if num_items is not None else None
+        self.loss = None
+        self.grads: list = []
+        self.replay = None
+
+    def run(self, eager_step, trained: list, casts=None, lora_layers: list = ()) -> None:
+        """The recorded work: one eager training pass over the static inputs; with `casts` (a
+        `studio.model.lora_update.FlatCasts`), the LoRA layers cast the adapter's weights and gather
+        their gradients through it."""
+        if casts is None:
+            self.loss = eager_step(self.inputs, self.num_items)
+            self.grads = [p.grad for p in trained]
+            return
+        casts.begin()
+        for layer in lora_layers:
+            layer.__dict__["studio_casts"] = casts
         try:
-            return torch.cuda.make_graphed_callables(stack, sample, num_warmup_iters=warmup,
-                                                     allow_unused_input=True, pool=self.pool)
+            self.loss = eager_step(self.inputs, self.num_items)
         finally:
-            torch.cuda.empty_cache()
+            for layer in lora_layers:
+                layer.__dict__.pop("studio_casts", None)
+        flat = dict(zip(map(id, casts.weights), casts.finish()))
+        self.grads = [flat.get(id(p), p.grad) for p in trained]
+
+    def load(self, inputs: dict, num_items) -> None:
+        """Copy a pass's tensors into the static inputs."""
+        import torch
+
+        for name, value in inputs.items():
+            static = self.inputs[name]
+            if torch.is_tensor(value) and static.data_ptr() != value.data_ptr():
+                static.copy_(value, non_blocking=True)
+        if num_items is not None:
+            self.num_items.copy_(num_items, non_blocking=True)
 
 
-def _layer_stack(layers: list, forwards: list, positions: int):
-    """A module that runs `layers` (through `forwards`, their own forwards) on a packed pass of
-    `positions` positions, with tensor arguments only (as `make_graphed_callables` needs) and the
-    layers' parameters as its own."""
-    import torch
+class CudaRecorder:
+    """Records work into CUDA graphs that share one memory pool (one size replays at a time), on a
+    stream of its own. Unlike `torch.cuda.graph` it does not collect Python's garbage before each capture
+    (a tenth of a second, for nothing a training run leaves behind); it does empty PyTorch's cache, so
+    the blocks the eager passes cached go back to the GPU before the graphs' pool takes its own."""
 
-    class LayerStack(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(layers)
+    def __init__(self):
+        import torch
 
-        def forward(self, hidden_states, cos, sin, starts):
-            for forward in forwards:
-                hidden_states = forward(hidden_states, attention_mask=None, position_embeddings=(cos, sin),
-                                        use_cache=False, cu_seq_lens_q=starts, cu_seq_lens_k=starts,
-                                        max_length_q=positions, max_length_k=positions)
-            return hidden_states
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
 
-    return LayerStack()
+    def record(self, work):
+        """Capture `work()`; returns the graph's replay."""
+        import torch
+
+        torch.cuda.empty_cache()  # the eager passes' cached blocks back to the GPU, for the graphs' own pool
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                work()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph.replay
 
 
 @contextmanager
 def _autocast_without_cache() -> Iterator[None]:
     """The caller's CUDA autocast (as the Trainer's mixed precision sets it), with its weight-cast cache
-    off: `make_graphed_callables` refuses to capture with that cache on."""
+    off: a weight cast cached outside the capture would be replayed stale."""
     import torch
 
     if not torch.cuda.is_available() or not torch.is_autocast_enabled("cuda"):
@@ -259,10 +295,11 @@ def _autocast_without_cache() -> Iterator[None]:
 
 
 def model_problem(model) -> str | None:
-    """Why `model`'s layers cannot be graphed (None when they can). Inside the graph every layer gets
-    the rows' boundaries and no mask, so each must attend through `varlen_attn`: a layer whose
-    attention would fall back to SDPA with the model's mask (a sliding window, attention dropout,
-    soft-capped logits) would see across rows there."""
+    """Why `model`'s passes are not graphed (None when they are). The graphs are measured and tested for
+    models whose every layer attends through `varlen_attn` given the rows' boundaries; a layer that
+    would fall back to SDPA with the model's packed mask (a sliding window, attention dropout,
+    soft-capped logits; dropout also draws random numbers inside the attention kernel) is left to the
+    eager path, which is tested for it."""
     from studio.model.card import base_of
     from studio.train.speedups import decoder_layers
 
@@ -283,33 +320,49 @@ def model_problem(model) -> str | None:
 
 
 @contextmanager
-def graphed_layers(model, settings, device: str, collator, varlen_on: bool, notes: list | None = None,
-                   capture=None) -> Iterator[GraphedLayers | None]:
-    """For the block, `model`'s decoder layers replay CUDA graphs on packed passes, and `collator` pads
-    them to the captured sizes (a no-op when `settings.cuda_graphs` is off; `notes` says why when it is
-    on but cannot apply). Yields the `GraphedLayers`, or None."""
+def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes: list | None = None,
+                  recorder=None, compute_dtype=None) -> Iterator[StepGraphs | None]:
+    """For the block, `model`'s packed training passes replay CUDA graphs (`StepGraphs`, which the
+    trainer's `training_step` runs them through), and `collator` pads them to the captured sizes (a
+    no-op when `settings.cuda_graphs` is off; `notes` says why when it is on but cannot apply). Yields
+    the `StepGraphs`, or None. `recorder` replaces `CudaRecorder` (the CPU tests). `compute_dtype`: the
+    dtype the layers compute in (the trained LoRA weights are cast to it in one go inside the graphs)."""
     from studio.train.speedups import decoder_layers
 
     if not getattr(settings, "cuda_graphs", False):
         yield None
         return
-    problem = graph_problem(settings, device, varlen_on) if capture is None else None
+    problem = graph_problem(settings, device, varlen_on) if recorder is None else None
     problem = problem or model_problem(model)
-    layers = decoder_layers(model)
     if problem is not None:
         if notes is not None:
             notes.append(f"CUDA graphs skipped: {problem}.")
         yield None
         return
     trained = [p for p in model.parameters() if p.requires_grad]
-    graphs = GraphedLayers(layers, trained, notes, capture=capture)
-    graphs.install()
+    graphs = StepGraphs(trained, notes, recorder, *_flat_casts(model, trained, compute_dtype))
     collator.graph_padding = (BUCKET_TOKENS, settings.batch_size + 1)
     if notes is not None:
-        notes.append(f"CUDA graphs on: {len(layers)} decoder layers replayed per packed pass, passes padded to a "
-                     f"multiple of {BUCKET_TOKENS} positions (each new size captured once).")
+        notes.append(f"CUDA graphs on: forward, loss and backward of the {len(decoder_layers(model))}-layer model "
+                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (each new "
+                     "size captured once).")
     try:
         yield graphs
     finally:
         collator.graph_padding = None
         graphs.remove()
+
+
+def _flat_casts(model, trained: list, compute_dtype) -> tuple:
+    """(a FlatCasts of the trained LoRA weights, the LoRA layers) when every trained parameter is a LoRA
+    weight of one dtype; (None, ()) otherwise."""
+    from studio.model.lora_update import FlatCasts
+    from studio.model.routing import lora_layers
+
+    layers = lora_layers(model)
+    weights = {id(module.weight) for layer in layers for part in (layer.lora_A, layer.lora_B)
+               for module in part.values()}
+    if (compute_dtype is None or not trained or any(id(p) not in weights for p in trained)
+            or len({p.dtype for p in trained}) != 1):
+        return None, ()
+    return FlatCasts(trained, compute_dtype), layers

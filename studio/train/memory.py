@@ -8,8 +8,8 @@ activations, a much smaller one for the layers that recompute them (gradient che
 of both with Liger's fused kernels, plus the logits over the vocabulary (none with Liger's fused
 linear cross-entropy, which CUDA-graphed runs leave out).
 
-The coefficients are fitted by `fit` to the `bench/results/train_speed-*.json` of the two newest
-dates with some rows held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
+The coefficients are fitted by `fit` to the `bench/results/train_speed-*.json` of the newest date
+with some rows held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
 tests/test_speed_settings.py checks the estimate on every row of that file.
 """
 
@@ -101,11 +101,11 @@ def predict(features: Features, coefficients: dict) -> Estimate:
 
 
 # ----- fitting to bench/train_speed.py results -----------------------------------------------------
-def newest_result_files(folder: Path, dates: int = 2) -> list[Path]:
+def newest_result_files(folder: Path, dates: int = 1) -> list[Path]:
     """The GPU results of bench/train_speed.py of the `dates` newest dates, by name (tiny CPU runs and
-    one-off attempts left out): a day's runs together (the 7B sweep, the sizes table, the compiled
-    runs) and the day before, whose rows cover switches a newer run may not (e.g. no Liger and no
-    checkpointing); each row carries its own features, so rows of either day describe the same code."""
+    one-off attempts left out): the newest day's runs together (the 7B presets with and without CUDA
+    graphs, the tutorial recipe, the sizes table). Older days measured older code, whose training
+    passes kept other activations (e.g. before 2026-12-06, float32 copies of each LoRA layer's input)."""
     pattern = re.compile(r"train_speed-(?!tiny)[A-Za-z0-9.-]+?-(\d{4}-\d{2}-\d{2})\.json$")
     dated = [(m.group(1), path) for path in Path(folder).glob("train_speed-*.json") if (m := pattern.match(path.name))]
     if not dated:
@@ -152,9 +152,11 @@ def held_out(index: int) -> bool:
     return index % 3 == 2
 
 
-def fit(rows: list[tuple[str, Features, float]]) -> dict:
+def fit(rows: list[tuple[str, Features, float]], earlier: dict | None = None) -> dict:
     """Non-negative least squares on relative error, with a small pull toward zero for coefficients the
-    rows cannot tell apart (e.g. hidden against intermediate size when every row has one model shape)."""
+    rows cannot tell apart (e.g. hidden against intermediate size when every row has one model shape).
+    A coefficient no row measures (e.g. layers that keep their activations without Liger, when every
+    run had Liger) keeps its value in `earlier`, an earlier fit."""
     import numpy as np
 
     x = np.array([features.vector() for _, features, _ in rows], dtype=float)
@@ -175,10 +177,18 @@ def fit(rows: list[tuple[str, Features, float]]) -> dict:
     values = np.zeros(a.shape[1])
     values[active] = solution
     coefficients = {name: float(value) for name, value in zip(COEFFICIENTS, values / scale)}
+    for name in unmeasured(rows):
+        if earlier and name in earlier:
+            coefficients[name] = earlier[name]
     if not any(features.liger for _, features, _ in rows):  # nothing measured with Liger: assume no saving
         coefficients["liger_hidden"] = coefficients["full_hidden"]
         coefficients["liger_intermediate"] = coefficients["full_intermediate"]
     return coefficients
+
+
+def unmeasured(rows: list[tuple[str, Features, float]]) -> list[str]:
+    """The coefficients whose feature is zero on every row (nothing in the rows measures them)."""
+    return [name for k, name in enumerate(COEFFICIENTS) if not any(f.vector()[k] for _, f, _ in rows)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -79,19 +79,19 @@ class StudioTrainer(Trainer):
     # packed passes attend to each row alone through varlen_attn on a GPU (studio.model.attention);
     # False: SDPA with the block mask (bench/train_speed.py --varlen-ab)
     packed_varlen: bool = True
-    # replaces torch.cuda.make_graphed_callables for `cuda_graphs` (the CPU tests pass one that graphs nothing)
-    graph_capture = None
+    # replaces studio.train.graphs.CudaRecorder for `cuda_graphs` (the CPU tests pass one that re-runs the work)
+    graph_recorder = None
     # the model's parameters listed once and `train()` skipped when nothing changes (`lean_model_calls`),
     # and the flops estimate's parameter count taken once; False: the Trainer as the tutorial runs it
     lean_steps: bool = True
     flops_per_token: int | None = None
-    graphed = None  # the run's GraphedLayers (its captures and replays), when CUDA graphs were on
+    graphed = None  # the run's StepGraphs (its captures and replays), when CUDA graphs were on
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
         from studio.model.attention import sdpa_configs, varlen_kernel
-        from studio.train.graphs import graph_problem, graphed_layers
+        from studio.train.graphs import graph_problem, graphed_steps
         from studio.train.speedups import only_trained_adapter, training_speedups
 
         settings = self.speed_settings
@@ -99,9 +99,9 @@ class StudioTrainer(Trainer):
         # not with compiled layers: measured eagerly only
         compiled = bool(getattr(settings, "compile_layers", False))
         varlen = packed and self.packed_varlen and not compiled
-        # the same checks `graphed_layers` makes, so Liger's fused loss is dropped only where graphs will run
+        # the same checks `graphed_steps` makes, so Liger's fused loss is dropped only where graphs will run
         varlen_possible = varlen and varlen_kernel() is not None and bool(sdpa_configs(self.model))
-        graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_capture is not None or graph_problem(
+        graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_recorder is not None or graph_problem(
             settings, str(self.args.device), varlen_possible, self.model) is None)
         self.flops_per_token = None
         with without_cudnn_attention(self.avoid_cudnn_attention), \
@@ -109,10 +109,22 @@ class StudioTrainer(Trainer):
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, settings, fused_loss=not graphs) as notes, \
                 packed_row_attention(self.model, varlen, notes) as varlen_on, \
-                graphed_layers(self.model, settings, str(self.args.device), self.data_collator,
-                               varlen_on, notes, capture=self.graph_capture) as self.graphed:
+                graphed_steps(self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
+                              recorder=self.graph_recorder, compute_dtype=self._compute_dtype()) as self.graphed:
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
+
+    def _compute_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, replayed from a CUDA graph where the run has them (`studio.train.graphs`)."""
+        if self.graphed is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self.graphed.step(inputs, num_items_in_batch,
+                                 lambda batch, items: Trainer.training_step(self, model, batch, items))
 
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's estimate (6 x tokens x parameters), with the parameter count taken once per run:

@@ -138,7 +138,7 @@ EN = {
         "liger_kernels": "Liger kernels",
         "dequantize_base": "bf16 copy of the base while training",
         "compile_layers": "Compile the layers (torch.compile)",
-        "cuda_graphs": "Replay the layers from CUDA graphs (packed, no checkpointing)",
+        "cuda_graphs": "Replay each training pass from a CUDA graph (packed, no checkpointing)",
         "document_rows": "Also train on the document's sections (one row per section, mixed with the Q/A rows)",
         "document_file": "Document for those rows (empty = the dataset's source document)",
         "no_document": "Document rows need a document: the dataset names none; pick one in the list.",
@@ -366,8 +366,8 @@ EN = {
                                   "each row attends to itself alone, no work on the masked-out pairs.",
         "speed_packed_no_varlen": "Packed rows attend through SDPA with a block mask (this PyTorch has no varlen_attn).",
         "speed_packed_not_sdpa": "Packed rows: the model does not attend through SDPA; kept as is.",
-        "speed_graphs_on": "CUDA graphs on: {count} decoder layers replayed per packed pass, passes padded to a "
-                           "multiple of {tokens} positions (each new size captured once).",
+        "speed_graphs_on": "CUDA graphs on: forward, loss and backward of the {count}-layer model replayed per packed "
+                           "pass, passes padded to a multiple of {tokens} positions (each new size captured once).",
         "speed_graphs_skipped": "CUDA graphs skipped: {reason}.",
         "speed_graphs_failed": "CUDA graphs failed here ({error}); the run goes on without them.",
         "speed_graphs_oom": "CUDA graphs ran out of GPU memory capturing a pass of {positions} positions; the run "
@@ -806,9 +806,9 @@ ZH = {
         "preset": "预设",
         "preset_tutorial": "教程配方：学习率 1e-3，4 个 epoch，batch 1 × 梯度累积 8，线性调度，3% 预热，梯度检查点",
         "preset_fast": "快速（大显存 GPU）：每步同样的 8 条序列打包成一次无填充的前向，不做梯度检查点，训练时使用 Liger 融合算子、"
-                       "基座的 bf16 副本，并用 CUDA graph 重放各解码层",
-        "preset_gpu24": "24 GB 显卡：每步同样的 8 条序列打包成一次前向，Liger 融合算子，一半的层做梯度检查点（7B 上为教程的 12.3 倍，"
-                        "占用 15 GiB）",
+                       "基座的 bf16 副本，并用 CUDA graph 重放每次前向、损失与反向",
+        "preset_gpu24": "24 GB 显卡：每步同样的 8 条序列打包成一次前向，Liger 融合算子，八分之三的层做梯度检查点（7B 上为教程的 13.0 倍，"
+                        "占用 16.7 GiB）",
         "lr": "学习率",
         "epochs": "轮数（epochs）",
         "max_steps": "最大步数（-1 = 按轮数）",
@@ -826,7 +826,7 @@ ZH = {
         "liger_kernels": "Liger 融合算子",
         "dequantize_base": "训练时保留基座的 bf16 副本",
         "compile_layers": "编译各层（torch.compile）",
-        "cuda_graphs": "用 CUDA graph 重放各层（需打包、不做梯度检查点）",
+        "cuda_graphs": "用 CUDA graph 重放每次训练前向与反向（需打包、不做梯度检查点）",
         "document_rows": "同时用文档的章节训练（每个章节一行，与问答行混在一起）",
         "document_file": "这些行所用的文档（留空 = 数据集的源文档）",
         "no_document": "文档行需要一个文档：数据集没有记录源文档，请在列表中选一个。",
@@ -1040,7 +1040,7 @@ ZH = {
                                   "不再计算被遮掉的位置对。",
         "speed_packed_no_varlen": "拼接的样本经 SDPA 加块状掩码计算注意力（此版本的 PyTorch 没有 varlen_attn）。",
         "speed_packed_not_sdpa": "拼接的样本：模型的注意力不经 SDPA，保持原样。",
-        "speed_graphs_on": "已启用 CUDA graph：每次拼接的前向与反向由 {count} 个解码层的 graph 重放，每次的长度补齐到 {tokens} "
+        "speed_graphs_on": "已启用 CUDA graph：{count} 层模型每次拼接的前向、损失与反向由一个 graph 重放，每次的长度补齐到 {tokens} "
                            "个位置的整数倍（每种新长度只捕获一次）。",
         "speed_graphs_skipped": "未使用 CUDA graph：{reason}。",
         "speed_graphs_failed": "CUDA graph 在本机捕获失败（{error}）；本次训练不用它继续进行。",

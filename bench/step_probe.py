@@ -1,0 +1,142 @@
+"""The Fast preset's training step on the 0.5B and 7B shapes, with the LoRA forward of each kind, in one
+run, and a kernel profile of steady 0.5B steps.
+
+Variants (`--variants LORA:OPTIMIZER`, the optimizer empty for the Trainer's `adamw_torch`):
+- `peft-lora`: each LoRA layer computes the trained adapter with peft's arithmetic
+  (`studio.model.routing._routed_forward`);
+- `one-node-nocasts`: the update in one autograd node (`studio.model.lora_update`), each weight cast
+  on its own;
+- `one-node`: the same, the weights cast and their gradients gathered in one go inside the CUDA graphs
+  (`FlatCasts`), as the studio trains.
+
+    python bench/step_probe.py [--sizes 0.5B 7B] [--steps 24] [--profile]
+    python bench/step_probe.py --sizes tiny --steps 3        # a quick CPU run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import build_sized_model, synthetic_examples, write_results  # noqa: F401  (sets sys.path)
+
+from transformers import TrainerCallback  # noqa: E402
+
+import studio.model.routing as routing  # noqa: E402
+import studio.train.graphs as graphs  # noqa: E402
+import studio.train.trainer as trainer_module  # noqa: E402
+import train_speed  # noqa: E402
+from studio.model.loading import ModelSpec  # noqa: E402
+from studio.model.manager import ModelManager  # noqa: E402
+from studio.train.settings import preset  # noqa: E402
+
+STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
+          "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer}
+
+
+def use_variant(variant: str) -> None:
+    """Switch the studio's training code to `variant` (LORA:OPTIMIZER) for the next run."""
+    lora, optimizer = variant.split(":")
+
+    def arguments(**kwargs):
+        return STUDIO["arguments"](**{**kwargs, "optim": optimizer})
+
+    trainer_module.TrainingArguments = arguments if optimizer else STUDIO["arguments"]
+    routing._trained_forward = (STUDIO["trained_forward"] if lora != "peft-lora"
+                                else (lambda layer, name, routed: routed))
+    graphs._flat_casts = STUDIO["flat_casts"] if lora == "one-node" else (lambda *args: (None, ()))
+
+
+class Profiled(TrainerCallback):
+    """torch.profiler over the optimizer steps after step `first` up to step `last`: kernel time and
+    launches per step."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.profiler, self.result = first, last, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step == self.first:
+            torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step != self.last or self.profiler is None:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
+        self.profiler.__exit__(None, None, None)
+        steps = self.last - self.first  # begins at the end of step `first`, stops at the end of step `last`
+        events = self.profiler.key_averages()
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:40]
+        cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+        self.result = {
+            "steps": steps, "wall_ms_per_step": round(wall / steps * 1000, 2),
+            "kernel_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 1000 / steps, 2),
+            "kernels_per_step": round(sum(e.count for e in kernels) / steps),
+            "top_kernels": [(e.key[:80], round(e.self_device_time_total / 1000 / steps, 3), round(e.count / steps, 1))
+                            for e in top],
+            "top_cpu": [(e.key[:60], round(e.self_cpu_time_total / 1000 / steps, 3), round(e.count / steps, 1))
+                        for e in cpu]}
+
+
+def profile(loaded, rows: list[dict]) -> dict | None:
+    """The studio's Fast step on `loaded`, steps 14-19 of 22 profiled."""
+    callback = Profiled(14, 19)
+
+    def build(*args, **kwargs):
+        trainer = STUDIO["build_trainer"](*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer
+
+    use_variant("one-node:")
+    train_speed.build_trainer = build
+    try:
+        train_speed.run_setup(loaded, "fast profiled", preset("fast"), rows, 22)
+    finally:
+        train_speed.build_trainer = STUDIO["build_trainer"]
+    return callback.result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="*", default=["0.5B", "7B"])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--variants", nargs="*", default=["peft-lora:", "one-node-nocasts:", "one-node:"])
+    parser.add_argument("--profile", action="store_true", help="profile steady 0.5B steps too")
+    args = parser.parse_args()
+    root = Path("/dev/shm/qwen25-random")
+    payload: dict = {"runs": []}
+    for size in args.sizes:
+        manager = ModelManager(decode_mode="eager")
+        manager.load(ModelSpec(str(build_sized_model(root / size, size)), "4bit"))
+        with manager.using("bench") as loaded:
+            rows = synthetic_examples(8 * (args.steps + 2), loaded.model.config.vocab_size - 2000, seed=7)
+            for variant in args.variants:
+                use_variant(variant)
+                result = train_speed.run_setup(loaded, f"fast {size} {variant}", preset("fast"), rows, args.steps)
+                kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
+                                               "graphs", "peak_reserved_gib", "step_s") if k in result}
+                kept["median_step_s"] = sorted(result["step_s"])[len(result["step_s"]) // 2]
+                kept["losses"] = result["losses"][:6]
+                payload["runs"].append(kept)
+                print(json.dumps(kept), flush=True)
+            if args.profile and size == "0.5B":
+                payload["profile_0.5B"] = profile(loaded, rows)
+                print(json.dumps(payload["profile_0.5B"], indent=1), flush=True)
+        manager.unload()
+    use_variant("one-node:")
+    print("->", write_results("step_probe", payload))
+
+
+if __name__ == "__main__":
+    main()
