@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the decoder layers (GPU): about 1.7x the steps/s after a compile at the start "
                             "of the run (1-2 min the first time on a machine, about 10 s later); for long runs")
     train.add_argument("--no-cuda-graphs", action="store_true",
-                       help="train the decoder layers eagerly, not replayed from CUDA graphs (the fast preset uses them)")
+                       help="train each pass eagerly, not replayed from CUDA graphs (the fast preset uses them)")
     train.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16; alpha is 2 x r)")
     train.add_argument("--targets", default="all",
                        help="all (the seven projections), peft-default (q_proj,v_proj for qwen2) or a comma list")

@@ -546,6 +546,30 @@ def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path,
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
+def test_layers_computing_in_another_dtype_than_the_casts_keep_their_own_gradients(manager, tmp_path,
+                                                                                     monkeypatch):
+    """A run whose layers compute in another dtype than the precision's (fp16 asked of a bf16 model;
+    here bf16 asked of the fp32 test model) takes its LoRA weights' gradients from autograd, not from
+    the one-go buffer the layers never wrote: the graphed run still learns as the eager one."""
+    from functools import partial
+
+    from studio.model import attention
+    from studio.train import graphs
+    from studio.train.trainer import StudioTrainer
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
+    monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
+    monkeypatch.setattr(StudioTrainer, "graph_recorder", rerunning_recorder([]))
+    monkeypatch.setattr(StudioTrainer, "_compute_dtype", lambda self: torch.bfloat16)
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=False)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 3, seed=3)
+        reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=5)
+        losses, trainer, _ = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=5)
+    assert trainer.graphed.casts is not None and trainer.graphed.replayed_passes == 4
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+
 def test_a_failed_capture_leaves_the_run_eager_and_says_why(manager, tmp_path, monkeypatch):
     from functools import partial
 
@@ -683,3 +707,24 @@ def test_the_one_node_lora_update_is_peft_s_update_with_its_gradients():
         t.grad = None
     reference.sum().backward()
     assert all(torch.allclose(mine, t.grad) for mine, t in zip(grads, inputs))
+
+
+def test_a_capture_that_fails_mid_pass_leaves_nothing_in_the_one_go_casts():
+    """A pass that raises while captured (out of memory, an op a graph cannot hold) must not leave the
+    casts holding buffers of the failed capture for the rest of the run."""
+    from studio.model.lora_update import FlatCasts
+    from studio.train.graphs import _Captured
+
+    weights = [torch.zeros(3, 4, requires_grad=True), torch.zeros(4, 3, requires_grad=True)]
+    casts = FlatCasts(weights, torch.float32)
+    layer = torch.nn.Linear(2, 2)
+
+    def failing_step(inputs, num_items):
+        assert layer.__dict__["studio_casts"] is casts and casts.casts  # set for the pass
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    captured = _Captured({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, None, "cpu")
+    with pytest.raises(torch.OutOfMemoryError):
+        captured.run(failing_step, weights, casts, [layer])
+    assert casts.casts == [] and casts.grads is None and not casts.served
+    assert "studio_casts" not in layer.__dict__

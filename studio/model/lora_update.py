@@ -76,12 +76,14 @@ def lora_update(x, result, weight_a, weight_b, scaling: float, dropout: float, c
 
 class FlatCasts:
     """The trained weights of one pass in the compute dtype, cast in one go, and one buffer their
-    gradients are written to, cast back to the weights' dtype in one go: two kernels a pass instead of
-    one cast per weight each way (336 and 336 on the 0.5B shape with seven projections).
+    gradients are written to, cast back to the weights' dtype in one go: four kernels a pass (the
+    gather, its cast, the zeroed gradient buffer, its cast back) instead of one cast per weight each way
+    (336 and 336 on the 0.5B shape with seven projections).
 
-    `begin()` casts (call it at the start of a pass), `finish()` returns each weight's gradient as a
-    view of one buffer in the weights' dtype (call it after the backward). Used inside a captured CUDA
-    graph (`studio.train.graphs`), where the buffers are the graph's own."""
+    `begin()` casts (call it at the start of a pass), `finish()` returns the gradient, as a view of one
+    buffer in the weights' dtype, of each weight a layer took from here (`served`; a layer that computes
+    in another dtype leaves its weights' gradients to autograd), `reset()` drops a pass that failed.
+    Used inside a captured CUDA graph (`studio.train.graphs`), where the buffers are the graph's own."""
 
     def __init__(self, weights: list, dtype):
         self.weights, self.dtype = weights, dtype
@@ -91,6 +93,8 @@ class FlatCasts:
             self.offsets.append(self.offsets[-1] + weight.numel())
         self.casts: list = []
         self.grads = None
+        self.grad_views: list = []
+        self.served: set[int] = set()  # ids of the weights a layer took from here this pass
 
     def _views(self, flat) -> list:
         return [flat[start:end].view(w.shape) for w, start, end in zip(self.weights, self.offsets, self.offsets[1:])]
@@ -102,12 +106,18 @@ class FlatCasts:
         self.grad_views = self._views(self.grads)
 
     def weight(self, weight):
+        self.served.add(id(weight))
         return self.casts[self.index[id(weight)]]
 
     def grad(self, weight):
         return self.grad_views[self.index[id(weight)]]
 
-    def finish(self) -> list:
-        flat = self.grads.to(self.weights[0].dtype)
-        self.casts, self.grads, self.grad_views = [], None, []
-        return self._views(flat)
+    def finish(self) -> dict:
+        """{id of a served weight: its gradient}."""
+        views = self._views(self.grads.to(self.weights[0].dtype))
+        served = {id(w): view for w, view in zip(self.weights, views) if id(w) in self.served}
+        self.reset()
+        return served
+
+    def reset(self) -> None:
+        self.casts, self.grads, self.grad_views, self.served = [], None, [], set()

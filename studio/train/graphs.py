@@ -234,10 +234,13 @@ class _Captured:
             layer.__dict__["studio_casts"] = casts
         try:
             self.loss = eager_step(self.inputs, self.num_items)
+        except BaseException:
+            casts.reset()  # nothing of a failed capture stays referenced
+            raise
         finally:
             for layer in lora_layers:
                 layer.__dict__.pop("studio_casts", None)
-        flat = dict(zip(map(id, casts.weights), casts.finish()))
+        flat = casts.finish()  # the weights the layers took from `casts`; autograd set the others' .grad
         self.grads = [flat.get(id(p), p.grad) for p in trained]
 
     def load(self, inputs: dict, num_items) -> None:

@@ -62,8 +62,9 @@ def lean_model_calls(model, active: bool = True) -> Iterator[None]:
 class StudioTrainer(Trainer):
     """A Trainer that saves and restores one named adapter, keeps eval time out of tokens/s, trains
     without cuDNN attention (see `without_cudnn_attention`), packed rows each attending to itself alone
-    (`packed_row_attention`), with the settings' speed switches (`studio.train.speedups`) and its decoder
-    layers replayed from CUDA graphs (`studio.train.graphs`), all undone when training ends.
+    (`packed_row_attention`), with the settings' speed switches (`studio.train.speedups`) and its packed
+    passes (forward, loss and backward) replayed from CUDA graphs (`studio.train.graphs`), all undone
+    when training ends.
 
     It overrides three private Trainer methods: `_save` and `_load_from_checkpoint`, because the model
     is shared and may carry several adapters and the Trainer has no public hook for what a checkpoint
