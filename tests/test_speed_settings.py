@@ -522,6 +522,7 @@ def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path,
     from studio.model import attention
     from studio.train import graphs
     from studio.train.trainer import StudioTrainer
+    from studio.ui.i18n import translate
 
     monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
@@ -541,7 +542,8 @@ def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path,
     assert trainer.graphed.casts is not None  # the adapter's weights were cast, and their gradients gathered, in one go
     assert losses == pytest.approx(reference, rel=1e-4)
     assert losses[-1] != losses[1]  # the adapter learned: the optimizer got each replay's gradients
-    assert any(line.startswith("CUDA graphs on: forward, loss and backward of the 2-layer model") for line in job.lines)
+    note = next(line for line in job.lines if line.startswith("CUDA graphs on: forward, loss and backward of the 2-layer"))
+    assert translate(note, "zh").startswith("已启用 CUDA graph：2 层模型每次拼接的前向、损失与反向")
     assert trainer.data_collator.graph_padding is None and not trainer.graphed.graphs
     assert all("forward" not in module.__dict__ for module in model.modules())
 
@@ -728,3 +730,38 @@ def test_a_capture_that_fails_mid_pass_leaves_nothing_in_the_one_go_casts():
         captured.run(failing_step, weights, casts, [layer])
     assert casts.casts == [] and casts.grads is None and not casts.served
     assert "studio_casts" not in layer.__dict__
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_training_forward_equals_peft_s_and_keeps_an_adapter_s_own_biases(plain_model, lora_bias):
+    """While `name` trains, a pass with gradients gives peft's output and gradients (one node, or peft's
+    own arithmetic for an adapter with biases of its own, which the one-node update has no place for)."""
+    from peft import LoraConfig, get_peft_model
+
+    from studio.model.routing import lora_layers, only_adapter
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        lora_bias=lora_bias)
+    model = get_peft_model(plain_model, config, adapter_name="mine")
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["mine"].weight, std=0.02)
+        if lora_bias:
+            torch.nn.init.normal_(layer.lora_B["mine"].bias, std=0.5)
+    ids = torch.randint(0, plain_model.config.vocab_size, (1, 12))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(input_ids=ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    peft_logits, peft_grads = logits_and_grads()
+    with only_adapter(model, "mine"):
+        logits, grads = logits_and_grads()
+        one_node = [layer for layer in lora_layers(model) if "forward" in layer.__dict__]
+    assert len(one_node) == 2 * plain_model.config.num_hidden_layers
+    assert torch.allclose(logits, peft_logits, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads, peft_grads))
+    if lora_bias:
+        assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n and n.endswith("bias"))

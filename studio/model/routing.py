@@ -168,7 +168,8 @@ def _trained_forward(layer, name: str, routed):
     """The layer's forward while `name` trains: a pass with gradients computes the update in one
     autograd node (`studio.model.lora_update`, fewer kernels; dropout as the adapter's dropout module
     is in training mode; while a CUDA graph is captured, the weights' casts and gradients go through the
-    layer's `studio_casts`); any other pass (an evaluation, a frozen adapter) runs `routed`."""
+    layer's `studio_casts`); any other pass (an evaluation, a frozen adapter) and an adapter with biases
+    of its own run `routed`."""
     import torch
 
     from studio.model.lora_update import lora_update
@@ -176,6 +177,9 @@ def _trained_forward(layer, name: str, routed):
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
     rate = float(getattr(dropout, "p", 0.0))
+
+    if getattr(lora_A, "bias", None) is not None or getattr(lora_B, "bias", None) is not None:
+        return routed  # an adapter with its own biases (peft's lora_bias): peft's arithmetic keeps them
 
     def forward(x, *args, **kwargs):
         if not (torch.is_grad_enabled() and lora_A.weight.requires_grad and lora_B.weight.requires_grad):
