@@ -1,21 +1,27 @@
 """The Fast preset's training step on the 0.5B and 7B shapes, with the LoRA forward of each kind, in one
 run, and a kernel profile of steady 0.5B steps.
 
-Variants (`--variants LORA:OPTIMIZER`, the optimizer empty for the Trainer's `adamw_torch`):
+Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Trainer's `adamw_torch`):
 - `peft-lora`: each LoRA layer computes the trained adapter with peft's arithmetic
   (`studio.model.routing._routed_forward`);
 - `one-node-nocasts`: the update in one autograd node (`studio.model.lora_update`), each weight cast
   on its own;
 - `one-node`: the same, the weights cast and their gradients gathered in one go inside the CUDA graphs
-  (`FlatCasts`), as the studio trains.
+  (`FlatCasts`), as the studio trains;
+- LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
+  graphed runs (`studio.train.fused_loss`, the default).
 
-    python bench/step_probe.py [--sizes 0.5B 7B] [--steps 24] [--profile]
+`--check-loss` compares the chunked loss's Triton kernel with the same arithmetic in PyTorch
+operations on bf16 logits over the 152k vocabulary.
+
+    python bench/step_probe.py [--sizes 0.5B 7B] [--steps 24] [--profile] [--check-loss]
     python bench/step_probe.py --sizes tiny --steps 3        # a quick CPU run of the same code
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ from common import build_sized_model, synthetic_examples, write_results  # noqa:
 from transformers import TrainerCallback  # noqa: E402
 
 import studio.model.routing as routing  # noqa: E402
+import studio.train.speedups as speedups  # noqa: E402
 import studio.train.graphs as graphs  # noqa: E402
 import studio.train.trainer as trainer_module  # noqa: E402
 import train_speed  # noqa: E402
@@ -33,12 +40,13 @@ from studio.model.manager import ModelManager  # noqa: E402
 from studio.train.settings import preset  # noqa: E402
 
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
-          "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer}
+          "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
+          "chunked_loss": speedups.chunked_loss}
 
 
 def use_variant(variant: str) -> None:
-    """Switch the studio's training code to `variant` (LORA:OPTIMIZER) for the next run."""
-    lora, optimizer = variant.split(":")
+    """Switch the studio's training code to `variant` (LORA:OPTIMIZER[:LOSS]) for the next run."""
+    lora, optimizer, *loss = variant.split(":")
 
     def arguments(**kwargs):
         return STUDIO["arguments"](**{**kwargs, "optim": optimizer})
@@ -47,6 +55,32 @@ def use_variant(variant: str) -> None:
     routing._trained_forward = (STUDIO["trained_forward"] if lora != "peft-lora"
                                 else (lambda layer, name, routed: routed))
     graphs._flat_casts = STUDIO["flat_casts"] if lora == "one-node" else (lambda *args: (None, ()))
+    speedups.chunked_loss = (lambda model, notes, on: contextlib.nullcontext(False)) if loss == ["model"] \
+        else STUDIO["chunked_loss"]
+
+
+def check_loss(rows: int = 1024, vocab: int = 151936) -> dict:
+    """The chunked loss's Triton kernel against PyTorch's arithmetic: largest differences of the losses
+    and of the gradients over the logits (bf16 logits, every eighth row ignored)."""
+    import torch
+
+    from studio.train import fused_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda") * 4).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    targets[::8] = fused_loss.IGNORE_INDEX
+    results = {}
+    for name, rows_fn in (("triton", fused_loss._rows_triton), ("torch", fused_loss._rows_torch)):
+        grads, losses = logits.clone(), torch.empty(rows, device="cuda")
+        rows_fn(grads, targets, losses)
+        results[name] = (losses, grads.float())
+    (loss_t, grad_t), (loss_p, grad_p) = results["triton"], results["torch"]
+    return {"rows": rows, "vocab": vocab, "loss_max_abs_diff": (loss_t - loss_p).abs().max().item(),
+            "loss_mean": loss_p[targets != -100].mean().item(),
+            "grad_max_abs_diff": (grad_t - grad_p).abs().max().item(),
+            "grad_sum_abs_diff": (grad_t.sum(1) - grad_p.sum(1)).abs().max().item(),
+            "ignored_rows_zero": bool((grad_t[::8] == 0).all().item() and (loss_t[::8] == 0).all().item())}
 
 
 class Profiled(TrainerCallback):
@@ -113,9 +147,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--variants", nargs="*", default=["peft-lora:", "one-node-nocasts:", "one-node:"])
     parser.add_argument("--profile", action="store_true", help="profile steady 0.5B steps too")
+    parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
     args = parser.parse_args()
     root = Path("/dev/shm/qwen25-random")
     payload: dict = {"runs": []}
+    if args.check_loss:
+        payload["loss_check"] = check_loss()
+        print(json.dumps(payload["loss_check"]), flush=True)
     for size in args.sizes:
         manager = ModelManager(decode_mode="eager")
         manager.load(ModelSpec(str(build_sized_model(root / size, size)), "4bit"))

@@ -16,8 +16,9 @@ one CUDA graph and replayed: one launch a pass. Only the optimizer step stays ou
   replay rewrites and which become the parameters' `.grad` after it (no copy). The optimizer uses them
   before the next pass, and the Trainer's `zero_grad` drops them (it sets them to None); a pass that
   finds gradients already there (a second pass of an accumulation) runs eagerly.
-- Loss: with graphs on, the model computes its own loss (lm_head and cross-entropy): Liger's fused
-  linear cross-entropy reads its count of labels back to the host, which a graph cannot hold.
+- Loss: with graphs on, the loss is the chunked one of `studio.train.fused_loss` (no whole logits, no
+  read back to the host); Liger's fused linear cross-entropy reads its count of labels back to the
+  host, which a graph cannot hold.
 - When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
   or compiled layers, one pass per optimizer step; otherwise the run trains eagerly and its log says
   why, as it does for a model whose attention would need what the varlen kernel does not do

@@ -5,8 +5,8 @@ adapter's fp32 weights, gradients and Adam states (16 bytes per trainable parame
 overhead + activations, which grow with the token positions of the largest forward pass: per position
 and layer, a cost in the hidden and the MLP (intermediate) sizes for the layers that keep their
 activations, a much smaller one for the layers that recompute them (gradient checkpointing), less
-of both with Liger's fused kernels, plus the logits over the vocabulary (none with Liger's fused
-linear cross-entropy, which CUDA-graphed runs leave out).
+of both with Liger's fused kernels, plus the logits over the vocabulary (none with a loss that never
+keeps them whole: Liger's fused linear cross-entropy, or the chunked loss of CUDA-graphed runs).
 
 The coefficients are fitted by `fit` to the `bench/results/train_speed-*.json` of the newest date
 with some rows held out (`python bench/fit_memory.py` writes `memory_fit.json` beside this file);
@@ -72,8 +72,8 @@ class Features:
     vocab: int
     checkpointed_share: float  # share of layers recomputing activations (0 without checkpointing)
     liger: bool
-    # Liger's fused linear cross-entropy (no logits); None: as `liger` (rows from before CUDA graphs,
-    # which keep the model's own loss with Liger's layer kernels)
+    # a loss that never keeps the whole logits (Liger's fused one, or the chunked loss of CUDA-graphed
+    # runs since `studio.train.fused_loss`); None: as `liger` (rows from before CUDA graphs)
     fused_loss: bool | None = None
 
     @property
@@ -136,7 +136,7 @@ def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:
             continue
         if "memory_features" in result:
             features = Features(**result["memory_features"])
-            if features.fused_loss is None and features.liger:  # a CUDA-graphed run keeps the model's own loss
+            if features.fused_loss is None and features.liger:  # older rows: a CUDA-graphed run kept the model's own loss
                 features.fused_loss = not any(note.startswith("CUDA graphs on") for note in result.get("applied", []))
         else:
             share = 1.0 if result["gradient_checkpointing"] else 0.0
@@ -221,23 +221,25 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                    model_bytes: int | None = None) -> Features:
     from studio.model.card import base_of, memory_in_use
     from studio.train.estimate import lora_param_count
+    from studio.train.fused_loss import loss_problem
     from studio.train.speedups import liger_available
 
     config = base_of(model).config
     share = min(1.0, max(0.0, settings.checkpoint_fraction)) if settings.gradient_checkpointing else 0.0
     liger = bool(settings.liger_kernels and liger_available() is None)
     graphs = graphs_expected(settings, model)
+    chunked_loss = graphs and loss_problem(model) is None  # studio.train.fused_loss
     dequantized = four_bit_parameters(model) * 2 if settings.dequantize_base else 0
     return Features(model_gib=(memory_in_use(model) if model_bytes is None else model_bytes) / GIB,
                     dequantized_gib=dequantized / GIB,
                     adapter_gib=lora_param_count(model, lora.targets, lora.r) * 16 / GIB, tokens=tokens,
                     hidden=config.hidden_size, intermediate=config.intermediate_size,
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
-                    liger=liger, fused_loss=liger and not graphs)
+                    liger=liger, fused_loss=chunked_loss if graphs else liger)
 
 
 def graphs_expected(settings: TrainSettings, model=None) -> bool:
-    """Whether training `model` with `settings` here replays CUDA graphs (and so keeps the model's own loss)."""
+    """Whether training `model` with `settings` here replays CUDA graphs (and so computes the chunked loss)."""
     from studio.model.attention import varlen_kernel
     from studio.train.graphs import graph_problem
 

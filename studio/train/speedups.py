@@ -7,8 +7,8 @@ run ends or fails. None of them changes the loss beyond rounding (tests/test_spe
 bench/train_speed.py).
 
 - `liger_kernels`: the liger-kernel package's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused
-  linear cross-entropy that never builds the logits; not with CUDA graphs, where the model's own loss
-  is faster), by instance. Optional: absent, or without a CUDA GPU, the run goes on without it and
+  linear cross-entropy that never builds the logits; not with CUDA graphs, whose passes compute the
+  studio's chunked loss instead, `studio.train.fused_loss`), by instance. Optional: absent, or without a CUDA GPU, the run goes on without it and
   says so.
 - `dequantize_base`: each 4-bit base layer gets a bf16 copy of its weight, dequantized once (the same
   values bitsandbytes dequantizes on every pass), and runs as a plain linear layer.
@@ -179,8 +179,8 @@ def only_trained_adapter(model, name: str, on: bool = True):
 @contextmanager
 def training_speedups(model, settings, fused_loss: bool = True):
     """Apply the switches of `settings` for the duration of the block; yields what was applied or skipped.
-    `fused_loss=False` keeps the model's own loss with Liger's kernels (CUDA-graphed layers: Liger's
-    fused loss then costs more host time than it saves, `studio.train.graphs`)."""
+    `fused_loss=False` leaves the loss to the model (CUDA-graphed passes: Liger's fused loss reads a
+    count back to the host, which a graph cannot hold; `chunked_loss` replaces it there)."""
     undo: list = []
     notes: list[str] = []
     try:
@@ -196,6 +196,19 @@ def training_speedups(model, settings, fused_loss: bool = True):
     finally:
         for restore in reversed(undo):
             restore()
+
+
+@contextmanager
+def chunked_loss(model, notes: list, on: bool):
+    """With `on` (the run's passes go into CUDA graphs), the model's training loss is computed chunk by
+    chunk, without float32 logits or a host read (`studio.train.fused_loss`); otherwise nothing changes."""
+    if not on:
+        yield False
+        return
+    from studio.train.fused_loss import fused_training_loss
+
+    with fused_training_loss(model, notes) as applied:
+        yield applied
 
 
 def compile_signature(model, settings) -> tuple:

@@ -93,7 +93,7 @@ class StudioTrainer(Trainer):
     def train(self, *args, **kwargs):
         from studio.model.attention import sdpa_configs, varlen_kernel
         from studio.train.graphs import graph_problem, graphed_steps
-        from studio.train.speedups import only_trained_adapter, training_speedups
+        from studio.train.speedups import chunked_loss, only_trained_adapter, training_speedups
 
         settings = self.speed_settings
         packed = bool(getattr(settings, "packing", False))
@@ -109,6 +109,7 @@ class StudioTrainer(Trainer):
                 lean_model_calls(self.model, self.lean_steps), \
                 only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
                 training_speedups(self.model, settings, fused_loss=not graphs) as notes, \
+                chunked_loss(self.model, notes, graphs), \
                 packed_row_attention(self.model, varlen, notes) as varlen_on, \
                 graphed_steps(self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
                               recorder=self.graph_recorder, compute_dtype=self._compute_dtype()) as self.graphed:

@@ -369,6 +369,8 @@ EN = {
         "speed_graphs_on": "CUDA graphs on: forward, loss and backward of the {count}-layer model replayed per packed "
                            "pass, passes padded to a multiple of {tokens} positions (each new size captured once).",
         "speed_graphs_skipped": "CUDA graphs skipped: {reason}.",
+        "speed_loss_on": "Chunked loss on: the logits are computed a chunk at a time and never kept whole.",
+        "speed_loss_skipped": "Chunked loss skipped: {reason}.",
         "speed_graphs_failed": "CUDA graphs failed here ({error}); the run goes on without them.",
         "speed_graphs_oom": "CUDA graphs ran out of GPU memory capturing a pass of {positions} positions; the run "
                             "goes on without them.",
@@ -634,6 +636,9 @@ EN = {
         "liger_needs_cuda": "Liger kernels need a CUDA GPU",
         "compile_cuda_only": "it is measured and used on CUDA GPUs only",
         "graphs_need_cuda": "they need a CUDA GPU",
+        "loss_head_not_linear": "the model's output head is not a plain linear layer",
+        "loss_head_trained": "the output head has a bias or is trained",
+        "loss_softcapped": "the model caps its logits",
         "graphs_need_packing": "they need packed passes (packing on)",
         "graphs_not_checkpointing": "not with gradient checkpointing (its recomputation is not captured)",
         "graphs_not_compiled": "not with compiled layers",
@@ -1043,6 +1048,8 @@ ZH = {
         "speed_graphs_on": "已启用 CUDA graph：{count} 层模型每次拼接的前向、损失与反向由一个 graph 重放，每次的长度补齐到 {tokens} "
                            "个位置的整数倍（每种新长度只捕获一次）。",
         "speed_graphs_skipped": "未使用 CUDA graph：{reason}。",
+        "speed_loss_on": "已启用分块损失：logits 逐块计算，从不整体保留。",
+        "speed_loss_skipped": "未使用分块损失：{reason}。",
         "speed_graphs_failed": "CUDA graph 在本机捕获失败（{error}）；本次训练不用它继续进行。",
         "speed_graphs_oom": "CUDA graph 捕获 {positions} 个位置的一次前向时显存不足；本次训练不用它继续进行。",
         "speed_graphs_full": "CUDA graph：已捕获 {count} 种长度，达到一次训练保留的上限；其他长度的前向不用 graph 运行。",
@@ -1276,6 +1283,9 @@ ZH = {
         "liger_needs_cuda": "Liger 融合算子需要 CUDA GPU",
         "compile_cuda_only": "它只在 CUDA GPU 上测过、用过",
         "graphs_need_cuda": "它需要 CUDA GPU",
+        "loss_head_not_linear": "模型的输出层不是普通的线性层",
+        "loss_head_trained": "输出层带偏置或参与训练",
+        "loss_softcapped": "模型对 logits 设了上限",
         "graphs_need_packing": "它需要拼接样本（打开 packing）",
         "graphs_not_checkpointing": "不能与梯度检查点同用（其重算不在 graph 中）",
         "graphs_not_compiled": "不能与编译的解码层同用",
