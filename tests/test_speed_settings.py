@@ -773,6 +773,69 @@ def test_the_one_node_lora_update_is_peft_s_update_with_its_gradients():
     assert all(torch.allclose(mine, t.grad) for mine, t in zip(grads, inputs))
 
 
+def test_the_dense_base_and_its_lora_update_in_one_node_are_the_two_apart():
+    """`dense_lora_linear` (a dequantized base layer and the trained update in one autograd node, its
+    input gradient summed in one product) gives `F.linear` + `lora_update`: values and gradients, checked
+    numerically, with and without a bias, and with dropout the same mask for the same random state."""
+    from studio.model.lora_update import dense_lora_linear, lora_update
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    for base_bias in (bias, None):
+        assert torch.autograd.gradcheck(lambda *t: dense_lora_linear(t[0], weight, base_bias, t[1], t[2], 2.0, 0.0),
+                                        (x, a, b))
+        for rate in (0.0, 0.5):
+            torch.manual_seed(3)
+            fused = dense_lora_linear(x, weight, base_bias, a, b, 2.0, rate)
+            fused.square().sum().backward()
+            fused_grads = [t.grad.clone() for t in (x, a, b)]
+            for t in (x, a, b):
+                t.grad = None
+            torch.manual_seed(3)
+            apart = lora_update(x, torch.nn.functional.linear(x, weight, base_bias), a, b, 2.0, rate)
+            apart.square().sum().backward()
+            assert torch.allclose(fused, apart)
+            assert all(torch.allclose(mine, t.grad) for mine, t in zip(fused_grads, (x, a, b)))
+            for t in (x, a, b):
+                t.grad = None
+
+
+def test_training_over_a_dequantized_base_joins_base_and_update_and_keeps_the_losses(manager, tmp_path,
+                                                                                       monkeypatch):
+    """With `dequantize_base`, each trained projection runs `dense_lora_linear` (its copies in the
+    activations' dtype, as on a GPU: bf16 both) and the losses are those of the base and update apart."""
+    import studio.model.lora_update as lora_update
+    from studio.train import speedups
+
+    real_dequantize, real_joined = speedups.dequantize_base, lora_update.dense_lora_linear
+
+    def dequantize_in_float32(model, undo):
+        note = real_dequantize(model, undo)
+        for module in model.modules():
+            if "studio_dense_weight" in module.__dict__:
+                module.studio_dense_weight = module.studio_dense_weight.float()
+        return note
+
+    def apart(x, weight, bias, a, b, scaling, dropout, casts=None):
+        return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts)
+
+    joined_calls: list = []
+    monkeypatch.setattr(speedups, "dequantize_base", dequantize_in_float32)
+    dense = replace(preset("fast"), dequantize_base=True, liger_kernels=False, cuda_graphs=False)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 3, seed=1)
+        monkeypatch.setattr(lora_update, "dense_lora_linear", apart)
+        reference, _, _ = studio_losses(loaded, dense, examples, tmp_path, steps=3, lora=LoraSettings())
+        monkeypatch.setattr(lora_update, "dense_lora_linear",
+                            lambda *args: joined_calls.append(1) or real_joined(*args))
+        losses, _, _ = studio_losses(loaded, dense, examples, tmp_path, steps=3, lora=LoraSettings())
+    assert len(joined_calls) == 3 * 14  # 3 passes, 14 trained projections (2 layers of 7)
+    assert losses == pytest.approx(reference, rel=1e-5) and losses[0] != losses[-1]
+
+
 def test_a_capture_that_fails_mid_pass_leaves_nothing_in_the_one_go_casts():
     """A pass that raises while captured (out of memory, an op a graph cannot hold) must not leave the
     casts holding buffers of the failed capture for the rest of the run."""

@@ -26,10 +26,16 @@ class LoraUpdate(torch.autograd.Function):
     their gradients written into it, not returned."""
 
     @staticmethod
-    def forward(ctx, x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None):
-        dtype = result.dtype
+    def forward(ctx, x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None, base=None):
+        """With `base` (a dense base weight and its bias or None) and `result` None, the base layer's
+        product is computed here too, and the backward adds its input gradient in the same product."""
+        dtype = result.dtype if base is None else base[0].dtype
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            if base is not None:
+                weight, bias = base
+                result = (torch.addmm(bias.to(dtype), flat, weight.t()) if bias is not None
+                          else torch.mm(flat, weight.t()))
             mask = None
             if dropout > 0:
                 flat, mask = torch.native_dropout(flat, dropout, True)
@@ -39,15 +45,15 @@ class LoraUpdate(torch.autograd.Function):
                 a, b = weight_a.to(dtype), weight_b.to(dtype)
             hidden = flat @ a.t()
             out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, hidden, a, b, mask)
+        ctx.save_for_backward(flat, hidden, a, b, mask, None if base is None else base[0])
         ctx.scaling, ctx.dropout, ctx.casts = scaling, dropout, casts
         ctx.weights = (weight_a, weight_b) if casts is not None else None
         ctx.dtypes = (x.dtype, weight_a.dtype, weight_b.dtype)
-        return out.view(result.shape)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        flat, hidden, a, b, mask = ctx.saved_tensors
+        flat, hidden, a, b, mask, base_weight = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         casts = ctx.casts
         with torch.autocast(grad.device.type, enabled=False):
@@ -64,14 +70,24 @@ class LoraUpdate(torch.autograd.Function):
             g_x = torch.mm(g_hidden, a)
             if mask is not None:
                 g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
+            if base_weight is not None:
+                g_x = torch.addmm(g_x, g, base_weight)  # the base product's input gradient, summed in place
         g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
-        return g_x, grad, g_a, g_b, None, None, None
+        return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None
 
 
 def lora_update(x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None):
     """`result + scaling * dropout(x) @ weight_a.T @ weight_b.T`, in `result`'s dtype, differentiable in
     `x` and `result`, and in both weights (with `casts`: their gradients go into `casts`)."""
     return LoraUpdate.apply(x, result, weight_a, weight_b, float(scaling), float(dropout), casts)
+
+
+def dense_lora_linear(x, base_weight, base_bias, weight_a, weight_b, scaling: float, dropout: float, casts=None):
+    """`x @ base_weight.T + base_bias` plus the LoRA update, in `base_weight`'s dtype, in one autograd node:
+    the backward computes the input's gradient through the base weight and the update in one product
+    epilogue instead of two gradients autograd then adds (the base weight and bias get none: frozen)."""
+    return LoraUpdate.apply(x, None, weight_a, weight_b, float(scaling), float(dropout), casts,
+                            (base_weight, base_bias))
 
 
 class FlatCasts:

@@ -168,11 +168,12 @@ def _trained_forward(layer, name: str, routed):
     """The layer's forward while `name` trains: a pass with gradients computes the update in one
     autograd node (`studio.model.lora_update`, fewer kernels; dropout as the adapter's dropout module
     is in training mode; while a CUDA graph is captured, the weights' casts and gradients go through the
-    layer's `studio_casts`); any other pass (an evaluation, a frozen adapter) and an adapter with biases
+    layer's `studio_casts`; over a dequantized base, `studio_dense_weight`, the base product joins the
+    same node); any other pass (an evaluation, a frozen adapter) and an adapter with biases
     of its own run `routed`."""
     import torch
 
-    from studio.model.lora_update import lora_update
+    from studio.model.lora_update import dense_lora_linear, lora_update
 
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
@@ -184,11 +185,18 @@ def _trained_forward(layer, name: str, routed):
     def forward(x, *args, **kwargs):
         if not (torch.is_grad_enabled() and lora_A.weight.requires_grad and lora_B.weight.requires_grad):
             return routed(x, *args, **kwargs)
-        result = base(x, *args, **kwargs)
+        rate_now = rate if dropout.training else 0.0
         casts = layer.__dict__.get("studio_casts")  # set while a CUDA graph is captured (studio.train.graphs)
+        dense = base.__dict__.get("studio_dense_weight")  # the dequantized base (studio.train.speedups)
+        if (dense is not None and dense.dtype == x.dtype and not args and not kwargs
+                and (base.bias is None or not base.bias.requires_grad)):
+            bias = None if base.bias is None else base.bias.to(dense.dtype)
+            return dense_lora_linear(x, dense, bias, lora_A.weight, lora_B.weight, scaling, rate_now,
+                                     casts if casts is not None and casts.dtype == dense.dtype else None)
+        result = base(x, *args, **kwargs)
         if casts is not None and casts.dtype != result.dtype:
             casts = None
-        return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate if dropout.training else 0.0, casts)
+        return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate_now, casts)
 
     return forward
 
