@@ -8,6 +8,8 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
   on its own;
 - `one-node`: the same, the weights cast and their gradients gathered in one go inside the CUDA graphs
   (`FlatCasts`), as the studio trains;
+- `one-node-apart`: the same, but over the dequantized base the base product stays its own autograd
+  node (before `dense_lora_linear`), so autograd adds the two input gradients;
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
   graphed runs (`studio.train.fused_loss`, the default).
 
@@ -30,6 +32,7 @@ from common import build_sized_model, synthetic_examples, write_results  # noqa:
 
 from transformers import TrainerCallback  # noqa: E402
 
+import studio.model.lora_update as lora_update  # noqa: E402
 import studio.model.routing as routing  # noqa: E402
 import studio.train.speedups as speedups  # noqa: E402
 import studio.train.graphs as graphs  # noqa: E402
@@ -41,7 +44,14 @@ from studio.train.settings import preset  # noqa: E402
 
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
           "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
-          "chunked_loss": speedups.chunked_loss}
+          "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear}
+
+
+def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None):
+    """`dense_lora_linear` as two autograd nodes (the base product, then the update)."""
+    import torch
+
+    return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts)
 
 
 def use_variant(variant: str) -> None:
@@ -54,7 +64,9 @@ def use_variant(variant: str) -> None:
     trainer_module.TrainingArguments = arguments if optimizer else STUDIO["arguments"]
     routing._trained_forward = (STUDIO["trained_forward"] if lora != "peft-lora"
                                 else (lambda layer, name, routed: routed))
-    graphs._flat_casts = STUDIO["flat_casts"] if lora == "one-node" else (lambda *args: (None, ()))
+    graphs._flat_casts = STUDIO["flat_casts"] if lora.startswith("one-node") and lora != "one-node-nocasts" \
+        else (lambda *args: (None, ()))
+    lora_update.dense_lora_linear = base_and_update_apart if lora == "one-node-apart" else STUDIO["dense_lora_linear"]
     speedups.chunked_loss = (lambda model, notes, on: contextlib.nullcontext(False)) if loss == ["model"] \
         else STUDIO["chunked_loss"]
 

@@ -58,14 +58,14 @@ class LoraUpdate(torch.autograd.Function):
         casts = ctx.casts
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(hidden.dtype)
-            g_hidden = torch.mm(g, b).mul_(ctx.scaling)
+            g_hidden = _scaled_mm(g, b, ctx.scaling)
             if casts is not None:
                 weight_a, weight_b = ctx.weights
-                torch.mm(g.t(), hidden, out=casts.grad(weight_b)).mul_(ctx.scaling)
+                _scaled_mm(g.t(), hidden, ctx.scaling, out=casts.grad(weight_b))
                 torch.mm(g_hidden.t(), flat, out=casts.grad(weight_a))
                 g_a = g_b = None
             else:
-                g_b = torch.mm(g.t(), hidden).mul_(ctx.scaling).to(b_dtype)
+                g_b = _scaled_mm(g.t(), hidden, ctx.scaling).to(b_dtype)
                 g_a = torch.mm(g_hidden.t(), flat).to(a_dtype)
             g_x = torch.mm(g_hidden, a)
             if mask is not None:
@@ -74,6 +74,13 @@ class LoraUpdate(torch.autograd.Function):
                 g_x = torch.addmm(g_x, g, base_weight)  # the base product's input gradient, summed in place
         g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
         return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None
+
+
+def _scaled_mm(left, right, scale: float, out=None):
+    """`scale * left @ right` in one kernel (the scaling in the product's epilogue, not a second pass)."""
+    if out is None:
+        out = left.new_empty(left.shape[0], right.shape[1])
+    return torch.addmm(out, left, right, beta=0, alpha=scale, out=out)
 
 
 def lora_update(x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None):
