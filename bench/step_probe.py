@@ -71,6 +71,53 @@ def use_variant(variant: str) -> None:
         else STUDIO["chunked_loss"]
 
 
+class HostGaps:
+    """Where the host spends the time between one step's end (the bench's synchronisation) and the next
+    pass's graph launch: the Trainer's loop up to `training_step`, then the studio's step up to the
+    replay (median milliseconds over a run's steady steps)."""
+
+    def __init__(self):
+        self.marks: list[tuple[str, float]] = []
+        self.real = (train_speed.StepClock.on_step_end, trainer_module.StudioTrainer.training_step,
+                     graphs.StepGraphs._replay)
+
+    def install(self) -> None:
+        step_end, training_step, replay = self.real
+        marks = self.marks
+
+        def on_step_end(clock, *args, **kwargs):
+            result = step_end(clock, *args, **kwargs)
+            marks.append(("end", time.perf_counter()))
+            return result
+
+        def timed_training_step(trainer, *args, **kwargs):
+            marks.append(("step", time.perf_counter()))
+            return training_step(trainer, *args, **kwargs)
+
+        def timed_replay(graphed, *args, **kwargs):
+            marks.append(("replay", time.perf_counter()))
+            return replay(graphed, *args, **kwargs)
+
+        train_speed.StepClock.on_step_end = on_step_end
+        trainer_module.StudioTrainer.training_step = timed_training_step
+        graphs.StepGraphs._replay = timed_replay
+
+    def take(self) -> dict:
+        (train_speed.StepClock.on_step_end, trainer_module.StudioTrainer.training_step,
+         graphs.StepGraphs._replay) = self.real
+        loop, studio = [], []
+        for (a, t1), (b, t2), (c, t3) in zip(self.marks, self.marks[1:], self.marks[2:]):
+            if (a, b, c) == ("end", "step", "replay"):
+                loop.append((t2 - t1) * 1000)
+                studio.append((t3 - t2) * 1000)
+        self.marks.clear()
+
+        def median(values):
+            return round(sorted(values)[len(values) // 2], 3) if values else None
+
+        return {"trainer_loop_ms": median(loop), "studio_step_to_replay_ms": median(studio), "steps": len(loop)}
+
+
 def check_loss(rows: int = 1024, vocab: int = 151936) -> dict:
     """The chunked loss's Triton kernel against PyTorch's arithmetic: largest differences of the losses
     and of the gradients over the logits (bf16 logits, every eighth row ignored)."""
@@ -132,7 +179,25 @@ class Profiled(TrainerCallback):
             "top_kernels": [(e.key[:80], round(e.self_device_time_total / 1000 / steps, 3), round(e.count / steps, 1))
                             for e in top],
             "top_cpu": [(e.key[:60], round(e.self_cpu_time_total / 1000 / steps, 3), round(e.count / steps, 1))
-                        for e in cpu]}
+                        for e in cpu],
+            "graph_launches": launch_gaps(self.profiler.events())}
+
+
+def launch_gaps(events) -> list[dict]:
+    """For each graph launch in a profile: its host time, how long after the launch began the GPU ran
+    the next kernel, and how long the GPU sat idle before that kernel (microseconds)."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    out = []
+    for launch in (e for e in events if e.name == "cudaGraphLaunch"):
+        start = launch.time_range.start
+        after = [k for k in kernels if k[0] >= start]
+        before = [k[1] for k in kernels if k[1] <= start]
+        if not after:
+            continue
+        out.append({"launch_host_us": round(launch.time_range.end - start),
+                    "first_kernel_after_us": round(after[0][0] - start),
+                    "gpu_idle_before_us": round(after[0][0] - max(before)) if before else None})
+    return out
 
 
 def profile(loaded, rows: list[dict]) -> dict | None:
@@ -173,9 +238,12 @@ def main() -> None:
             rows = synthetic_examples(8 * (args.steps + 2), loaded.model.config.vocab_size - 2000, seed=7)
             for variant in args.variants:
                 use_variant(variant)
+                gaps = HostGaps()
+                gaps.install()
                 result = train_speed.run_setup(loaded, f"fast {size} {variant}", preset("fast"), rows, args.steps)
+                result["host_gaps"] = gaps.take()
                 kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
-                                               "graphs", "peak_reserved_gib", "step_s") if k in result}
+                                               "graphs", "peak_reserved_gib", "step_s", "host_gaps") if k in result}
                 kept["median_step_s"] = sorted(result["step_s"])[len(result["step_s"]) // 2]
                 kept["losses"] = result["losses"][:6]
                 payload["runs"].append(kept)

@@ -44,7 +44,10 @@ class LoraUpdate(torch.autograd.Function):
             else:
                 a, b = weight_a.to(dtype), weight_b.to(dtype)
             hidden = flat @ a.t()
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scaling)
+            if base is not None:  # the base product is ours: summed into in place (no copy of it first)
+                out = result.addmm_(hidden, b.t(), alpha=scaling)
+            else:
+                out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scaling)
         ctx.save_for_backward(flat, hidden, a, b, mask, None if base is None else base[0])
         ctx.scaling, ctx.dropout, ctx.casts = scaling, dropout, casts
         ctx.weights = (weight_a, weight_b) if casts is not None else None
@@ -71,7 +74,7 @@ class LoraUpdate(torch.autograd.Function):
             if mask is not None:
                 g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
             if base_weight is not None:
-                g_x = torch.addmm(g_x, g, base_weight)  # the base product's input gradient, summed in place
+                g_x.addmm_(g, base_weight)  # the base product's input gradient, summed in place
         g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
         return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None
 
