@@ -8,6 +8,8 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
   on its own;
 - `one-node`: the same, the weights cast and their gradients gathered in one go inside the CUDA graphs
   (`FlatCasts`), as the studio trains;
+- `one-node-mul`: the same, with the LoRA backward's scaling as a multiply after each product (before
+  `_scaled_mm` put it in the products' epilogue);
 - `one-node-apart`: the same, but over the dequantized base the base product stays its own autograd
   node (before `dense_lora_linear`), so autograd adds the two input gradients;
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
@@ -44,7 +46,15 @@ from studio.train.settings import preset  # noqa: E402
 
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
           "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
-          "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear}
+          "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear,
+          "scaled_mm": lora_update._scaled_mm}
+
+
+def scaled_by_multiply(left, right, scale: float, out=None):
+    """`_scaled_mm` as a product, then a multiply."""
+    import torch
+
+    return (torch.mm(left, right) if out is None else torch.mm(left, right, out=out)).mul_(scale)
 
 
 def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None):
@@ -67,6 +77,7 @@ def use_variant(variant: str) -> None:
     graphs._flat_casts = STUDIO["flat_casts"] if lora.startswith("one-node") and lora != "one-node-nocasts" \
         else (lambda *args: (None, ()))
     lora_update.dense_lora_linear = base_and_update_apart if lora == "one-node-apart" else STUDIO["dense_lora_linear"]
+    lora_update._scaled_mm = scaled_by_multiply if lora == "one-node-mul" else STUDIO["scaled_mm"]
     speedups.chunked_loss = (lambda model, notes, on: contextlib.nullcontext(False)) if loss == ["model"] \
         else STUDIO["chunked_loss"]
 
@@ -224,6 +235,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--variants", nargs="*", default=["peft-lora:", "one-node-nocasts:", "one-node:"])
     parser.add_argument("--profile", action="store_true", help="profile steady 0.5B steps too")
+    parser.add_argument("--presets", nargs="*", default=["fast"], help="studio presets to run each variant with")
     parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
     args = parser.parse_args()
     root = Path("/dev/shm/qwen25-random")
@@ -236,11 +248,12 @@ def main() -> None:
         manager.load(ModelSpec(str(build_sized_model(root / size, size)), "4bit"))
         with manager.using("bench") as loaded:
             rows = synthetic_examples(8 * (args.steps + 2), loaded.model.config.vocab_size - 2000, seed=7)
-            for variant in args.variants:
+            for variant, preset_name in [(v, p) for p in args.presets for v in args.variants]:
                 use_variant(variant)
                 gaps = HostGaps()
                 gaps.install()
-                result = train_speed.run_setup(loaded, f"fast {size} {variant}", preset("fast"), rows, args.steps)
+                result = train_speed.run_setup(loaded, f"{preset_name} {size} {variant}", preset(preset_name), rows,
+                                               args.steps)
                 result["host_gaps"] = gaps.take()
                 kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
                                                "graphs", "peak_reserved_gib", "step_s", "host_gaps") if k in result}

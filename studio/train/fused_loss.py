@@ -105,8 +105,12 @@ def linear_cross_entropy(hidden, weight, labels, num_items=None, chunk_rows: int
 
 def default_chunk_rows(weight) -> int:
     """Rows a chunk holds: its logits at most `CHUNK_BYTES` in the compute dtype, a multiple of 256."""
-    per_row = weight.shape[0] * 2
-    return max(256, CHUNK_BYTES // per_row // 256 * 256)
+    return chunk_rows_for(weight.shape[0])
+
+
+def chunk_rows_for(vocab: int) -> int:
+    """`default_chunk_rows` for an output head over `vocab` entries (bf16 or fp16 logits)."""
+    return max(256, CHUNK_BYTES // (vocab * 2) // 256 * 256)
 
 
 def _compute_dtype(weight, device_type: str):

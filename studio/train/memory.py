@@ -29,7 +29,7 @@ FIT_FILE = Path(__file__).with_name("memory_fit.json")
 # token position, layer and hidden (or intermediate) unit for layers that keep their activations
 # (without / with Liger), for layers that recompute them, and per position and vocabulary entry.
 COEFFICIENTS = ("overhead_gib", "full_hidden", "full_intermediate", "checkpointed_hidden", "logits_vocab",
-                "liger_hidden", "liger_intermediate")
+                "liger_hidden", "liger_intermediate", "loss_chunk_vocab")
 HIDDEN_7B = dict(hidden=3584, intermediate=18944, layers=28, vocab=152064)
 LORA_7B = 28 * 16 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584))
 
@@ -75,6 +75,8 @@ class Features:
     # a loss that never keeps the whole logits (Liger's fused one, or the chunked loss of CUDA-graphed
     # runs since `studio.train.fused_loss`); None: as `liger` (rows from before CUDA graphs)
     fused_loss: bool | None = None
+    # positions of the chunked loss's largest chunk of logits (`studio.train.fused_loss`; 0 without it)
+    loss_chunk_rows: int = 0
 
     @property
     def known_gib(self) -> float:
@@ -89,7 +91,8 @@ class Features:
         logits = 0.0 if (self.liger if self.fused_loss is None else self.fused_loss) else 1.0
         return [1.0, per * kept * self.hidden * plain, per * kept * self.intermediate * plain,
                 per * self.checkpointed_share * self.hidden, self.tokens * self.vocab * logits / GIB,
-                per * kept * self.hidden * liger, per * kept * self.intermediate * liger]
+                per * kept * self.hidden * liger, per * kept * self.intermediate * liger,
+                self.loss_chunk_rows * self.vocab / GIB]
 
 
 def predict(features: Features, coefficients: dict) -> Estimate:
@@ -105,7 +108,8 @@ def newest_result_files(folder: Path, dates: int = 1) -> list[Path]:
     """The GPU results of bench/train_speed.py of the `dates` newest dates, by name (tiny CPU runs and
     one-off attempts left out): the newest day's runs together (the 7B presets with and without CUDA
     graphs, the tutorial recipe, the sizes table). Older days measured older code, whose training
-    passes kept other activations (e.g. before 2026-12-06, float32 copies of each LoRA layer's input)."""
+    passes kept other activations (e.g. before 2026-12-06, float32 copies of each LoRA layer's input).
+    A run of code changed again the same day is moved to `superseded/` under `folder`, out of the fit."""
     pattern = re.compile(r"train_speed-(?!tiny)[A-Za-z0-9.-]+?-(\d{4}-\d{2}-\d{2})\.json$")
     dated = [(m.group(1), path) for path in Path(folder).glob("train_speed-*.json") if (m := pattern.match(path.name))]
     if not dated:
@@ -130,14 +134,19 @@ def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:
 
     Rows written by the current bench carry their own `memory_features`; the 2026-11-28 file
     (Qwen2.5-7B shape only) predates them and gets its features from the 7B constants."""
+    from studio.train.fused_loss import chunk_rows_for
+
     out = []
     for result in payload.get("results", []):
         if "peak_reserved_gib" not in result or result.get("error"):
             continue
         if "memory_features" in result:
             features = Features(**result["memory_features"])
+            applied = result.get("applied", [])
             if features.fused_loss is None and features.liger:  # older rows: a CUDA-graphed run kept the model's own loss
-                features.fused_loss = not any(note.startswith("CUDA graphs on") for note in result.get("applied", []))
+                features.fused_loss = not any(note.startswith("CUDA graphs on") for note in applied)
+            if any(note.startswith("Chunked loss on") for note in applied) and not features.loss_chunk_rows:
+                features.loss_chunk_rows = min(features.tokens, chunk_rows_for(features.vocab))  # before the field
         else:
             share = 1.0 if result["gradient_checkpointing"] else 0.0
             features = Features(model_gib=payload["static_gib"], dequantized_gib=0.0, adapter_gib=LORA_7B * 16 / GIB,
@@ -221,7 +230,7 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                    model_bytes: int | None = None) -> Features:
     from studio.model.card import base_of, memory_in_use
     from studio.train.estimate import lora_param_count
-    from studio.train.fused_loss import loss_problem
+    from studio.train.fused_loss import chunk_rows_for, loss_problem
     from studio.train.speedups import liger_available
 
     config = base_of(model).config
@@ -235,7 +244,8 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                     adapter_gib=lora_param_count(model, lora.targets, lora.r) * 16 / GIB, tokens=tokens,
                     hidden=config.hidden_size, intermediate=config.intermediate_size,
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
-                    liger=liger, fused_loss=chunked_loss if graphs else liger)
+                    liger=liger, fused_loss=chunked_loss if graphs else liger,
+                    loss_chunk_rows=min(tokens, chunk_rows_for(config.vocab_size)) if chunked_loss else 0)
 
 
 def graphs_expected(settings: TrainSettings, model=None) -> bool:
