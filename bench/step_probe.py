@@ -13,7 +13,8 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
 - `one-node-apart`: the same, but over the dequantized base the base product stays its own autograd
   node (before `dense_lora_linear`), so autograd adds the two input gradients;
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
-  graphed runs (`studio.train.fused_loss`, the default).
+  graphed runs (`studio.train.fused_loss`, the default); `chunked`: the chunked loss in eager runs too
+  (in place of Liger's fused loss, which reads a count back to the host every pass).
 
 `--check-loss` compares the chunked loss's Triton kernel with the same arithmetic in PyTorch
 operations on bf16 logits over the 152k vocabulary.
@@ -78,8 +79,9 @@ def use_variant(variant: str) -> None:
         else (lambda *args: (None, ()))
     lora_update.dense_lora_linear = base_and_update_apart if lora == "one-node-apart" else STUDIO["dense_lora_linear"]
     lora_update._scaled_mm = scaled_by_multiply if lora == "one-node-mul" else STUDIO["scaled_mm"]
-    speedups.chunked_loss = (lambda model, notes, on: contextlib.nullcontext(False)) if loss == ["model"] \
-        else STUDIO["chunked_loss"]
+    speedups.chunked_loss = {"model": lambda model, notes, on: contextlib.nullcontext(False),
+                             "chunked": lambda model, notes, on: STUDIO["chunked_loss"](model, notes, True)
+                             }.get(loss[0] if loss else "", STUDIO["chunked_loss"])
 
 
 class HostGaps:
