@@ -579,10 +579,14 @@ def test_the_chunked_loss_gives_the_model_s_loss_and_gradients(plain_model):
         for name, grad in grads.items():
             assert torch.allclose(grad, own_grads[name], atol=1e-6, rtol=1e-4), name
     assert translate(notes[0], "zh") == "已启用分块损失：logits 逐块计算，从不整体保留。"
-    hidden = torch.randn(1, labels.shape[1], plain_model.config.hidden_size)
+    hidden = torch.randn(1, labels.shape[1], plain_model.config.hidden_size, requires_grad=True)
     whole = linear_cross_entropy(hidden, plain_model.lm_head.weight, labels)
-    assert linear_cross_entropy(hidden, plain_model.lm_head.weight, labels, chunk_rows=8).item() == \
-        pytest.approx(whole.item(), rel=1e-6)
+    whole.backward()
+    whole_grad, hidden.grad = hidden.grad.clone(), None
+    chunks = linear_cross_entropy(hidden, plain_model.lm_head.weight, labels, chunk_rows=8)  # 6 chunks
+    chunks.backward()
+    assert chunks.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert torch.allclose(hidden.grad, whole_grad, atol=1e-7) and hidden.grad[0, :-1].abs().sum() > 0
     with fused_training_loss(plain_model, []), torch.no_grad():
         evaluated = plain_model(**batch, use_cache=False)
     assert evaluated.logits is not None and "forward" not in plain_model.__dict__
@@ -597,6 +601,18 @@ def test_the_chunked_loss_keeps_away_from_a_trained_output_head(plain_model):
         assert not applied and "forward" not in plain_model.__dict__
     assert notes == ["Chunked loss skipped: the output head has a bias or is trained."]
     assert translate(notes[0], "zh") == "未使用分块损失：输出层带偏置或参与训练。"
+    plain_model.lm_head.weight.requires_grad_(False)
+    patched = plain_model.forward  # a forward another patch put on the instance comes back afterwards
+    plain_model.forward = patched
+    with fused_training_loss(plain_model, notes) as applied:
+        assert applied and plain_model.__dict__["forward"] is not patched
+    assert plain_model.__dict__["forward"] is patched
+    del plain_model.forward
+    plain_model.config.model_type = "granite"  # scales its logits after the head: a forward it does not know
+    with fused_training_loss(plain_model, notes) as applied:
+        assert not applied
+    assert notes[-1] == "Chunked loss skipped: the studio computes it for Qwen2, Qwen3, Llama and Mistral models only."
+    assert "Qwen2" in translate(notes[-1], "zh") and "未使用分块损失" in translate(notes[-1], "zh")
 
 
 def test_layers_computing_in_another_dtype_than_the_casts_keep_their_own_gradients(manager, tmp_path,

@@ -70,12 +70,14 @@ class LoraUpdate(torch.autograd.Function):
             else:
                 g_b = _scaled_mm(g.t(), hidden, ctx.scaling).to(b_dtype)
                 g_a = torch.mm(g_hidden.t(), flat).to(a_dtype)
-            g_x = torch.mm(g_hidden, a)
-            if mask is not None:
-                g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
-            if base_weight is not None:
-                g_x.addmm_(g, base_weight)  # the base product's input gradient, summed in place
-        g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
+            g_x = None
+            if ctx.needs_input_grad[0]:  # not for the first layer's projections over a frozen embedding
+                g_x = torch.mm(g_hidden, a)
+                if mask is not None:
+                    g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
+                if base_weight is not None:
+                    g_x.addmm_(g, base_weight)  # the base product's input gradient, summed in place
+                g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
         return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None
 
 

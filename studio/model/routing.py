@@ -188,8 +188,10 @@ def _trained_forward(layer, name: str, routed):
         rate_now = rate if dropout.training else 0.0
         casts = layer.__dict__.get("studio_casts")  # set while a CUDA graph is captured (studio.train.graphs)
         dense = base.__dict__.get("studio_dense_weight")  # the dequantized base (studio.train.speedups)
+        autocast = torch.is_autocast_enabled(x.device.type)
         if (dense is not None and dense.dtype == x.dtype and not args and not kwargs
-                and (base.bias is None or not base.bias.requires_grad)):
+                and (base.bias is None or not base.bias.requires_grad)
+                and (not autocast or torch.get_autocast_dtype(x.device.type) == dense.dtype)):
             bias = None if base.bias is None else base.bias.to(dense.dtype)
             return dense_lora_linear(x, dense, bias, lora_A.weight, lora_B.weight, scaling, rate_now,
                                      casts if casts is not None and casts.dtype == dense.dtype else None)

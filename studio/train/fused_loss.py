@@ -14,8 +14,9 @@ the gradient of the hidden states. The backward only scales it by the incoming g
 number of labels, a tensor. On a CUDA GPU the per-row kernel is Triton's (bundled with PyTorch); on
 the CPU, or without Triton, the same arithmetic runs as PyTorch operations.
 
-Used for training passes in CUDA graphs, where the output head is a plain frozen linear layer without a
-bias (`loss_problem` says why not otherwise; the model's own loss then stays).
+Used for training passes in CUDA graphs, on models whose forward ends in a plain frozen linear head
+without a bias and the shifted cross-entropy (`PLAIN_MODEL_TYPES`; `loss_problem` says why not
+otherwise, and the model's own loss then stays).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ import torch  # imported by the training run only (studio.train.trainer imports 
 
 CHUNK_BYTES = 512 * 2**20  # logits of one chunk in the compute dtype, at most (a multiple of 256 rows)
 IGNORE_INDEX = -100
+# Model types whose causal-LM forward is the plain one this replaces: decoder, output head, shifted
+# cross-entropy (others scale their logits, cap them or add a router loss after the head)
+PLAIN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+# Calls that ask for more than the loss keep the model's own forward
+OWN_FORWARD_ARGUMENTS = ("inputs_embeds", "shift_labels", "output_hidden_states", "output_attentions")
 
 
 def loss_problem(model) -> str | None:
@@ -37,6 +43,8 @@ def loss_problem(model) -> str | None:
 
     base = base_of(model)
     head = getattr(base, "lm_head", None)
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_MODEL_TYPES:
+        return "the studio computes it for Qwen2, Qwen3, Llama and Mistral models only"
     if not hasattr(base, "model") or type(head) is not torch.nn.Linear:
         return "the model's output head is not a plain linear layer"
     if head.bias is not None or head.weight.requires_grad:
@@ -59,18 +67,21 @@ def fused_training_loss(model, notes: list) -> Iterator[bool]:
         yield False
         return
     base = base_of(model)
-    own_forward = base.forward
-    base.forward = types.MethodType(_forward_with_fused_loss(own_forward), base)
+    instance_forward = base.__dict__.get("forward")  # a forward another patch put on this instance
+    base.forward = types.MethodType(_forward_with_fused_loss(base.forward), base)
     notes.append("Chunked loss on: the logits are computed a chunk at a time and never kept whole.")
     try:
         yield True
     finally:
         forget_instance_attributes(base, ("forward",))
+        if instance_forward is not None:
+            base.forward = instance_forward
 
 
 def _forward_with_fused_loss(own_forward):
     def forward(self, *args, labels=None, **kwargs):
-        if args or labels is None or not torch.is_grad_enabled() or kwargs.get("inputs_embeds") is not None:
+        if (args or labels is None or not torch.is_grad_enabled() or kwargs.get("return_dict") is False
+                or any(kwargs.get(name) not in (None, False) for name in OWN_FORWARD_ARGUMENTS)):
             return own_forward(*args, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -136,6 +147,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = x[start:end] @ head.t()
                 row_losses_and_grads(logits, targets[start:end], losses[start:end])
                 torch.mm(logits, head, out=grad_hidden[start:end])
+                del logits  # freed before the next chunk's, so one chunk is held at a time
             total = losses.sum() / num_items
         ctx.save_for_backward(grad_hidden, num_items)
         ctx.flat_dtype = flat.dtype
