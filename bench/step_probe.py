@@ -254,9 +254,12 @@ def main() -> None:
                 use_variant(variant)
                 gaps = HostGaps()
                 gaps.install()
-                result = train_speed.run_setup(loaded, f"{preset_name} {size} {variant}", preset(preset_name), rows,
-                                               args.steps)
-                result["host_gaps"] = gaps.take()
+                try:
+                    result = train_speed.run_setup(loaded, f"{preset_name} {size} {variant}", preset(preset_name),
+                                                   rows, args.steps)
+                finally:
+                    result_gaps = gaps.take()  # the patched methods go back even when the run fails
+                result["host_gaps"] = result_gaps
                 kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
                                                "graphs", "peak_reserved_gib", "step_s", "host_gaps") if k in result}
                 kept["median_step_s"] = sorted(result["step_s"])[len(result["step_s"]) // 2]

@@ -38,7 +38,7 @@ OWN_FORWARD_ARGUMENTS = ("inputs_embeds", "shift_labels", "output_hidden_states"
 
 
 def loss_problem(model) -> str | None:
-    """Why the fused loss cannot replace `model`'s own (None when it can)."""
+    """Why the chunked loss cannot replace `model`'s own (None when it can)."""
     from studio.model.card import base_of
 
     base = base_of(model)

@@ -8,8 +8,8 @@ bench/train_speed.py).
 
 - `liger_kernels`: the liger-kernel package's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused
   linear cross-entropy that never builds the logits; not with CUDA graphs, whose passes compute the
-  studio's chunked loss instead, `studio.train.fused_loss`), by instance. Optional: absent, or without a CUDA GPU, the run goes on without it and
-  says so.
+  studio's chunked loss instead, `studio.train.fused_loss`), by instance. Optional: absent, or without
+  a CUDA GPU, the run goes on without it and says so.
 - `dequantize_base`: each 4-bit base layer gets a bf16 copy of its weight, dequantized once (the same
   values bitsandbytes dequantizes on every pass), and runs as a plain linear layer.
 - `compile_layers`: `torch.compile` of each decoder layer, with dynamic shapes. With `liger_kernels`
