@@ -12,14 +12,19 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
   `_scaled_mm` put it in the products' epilogue);
 - `one-node-apart`: the same, but over the dequantized base the base product stays its own autograd
   node (before `dense_lora_linear`), so autograd adds the two input gradients;
+- `one-node-keptmask`: the same with PyTorch's dropout, its mask kept for the backward, in graphed runs
+  too (before `studio.model.lora_dropout`; not with checkpointing in the graphs);
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
   graphed runs (`studio.train.fused_loss`, the default); `chunked`: the chunked loss in eager runs too
   (in place of Liger's fused loss, which reads a count back to the host every pass).
 
 `--check-loss` compares the chunked loss's Triton kernel with the same arithmetic in PyTorch
-operations on bf16 logits over the 152k vocabulary.
+operations on bf16 logits over the 152k vocabulary; `--check-dropout` checks the redrawn dropout's
+kernel, in a CUDA graph too. `--presets` takes the studio's presets and the probe's variants of the
+24 GB one (`gpu24-eager`: without CUDA graphs, as before; `gpu24-quarter`: a quarter of the layers
+checkpointed).
 
-    python bench/step_probe.py [--sizes 0.5B 7B] [--steps 24] [--profile] [--check-loss]
+    python bench/step_probe.py [--sizes 0.5B 7B] [--steps 24] [--profile] [--check-loss] [--check-dropout]
     python bench/step_probe.py --sizes tiny --steps 3        # a quick CPU run of the same code
 """
 
@@ -43,12 +48,23 @@ import studio.train.trainer as trainer_module  # noqa: E402
 import train_speed  # noqa: E402
 from studio.model.loading import ModelSpec  # noqa: E402
 from studio.model.manager import ModelManager  # noqa: E402
-from studio.train.settings import preset  # noqa: E402
+from studio.train.settings import preset as studio_preset  # noqa: E402
+
+PROBE_PRESETS = {"gpu24-eager": {"cuda_graphs": False}, "gpu24-quarter": {"checkpoint_fraction": 0.25}}
+
+
+def preset(name: str):
+    """A studio preset, or a probe's variant of the 24 GB preset (`PROBE_PRESETS`)."""
+    from dataclasses import replace
+
+    if name in PROBE_PRESETS:
+        return replace(studio_preset("gpu24"), **PROBE_PRESETS[name])
+    return studio_preset(name)
 
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
           "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
           "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear,
-          "scaled_mm": lora_update._scaled_mm}
+          "scaled_mm": lora_update._scaled_mm, "redrawn_dropout": speedups.redrawn_dropout}
 
 
 def scaled_by_multiply(left, right, scale: float, out=None):
@@ -58,11 +74,12 @@ def scaled_by_multiply(left, right, scale: float, out=None):
     return (torch.mm(left, right) if out is None else torch.mm(left, right, out=out)).mul_(scale)
 
 
-def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None):
+def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None, redrawn=None):
     """`dense_lora_linear` as two autograd nodes (the base product, then the update)."""
     import torch
 
-    return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts)
+    return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts,
+                                   redrawn)
 
 
 def use_variant(variant: str) -> None:
@@ -79,6 +96,8 @@ def use_variant(variant: str) -> None:
         else (lambda *args: (None, ()))
     lora_update.dense_lora_linear = base_and_update_apart if lora == "one-node-apart" else STUDIO["dense_lora_linear"]
     lora_update._scaled_mm = scaled_by_multiply if lora == "one-node-mul" else STUDIO["scaled_mm"]
+    speedups.redrawn_dropout = ((lambda model, name, on: contextlib.nullcontext(None)) if lora == "one-node-keptmask"
+                                else STUDIO["redrawn_dropout"])
     speedups.chunked_loss = {"model": lambda model, notes, on: contextlib.nullcontext(False),
                              "chunked": lambda model, notes, on: STUDIO["chunked_loss"](model, notes, True)
                              }.get(loss[0] if loss else "", STUDIO["chunked_loss"])
@@ -129,6 +148,37 @@ class HostGaps:
             return round(sorted(values)[len(values) // 2], 3) if values else None
 
         return {"trainer_loop_ms": median(loop), "studio_step_to_replay_ms": median(studio), "steps": len(loop)}
+
+
+def check_dropout(rate: float = 0.05) -> dict:
+    """The redrawn LoRA dropout's Triton kernel (`studio.model.lora_dropout`) on a 7B MLP input: the same mask
+    on a second draw, the share kept, the kept values scaled; and inside a CUDA graph that draws a pass's
+    seed first, each replay a new mask, drawn the same twice within the replay."""
+    import torch
+
+    from studio.model.lora_dropout import DropoutSeeds, _triton_kernel
+
+    seeds = DropoutSeeds("cuda")
+    dropout = seeds.layer(5)
+    x = torch.randn(2048, 18944, device="cuda", dtype=torch.bfloat16)
+    first = dropout(x, rate)
+    kept = first != 0
+    scaled = (first[kept].float() - x[kept].float() / (1 - rate)).abs().max().item()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        seeds.refresh()
+        one, two = dropout(x, rate), dropout(x, rate)
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    replay_one, replay_same = one.clone(), torch.equal(one, two)
+    graph.replay()
+    return {"triton": _triton_kernel() is not None, "same_mask_twice": torch.equal(first, dropout(x, rate)),
+            "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled,
+            "replay_same_twice": replay_same and torch.equal(one, two),
+            "replays_draw_new_masks": not torch.equal(replay_one, one)}
 
 
 def check_loss(rows: int = 1024, vocab: int = 151936) -> dict:
@@ -239,12 +289,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile steady 0.5B steps too")
     parser.add_argument("--presets", nargs="*", default=["fast"], help="studio presets to run each variant with")
     parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
+    parser.add_argument("--check-dropout", action="store_true", help="check the redrawn dropout's kernel first")
     args = parser.parse_args()
     root = Path("/dev/shm/qwen25-random")
     payload: dict = {"runs": []}
     if args.check_loss:
         payload["loss_check"] = check_loss()
         print(json.dumps(payload["loss_check"]), flush=True)
+    if args.check_dropout:
+        payload["dropout_check"] = check_dropout()
+        print(json.dumps(payload["dropout_check"]), flush=True)
     for size in args.sizes:
         manager = ModelManager(decode_mode="eager")
         manager.load(ModelSpec(str(build_sized_model(root / size, size)), "4bit"))

@@ -430,9 +430,9 @@ class Bench:
                               NEEDS["tutorial_step"][size] * steps + 5, static, warmup_steps=1, studio_kernels=False)
         if tutorial:
             tutorial["ratio_to_tutorial"] = 1.0
-        for which, steps in (("fast", self.args.steps), ("gpu24", 8)):  # Fast as many steps as the 7B's row
-            self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows, steps,
-                       15 + steps, static, tutorial)
+        for which in ("fast", "gpu24"):  # as many steps as the 7B's rows (both replay CUDA graphs)
+            self.setup(size, f"{which}: {self.recommended_name(which)}", self.recommended(which), rows,
+                       self.args.steps, 15 + self.args.steps, static, tutorial)
         if size == "0.5B" or (size == "7B" and self.args.no_main):
             self.time_to_adapter(size, static)
         self.size_rows[size] = (rows, tutorial)

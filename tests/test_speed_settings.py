@@ -667,7 +667,7 @@ def test_a_failed_capture_leaves_the_run_eager_and_says_why(manager, tmp_path, m
 @pytest.mark.parametrize("change, device, varlen, reason", [
     ({}, "cpu", True, "they need a CUDA GPU"),
     (dict(packing=False), "cuda:0", True, "they need packed passes (packing on)"),
-    (dict(gradient_checkpointing=True), "cuda:0", True, "not with gradient checkpointing"),
+    (dict(gradient_checkpointing=True), "cuda:0", True, None),  # the recomputation is captured too
     (dict(compile_layers=True), "cuda:0", True, "not with compiled layers"),
     (dict(grad_accum=2), "cuda:0", True, "gradient accumulation 1"),
     ({}, "cuda:0", False, "varlen_attn"),
@@ -684,6 +684,113 @@ def test_cuda_graphs_say_why_they_cannot_apply(change, device, varlen, reason):
         assert "CUDA" in chinese and re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"\b(they|with|need)\b",
                                                                                               chinese), chinese
     assert graph_problem(replace(preset("fast"), cuda_graphs=False), "cpu", False) is None
+
+
+def test_redrawn_dropout_gives_a_recomputed_layer_the_forward_s_mask():
+    """`studio.model.lora_dropout` in the LoRA node: the same mask for the same pass seed and layer (another
+    for another layer or pass), kept with probability 1 - rate and scaled; values and gradients those of
+    the update with that mask; no mask kept for the backward; and under a checkpoint that replays no
+    generator state, the gradients of the plain run, where PyTorch's dropout gives others."""
+    from torch.utils.checkpoint import checkpoint
+
+    from studio.model.lora_dropout import DropoutSeeds
+    from studio.model.lora_update import lora_update
+
+    seeds = DropoutSeeds("cpu")
+    dropout = seeds.layer(3)
+    x = torch.randn(64, 1024)
+    once = dropout(x, 0.3)
+    assert torch.equal(once, dropout(x, 0.3)) and not torch.equal(once, seeds.layer(4)(x, 0.3))
+    assert abs((once == 0).float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(once[once != 0], (x / 0.7)[once != 0])
+    seeds.refresh()
+    assert not torch.equal(once, dropout(x, 0.3)) and torch.equal(dropout(x, 0.0), x)
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 5, 16), torch.randn(2, 5, 8), torch.randn(4, 16), torch.randn(8, 4)]
+    mask = (dropout(torch.ones(10, 16), 0.3) != 0).float().view(2, 5, 16) / 0.7
+    upstream = torch.randn(2, 5, 8)
+
+    def run(update, checkpointed=False, redrawn=dropout):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        saved: list = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            def call(x, result):
+                return update(x, result, leaves[2], leaves[3], redrawn)
+            out = (checkpoint(call, *leaves[:2], use_reentrant=False, preserve_rng_state=False) if checkpointed
+                   else call(*leaves[:2]))
+        out.backward(upstream)
+        return out.detach(), [t.grad for t in leaves], saved
+
+    def reference(x, result, a, b, redrawn):
+        return result + 2.0 * ((x * mask) @ a.t()) @ b.t()
+
+    def node(x, result, a, b, redrawn):
+        return lora_update(x, result, a, b, 2.0, 0.3, None, redrawn)
+
+    expected, expected_grads, _ = run(reference)
+    for checkpointed in (False, True):
+        out, grads, saved = run(node, checkpointed)
+        assert torch.allclose(out, expected, atol=1e-5)
+        assert all(torch.allclose(g, e, atol=1e-4) for g, e in zip(grads, expected_grads))
+        assert not any(t.dtype == torch.bool for t in saved)  # no mask kept
+    _, plain_grads, saved = run(node, redrawn=None)
+    assert any(t.dtype == torch.bool for t in saved)  # PyTorch's dropout keeps its mask
+    _, recomputed_grads, _ = run(node, checkpointed=True, redrawn=None)
+    assert not torch.allclose(recomputed_grads[2], plain_grads[2], atol=1e-3)  # the recomputation drew another mask
+
+
+def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manager, tmp_path, monkeypatch):
+    """Gradient checkpointing inside the graphs (the CPU recorder re-runs the recorded pass): each LoRA layer
+    draws its dropout once forward, once more when its checkpointed forward is recomputed and twice in the
+    backward, all from the pass's seed; the losses are those of the graphed run without checkpointing;
+    PyTorch's checkpoint replays no generator state; a run whose dropout stays in peft's own forward
+    keeps checkpointing out of the graphs and says why."""
+    from functools import partial
+
+    from studio.model import attention, lora_dropout
+    from studio.train import graphs
+    from studio.train.trainer import StudioTrainer
+    from studio.ui.i18n import translate
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: partial(reference_varlen))
+    monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
+    monkeypatch.setattr(StudioTrainer, "graph_recorder", rerunning_recorder([]))
+    draws: list = []
+    real_call = lora_dropout.LayerDropout.__call__
+
+    def counted(self, x, rate):
+        draws.append(self.number)
+        return real_call(self, x, rate)
+
+    monkeypatch.setattr(lora_dropout.LayerDropout, "__call__", counted)
+    fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=True)
+    lora = LoraSettings(dropout=0.1)
+    with manager.using("test") as loaded:
+        examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 3, seed=3)
+        plain, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4, lora=lora)
+        layers = len(set(draws))
+        plain_draws, draws[:] = len(draws), []
+        checkpointed, trainer, job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
+                                                   tmp_path, steps=4, lora=lora)
+        without_dropout, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4)
+        _, peft_trainer, peft_job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
+                                                  tmp_path, steps=2, lora=lora, route=False)
+        model = loaded.model
+    # 5 runs of a pass (the eager first, the capture, 3 replays): forward, and twice in the backward but
+    # for the first layer's q, k and v, whose input (the frozen embedding) needs no gradient
+    assert layers == 14 and plain_draws == 5 * (3 * layers - 3)
+    # and once in each recomputed forward (with checkpointing the embedding's output asks for a gradient,
+    # so the first layer's q, k and v draw twice in the backward too)
+    assert len(draws) == 5 * 4 * layers
+    assert trainer.graphed.replayed_passes == 3 and trainer.args.gradient_checkpointing_kwargs["preserve_rng_state"] is False
+    assert checkpointed == pytest.approx(plain, rel=1e-5) and plain != pytest.approx(without_dropout, rel=1e-4)
+    assert not any("studio_dropout" in layer.__dict__ for layer in model.modules())
+    assert peft_trainer.graphed is None and peft_trainer.args.gradient_checkpointing_kwargs["preserve_rng_state"]
+    note = ("CUDA graphs skipped: not with gradient checkpointing where the adapter's dropout runs in peft's own "
+            "forward.")
+    assert note in peft_job.lines, peft_job.lines
+    assert "梯度检查点" in translate(note, "zh") and "peft" in translate(note, "zh")
 
 
 def test_a_graphed_run_is_estimated_without_whole_logits_unless_its_head_is_trained(manager, monkeypatch):
@@ -835,8 +942,9 @@ def test_training_over_a_dequantized_base_joins_base_and_update_and_keeps_the_lo
                 module.studio_dense_weight = module.studio_dense_weight.float()
         return note
 
-    def apart(x, weight, bias, a, b, scaling, dropout, casts=None):
-        return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts)
+    def apart(x, weight, bias, a, b, scaling, dropout, casts=None, redrawn=None):
+        return lora_update.lora_update(x, torch.nn.functional.linear(x, weight, bias), a, b, scaling, dropout, casts,
+                                       redrawn)
 
     joined_calls: list = []
     monkeypatch.setattr(speedups, "dequantize_base", dequantize_in_float32)

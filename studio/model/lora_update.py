@@ -7,7 +7,8 @@ the sum) and about twelve backward. On a small model those launches, not the ari
 step: the 0.5B shape's packed pass runs about 5,000 kernels of a few microseconds each.
 
 `lora_update` computes the same update in the compute dtype (the base output's): dropout once (one
-kernel that also keeps its mask), the weights cast once, the down-projection, and the up-projection
+kernel that also keeps its mask, or, in graphed runs, one that draws a mask the backward draws again,
+`studio.model.lora_dropout`), the weights cast once, the down-projection, and the up-projection
 with the scaling and the sum in one matrix product's epilogue (`addmm`); the backward is the matching
 products. It rounds once where peft rounds three times (product, scaling, sum), so its values differ
 from peft's in the last bits, and its dropout draws another mask than peft's float32 dropout: the
@@ -26,9 +27,12 @@ class LoraUpdate(torch.autograd.Function):
     their gradients written into it, not returned."""
 
     @staticmethod
-    def forward(ctx, x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None, base=None):
+    def forward(ctx, x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None, base=None,
+                redrawn=None):
         """With `base` (a dense base weight and its bias or None) and `result` None, the base layer's
-        product is computed here too, and the backward adds its input gradient in the same product."""
+        product is computed here too, and the backward adds its input gradient in the same product. With
+        `redrawn` (a `studio.model.lora_dropout.LayerDropout`), dropout draws a mask the backward draws
+        again: the undropped input is kept, no mask."""
         dtype = result.dtype if base is None else base[0].dtype
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -36,9 +40,12 @@ class LoraUpdate(torch.autograd.Function):
                 weight, bias = base
                 result = (torch.addmm(bias.to(dtype), flat, weight.t()) if bias is not None
                           else torch.mm(flat, weight.t()))
-            mask = None
-            if dropout > 0:
+            mask, kept = None, flat
+            if dropout > 0 and redrawn is not None:
+                flat = redrawn(flat, dropout)
+            elif dropout > 0:
                 flat, mask = torch.native_dropout(flat, dropout, True)
+                kept = flat
             if casts is not None:
                 a, b = casts.weight(weight_a), casts.weight(weight_b)
             else:
@@ -48,8 +55,9 @@ class LoraUpdate(torch.autograd.Function):
                 out = result.addmm_(hidden, b.t(), alpha=scaling)
             else:
                 out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, hidden, a, b, mask, None if base is None else base[0])
+        ctx.save_for_backward(kept, hidden, a, b, mask, None if base is None else base[0])
         ctx.scaling, ctx.dropout, ctx.casts = scaling, dropout, casts
+        ctx.redrawn = redrawn if dropout > 0 else None
         ctx.weights = (weight_a, weight_b) if casts is not None else None
         ctx.dtypes = (x.dtype, weight_a.dtype, weight_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -58,8 +66,10 @@ class LoraUpdate(torch.autograd.Function):
     def backward(ctx, grad):
         flat, hidden, a, b, mask, base_weight = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
-        casts = ctx.casts
+        casts, redrawn = ctx.casts, ctx.redrawn
         with torch.autocast(grad.device.type, enabled=False):
+            if redrawn is not None:
+                flat = redrawn(flat, ctx.dropout)  # the forward's dropped input, drawn again
             g = grad.reshape(-1, grad.shape[-1]).to(hidden.dtype)
             g_hidden = _scaled_mm(g, b, ctx.scaling)
             if casts is not None:
@@ -73,12 +83,14 @@ class LoraUpdate(torch.autograd.Function):
             g_x = None
             if ctx.needs_input_grad[0]:  # not for the first layer's projections over a frozen embedding
                 g_x = torch.mm(g_hidden, a)
-                if mask is not None:
+                if redrawn is not None:
+                    g_x = redrawn(g_x, ctx.dropout)  # the same mask and scale
+                elif mask is not None:
                     g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
                 if base_weight is not None:
                     g_x.addmm_(g, base_weight)  # the base product's input gradient, summed in place
                 g_x = g_x.view(*grad.shape[:-1], g_x.shape[-1]).to(x_dtype)
-        return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None
+        return g_x, (grad if base_weight is None else None), g_a, g_b, None, None, None, None, None
 
 
 def _scaled_mm(left, right, scale: float, out=None):
@@ -88,18 +100,20 @@ def _scaled_mm(left, right, scale: float, out=None):
     return torch.addmm(out, left, right, beta=0, alpha=scale, out=out)
 
 
-def lora_update(x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None):
+def lora_update(x, result, weight_a, weight_b, scaling: float, dropout: float, casts=None, redrawn=None):
     """`result + scaling * dropout(x) @ weight_a.T @ weight_b.T`, in `result`'s dtype, differentiable in
-    `x` and `result`, and in both weights (with `casts`: their gradients go into `casts`)."""
-    return LoraUpdate.apply(x, result, weight_a, weight_b, float(scaling), float(dropout), casts)
+    `x` and `result`, and in both weights (with `casts`: their gradients go into `casts`; with `redrawn`,
+    a `LayerDropout`, the mask is drawn again in the backward, not kept)."""
+    return LoraUpdate.apply(x, result, weight_a, weight_b, float(scaling), float(dropout), casts, None, redrawn)
 
 
-def dense_lora_linear(x, base_weight, base_bias, weight_a, weight_b, scaling: float, dropout: float, casts=None):
+def dense_lora_linear(x, base_weight, base_bias, weight_a, weight_b, scaling: float, dropout: float, casts=None,
+                      redrawn=None):
     """`x @ base_weight.T + base_bias` plus the LoRA update, in `base_weight`'s dtype, in one autograd node:
     the backward computes the input's gradient through the base weight and the update in one product
     epilogue instead of two gradients autograd then adds (the base weight and bias get none: frozen)."""
     return LoraUpdate.apply(x, None, weight_a, weight_b, float(scaling), float(dropout), casts,
-                            (base_weight, base_bias))
+                            (base_weight, base_bias), redrawn)
 
 
 class FlatCasts:

@@ -167,10 +167,10 @@ def _routed_forward(layer, name: str | None, rows: slice):
 def _trained_forward(layer, name: str, routed):
     """The layer's forward while `name` trains: a pass with gradients computes the update in one
     autograd node (`studio.model.lora_update`, fewer kernels; dropout as the adapter's dropout module
-    is in training mode; while a CUDA graph is captured, the weights' casts and gradients go through the
-    layer's `studio_casts`; over a dequantized base, `studio_dense_weight`, the base product joins the
-    same node); any other pass (an evaluation, a frozen adapter) and an adapter with biases
-    of its own run `routed`."""
+    is in training mode, drawn again in the backward where the layer has a `studio_dropout`; while a
+    CUDA graph is captured, the weights' casts and gradients go through the layer's `studio_casts`; over
+    a dequantized base, `studio_dense_weight`, the base product joins the same node); any other pass
+    (an evaluation, a frozen adapter) and an adapter with biases of its own run `routed`."""
     import torch
 
     from studio.model.lora_update import dense_lora_linear, lora_update
@@ -187,6 +187,7 @@ def _trained_forward(layer, name: str, routed):
             return routed(x, *args, **kwargs)
         rate_now = rate if dropout.training else 0.0
         casts = layer.__dict__.get("studio_casts")  # set while a CUDA graph is captured (studio.train.graphs)
+        redrawn = layer.__dict__.get("studio_dropout")  # set for graphed runs (studio.train.speedups)
         dense = base.__dict__.get("studio_dense_weight")  # the dequantized base (studio.train.speedups)
         autocast = torch.is_autocast_enabled(x.device.type)
         if (dense is not None and dense.dtype == x.dtype and not args and not kwargs
@@ -194,12 +195,13 @@ def _trained_forward(layer, name: str, routed):
                 and (not autocast or torch.get_autocast_dtype(x.device.type) == dense.dtype)):
             bias = None if base.bias is None else base.bias.to(dense.dtype)
             return dense_lora_linear(x, dense, bias, lora_A.weight, lora_B.weight, scaling, rate_now,
-                                     casts if casts is not None and casts.dtype == dense.dtype else None)
+                                     casts if casts is not None and casts.dtype == dense.dtype else None, redrawn)
         result = base(x, *args, **kwargs)
         if casts is not None and casts.dtype != result.dtype:
             casts = None
-        return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate_now, casts)
+        return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate_now, casts, redrawn)
 
+    forward.studio_trains_in_one_node = True  # what `studio.train.speedups.redrawn_dropout` checks
     return forward
 
 

@@ -19,11 +19,13 @@ one CUDA graph and replayed: one launch a pass. Only the optimizer step stays ou
 - Loss: with graphs on, the loss is the chunked one of `studio.train.fused_loss` (no whole logits, no
   read back to the host); Liger's fused linear cross-entropy reads its count of labels back to the
   host, which a graph cannot hold.
-- When: on a CUDA GPU, for packed passes attending through varlen_attn, without gradient checkpointing
-  or compiled layers, one pass per optimizer step; otherwise the run trains eagerly and its log says
-  why, as it does for a model whose attention would need what the varlen kernel does not do
-  (`model_problem`). A capture that fails or runs out of memory leaves the rest of the run eager, and
-  the log says why.
+- Checkpointing: a checkpointed layer's recomputation is captured with the rest of the backward. Its
+  LoRA dropout draws the same mask again from the pass's seed (`studio.model.lora_dropout`), so the
+  checkpoint replays no generator state (which it would read back to the host).
+- When: on a CUDA GPU, for packed passes attending through varlen_attn, without compiled layers, one
+  pass per optimizer step; otherwise the run trains eagerly and its log says why, as it does for a
+  model whose attention would need what the varlen kernel does not do (`model_problem`). A capture that
+  fails or runs out of memory leaves the rest of the run eager, and the log says why.
 """
 
 from __future__ import annotations
@@ -36,24 +38,35 @@ BUCKET_TOKENS = 256  # pass sizes are padded to a multiple of this (at most this
 MAX_SIZES = 8  # captured pass sizes a run keeps (each holds its own inputs, loss and gradient buffers)
 
 
-def graph_problem(settings, device: str, varlen_on: bool, model=None) -> str | None:
+def graph_problem(settings, device: str, varlen_on: bool, model=None, device_checks: bool = True) -> str | None:
     """Why `settings` cannot train with CUDA graphs on `device` (None when they can); with `model`, its
-    layers are checked too (`model_problem`)."""
+    layers are checked too (`model_problem`; while training, `checkpointing_problem` as well).
+    `device_checks=False` leaves out what only a GPU run needs (a CUDA device, varlen attention): the CPU
+    tests' recorder."""
     if not getattr(settings, "cuda_graphs", False):
         return None
-    if not str(device).startswith("cuda"):
+    if device_checks and not str(device).startswith("cuda"):
         return "they need a CUDA GPU"
     if not settings.packing:
         return "they need packed passes (packing on)"
-    if settings.gradient_checkpointing:
-        return "not with gradient checkpointing (its recomputation is not captured)"
     if settings.compile_layers:
         return "not with compiled layers"
     if settings.grad_accum != 1:
         return "they need one forward pass per optimizer step (gradient accumulation 1)"
-    if not varlen_on:
+    if device_checks and not varlen_on:
         return "they need packed rows attending through varlen_attn"
     return model_problem(model) if model is not None else None
+
+
+def checkpointing_problem(settings, model) -> str | None:
+    """While `model` trains (its LoRA forwards in place): a checkpointed layer recomputes its forward inside
+    the graph, so its dropout must draw the same mask again without the generator's state read back: the
+    studio's LoRA node does (`studio.train.speedups.redrawn_dropout`), peft's own forward does not."""
+    from studio.train.speedups import dropout_kept_by_peft
+
+    if settings.gradient_checkpointing and dropout_kept_by_peft(model):
+        return "not with gradient checkpointing where the adapter's dropout runs in peft's own forward"
+    return None
 
 
 def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignore: int = -100) -> dict:
@@ -336,8 +349,8 @@ def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes
     if not getattr(settings, "cuda_graphs", False):
         yield None
         return
-    problem = graph_problem(settings, device, varlen_on) if recorder is None else None
-    problem = problem or model_problem(model)
+    problem = (graph_problem(settings, device, varlen_on, model, device_checks=recorder is None)
+               or checkpointing_problem(settings, model))
     if problem is not None:
         if notes is not None:
             notes.append(f"CUDA graphs skipped: {problem}.")

@@ -55,7 +55,7 @@ class TrainSettings:
     checkpoint_fraction: float = field(default=1.0, metadata={"help": "With gradient checkpointing on: the share of decoder layers that recompute their activations (1.0 = every layer; less is faster and uses more memory)."})
     liger_kernels: bool = field(default=False, metadata={"help": "Fused Triton kernels from the liger-kernel package while training: RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never builds the full logits. Needs a CUDA GPU and liger-kernel; skipped with a note otherwise."})
     dequantize_base: bool = field(default=False, metadata={"help": "While training, keep a bf16 copy of the 4-bit base weights (dequantized once, the same values) instead of dequantizing them on every forward and backward pass: faster, more memory (about 2 bytes per base parameter)."})
-    cuda_graphs: bool = field(default=False, metadata={"help": "Replay each packed training pass (embedding, decoder layers, loss and the backward to the adapter's gradients) from one CUDA graph per pass size (passes padded to a multiple of 256 positions, at most 8 sizes a run; the run's first pass and each new size's capture run eagerly): the host launches one graph instead of thousands of kernels, and the loss is computed chunk by chunk (Liger's fused loss reads a count back to the host, which a graph cannot hold). Needs a CUDA GPU, packing, no gradient checkpointing, no compiled layers and gradient accumulation 1; otherwise the run trains without it and its log says why."})
+    cuda_graphs: bool = field(default=False, metadata={"help": "Replay each packed training pass (embedding, decoder layers, loss and the backward to the adapter's gradients) from one CUDA graph per pass size (passes padded to a multiple of 256 positions, at most 8 sizes a run; the run's first pass and each new size's capture run eagerly): the host launches one graph instead of thousands of kernels, and the loss is computed chunk by chunk (Liger's fused loss reads a count back to the host, which a graph cannot hold). With gradient checkpointing, the checkpointed layers' recomputation is replayed in the same graph (their LoRA dropout draws the same mask again from a seed per pass instead of keeping it). Needs a CUDA GPU, packing, no compiled layers and gradient accumulation 1; otherwise the run trains without it and its log says why."})
     compile_layers: bool = field(default=False, metadata={"help": "torch.compile each decoder layer while training (dynamic shapes): about 1.7x the steps/s of the eager layers on an H200 (0.5B and 7B shapes), but the first run waits for the compile: a minute or two the first time on a machine, about 10 s once its compile cache is warm. A later run with the same LoRA shape and switches reuses the compiled code (the tutorial-sized job: 13.9 s instead of 25.1 s on the 0.5B, 19.9 s instead of 32.5 s on the 7B). With Liger kernels on, Liger keeps only its fused loss. Where compiling fails, the run goes on eagerly and its log says why."})
 
 
@@ -70,7 +70,7 @@ PRESETS: dict[str, tuple[str, TrainSettings]] = {
     "gpu24": ("24 GB card: the same 8 sequences per step packed into one forward pass, Liger kernels, three layers "
               "in eight checkpointed (10-13x the tutorial at 16.7 GiB on the 7B, depending on the host's CPU)",
               TrainSettings(batch_size=8, grad_accum=1, packing=True, gradient_checkpointing=True, liger_kernels=True,
-                            checkpoint_fraction=0.375)),
+                            checkpoint_fraction=0.375, cuda_graphs=True)),
 }
 
 

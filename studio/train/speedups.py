@@ -199,6 +199,45 @@ def training_speedups(model, settings, fused_loss: bool = True):
 
 
 @contextmanager
+def redrawn_dropout(model, name: str, on: bool):
+    """With `on` (a CUDA-graphed run), each LoRA layer training `name` draws its dropout mask from a seed
+    per pass (`studio.model.lora_dropout`): the backward draws it again instead of keeping it, and a
+    checkpointed layer's recomputation draws the same mask without the generator's state, which a graph
+    cannot read back. Yields the run's `DropoutSeeds` (call `refresh()` at the start of each pass), or
+    None."""
+    from studio.model.routing import lora_layers
+
+    layers = [layer for layer in lora_layers(model) if name in layer.lora_A] if on else []
+    if not layers:
+        yield None
+        return
+    from studio.model.lora_dropout import DropoutSeeds
+
+    seeds = DropoutSeeds(layers[0].lora_A[name].weight.device)
+    for number, layer in enumerate(layers):
+        layer.__dict__["studio_dropout"] = seeds.layer(number)
+    try:
+        yield seeds
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("studio_dropout", None)
+
+
+def dropout_kept_by_peft(model) -> int:
+    """How many LoRA layers train an adapter with dropout through peft's own forward (PyTorch's dropout,
+    whose mask a checkpointed recomputation draws anew unless the generator's state is replayed)."""
+    from studio.model.routing import lora_layers
+
+    count = 0
+    for layer in lora_layers(model):
+        in_one_node = getattr(layer.__dict__.get("forward"), "studio_trains_in_one_node", False)
+        trained = [name for name, module in layer.lora_A.items() if module.weight.requires_grad]
+        if not in_one_node and any(float(getattr(layer.lora_dropout[name], "p", 0.0)) > 0 for name in trained):
+            count += 1
+    return count
+
+
+@contextmanager
 def chunked_loss(model, notes: list, on: bool):
     """With `on` (the run's passes go into CUDA graphs), the model's training loss is computed chunk by
     chunk, without float32 logits or a host read (`studio.train.fused_loss`); otherwise nothing changes."""

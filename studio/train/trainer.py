@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -87,13 +87,14 @@ class StudioTrainer(Trainer):
     lean_steps: bool = True
     flops_per_token: int | None = None
     graphed = None  # the run's StepGraphs (its captures and replays), when CUDA graphs were on
+    dropout_seeds = None  # the LoRA dropout's seed per pass, in graphed runs (studio.model.lora_dropout)
     speed_settings = None  # the run's TrainSettings (its speed switches)
     speedup_notes: list[str] = []
 
     def train(self, *args, **kwargs):
         from studio.model.attention import sdpa_configs, varlen_kernel
-        from studio.train.graphs import graph_problem, graphed_steps
-        from studio.train.speedups import chunked_loss, only_trained_adapter, training_speedups
+        from studio.train.graphs import checkpointing_problem, graph_problem, graphed_steps
+        from studio.train.speedups import chunked_loss, only_trained_adapter, redrawn_dropout, training_speedups
 
         settings = self.speed_settings
         packed = bool(getattr(settings, "packing", False))
@@ -102,17 +103,23 @@ class StudioTrainer(Trainer):
         varlen = packed and self.packed_varlen and not compiled
         # the same checks `graphed_steps` makes, so Liger's fused loss is dropped only where graphs will run
         varlen_possible = varlen and varlen_kernel() is not None and bool(sdpa_configs(self.model))
-        graphs = bool(getattr(settings, "cuda_graphs", False)) and (self.graph_recorder is not None or graph_problem(
-            settings, str(self.args.device), varlen_possible, self.model) is None)
         self.flops_per_token = None
-        with without_cudnn_attention(self.avoid_cudnn_attention), \
-                lean_model_calls(self.model, self.lean_steps), \
-                only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter), \
-                training_speedups(self.model, settings, fused_loss=not graphs) as notes, \
-                chunked_loss(self.model, notes, graphs), \
-                packed_row_attention(self.model, varlen, notes) as varlen_on, \
-                graphed_steps(self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
-                              recorder=self.graph_recorder, compute_dtype=self._compute_dtype()) as self.graphed:
+        with ExitStack() as stack:
+            stack.enter_context(without_cudnn_attention(self.avoid_cudnn_attention))
+            stack.enter_context(lean_model_calls(self.model, self.lean_steps))
+            stack.enter_context(only_trained_adapter(self.model, self.adapter_name, self.route_trained_adapter))
+            graphs = bool(getattr(settings, "cuda_graphs", False)) and not (graph_problem(
+                settings, str(self.args.device), varlen_possible, self.model,
+                device_checks=self.graph_recorder is None) or checkpointing_problem(settings, self.model))
+            self.dropout_seeds = stack.enter_context(redrawn_dropout(self.model, self.adapter_name, graphs))
+            # a checkpointed layer of a graphed run redraws its dropout mask: no generator state to replay
+            self.args.gradient_checkpointing_kwargs = {"use_reentrant": False, "preserve_rng_state": not graphs}
+            notes = stack.enter_context(training_speedups(self.model, settings, fused_loss=not graphs))
+            stack.enter_context(chunked_loss(self.model, notes, graphs))
+            varlen_on = stack.enter_context(packed_row_attention(self.model, varlen, notes))
+            self.graphed = stack.enter_context(graphed_steps(
+                self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
+                recorder=self.graph_recorder, compute_dtype=self._compute_dtype()))
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
@@ -125,8 +132,13 @@ class StudioTrainer(Trainer):
         """The Trainer's step, replayed from a CUDA graph where the run has them (`studio.train.graphs`)."""
         if self.graphed is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        return self.graphed.step(inputs, num_items_in_batch,
-                                 lambda batch, items: Trainer.training_step(self, model, batch, items))
+        return self.graphed.step(inputs, num_items_in_batch, lambda batch, items: self._pass(model, batch, items))
+
+    def _pass(self, model, inputs, num_items_in_batch):
+        """One training pass of a graphed run (eager, or recorded into a graph): a new dropout seed first."""
+        if self.dropout_seeds is not None:
+            self.dropout_seeds.refresh()
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's estimate (6 x tokens x parameters), with the parameter count taken once per run:

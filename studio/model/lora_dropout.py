@@ -1,0 +1,108 @@
+"""LoRA dropout whose mask is drawn again, not kept: a function of a pass's seed, the layer and the position.
+
+PyTorch's dropout draws its mask from the generator's running state and keeps it (one byte an input
+value) for the backward. Two things in CUDA-graphed training want another kind:
+
+- **Checkpointing inside a graph.** A checkpointed layer runs its forward again during the backward.
+  PyTorch's checkpoint replays the generator's state for that, reading it back to the host, which a
+  CUDA graph cannot hold; without the replay the recomputed forward would draw another mask than the
+  forward whose loss the gradients are for. Here the mask depends only on a seed tensor drawn once per
+  training pass (on the device, so each replay of a graph draws a new one), the layer's number and the
+  position: the recomputed forward gets the same mask with no generator state to replay.
+- **Memory.** Nothing of the mask is kept: the backward draws it again. The input the update's
+  product needs is kept undropped, which the base layer's product or the layer before often keeps
+  already (q, k and v share one input); PyTorch's dropout keeps a dropped copy per projection.
+
+On a CUDA GPU one Triton kernel draws and applies the mask (Philox, `tl.rand`); elsewhere (the CPU tests),
+or without Triton, the same draw is an integer hash in PyTorch operations. Each keeps an input value
+with probability 1 - rate and scales it by 1 / (1 - rate), as PyTorch's dropout does; the two draw
+different masks from the same seed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+LAYERS_PER_SEED = 4096  # a pass's seed times this plus the layer's number keys each layer's draw
+_HASH_MULTIPLIER = 0x45D9F3B
+_LOW_32 = 0xFFFFFFFF
+
+
+class DropoutSeeds:
+    """The seed of the current training pass (one int64 on the model's device) and the per-layer dropouts
+    that draw from it. `refresh()` draws the next pass's seed from PyTorch's generator, on the device:
+    call it at the start of each pass (inside a CUDA graph's capture, so that each replay draws anew)."""
+
+    def __init__(self, device):
+        self.seed = torch.zeros(1, dtype=torch.int64, device=device)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.seed.random_(0, 2**31 - 1)
+
+    def layer(self, number: int) -> "LayerDropout":
+        """The dropout of the LoRA layer numbered `number` (layers 4,096 apart share their masks)."""
+        return LayerDropout(self, number % LAYERS_PER_SEED)
+
+
+class LayerDropout:
+    """One LoRA layer's dropout: `self(x, rate)` gives the same mask for the same pass (seed) every call."""
+
+    def __init__(self, seeds: DropoutSeeds, number: int):
+        self.seeds, self.number = seeds, number
+
+    def __call__(self, x: torch.Tensor, rate: float) -> torch.Tensor:
+        if rate <= 0:
+            return x
+        if x.numel() >= 2**31:
+            raise ValueError("a LoRA layer's input of 2**31 values or more is beyond the replayable dropout")
+        x = x.contiguous()
+        kernel = _triton_kernel() if x.is_cuda else None
+        if kernel is None:
+            return _dropout_torch(x, self.seeds.seed, self.number, rate)
+        out = torch.empty_like(x)
+        block = 2048
+        kernel[(-(-x.numel() // block),)](x, out, self.seeds.seed, self.number, x.numel(), rate,
+                                                 1.0 / (1.0 - rate), LAYERS_PER_SEED, BLOCK=block)
+        return out
+
+
+def _dropout_torch(x: torch.Tensor, seed: torch.Tensor, number: int, rate: float) -> torch.Tensor:
+    """The draw as an integer hash of (seed, layer, position) in PyTorch operations (no host read)."""
+    key = seed * LAYERS_PER_SEED + number
+    h = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = _mix32(h ^ (key & _LOW_32))
+    h = _mix32(h ^ ((key >> 32) & _LOW_32))
+    uniform = h.to(torch.float64) / 2.0**32
+    return torch.where(uniform >= rate, x * (1.0 / (1.0 - rate)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (values stay below 2**32, so the products fit in int64)."""
+    h = (((h >> 16) ^ h) * _HASH_MULTIPLIER) & _LOW_32
+    h = (((h >> 16) ^ h) * _HASH_MULTIPLIER) & _LOW_32
+    return (h >> 16) ^ h
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel, or None where Triton cannot be imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def dropout_kernel(x_ptr, out_ptr, seed_ptr, number, n, rate, scale, layers_per_seed, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        key = tl.load(seed_ptr) * layers_per_seed + number
+        keep = tl.rand(key, offsets) >= rate
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        tl.store(out_ptr + offsets, dropped.to(x.dtype), mask=inside)
+
+    return dropout_kernel
