@@ -162,6 +162,8 @@ def check_dropout(rate: float = 0.05) -> dict:
     dropout = seeds.layer(5)
     x = torch.randn(2048, 18944, device="cuda", dtype=torch.bfloat16)
     first = dropout(x, rate)
+    same_twice = torch.equal(first, dropout(x, rate))
+    other_layer = not torch.equal(first, seeds.layer(6)(x, rate))
     kept = first != 0
     scaled = (first[kept].float() - x[kept].float() / (1 - rate)).abs().max().item()
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -175,7 +177,7 @@ def check_dropout(rate: float = 0.05) -> dict:
     graph.replay()
     replay_one, replay_same = one.clone(), torch.equal(one, two)
     graph.replay()
-    return {"triton": _triton_kernel() is not None, "same_mask_twice": torch.equal(first, dropout(x, rate)),
+    return {"triton": _triton_kernel() is not None, "same_mask_twice": same_twice, "other_layer_other_mask": other_layer,
             "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled,
             "replay_same_twice": replay_same and torch.equal(one, two),
             "replays_draw_new_masks": not torch.equal(replay_one, one)}

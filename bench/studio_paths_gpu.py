@@ -68,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--model-dir", default="/tmp/qwen25-7b-random")
+    parser.add_argument("--preset", default="fast", help="the training job's preset (fast, gpu24, tutorial)")
     args = parser.parse_args()
     folder = build_model(Path(args.model_dir + ("-tiny" if args.tiny else "")), args.tiny)
     manager = ModelManager()  # the studio's default decode mode
@@ -84,8 +85,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="studio-paths-"))
     board = JobBoard()
-    train = preset("fast")
+    train = preset(args.preset)
     train.epochs, train.save_every = 2.0, 0
+    checks["preset"] = args.preset
     request = RunRequest(write_dataset(work / "facts.jsonl"), SYSTEM, LoraSettings(), train,
                          new_run_dir(work / "runs", "facts"))
     started = time.perf_counter()
@@ -95,6 +97,9 @@ def main() -> None:
     checks["training_result"] = {k: job.result.get(k) for k in ("adapter", "steps", "status", "final_train_loss")} \
         if job.status is JobStatus.DONE else job.error
     checks["recorded_after_training_job"] = loaded.decoder.recorded_steps
+    events, _ = job.events_since(0)
+    checks["training_log"] = [e["message"] for e in events if e.get("type") == "log" and any(
+        word in e.get("message", "") for word in ("CUDA graphs", "Chunked loss", "Liger", "torch.compile"))]
     print(checks, flush=True)
     adapter = job.result["adapter"]
 

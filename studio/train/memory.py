@@ -27,9 +27,11 @@ GIB = 2**30
 FIT_FILE = Path(__file__).with_name("memory_fit.json")
 # The unknowns of the formula, each multiplied by a feature of the run (`Features.vector`): bytes per
 # token position, layer and hidden (or intermediate) unit for layers that keep their activations
-# (without / with Liger), for layers that recompute them, and per position and vocabulary entry.
+# (without / with Liger), for layers that recompute them, and per position and vocabulary entry; and per
+# dropped LoRA input value whose copy and mask a layer keeps (PyTorch's dropout in eager runs with
+# Liger; CUDA-graphed runs draw the mask again, `studio.model.lora_dropout`).
 COEFFICIENTS = ("overhead_gib", "full_hidden", "full_intermediate", "checkpointed_hidden", "logits_vocab",
-                "liger_hidden", "liger_intermediate", "loss_chunk_vocab")
+                "liger_hidden", "liger_intermediate", "loss_chunk_vocab", "kept_dropout")
 HIDDEN_7B = dict(hidden=3584, intermediate=18944, layers=28, vocab=152064)
 LORA_7B = 28 * 16 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584))
 
@@ -77,6 +79,9 @@ class Features:
     fused_loss: bool | None = None
     # positions of the chunked loss's largest chunk of logits (`studio.train.fused_loss`; 0 without it)
     loss_chunk_rows: int = 0
+    # the LoRA dropout draws its mask again instead of keeping it and a dropped copy of each input
+    # (CUDA-graphed runs, `studio.model.lora_dropout`); None: rows from before the field (see measurement_rows)
+    dropout_redrawn: bool | None = None
 
     @property
     def known_gib(self) -> float:
@@ -89,10 +94,12 @@ class Features:
         liger = 1.0 if self.liger else 0.0
         plain = 1.0 - liger
         logits = 0.0 if (self.liger if self.fused_loss is None else self.fused_loss) else 1.0
+        # the seven projections' inputs: six of the hidden size, one (down) of the intermediate size
+        kept_dropout = 0.0 if self.dropout_redrawn else liger * (6 * self.hidden + self.intermediate)
         return [1.0, per * kept * self.hidden * plain, per * kept * self.intermediate * plain,
                 per * self.checkpointed_share * self.hidden, self.tokens * self.vocab * logits / GIB,
                 per * kept * self.hidden * liger, per * kept * self.intermediate * liger,
-                self.loss_chunk_rows * self.vocab / GIB]
+                self.loss_chunk_rows * self.vocab / GIB, per * kept * kept_dropout]
 
 
 def predict(features: Features, coefficients: dict) -> Estimate:
@@ -147,6 +154,8 @@ def measurement_rows(payload: dict) -> list[tuple[str, Features, float]]:
                 features.fused_loss = not any(note.startswith("CUDA graphs on") for note in applied)
             if any(note.startswith("Chunked loss on") for note in applied) and not features.loss_chunk_rows:
                 features.loss_chunk_rows = min(features.tokens, chunk_rows_for(features.vocab))  # before the field
+            if features.dropout_redrawn is None:  # before the field: graphed runs redraw since it came
+                features.dropout_redrawn = any(note.startswith("CUDA graphs on") for note in applied)
         else:
             share = 1.0 if result["gradient_checkpointing"] else 0.0
             features = Features(model_gib=payload["static_gib"], dequantized_gib=0.0, adapter_gib=LORA_7B * 16 / GIB,
@@ -245,7 +254,8 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                     hidden=config.hidden_size, intermediate=config.intermediate_size,
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
                     liger=liger, fused_loss=chunked_loss if graphs else liger,
-                    loss_chunk_rows=min(tokens, chunk_rows_for(config.vocab_size)) if chunked_loss else 0)
+                    loss_chunk_rows=min(tokens, chunk_rows_for(config.vocab_size)) if chunked_loss else 0,
+                    dropout_redrawn=graphs)
 
 
 def graphs_expected(settings: TrainSettings, model=None) -> bool:
