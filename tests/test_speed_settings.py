@@ -701,6 +701,8 @@ def test_redrawn_dropout_gives_a_recomputed_layer_the_forward_s_mask():
     x = torch.randn(64, 1024)
     once = dropout(x, 0.3)
     assert torch.equal(once, dropout(x, 0.3)) and not torch.equal(once, seeds.layer(4)(x, 0.3))
+    same, other = dropout.pair(x, 2 * x, 0.3)
+    assert torch.equal(same, once) and torch.equal(other, 2 * once)  # one mask for both
     assert abs((once == 0).float().mean().item() - 0.3) < 0.01
     assert torch.allclose(once[once != 0], (x / 0.7)[once != 0])
     seeds.refresh()
@@ -742,7 +744,7 @@ def test_redrawn_dropout_gives_a_recomputed_layer_the_forward_s_mask():
 
 def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manager, tmp_path, monkeypatch):
     """Gradient checkpointing inside the graphs (the CPU recorder re-runs the recorded pass): each LoRA layer
-    draws its dropout once forward, once more when its checkpointed forward is recomputed and twice in the
+    draws its dropout once forward, once more when its checkpointed forward is recomputed and once in the
     backward, all from the pass's seed; the losses are those of the graphed run without checkpointing;
     PyTorch's checkpoint replays no generator state; a run whose dropout stays in peft's own forward
     keeps checkpointing out of the graphs and says why."""
@@ -757,13 +759,13 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
     monkeypatch.setattr(graphs, "BUCKET_TOKENS", 32)
     monkeypatch.setattr(StudioTrainer, "graph_recorder", rerunning_recorder([]))
     draws: list = []
-    real_call = lora_dropout.LayerDropout.__call__
+    real_pair = lora_dropout.LayerDropout.pair
 
-    def counted(self, x, rate):
+    def counted(self, x, y, rate):
         draws.append(self.number)
-        return real_call(self, x, rate)
+        return real_pair(self, x, y, rate)
 
-    monkeypatch.setattr(lora_dropout.LayerDropout, "__call__", counted)
+    monkeypatch.setattr(lora_dropout.LayerDropout, "pair", counted)
     fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=True)
     lora = LoraSettings(dropout=0.1)
     with manager.using("test") as loaded:
@@ -777,12 +779,10 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
         _, peft_trainer, peft_job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
                                                   tmp_path, steps=2, lora=lora, route=False)
         model = loaded.model
-    # 5 runs of a pass (the eager first, the capture, 3 replays): forward, and twice in the backward but
-    # for the first layer's q, k and v, whose input (the frozen embedding) needs no gradient
-    assert layers == 14 and plain_draws == 5 * (3 * layers - 3)
-    # and once in each recomputed forward (with checkpointing the embedding's output asks for a gradient,
-    # so the first layer's q, k and v draw twice in the backward too)
-    assert len(draws) == 5 * 4 * layers
+    # 5 runs of a pass (the eager first, the capture, 3 replays): a draw forward, one in the backward (the
+    # input and its gradient together), and one more in each recomputed forward
+    assert layers == 14 and plain_draws == 5 * 2 * layers
+    assert len(draws) == 5 * 3 * layers
     assert trainer.graphed.replayed_passes == 3 and trainer.args.gradient_checkpointing_kwargs["preserve_rng_state"] is False
     assert checkpointed == pytest.approx(plain, rel=1e-5) and plain != pytest.approx(without_dropout, rel=1e-4)
     assert not any("studio_dropout" in layer.__dict__ for layer in model.modules())

@@ -68,10 +68,11 @@ class LoraUpdate(torch.autograd.Function):
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         casts, redrawn = ctx.casts, ctx.redrawn
         with torch.autocast(grad.device.type, enabled=False):
-            if redrawn is not None:
-                flat = redrawn(flat, ctx.dropout)  # the forward's dropped input, drawn again
             g = grad.reshape(-1, grad.shape[-1]).to(hidden.dtype)
             g_hidden = _scaled_mm(g, b, ctx.scaling)
+            g_x = torch.mm(g_hidden, a) if ctx.needs_input_grad[0] else None  # before dropout's mask
+            if redrawn is not None:  # the forward's dropped input and the masked gradient, the mask drawn again
+                flat, g_x = redrawn.pair(flat, g_x, ctx.dropout)
             if casts is not None:
                 weight_a, weight_b = ctx.weights
                 _scaled_mm(g.t(), hidden, ctx.scaling, out=casts.grad(weight_b))
@@ -80,12 +81,8 @@ class LoraUpdate(torch.autograd.Function):
             else:
                 g_b = _scaled_mm(g.t(), hidden, ctx.scaling).to(b_dtype)
                 g_a = torch.mm(g_hidden.t(), flat).to(a_dtype)
-            g_x = None
-            if ctx.needs_input_grad[0]:  # not for the first layer's projections over a frozen embedding
-                g_x = torch.mm(g_hidden, a)
-                if redrawn is not None:
-                    g_x = redrawn(g_x, ctx.dropout)  # the same mask and scale
-                elif mask is not None:
+            if g_x is not None:  # not for the first layer's projections over a frozen embedding
+                if mask is not None:
                     g_x = torch.ops.aten.native_dropout_backward(g_x, mask, 1.0 / (1.0 - ctx.dropout))
                 if base_weight is not None:
                     g_x.addmm_(g, base_weight)  # the base product's input gradient, summed in place
