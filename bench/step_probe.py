@@ -14,8 +14,6 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
   node (before `dense_lora_linear`), so autograd adds the two input gradients;
 - `one-node-keptmask`: the same with PyTorch's dropout, its mask kept for the backward, in graphed runs
   too (before `studio.model.lora_dropout`; not with checkpointing in the graphs);
-- `one-node-rand1`: the redrawn dropout's first kernel: one Philox draw per value, and the backward's
-  input and gradient each in a pass of its own;
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
   graphed runs (`studio.train.fused_loss`, the default); `chunked`: the chunked loss in eager runs too
   (in place of Liger's fused loss, which reads a count back to the host every pass).
@@ -42,7 +40,6 @@ from common import build_sized_model, synthetic_examples, write_results  # noqa:
 
 from transformers import TrainerCallback  # noqa: E402
 
-import studio.model.lora_dropout as lora_dropout  # noqa: E402
 import studio.model.lora_update as lora_update  # noqa: E402
 import studio.model.routing as routing  # noqa: E402
 import studio.train.speedups as speedups  # noqa: E402
@@ -67,8 +64,7 @@ def preset(name: str):
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
           "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
           "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear,
-          "scaled_mm": lora_update._scaled_mm, "redrawn_dropout": speedups.redrawn_dropout,
-          "redrawn_pair": lora_dropout.LayerDropout.pair}
+          "scaled_mm": lora_update._scaled_mm, "redrawn_dropout": speedups.redrawn_dropout}
 
 
 def scaled_by_multiply(left, right, scale: float, out=None):
@@ -76,39 +72,6 @@ def scaled_by_multiply(left, right, scale: float, out=None):
     import torch
 
     return (torch.mm(left, right) if out is None else torch.mm(left, right, out=out)).mul_(scale)
-
-
-def first_redrawn_pair(self, x, y, rate: float):
-    """`LayerDropout.pair` as first measured: one Philox draw per value (`tl.rand`), each tensor in a pass of
-    its own (the backward draws twice)."""
-    if rate <= 0 or _rand_per_value_kernel is None or not x.is_cuda:
-        return STUDIO["redrawn_pair"](self, x, y, rate)
-    import torch
-
-    def drop(t):
-        t = t.contiguous()
-        out = torch.empty_like(t)
-        _rand_per_value_kernel[(-(-t.numel() // 2048),)](t, out, self.seeds.seed, self.number, t.numel(), rate,
-                                                         1.0 / (1.0 - rate), lora_dropout.LAYERS_PER_SEED, BLOCK=2048)
-        return out
-
-    return drop(x), None if y is None else drop(y)
-
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    _rand_per_value_kernel = None
-else:
-    @triton.jit
-    def _rand_per_value_kernel(x_ptr, out_ptr, seed_ptr, number, n, rate, scale, layers_per_seed,
-                               BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < n
-        keep = tl.rand(tl.load(seed_ptr) * layers_per_seed + number, offsets) >= rate
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-        tl.store(out_ptr + offsets, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype), mask=inside)
 
 
 def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None, redrawn=None):
@@ -135,7 +98,6 @@ def use_variant(variant: str) -> None:
     lora_update._scaled_mm = scaled_by_multiply if lora == "one-node-mul" else STUDIO["scaled_mm"]
     speedups.redrawn_dropout = ((lambda model, name, on: contextlib.nullcontext(None)) if lora == "one-node-keptmask"
                                 else STUDIO["redrawn_dropout"])
-    lora_dropout.LayerDropout.pair = first_redrawn_pair if lora == "one-node-rand1" else STUDIO["redrawn_pair"]
     speedups.chunked_loss = {"model": lambda model, notes, on: contextlib.nullcontext(False),
                              "chunked": lambda model, notes, on: STUDIO["chunked_loss"](model, notes, True)
                              }.get(loss[0] if loss else "", STUDIO["chunked_loss"])

@@ -13,9 +13,8 @@ value) for the backward. Two things in CUDA-graphed training want another kind:
   product needs is kept undropped, which the base layer's product or the layer before often keeps
   already (q, k and v share one input); PyTorch's dropout keeps a dropped copy per projection.
 
-On a CUDA GPU one Triton kernel draws and applies the mask (Philox, four numbers a draw, `tl.rand4x`), to
-the backward's input and gradient in one pass; elsewhere (the CPU tests),
-or without Triton, the same draw is an integer hash in PyTorch operations. Each keeps an input value
+On a CUDA GPU one Triton kernel draws and applies the mask (Philox, `tl.rand`, one draw per value);
+elsewhere (the CPU tests), or without Triton, the same draw is an integer hash in PyTorch operations. Each keeps an input value
 with probability 1 - rate and scales it by 1 / (1 - rate), as PyTorch's dropout does; the two draw
 different masks from the same seed.
 """
@@ -48,8 +47,8 @@ class DropoutSeeds:
 
 class LayerDropout:
     """One LoRA layer's dropout: the same mask for the same pass (seed) on every call. `self(x, rate)` drops
-    `x`; `self.pair(x, y, rate)` drops two tensors of one size with the one mask in one pass (the backward's
-    input and gradient)."""
+    `x`; `self.pair(x, y, rate)` drops two tensors of one size (or `y` None) with the one mask (the
+    backward's input and gradient)."""
 
     def __init__(self, seeds: DropoutSeeds, number: int):
         self.seeds, self.number = seeds, number
@@ -67,13 +66,14 @@ class LayerDropout:
         kernel = _triton_kernel() if x.is_cuda else None
         if kernel is None:
             return tuple(None if t is None else _dropout_torch(t, self.seeds.seed, self.number, rate) for t in (x, y))
-        out_x = torch.empty_like(x)
-        out_y = None if y is None else torch.empty_like(y)
-        quarter = 512  # each program: 4 x 512 values, one Philox draw of four numbers per 4 values
-        kernel[(-(-x.numel() // (4 * quarter)),)](
-            x, out_x, x if y is None else y, out_x if out_y is None else out_y, self.seeds.seed, self.number,
-            x.numel(), rate, 1.0 / (1.0 - rate), LAYERS_PER_SEED, PAIR=y is not None, QUARTER=quarter)
-        return out_x, out_y
+        return tuple(None if t is None else self._drop_on_gpu(kernel, t, rate) for t in (x, y))
+
+    def _drop_on_gpu(self, kernel, t: torch.Tensor, rate: float) -> torch.Tensor:
+        out = torch.empty_like(t)
+        block = 2048
+        kernel[(-(-t.numel() // block),)](t, out, self.seeds.seed, self.number, t.numel(), rate, 1.0 / (1.0 - rate),
+                                          LAYERS_PER_SEED, BLOCK=block)
+        return out
 
 
 def _dropout_torch(x: torch.Tensor, seed: torch.Tensor, number: int, rate: float) -> torch.Tensor:
@@ -105,29 +105,11 @@ except ImportError:
     _dropout_kernel = None
 else:
     @triton.jit
-    def _drop(src_ptr, dst_ptr, offsets, keep, n, scale):
+    def _dropout_kernel(x_ptr, out_ptr, seed_ptr, number, n, rate, scale, layers_per_seed, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < n
-        values = tl.load(src_ptr + offsets, mask=inside, other=0.0)
-        dropped = tl.where(keep, values.to(tl.float32) * scale, 0.0)
-        tl.store(dst_ptr + offsets, dropped.to(dst_ptr.dtype.element_ty), mask=inside)
-
-    @triton.jit
-    def _dropout_kernel(x_ptr, out_x_ptr, y_ptr, out_y_ptr, seed_ptr, number, n, rate, scale, layers_per_seed,
-                        PAIR: tl.constexpr, QUARTER: tl.constexpr):
-        """A program takes 4 x QUARTER values: one Philox draw (`tl.rand4x`) gives four uniform numbers for
-        value i of each quarter, so the generator runs once per four values; with PAIR, the second tensor
-        gets the same mask in the same program."""
-        program = tl.program_id(0)
-        lane = tl.arange(0, QUARTER)
         key = tl.load(seed_ptr) * layers_per_seed + number
-        r0, r1, r2, r3 = tl.rand4x(key, program * QUARTER + lane)
-        first = program * 4 * QUARTER + lane
-        _drop(x_ptr, out_x_ptr, first, r0 >= rate, n, scale)
-        _drop(x_ptr, out_x_ptr, first + QUARTER, r1 >= rate, n, scale)
-        _drop(x_ptr, out_x_ptr, first + 2 * QUARTER, r2 >= rate, n, scale)
-        _drop(x_ptr, out_x_ptr, first + 3 * QUARTER, r3 >= rate, n, scale)
-        if PAIR:
-            _drop(y_ptr, out_y_ptr, first, r0 >= rate, n, scale)
-            _drop(y_ptr, out_y_ptr, first + QUARTER, r1 >= rate, n, scale)
-            _drop(y_ptr, out_y_ptr, first + 2 * QUARTER, r2 >= rate, n, scale)
-            _drop(y_ptr, out_y_ptr, first + 3 * QUARTER, r3 >= rate, n, scale)
+        keep = tl.rand(key, offsets) >= rate
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+        tl.store(out_ptr + offsets, dropped.to(x.dtype), mask=inside)
