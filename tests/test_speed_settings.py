@@ -142,6 +142,8 @@ def studio_losses(loaded, settings, examples, tmp_path, steps=4, callbacks=(), n
     tracker.trainer = trainer
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if getattr(model.get_base_model(), "is_gradient_checkpointing", False):  # as the job leaves the model
+        model.get_base_model().gradient_checkpointing_disable()
     model.train(False)
     return losses, trainer, job
 
@@ -707,6 +709,12 @@ def test_redrawn_dropout_gives_a_recomputed_layer_the_forward_s_mask():
     assert torch.allclose(once[once != 0], (x / 0.7)[once != 0])
     seeds.refresh()
     assert not torch.equal(once, dropout(x, 0.3)) and torch.equal(dropout(x, 0.0), x)
+    # two layers' masks are unrelated, not one mask at shifted or swapped positions
+    ones = torch.ones(64 * 1024)
+    masks = [seeds.layer(n)(ones, 0.3) != 0 for n in (2, 3)]
+    positions = torch.arange(ones.numel())
+    assert not any(torch.equal(masks[1], masks[0][positions ^ k]) for k in range(1, 8))
+    assert abs((masks[0] & masks[1]).float().mean().item() - 0.7 * 0.7) < 0.01
 
     torch.manual_seed(0)
     inputs = [torch.randn(2, 5, 16), torch.randn(2, 5, 8), torch.randn(4, 16), torch.randn(8, 4)]
@@ -750,6 +758,8 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
     keeps checkpointing out of the graphs and says why."""
     from functools import partial
 
+    from transformers import modeling_utils
+
     from studio.model import attention, lora_dropout
     from studio.train import graphs
     from studio.train.trainer import StudioTrainer
@@ -766,6 +776,14 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
         return real_pair(self, x, y, rate)
 
     monkeypatch.setattr(lora_dropout.LayerDropout, "pair", counted)
+    checkpoint_calls: list = []
+    real_checkpoint = modeling_utils.checkpoint
+
+    def checkpoint(function, *args, **kwargs):  # what the layers pass to PyTorch's checkpoint
+        checkpoint_calls.append(kwargs.get("preserve_rng_state", True))
+        return real_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", checkpoint)
     fast = replace(preset("fast"), liger_kernels=False, dequantize_base=False, cuda_graphs=True)
     lora = LoraSettings(dropout=0.1)
     with manager.using("test") as loaded:
@@ -775,6 +793,7 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
         plain_draws, draws[:] = len(draws), []
         checkpointed, trainer, job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
                                                    tmp_path, steps=4, lora=lora)
+        graphed_calls, checkpoint_calls[:] = list(checkpoint_calls), []
         without_dropout, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4)
         _, peft_trainer, peft_job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
                                                   tmp_path, steps=2, lora=lora, route=False)
@@ -783,10 +802,12 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
     # input and its gradient together), and one more in each recomputed forward
     assert layers == 14 and plain_draws == 5 * 2 * layers
     assert len(draws) == 5 * 3 * layers
-    assert trainer.graphed.replayed_passes == 3 and trainer.args.gradient_checkpointing_kwargs["preserve_rng_state"] is False
+    assert trainer.graphed.replayed_passes == 3
+    # every layer's checkpoint left the generator's state alone in the graphed run, and kept it in the eager one
+    assert graphed_calls and not any(graphed_calls) and checkpoint_calls and all(checkpoint_calls)
     assert checkpointed == pytest.approx(plain, rel=1e-5) and plain != pytest.approx(without_dropout, rel=1e-4)
     assert not any("studio_dropout" in layer.__dict__ for layer in model.modules())
-    assert peft_trainer.graphed is None and peft_trainer.args.gradient_checkpointing_kwargs["preserve_rng_state"]
+    assert peft_trainer.graphed is None
     note = ("CUDA graphs skipped: not with gradient checkpointing where the adapter's dropout runs in peft's own "
             "forward.")
     assert note in peft_job.lines, peft_job.lines

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 LAYERS_PER_SEED = 4096  # a pass's seed times this plus the layer's number keys each layer's draw
+BLOCK = 2048  # values a program of the Triton kernel takes
 _HASH_MULTIPLIER = 0x45D9F3B
 _LOW_32 = 0xFFFFFFFF
 
@@ -59,29 +60,32 @@ class LayerDropout:
     def pair(self, x: torch.Tensor, y: torch.Tensor | None, rate: float) -> tuple:
         if rate <= 0:
             return x, y
-        if x.numel() >= 2**31 or (y is not None and y.numel() != x.numel()):
-            raise ValueError("the redrawn dropout takes fewer than 2**31 values, and two tensors of one size")
+        if y is not None and y.numel() != x.numel():
+            raise ValueError(f"one mask for two tensors of {x.numel()} and {y.numel()} values")
         x = x.contiguous()
         y = None if y is None else y.contiguous()
-        kernel = _triton_kernel() if x.is_cuda else None
+        # the kernel's positions are int32: the hash in PyTorch takes what would not fit
+        kernel = _triton_kernel() if x.is_cuda and x.numel() <= 2**31 - 2 * BLOCK else None
         if kernel is None:
             return tuple(None if t is None else _dropout_torch(t, self.seeds.seed, self.number, rate) for t in (x, y))
         return tuple(None if t is None else self._drop_on_gpu(kernel, t, rate) for t in (x, y))
 
     def _drop_on_gpu(self, kernel, t: torch.Tensor, rate: float) -> torch.Tensor:
         out = torch.empty_like(t)
-        block = 2048
-        kernel[(-(-t.numel() // block),)](t, out, self.seeds.seed, self.number, t.numel(), rate, 1.0 / (1.0 - rate),
-                                          LAYERS_PER_SEED, BLOCK=block)
+        kernel[(-(-t.numel() // BLOCK),)](t, out, self.seeds.seed, self.number, t.numel(), rate, 1.0 / (1.0 - rate),
+                                          LAYERS_PER_SEED, BLOCK=BLOCK)
         return out
 
 
 def _dropout_torch(x: torch.Tensor, seed: torch.Tensor, number: int, rate: float) -> torch.Tensor:
-    """The draw as an integer hash of (seed, layer, position) in PyTorch operations (no host read)."""
+    """The draw as an integer hash of (seed, layer, position) in PyTorch operations (no host read). The key
+    is mixed on its own first and then mixed with the position twice, so that two keys' masks are not
+    the same mask at shifted positions (as a position combined with the raw key would give)."""
     key = seed * LAYERS_PER_SEED + number
+    low = _mix32(key & _LOW_32)
+    high = _mix32(((key >> 32) & _LOW_32) ^ low ^ 0x9E3779B9)
     h = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    h = _mix32(h ^ (key & _LOW_32))
-    h = _mix32(h ^ ((key >> 32) & _LOW_32))
+    h = _mix32(_mix32(h ^ low) ^ high)
     uniform = h.to(torch.float64) / 2.0**32
     return torch.where(uniform >= rate, x * (1.0 / (1.0 - rate)), torch.zeros((), dtype=x.dtype, device=x.device))
 

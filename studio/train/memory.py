@@ -79,8 +79,8 @@ class Features:
     fused_loss: bool | None = None
     # positions of the chunked loss's largest chunk of logits (`studio.train.fused_loss`; 0 without it)
     loss_chunk_rows: int = 0
-    # the LoRA dropout draws its mask again instead of keeping it and a dropped copy of each input
-    # (CUDA-graphed runs, `studio.model.lora_dropout`); None: rows from before the field (see measurement_rows)
+    # nothing of the LoRA dropout is kept for the backward: CUDA-graphed runs draw the mask again
+    # (`studio.model.lora_dropout`), or there is no dropout; None: rows from before the field (measurement_rows)
     dropout_redrawn: bool | None = None
 
     @property
@@ -255,7 +255,7 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
                     liger=liger, fused_loss=chunked_loss if graphs else liger,
                     loss_chunk_rows=min(tokens, chunk_rows_for(config.vocab_size)) if chunked_loss else 0,
-                    dropout_redrawn=graphs)
+                    dropout_redrawn=graphs or lora.dropout == 0)  # nothing of a dropout kept
 
 
 def graphs_expected(settings: TrainSettings, model=None) -> bool:

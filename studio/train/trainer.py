@@ -113,7 +113,7 @@ class StudioTrainer(Trainer):
                 device_checks=self.graph_recorder is None) or checkpointing_problem(settings, self.model))
             self.dropout_seeds = stack.enter_context(redrawn_dropout(self.model, self.adapter_name, graphs))
             # a checkpointed layer of a graphed run redraws its dropout mask: no generator state to replay
-            self.args.gradient_checkpointing_kwargs = {"use_reentrant": False, "preserve_rng_state": not graphs}
+            self._checkpoint_arguments(use_reentrant=False, preserve_rng_state=not graphs)
             notes = stack.enter_context(training_speedups(self.model, settings, fused_loss=not graphs))
             stack.enter_context(chunked_loss(self.model, notes, graphs))
             varlen_on = stack.enter_context(packed_row_attention(self.model, varlen, notes))
@@ -123,6 +123,14 @@ class StudioTrainer(Trainer):
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
+    def _checkpoint_arguments(self, **arguments) -> None:
+        """What the Trainer passes to PyTorch's checkpoint when it switches checkpointing on at the start of
+        `train()`: transformers 5.24 reads `activation_checkpointing_kwargs`, earlier 5.x releases
+        `gradient_checkpointing_kwargs` (the later name's deprecated alias)."""
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            if hasattr(self.args, name):
+                setattr(self.args, name, dict(arguments))
+
     def _compute_dtype(self):
         import torch
 
@@ -131,11 +139,11 @@ class StudioTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step, replayed from a CUDA graph where the run has them (`studio.train.graphs`)."""
         if self.graphed is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._pass(model, inputs, num_items_in_batch)
         return self.graphed.step(inputs, num_items_in_batch, lambda batch, items: self._pass(model, batch, items))
 
     def _pass(self, model, inputs, num_items_in_batch):
-        """One training pass of a graphed run (eager, or recorded into a graph): a new dropout seed first."""
+        """One training pass (eager, or recorded into a graph): a new seed for the redrawn dropout first."""
         if self.dropout_seeds is not None:
             self.dropout_seeds.refresh()
         return Trainer.training_step(self, model, inputs, num_items_in_batch)
