@@ -12,4 +12,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     || echo "chromium could not be installed: the browser test will be skipped"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning "$@" tests
+# Two test processes of one thread each (STUDIO_TEST_WORKERS to change): the tests are small and mostly
+# wait on Python, so two processes on CI's two cores take half the time of one with two threads.
+export OMP_NUM_THREADS=1
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -W ignore::FutureWarning \
+  -n "${STUDIO_TEST_WORKERS:-2}" "$@" tests
