@@ -156,7 +156,7 @@ def check_dropout(rate: float = 0.05) -> dict:
     seed first, each replay a new mask, drawn the same twice within the replay."""
     import torch
 
-    from studio.model.lora_dropout import DropoutSeeds, _triton_kernel
+    from studio.model.lora_dropout import DropoutSeeds, _dropout_kernel
 
     seeds = DropoutSeeds("cuda")
     dropout = seeds.layer(5)
@@ -179,7 +179,7 @@ def check_dropout(rate: float = 0.05) -> dict:
     graph.replay()
     replay_one, replay_same = one.clone(), torch.equal(one, two)
     graph.replay()
-    return {"triton": _triton_kernel() is not None, "same_mask_twice": same_twice, "pair_one_mask": pair_one_mask,
+    return {"triton": _dropout_kernel is not None, "same_mask_twice": same_twice, "pair_one_mask": pair_one_mask,
             "other_layer_other_mask": other_layer,
             "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled,
             "replay_same_twice": replay_same and torch.equal(one, two),

@@ -14,9 +14,9 @@ value) for the backward. Two things in CUDA-graphed training want another kind:
   already (q, k and v share one input); PyTorch's dropout keeps a dropped copy per projection.
 
 On a CUDA GPU one Triton kernel draws and applies the mask (Philox, `tl.rand`, one draw per value);
-elsewhere (the CPU tests), or without Triton, the same draw is an integer hash in PyTorch operations. Each keeps an input value
-with probability 1 - rate and scales it by 1 / (1 - rate), as PyTorch's dropout does; the two draw
-different masks from the same seed.
+elsewhere (the CPU tests), or without Triton, the same draw is an integer hash in PyTorch operations.
+Each keeps an input value with probability 1 - rate and scales it by 1 / (1 - rate), as PyTorch's
+dropout does; the two draw different masks from the same seed.
 """
 
 from __future__ import annotations
@@ -65,15 +65,17 @@ class LayerDropout:
         x = x.contiguous()
         y = None if y is None else y.contiguous()
         # the kernel's positions are int32: the hash in PyTorch takes what would not fit
-        kernel = _triton_kernel() if x.is_cuda and x.numel() <= 2**31 - 2 * BLOCK else None
-        if kernel is None:
-            return tuple(None if t is None else _dropout_torch(t, self.seeds.seed, self.number, rate) for t in (x, y))
-        return tuple(None if t is None else self._drop_on_gpu(kernel, t, rate) for t in (x, y))
+        on_gpu = _dropout_kernel is not None and x.is_cuda and x.numel() <= 2**31 - 2 * BLOCK
+        drop = self._drop_on_gpu if on_gpu else self._drop_in_torch
+        return tuple(None if t is None else drop(t, rate) for t in (x, y))
 
-    def _drop_on_gpu(self, kernel, t: torch.Tensor, rate: float) -> torch.Tensor:
+    def _drop_in_torch(self, t: torch.Tensor, rate: float) -> torch.Tensor:
+        return _dropout_torch(t, self.seeds.seed, self.number, rate)
+
+    def _drop_on_gpu(self, t: torch.Tensor, rate: float) -> torch.Tensor:
         out = torch.empty_like(t)
-        kernel[(-(-t.numel() // BLOCK),)](t, out, self.seeds.seed, self.number, t.numel(), rate, 1.0 / (1.0 - rate),
-                                          LAYERS_PER_SEED, BLOCK=BLOCK)
+        _dropout_kernel[(-(-t.numel() // BLOCK),)](t, out, self.seeds.seed, self.number, t.numel(), rate,
+                                                   1.0 / (1.0 - rate), LAYERS_PER_SEED, BLOCK=BLOCK)
         return out
 
 
@@ -97,12 +99,7 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return (h >> 16) ^ h
 
 
-def _triton_kernel():
-    """The Triton kernel, or None where Triton cannot be imported."""
-    return _dropout_kernel
-
-
-try:  # Triton comes with PyTorch's CUDA builds; the CPU tests run without it
+try:  # Triton comes with PyTorch's CUDA builds; the CPU tests run without it (the kernel is then None)
     import triton
     import triton.language as tl
 except ImportError:

@@ -201,7 +201,7 @@ def _trained_forward(layer, name: str, routed):
             casts = None
         return lora_update(x, result, lora_A.weight, lora_B.weight, scaling, rate_now, casts, redrawn)
 
-    forward.studio_trains_in_one_node = True  # what `studio.train.speedups.redrawn_dropout` checks
+    forward.studio_trains_in_one_node = True  # what `studio.train.speedups.dropout_kept_by_peft` checks
     return forward
 
 
