@@ -64,7 +64,8 @@ def preset(name: str):
 STUDIO = {"arguments": trainer_module.TrainingArguments, "trained_forward": routing._trained_forward,
           "flat_casts": graphs._flat_casts, "build_trainer": train_speed.build_trainer,
           "chunked_loss": speedups.chunked_loss, "dense_lora_linear": lora_update.dense_lora_linear,
-          "scaled_mm": lora_update._scaled_mm, "redrawn_dropout": speedups.redrawn_dropout}
+          "scaled_mm": lora_update._scaled_mm, "redrawn_dropout": speedups.redrawn_dropout,
+          "bucket": graphs.BUCKET_TOKENS}
 
 
 def scaled_by_multiply(left, right, scale: float, out=None):
@@ -295,6 +296,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=["fast"], help="studio presets to run each variant with")
     parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
     parser.add_argument("--check-dropout", action="store_true", help="check the redrawn dropout's kernel first")
+    parser.add_argument("--buckets", nargs="*", type=int, default=[graphs.BUCKET_TOKENS],
+                        help="graphed passes padded to a multiple of each of these (one run each)")
     args = parser.parse_args()
     root = Path("/dev/shm/qwen25-random")
     payload: dict = {"runs": []}
@@ -309,18 +312,22 @@ def main() -> None:
         manager.load(ModelSpec(str(build_sized_model(root / size, size)), "4bit"))
         with manager.using("bench") as loaded:
             rows = synthetic_examples(8 * (args.steps + 2), loaded.model.config.vocab_size - 2000, seed=7)
-            for variant, preset_name in [(v, p) for p in args.presets for v in args.variants]:
+            runs = [(v, p, b) for b in args.buckets for p in args.presets for v in args.variants]
+            for variant, preset_name, bucket in runs:
                 use_variant(variant)
+                graphs.BUCKET_TOKENS = bucket
                 gaps = HostGaps()
                 gaps.install()
                 try:
-                    result = train_speed.run_setup(loaded, f"{preset_name} {size} {variant}", preset(preset_name),
-                                                   rows, args.steps)
+                    result = train_speed.run_setup(loaded, f"{preset_name} {size} {variant} bucket {bucket}",
+                                                   preset(preset_name), rows, args.steps)
                 finally:
                     result_gaps = gaps.take()  # the patched methods go back even when the run fails
+                    graphs.BUCKET_TOKENS = STUDIO["bucket"]
                 result["host_gaps"] = result_gaps
                 kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
-                                               "graphs", "peak_reserved_gib", "step_s", "host_gaps") if k in result}
+                                               "graphs", "peak_reserved_gib", "step_s", "step_tokens", "steady_tokens_per_s",
+                                               "host_gaps") if k in result}
                 kept["median_step_s"] = sorted(result["step_s"])[len(result["step_s"]) // 2]
                 kept["losses"] = result["losses"][:6]
                 payload["runs"].append(kept)

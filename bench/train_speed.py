@@ -179,8 +179,9 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
     lengths = [len(r["input_ids"]) for r in rows]
     applied = [note for note in trainer.speedup_notes]
     liger_on = any(note.startswith("Liger kernels on") for note in applied)
-    features = model_features(model, replace(settings, liger_kernels=liger_on), collator.largest,
-                              model_bytes=model_bytes)
+    captures = trainer.graphed.captured if trainer.graphed is not None else []
+    largest = max([collator.largest] + [c["positions"] for c in captures])  # graphs may hold a larger size
+    features = model_features(model, replace(settings, liger_kernels=liger_on), largest, model_bytes=model_bytes)
     result = {
         "setup": name, "steps": len(clock.times), "cut_at_deadline": clock.cut,
         "settings": {k: v for k, v in asdict(settings).items()
@@ -190,10 +191,13 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "lora_forward": "studio (trained adapter only)" if trainer.route_trained_adapter else "peft",
         "tokens_per_s": round(tokens / seconds, 1), "steps_per_s": round((len(clock.times) - 1 - first) / seconds, 3),
         "steady_tokens_per_s": steady_rate(clock, started, first, trainer.graphed),
-        "train_wall_s": round(wall, 2), "largest_forward_tokens": collator.largest, "losses": clock.losses,
+        "train_wall_s": round(wall, 2), "largest_forward_tokens": largest, "losses": clock.losses,
         "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
         "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
         "graphs": ({"replayed_passes": trainer.graphed.replayed_passes, "captured": trainer.graphed.captured,
+                    "padded_up_passes": trainer.graphed.padded_passes, "largest": trainer.graphed.sizes.largest,
+                    "replay_ms": {size: round(1000 * trainer.graphed.sizes.seconds(size), 2)
+                                  for size in trainer.graphed.sizes.replay_s},
                     "capture_s": round(sum(c["seconds"] for c in trainer.graphed.captured), 2)}
                    if trainer.graphed is not None else None),
         "estimate_gib": round(estimate_peak(model, replace(settings, liger_kernels=liger_on), lengths).total_gib, 2),

@@ -515,6 +515,63 @@ def test_a_padded_packed_pass_gives_the_unpadded_loss(plain_model):
     assert torch.allclose(both.logits[:, :42], plain.logits, atol=1e-5)
 
 
+def test_a_pass_padded_up_to_a_larger_graph_gives_the_unpadded_loss(plain_model):
+    """`extend_padding` lengthens the last padding segment to a larger captured size: same loss, same
+    logits on the real positions, the segment's positions continuing, its labels ignored."""
+    from functools import partial
+
+    from studio.model.attention import packed_row_attention
+    from studio.train.graphs import extend_padding, pad_packed, padded_size
+
+    batch = PackedCollator()(rows(plain_model.config.vocab_size))  # 4 rows, 42 positions
+    padded = pad_packed(batch, 16, 5)
+    assert padded["input_ids"].shape[1] == padded_size(42, 16) == 48
+    longer = extend_padding(padded, 80)
+    assert longer["input_ids"].shape == longer["labels"].shape == longer["position_ids"].shape == (1, 80)
+    assert longer["cu_seq_lens_q"].tolist() == [0, 9, 24, 30, 42, 80] and longer["cu_seq_lens_k"] is longer["cu_seq_lens_q"]
+    assert longer["position_ids"][0, 42:].tolist() == list(range(38)) and longer["max_length_q"] == 80
+    assert longer["labels"][0, 42:].tolist() == [-100] * 38 and padded["input_ids"].shape[1] == 48  # a copy
+    assert extend_padding(padded, 48) is padded
+    with torch.no_grad(), packed_row_attention(plain_model, True, [], kernel=partial(reference_varlen, calls=[])):
+        plain = plain_model(**batch, use_cache=False)
+        both = plain_model(**longer, use_cache=False)
+    assert both.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert torch.allclose(both.logits[:, :42], plain.logits, atol=1e-5)
+
+
+def test_a_run_captures_only_the_pass_sizes_that_pay():
+    """`PassSizes`: the first graph at the largest pass's size; a smaller size gets its own graph only
+    where the replay time it saves over the rest of the run outweighs a capture. A model whose pass
+    takes as long at every size keeps one graph; one whose time grows with positions captures its
+    frequent sizes and pads its rare ones."""
+    from studio.train.graphs import PassSizes
+
+    def run(pass_sizes, replay_seconds, capture_seconds=0.2, largest=3328):
+        sizes, captured, replayed = PassSizes(largest), [], []
+        for n, positions in enumerate(pass_sizes):
+            sizes.observe(positions)
+            size = sizes.choose(positions, captured, remaining=len(pass_sizes) - n - 1)
+            if size not in captured:
+                captured.append(size)
+                sizes.captured(capture_seconds)
+            sizes.replayed(size, replay_seconds(size))
+            replayed.append(size)
+        return captured, replayed
+
+    passes = [2304, 2048, 2304, 2560, 2048, 2304, 1792, 2304, 2048, 2304] * 10
+    flat = run(passes, lambda size: 0.030)  # a small model: kernel launches, whatever the size
+    assert flat[0] == [3328, 2048]  # the second graph teaches it that a smaller size saves nothing: no third
+    proportional = run(passes, lambda size: 0.150 * size / 2048)  # a 7B: arithmetic, proportional to positions
+    assert proportional[0][0] == 3328 and {2048, 2304} <= set(proportional[0])
+    assert proportional[1][1:] == [min(s for s in proportional[0] if s >= p) for p in passes[1:]]
+    short = run(passes[:20], lambda size: 0.030)  # 19 passes left: nothing but the first graph pays
+    assert short[0] == [3328] and set(short[1]) == {3328}
+    rare = run([2048] * 60 + [1536], lambda size: 0.150 * size / 2048)  # one pass of a size: padded
+    assert 1536 not in rare[0] and rare[1][-1] == 2048
+    unknown = run([2048, 2304], lambda size: 0.03, largest=None)  # rows not known: each size as it comes
+    assert unknown[0] == [2048, 2304]
+
+
 def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path, monkeypatch):
     """The trainer's CUDA-graph plumbing on the CPU, with a recorder that replays by running the recorded
     pass again over its static inputs: passes padded to the bucket, one capture per size, every pass but
@@ -540,6 +597,7 @@ def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path,
     captured = trainer.graphed.captured
     sizes = [c["positions"] for c in captured]
     assert sizes and all(size % 32 == 0 for size in sizes) and len(set(sizes)) == len(sizes) == len(recorded)
+    assert sizes[0] == trainer.graphed.sizes.largest == 128  # the 8 longest rows (111 positions) and a padding one
     assert all(c["segments"] == 9 for c in captured)  # 8 rows and 1 padding segment
     assert trainer.graphed.replayed_passes == 5  # the first pass runs eagerly (warm-up)
     assert trainer.graphed.casts is not None  # the adapter's weights were cast, and their gradients gathered, in one go
@@ -864,10 +922,17 @@ def test_a_capture_out_of_memory_or_past_the_size_cap_leaves_those_passes_eager(
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7, 40, 41, 9, 8) * 4,
                         seed=3)
         reference, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=6)
+        with monkeypatch.context() as unknown:  # rows of unknown lengths: a size at a time, as they come
+            unknown.setattr(StudioTrainer, "_row_lengths", lambda self: [])
+            losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=6)
+        assert len(recorded) == 1 and 1 <= trainer.graphed.replayed_passes < 5  # the first pass, other sizes: eager
+        assert losses == pytest.approx(reference, rel=1e-4)
+        assert any("pass sizes captured, the most a run keeps" in line for line in job.lines), job.lines
+        recorded.clear()  # known lengths: the one graph holds the largest pass, every other pass pads up to it
         losses, trainer, job = studio_losses(loaded, replace(fast, cuda_graphs=True), examples, tmp_path, steps=6)
-    assert len(recorded) == 1 and 1 <= trainer.graphed.replayed_passes < 5  # the first pass and other sizes: eager
+    assert len(recorded) == 1 and trainer.graphed.replayed_passes == 5 and trainer.graphed.padded_passes >= 4
     assert losses == pytest.approx(reference, rel=1e-4)
-    assert any("pass sizes captured, the most a run keeps" in line for line in job.lines), job.lines
+    assert not any("pass sizes captured, the most a run keeps" in line for line in job.lines)
 
 
 def test_graphs_refuse_models_whose_attention_would_see_across_rows(plain_model):

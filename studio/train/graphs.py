@@ -9,9 +9,17 @@ one CUDA graph and replayed: one launch a pass. Only the optimizer step stays ou
 - Shapes: a graph replays fixed shapes, so the collator pads each packed pass (`pad_packed`) to a
   multiple of `BUCKET_TOKENS` positions and to a fixed number of segments: the rows, then padding
   segments. Padding attends only to its own segment and its labels are -100, so the loss and the
-  gradients are those of the unpadded pass. A new size is captured when first seen (the run's first
-  pass runs eagerly, so lazy initialisation stays out of the graphs); all sizes share one memory pool,
-  as only one runs at a time, and a run keeps at most `MAX_SIZES` of them.
+  gradients are those of the unpadded pass. The run's first pass runs eagerly (lazy initialisation
+  stays out of the graphs); all sizes share one memory pool, as only one runs at a time, and a run
+  keeps at most `MAX_SIZES` of them.
+- Which sizes (`PassSizes`): a capture costs about as much as several replays (0.13-0.28 s on the
+  H200, where a 0.5B pass replays in 0.03 s), so a run captures as few sizes as pay for themselves.
+  The first graph is captured at the size of the largest pass the run's rows can make, so no later
+  pass needs a larger one. A pass of a size without a graph replays the smallest larger one, its last
+  padding segment lengthened (`extend_padding`), unless its own graph would pay: the replay time it
+  saves, times the passes of that size expected in the rest of the run, above what a capture costs,
+  both measured in the run. A model whose pass takes as long at every size (a small one, whose step
+  is kernel launches more than arithmetic) keeps one graph; a large one captures its frequent sizes.
 - Gradients: the capture's backward leaves the adapter's gradients in buffers of the graph, which each
   replay rewrites and which become the parameters' `.grad` after it (no copy). The optimizer uses them
   before the next pass, and the Trainer's `zero_grad` drops them (it sets them to None); a pass that
@@ -97,6 +105,141 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
     return padded
 
 
+def padded_size(tokens: int, multiple: int) -> int:
+    """The positions `pad_packed` gives a pass of `tokens` real positions and at least one padding segment."""
+    return -(-(tokens + 1) // multiple) * multiple
+
+
+def extend_padding(batch: dict, size: int) -> dict:
+    """A batch `pad_packed` padded, its last padding segment lengthened to `size` positions in all (the
+    size of a larger graph): the new positions continue that segment, their labels are the segment's
+    (ignored) ones, so the loss and gradients are still those of the unpadded pass. Works on the
+    device the tensors are on."""
+    import torch
+
+    ids = batch["input_ids"]
+    extra = size - ids.shape[1]
+    if extra <= 0:
+        return batch
+    longer = dict(batch)
+    for name in ("input_ids", "labels"):
+        longer[name] = torch.cat([batch[name], batch[name][:, -1:].expand(1, extra)], 1)
+    steps = torch.arange(1, extra + 1, device=ids.device, dtype=batch["position_ids"].dtype).unsqueeze(0)
+    longer["position_ids"] = torch.cat([batch["position_ids"], batch["position_ids"][:, -1:] + steps], 1)
+    bounds = batch["cu_seq_lens_q"]
+    longer["cu_seq_lens_q"] = longer["cu_seq_lens_k"] = torch.cat([bounds[:-1], bounds[-1:] + extra])
+    longer["max_length_q"] = longer["max_length_k"] = size
+    return longer
+
+
+class PassSizes:
+    """Which captured size each graphed pass replays, so that a run captures only the sizes that pay.
+
+    `largest`: the positions of the largest pass the run's rows can make (None when not known): the
+    first graph is captured at that size, so every later pass fits in a graph already there. A pass of
+    another size replays the smallest captured size that holds it unless capturing its own pays: the
+    replay time it saves (measured replays; between two measured sizes, a straight line through them;
+    with one, time proportional to positions, which overstates the saving) times its expected passes in
+    the rest of the run (its share of the passes so far), above the median capture time so far."""
+
+    def __init__(self, largest: int | None = None):
+        self.largest = largest
+        self.seen: dict[int, int] = {}  # positions (as the collator padded them) -> passes
+        self.capture_s: list[float] = []
+        self.replay_s: dict[int, list[float]] = {}  # captured positions -> measured replay seconds
+
+    def observe(self, positions: int) -> None:
+        self.seen[positions] = self.seen.get(positions, 0) + 1
+
+    def captured(self, seconds: float) -> None:
+        self.capture_s.append(seconds)
+
+    def replayed(self, positions: int, seconds: float) -> None:
+        times = self.replay_s.setdefault(positions, [])
+        times.append(seconds)
+        del times[:-16]  # the latest ones
+
+    def choose(self, positions: int, captured: list[int], remaining: int) -> int:
+        """The size a pass of `positions` replays: one of `captured`, or a size to capture (`remaining`:
+        passes after this one)."""
+        if positions in captured:
+            return positions
+        larger = sorted(size for size in captured if size > positions)
+        if not larger:
+            return max(positions, self.largest or 0) if not captured else positions
+        if self.capture_pays(positions, larger[0], remaining):
+            return positions
+        return larger[0]
+
+    def capture_pays(self, positions: int, larger: int, remaining: int) -> bool:
+        replay = self.seconds(larger)
+        if replay is None or not self.capture_s:
+            return True
+        saved = replay - min(replay, self.estimate(positions, larger, replay))
+        uses = remaining * self.seen.get(positions, 1) / max(1, sum(self.seen.values()))
+        return saved * uses > _median(self.capture_s)
+
+    def seconds(self, positions: int) -> float | None:
+        times = self.replay_s.get(positions)
+        return _median(times) if times else None
+
+    def estimate(self, positions: int, larger: int, replay: float) -> float:
+        """Replay seconds of a pass of `positions`: the line through the two nearest measured sizes, or
+        `replay` (of `larger`) scaled by positions."""
+        measured = sorted(self.replay_s, key=lambda size: abs(size - positions))[:2]
+        if len(measured) == 2:
+            (a, b), (ta, tb) = measured, (self.seconds(measured[0]), self.seconds(measured[1]))
+            return max(0.0, ta + (tb - ta) * (positions - a) / (b - a))
+        return replay * positions / larger
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+class CudaReplayClock:
+    """The GPU time of each replay, from CUDA events read once they have completed (no waiting)."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, object, object]] = []
+
+    def time(self, positions: int, replay) -> None:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        self.pending.append((positions, start, end))
+
+    def done(self, wait: bool = False) -> list[tuple[int, float]]:
+        """(positions, seconds) of the replays finished since the last call (`wait`: of all of them)."""
+        finished, waiting = [], []
+        for item in self.pending:
+            if wait:
+                item[2].synchronize()
+            (finished if wait or item[2].query() else waiting).append(item)
+        self.pending = waiting
+        return [(positions, start.elapsed_time(end) / 1000) for positions, start, end in finished]
+
+
+class WallReplayClock:
+    """The host's time of each replay (a recorder that replays on the CPU, in the tests)."""
+
+    def __init__(self):
+        self.finished: list[tuple[int, float]] = []
+
+    def time(self, positions: int, replay) -> None:
+        started = time.perf_counter()
+        replay()
+        self.finished.append((positions, time.perf_counter() - started))
+
+    def done(self, wait: bool = False) -> list[tuple[int, float]]:
+        finished, self.finished = self.finished, []
+        return finished
+
+
 class StepGraphs:
     """The forward, loss and backward of a run's packed passes, replayed from one CUDA graph per pass size.
 
@@ -108,30 +251,42 @@ class StepGraphs:
     failed capture), runs `eager_step` as it is. `recorder` replaces `CudaRecorder` (the CPU tests pass
     one that runs the recorded work again at each replay)."""
 
-    def __init__(self, trained: list, notes: list | None = None, recorder=None, casts=None, lora_layers=()):
+    def __init__(self, trained: list, notes: list | None = None, recorder=None, casts=None, lora_layers=(),
+                 largest: int | None = None):
         self.trained, self.notes = trained, notes
         self.recorder = recorder
         self.casts, self.lora_layers = casts, list(lora_layers)  # the adapter's weights cast in one go (FlatCasts)
-        self.graphs: dict[tuple, _Captured] = {}  # a pass's signature -> its graph and static tensors
+        self.graphs: dict[tuple, _Captured] = {}  # (a pass's signature but its size, its positions) -> graph
+        self.sizes = PassSizes(largest)
+        self.clock = None  # times the replays (CUDA events; the host's clock with a test's recorder)
+        self.remaining = 0  # passes left in the run after the current one (the trainer sets it)
         self.warmed = False  # one eager pass ran (lazy initialisation stays out of the graphs)
         self.failed = False
         self.full = False  # MAX_SIZES sizes captured: new sizes run eagerly
         self.passes = 0  # training passes seen
         self.replayed_passes = 0
+        self.padded_passes = 0  # passes that replayed a larger size's graph
         self.captured: list[dict] = []  # each size captured: positions, segments, seconds, the pass (from 0)
 
     def step(self, inputs: dict, num_items, eager_step):
         """One training pass of `inputs`; returns its loss, as `eager_step(inputs, num_items)` does."""
         self.passes += 1
         key = self._key(inputs, num_items)
+        if key is not None:
+            self.sizes.observe(key[1])
         if key is None or not self.warmed:
             self.warmed = self.warmed or key is not None
             return eager_step(inputs, num_items)
+        size = self._size_for(key)
+        padded = size != key[1]
+        if padded:
+            inputs, key = extend_padding(inputs, size), (key[0], size)
         captured = self.graphs.get(key)
         if captured is None:
             captured = self._capture_new(key, inputs, num_items, eager_step)
             if captured is None:
                 return eager_step(inputs, num_items)
+        self.padded_passes += padded
         return self._replay(captured, inputs, num_items)
 
     def remove(self) -> None:
@@ -141,21 +296,45 @@ class StepGraphs:
 
     # ----- which passes replay ----------------------------------------------------------------------
     def _key(self, inputs: dict, num_items) -> tuple | None:
-        """The signature of a pass a graph can replay (names, shapes and dtypes of its tensors, its plain
-        values); None for a pass that runs eagerly."""
+        """(the signature of a pass a graph can replay but its size, its positions): names, shapes and
+        dtypes of its tensors, its plain values; None for a pass that runs eagerly."""
         import torch
 
         ids, starts = inputs.get("input_ids"), inputs.get("cu_seq_lens_q")
         if self.failed or not torch.is_grad_enabled() or ids is None or starts is None or ids.dim() != 2:
             return None
-        if ids.shape[0] != 1 or ids.shape[1] % BUCKET_TOKENS or inputs.get("max_length_q") != ids.shape[1]:
+        positions = ids.shape[1]
+        if ids.shape[0] != 1 or positions % BUCKET_TOKENS or inputs.get("max_length_q") != positions:
             return None
         if num_items is not None and not torch.is_tensor(num_items):
             return None
         if any(p.grad is not None for p in self.trained):
             return None  # gradients of an earlier pass not yet used: the graph would overwrite them
-        return tuple(sorted((name, tuple(value.shape), str(value.dtype)) if torch.is_tensor(value) else (name, value)
-                            for name, value in inputs.items())) + (num_items is None,)
+
+        def sizeless(name, value):
+            if torch.is_tensor(value):
+                shape = tuple(value.shape[:-1]) if value.dim() == 2 and value.shape[1] == positions else value.shape
+                return name, tuple(shape), str(value.dtype)
+            return (name, None) if name in ("max_length_q", "max_length_k") else (name, value)
+
+        family = tuple(sorted(sizeless(name, value) for name, value in inputs.items())) + (num_items is None,)
+        return family, positions
+
+    def _size_for(self, key: tuple) -> int:
+        """The positions the pass of `key` replays (`PassSizes`), from the replays measured so far."""
+        family, positions = key
+        captured = [size for other, size in self.graphs if other == family]
+        larger = [size for size in captured if size > positions]
+        if larger and len(self.graphs) >= MAX_SIZES:
+            return min(larger)
+        if larger and self.sizes.seconds(min(larger)) is None and self.clock is not None:
+            self._measured(wait=True)
+        self._measured()
+        return self.sizes.choose(positions, captured, self.remaining)
+
+    def _measured(self, wait: bool = False) -> None:
+        for positions, seconds in self.clock.done(wait) if self.clock is not None else ():
+            self.sizes.replayed(positions, seconds)
 
     # ----- capture and replay -----------------------------------------------------------------------
     def _capture_new(self, key: tuple, inputs: dict, num_items, eager_step) -> "_Captured | None":
@@ -169,7 +348,7 @@ class StepGraphs:
                                   "passes of other sizes run eagerly.")
             self.full = True
             return None
-        positions = inputs["input_ids"].shape[1]
+        positions = key[1]
         started = time.perf_counter()
         captured = _Captured(inputs, num_items, self.trained[0].device if self.trained else "cpu")
         try:
@@ -189,14 +368,18 @@ class StepGraphs:
         finally:
             for parameter in self.trained:
                 parameter.grad = None  # the capture leaves the graph's buffers there, not yet computed
+        seconds = time.perf_counter() - started
         self.graphs[key] = captured
+        self.sizes.captured(seconds)
         self.captured.append({"positions": positions, "segments": inputs["cu_seq_lens_q"].numel() - 1,
-                              "seconds": round(time.perf_counter() - started, 2), "pass": self.passes - 1})
+                              "seconds": round(seconds, 2), "pass": self.passes - 1})
         return captured
 
     def _replay(self, captured: "_Captured", inputs: dict, num_items):
         captured.load(inputs, num_items)
-        captured.replay()
+        if self.clock is None:
+            self.clock = CudaReplayClock() if isinstance(self.recorder, CudaRecorder) else WallReplayClock()
+        self.clock.time(inputs["input_ids"].shape[1], captured.replay)
         for parameter, grad in zip(self.trained, captured.grads):
             parameter.grad = grad
         self.replayed_passes += 1
@@ -338,12 +521,13 @@ def model_problem(model) -> str | None:
 
 @contextmanager
 def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes: list | None = None,
-                  recorder=None, compute_dtype=None) -> Iterator[StepGraphs | None]:
+                  recorder=None, compute_dtype=None, lengths: list[int] | None = None) -> Iterator[StepGraphs | None]:
     """For the block, `model`'s packed training passes replay CUDA graphs (`StepGraphs`, which the
     trainer's `training_step` runs them through), and `collator` pads them to the captured sizes (a
     no-op when `settings.cuda_graphs` is off; `notes` says why when it is on but cannot apply). Yields
     the `StepGraphs`, or None. `recorder` replaces `CudaRecorder` (the CPU tests). `compute_dtype`: the
-    dtype the layers compute in (the trained LoRA weights are cast to it in one go inside the graphs)."""
+    dtype the layers compute in (the trained LoRA weights are cast to it in one go inside the graphs).
+    `lengths`: the training rows' token counts, whose longest `batch_size` make the largest pass."""
     from studio.train.speedups import decoder_layers
 
     if not getattr(settings, "cuda_graphs", False):
@@ -357,12 +541,13 @@ def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes
         yield None
         return
     trained = [p for p in model.parameters() if p.requires_grad]
-    graphs = StepGraphs(trained, notes, recorder, *_flat_casts(model, trained, compute_dtype))
+    largest = (padded_size(sum(sorted(lengths)[-settings.batch_size:]), BUCKET_TOKENS) if lengths else None)
+    graphs = StepGraphs(trained, notes, recorder, *_flat_casts(model, trained, compute_dtype), largest=largest)
     collator.graph_padding = (BUCKET_TOKENS, settings.batch_size + 1)
     if notes is not None:
         notes.append(f"CUDA graphs on: forward, loss and backward of the {len(decoder_layers(model))}-layer model "
-                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (each new "
-                     "size captured once).")
+                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (the largest "
+                     "pass's size captured first; another size only where its replays save more than its capture).")
     try:
         yield graphs
     finally:

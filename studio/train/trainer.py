@@ -119,7 +119,7 @@ class StudioTrainer(Trainer):
             varlen_on = stack.enter_context(packed_row_attention(self.model, varlen, notes))
             self.graphed = stack.enter_context(graphed_steps(
                 self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
-                recorder=self.graph_recorder, compute_dtype=self._compute_dtype()))
+                recorder=self.graph_recorder, compute_dtype=self._compute_dtype(), lengths=self._row_lengths()))
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
@@ -131,6 +131,15 @@ class StudioTrainer(Trainer):
             if hasattr(self.args, name):
                 setattr(self.args, name, dict(arguments))
 
+    def _row_lengths(self) -> list[int]:
+        """Token counts of the training rows (a `datasets.Dataset` or a list of tokenised rows)."""
+        rows = self.train_dataset
+        if rows is None:
+            return []
+        if hasattr(rows, "column_names") and "input_ids" in rows.column_names:
+            return [len(ids) for ids in rows["input_ids"]]
+        return [len(row["input_ids"]) for row in rows]
+
     def _compute_dtype(self):
         import torch
 
@@ -140,6 +149,7 @@ class StudioTrainer(Trainer):
         """The Trainer's step, replayed from a CUDA graph where the run has them (`studio.train.graphs`)."""
         if self.graphed is None:
             return self._pass(model, inputs, num_items_in_batch)
+        self.graphed.remaining = max(0, self.state.max_steps - self.state.global_step - 1)  # one pass a step
         return self.graphed.step(inputs, num_items_in_batch, lambda batch, items: self._pass(model, batch, items))
 
     def _pass(self, model, inputs, num_items_in_batch):
