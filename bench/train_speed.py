@@ -195,7 +195,7 @@ def run_setup(loaded, name: str, settings: TrainSettings, rows: list[dict], step
         "step_s": [round(b - a, 4) for a, b in zip([started, *clock.times], clock.times)],
         "step_tokens": [b - a for a, b in zip([0, *clock.tokens], clock.tokens)],
         "graphs": ({"replayed_passes": trainer.graphed.replayed_passes, "captured": trainer.graphed.captured,
-                    "padded_up_passes": trainer.graphed.padded_passes, "largest": trainer.graphed.sizes.largest,
+                    "padded_up_passes": trainer.graphed.padded_passes, "first_size": trainer.graphed.sizes.first,
                     "replay_ms": {size: round(1000 * trainer.graphed.sizes.seconds(size), 2)
                                   for size in trainer.graphed.sizes.replay_s},
                     "capture_s": round(sum(c["seconds"] for c in trainer.graphed.captured), 2)}

@@ -14,8 +14,8 @@ one CUDA graph and replayed: one launch a pass. Only the optimizer step stays ou
   keeps at most `MAX_SIZES` of them.
 - Which sizes (`PassSizes`): a capture costs about as much as several replays (0.13-0.28 s on the
   H200, where a 0.5B pass replays in 0.03 s), so a run captures as few sizes as pay for themselves.
-  The first graph is captured at the size of the largest pass the run's rows can make, so no later
-  pass needs a larger one. A pass of a size without a graph replays the smallest larger one, its last
+  The first graph is captured at a size that holds 99% of the passes the run's rows can make
+  (`usual_largest_pass`), so later passes rarely need a larger one. A pass of a size without a graph replays the smallest larger one, its last
   padding segment lengthened (`extend_padding`), unless its own graph would pay: the replay time it
   saves, times the passes of that size expected in the rest of the run, above what a capture costs,
   both measured in the run. A model whose pass takes as long at every size (a small one, whose step
@@ -110,6 +110,18 @@ def padded_size(tokens: int, multiple: int) -> int:
     return -(-(tokens + 1) // multiple) * multiple
 
 
+def usual_largest_pass(lengths: list[int], rows: int, share: float = 0.99, draws: int = 2000) -> int:
+    """Real positions that `share` of the passes of `rows` rows drawn at random from rows of `lengths` tokens
+    stay within (as the Trainer's random sampler draws them); at most the `rows` longest together."""
+    import random
+
+    if len(lengths) <= rows:
+        return sum(lengths)
+    draw = random.Random(0)
+    totals = sorted(sum(draw.sample(lengths, rows)) for _ in range(draws))
+    return min(totals[min(draws - 1, int(share * draws))], sum(sorted(lengths)[-rows:]))
+
+
 def extend_padding(batch: dict, size: int) -> dict:
     """A batch `pad_packed` padded, its last padding segment lengthened to `size` positions in all (the
     size of a larger graph): the new positions continue that segment, their labels are the segment's
@@ -135,15 +147,15 @@ def extend_padding(batch: dict, size: int) -> dict:
 class PassSizes:
     """Which captured size each graphed pass replays, so that a run captures only the sizes that pay.
 
-    `largest`: the positions of the largest pass the run's rows can make (None when not known): the
-    first graph is captured at that size, so every later pass fits in a graph already there. A pass of
+    `first`: the positions the first graph is captured at (`usual_largest_pass`; None when the rows are
+    not known: the first pass's own), so nearly every later pass fits in a graph already there. A pass of
     another size replays the smallest captured size that holds it unless capturing its own pays: the
     replay time it saves (measured replays; between two measured sizes, a straight line through them;
     with one, time proportional to positions, which overstates the saving) times its expected passes in
     the rest of the run (its share of the passes so far), above the median capture time so far."""
 
-    def __init__(self, largest: int | None = None):
-        self.largest = largest
+    def __init__(self, first: int | None = None):
+        self.first = first
         self.seen: dict[int, int] = {}  # positions (as the collator padded them) -> passes
         self.capture_s: list[float] = []
         self.replay_s: dict[int, list[float]] = {}  # captured positions -> measured replay seconds
@@ -166,7 +178,7 @@ class PassSizes:
             return positions
         larger = sorted(size for size in captured if size > positions)
         if not larger:
-            return max(positions, self.largest or 0) if not captured else positions
+            return max(positions, self.first or 0) if not captured else positions
         if self.capture_pays(positions, larger[0], remaining):
             return positions
         return larger[0]
@@ -252,12 +264,12 @@ class StepGraphs:
     one that runs the recorded work again at each replay)."""
 
     def __init__(self, trained: list, notes: list | None = None, recorder=None, casts=None, lora_layers=(),
-                 largest: int | None = None):
+                 first_size: int | None = None):
         self.trained, self.notes = trained, notes
         self.recorder = recorder
         self.casts, self.lora_layers = casts, list(lora_layers)  # the adapter's weights cast in one go (FlatCasts)
         self.graphs: dict[tuple, _Captured] = {}  # (a pass's signature but its size, its positions) -> graph
-        self.sizes = PassSizes(largest)
+        self.sizes = PassSizes(first_size)
         self.clock = None  # times the replays (CUDA events; the host's clock with a test's recorder)
         self.remaining = 0  # passes left in the run after the current one (the trainer sets it)
         self.warmed = False  # one eager pass ran (lazy initialisation stays out of the graphs)
@@ -527,7 +539,7 @@ def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes
     no-op when `settings.cuda_graphs` is off; `notes` says why when it is on but cannot apply). Yields
     the `StepGraphs`, or None. `recorder` replaces `CudaRecorder` (the CPU tests). `compute_dtype`: the
     dtype the layers compute in (the trained LoRA weights are cast to it in one go inside the graphs).
-    `lengths`: the training rows' token counts, whose longest `batch_size` make the largest pass."""
+    `lengths`: the training rows' token counts (the first graph's size is drawn from them)."""
     from studio.train.speedups import decoder_layers
 
     if not getattr(settings, "cuda_graphs", False):
@@ -541,13 +553,13 @@ def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes
         yield None
         return
     trained = [p for p in model.parameters() if p.requires_grad]
-    largest = (padded_size(sum(sorted(lengths)[-settings.batch_size:]), BUCKET_TOKENS) if lengths else None)
-    graphs = StepGraphs(trained, notes, recorder, *_flat_casts(model, trained, compute_dtype), largest=largest)
+    first = padded_size(usual_largest_pass(lengths, settings.batch_size), BUCKET_TOKENS) if lengths else None
+    graphs = StepGraphs(trained, notes, recorder, *_flat_casts(model, trained, compute_dtype), first_size=first)
     collator.graph_padding = (BUCKET_TOKENS, settings.batch_size + 1)
     if notes is not None:
         notes.append(f"CUDA graphs on: forward, loss and backward of the {len(decoder_layers(model))}-layer model "
-                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (the largest "
-                     "pass's size captured first; another size only where its replays save more than its capture).")
+                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (first captured at a "
+                     "size that holds nearly every pass; another size only where its replays save more than its capture).")
     try:
         yield graphs
     finally:

@@ -367,8 +367,8 @@ EN = {
         "speed_packed_no_varlen": "Packed rows attend through SDPA with a block mask (this PyTorch has no varlen_attn).",
         "speed_packed_not_sdpa": "Packed rows: the model does not attend through SDPA; kept as is.",
         "speed_graphs_on": "CUDA graphs on: forward, loss and backward of the {count}-layer model replayed per packed "
-                           "pass, passes padded to a multiple of {tokens} positions (the largest pass's size captured first; "
-                           "another size only where its replays save more than its capture).",
+                           "pass, passes padded to a multiple of {tokens} positions (first captured at a size that holds nearly "
+                           "every pass; another size only where its replays save more than its capture).",
         "speed_graphs_skipped": "CUDA graphs skipped: {reason}.",
         "speed_loss_on": "Chunked loss on: the logits are computed a chunk at a time and never kept whole.",
         "speed_loss_skipped": "Chunked loss skipped: {reason}.",
@@ -1048,7 +1048,7 @@ ZH = {
         "speed_packed_no_varlen": "拼接的样本经 SDPA 加块状掩码计算注意力（此版本的 PyTorch 没有 varlen_attn）。",
         "speed_packed_not_sdpa": "拼接的样本：模型的注意力不经 SDPA，保持原样。",
         "speed_graphs_on": "已启用 CUDA graph：{count} 层模型每次拼接的前向、损失与反向由一个 graph 重放，每次的长度补齐到 {tokens} "
-                           "个位置的整数倍（先按最大一次的长度捕获；其他长度只在其重放省下的时间多于捕获的开销时才捕获）。",
+                           "个位置的整数倍（先按能容纳几乎每一次的长度捕获；其他长度只在其重放省下的时间多于捕获的开销时才捕获）。",
         "speed_graphs_skipped": "未使用 CUDA graph：{reason}。",
         "speed_loss_on": "已启用分块损失：logits 逐块计算，从不整体保留。",
         "speed_loss_skipped": "未使用分块损失：{reason}。",
