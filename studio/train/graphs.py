@@ -323,9 +323,9 @@ class StepGraphs:
         if any(p.grad is not None for p in self.trained):
             return None  # gradients of an earlier pass not yet used: the graph would overwrite them
 
-        def sizeless(name, value):
+        def sizeless(name, value):  # what `extend_padding` lengthens loses its size (another tensor keeps it)
             if torch.is_tensor(value):
-                shape = tuple(value.shape[:-1]) if value.dim() == 2 and value.shape[1] == positions else value.shape
+                shape = value.shape[:-1] if name in ("input_ids", "labels", "position_ids") else value.shape
                 return name, tuple(shape), str(value.dtype)
             return (name, None) if name in ("max_length_q", "max_length_k") else (name, value)
 
