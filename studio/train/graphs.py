@@ -392,6 +392,7 @@ class StepGraphs:
         if self.clock is None:
             self.clock = CudaReplayClock() if isinstance(self.recorder, CudaRecorder) else WallReplayClock()
         self.clock.time(inputs["input_ids"].shape[1], captured.replay)
+        self._measured()  # the replays already finished (no waiting): the clock keeps no backlog of events
         for parameter, grad in zip(self.trained, captured.grads):
             parameter.grad = grad
         self.replayed_passes += 1
