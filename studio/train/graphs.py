@@ -151,8 +151,8 @@ class PassSizes:
     not known: the first pass's own), so nearly every later pass fits in a graph already there. A pass of
     another size replays the smallest captured size that holds it unless capturing its own pays: the
     replay time it saves (measured replays; between two measured sizes, a straight line through them;
-    with one, time proportional to positions, which overstates the saving) times its expected passes in
-    the rest of the run (its share of the passes so far), above the median capture time so far."""
+    with one, time proportional to positions) times the passes expected to replay it in the rest of the
+    run (the share of the passes so far that it would serve), above the median capture time so far."""
 
     def __init__(self, first: int | None = None):
         self.first = first
@@ -179,16 +179,21 @@ class PassSizes:
         larger = sorted(size for size in captured if size > positions)
         if not larger:
             return max(positions, self.first or 0) if not captured else positions
-        if self.capture_pays(positions, larger[0], remaining):
+        if self.capture_pays(positions, larger[0], captured, remaining):
             return positions
         return larger[0]
 
-    def capture_pays(self, positions: int, larger: int, remaining: int) -> bool:
+    def capture_pays(self, positions: int, larger: int, captured: list[int], remaining: int) -> bool:
+        """Whether a graph of `positions` saves more than its capture: each pass that would replay it
+        instead of `larger` (every size above the next smaller graph, up to `positions`) saves the
+        difference in replay time."""
         replay = self.seconds(larger)
         if replay is None or not self.capture_s:
             return True
         saved = replay - min(replay, self.estimate(positions, larger, replay))
-        uses = remaining * self.seen.get(positions, 1) / max(1, sum(self.seen.values()))
+        below = max((size for size in captured if size < positions), default=0)
+        served = sum(count for size, count in self.seen.items() if below < size <= positions)
+        uses = remaining * served / max(1, sum(self.seen.values()))
         return saved * uses > _median(self.capture_s)
 
     def seconds(self, positions: int) -> float | None:
