@@ -326,8 +326,8 @@ def main() -> None:
                     graphs.BUCKET_TOKENS = STUDIO["bucket"]
                 result["host_gaps"] = result_gaps
                 kept = {k: result[k] for k in ("setup", "tokens_per_s", "steps_per_s", "train_wall_s", "applied",
-                                               "graphs", "peak_reserved_gib", "step_s", "step_tokens", "steady_tokens_per_s",
-                                               "host_gaps") if k in result}
+                                               "graphs", "peak_reserved_gib", "step_s", "step_tokens",
+                                               "steady_tokens_per_s", "host_gaps") if k in result}
                 kept["median_step_s"] = sorted(result["step_s"])[len(result["step_s"]) // 2]
                 kept["losses"] = result["losses"][:6]
                 payload["runs"].append(kept)

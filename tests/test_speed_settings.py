@@ -576,6 +576,21 @@ def test_a_run_captures_only_the_pass_sizes_that_pay():
     assert unknown[0] == [2048, 2304]
 
 
+def test_the_trainer_reads_row_lengths_from_a_dataset_or_a_list():
+    """The job trains on a `datasets.Dataset` (tokenised with `map`), the benches on lists of rows: the
+    first graph's size is drawn from the same lengths either way."""
+    import datasets
+
+    from studio.train.trainer import StudioTrainer
+
+    ids = [[1] * 7, [2] * 3, [3] * 12]
+    table = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    assert StudioTrainer._row_lengths(SimpleNamespace(train_dataset=table)) == [7, 3, 12]
+    listed = [{"input_ids": row, "labels": row} for row in ids]
+    assert StudioTrainer._row_lengths(SimpleNamespace(train_dataset=listed)) == [7, 3, 12]
+    assert StudioTrainer._row_lengths(SimpleNamespace(train_dataset=None)) == []
+
+
 def test_the_first_graph_holds_nearly_every_pass_the_rows_can_make():
     import random
 

@@ -15,11 +15,12 @@ one CUDA graph and replayed: one launch a pass. Only the optimizer step stays ou
 - Which sizes (`PassSizes`): a capture costs about as much as several replays (0.13-0.28 s on the
   H200, where a 0.5B pass replays in 0.03 s), so a run captures as few sizes as pay for themselves.
   The first graph is captured at a size that holds 99% of the passes the run's rows can make
-  (`usual_largest_pass`), so later passes rarely need a larger one. A pass of a size without a graph replays the smallest larger one, its last
-  padding segment lengthened (`extend_padding`), unless its own graph would pay: the replay time it
-  saves, times the passes of that size expected in the rest of the run, above what a capture costs,
-  both measured in the run. A model whose pass takes as long at every size (a small one, whose step
-  is kernel launches more than arithmetic) keeps one graph; a large one captures its frequent sizes.
+  (`usual_largest_pass`), so later passes rarely need a larger one. A pass of a size without a graph
+  replays the smallest larger one, its last padding segment lengthened (`extend_padding`), unless its
+  own graph would pay: the replay time it saves, times the passes it would serve in the rest of the
+  run, above what a capture costs, both measured in the run. A short run, or a model whose replays
+  barely shrink with the size, keeps few graphs (the 0.5B: one in 20 steps, three in the tutorial-sized
+  job); a large model in a long run captures its frequent sizes (the 7B: five in that job).
 - Gradients: the capture's backward leaves the adapter's gradients in buffers of the graph, which each
   replay rewrites and which become the parameters' `.grad` after it (no copy). The optimizer uses them
   before the next pass, and the Trainer's `zero_grad` drops them (it sets them to None); a pass that
@@ -91,7 +92,7 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
     pad_segments = segments - rows
     if batch["input_ids"].shape[0] != 1 or pad_segments < 1:
         return batch
-    size = -(-(tokens + pad_segments) // multiple) * multiple
+    size = padded_size(tokens, multiple, pad_segments)
     lengths = [1] * (pad_segments - 1) + [size - tokens - (pad_segments - 1)]
     padding = size - tokens
     positions = torch.cat([torch.arange(n) for n in lengths]).to(batch["position_ids"].dtype).unsqueeze(0)
@@ -105,9 +106,10 @@ def pad_packed(batch: dict, multiple: int, segments: int, pad_id: int = 0, ignor
     return padded
 
 
-def padded_size(tokens: int, multiple: int) -> int:
-    """The positions `pad_packed` gives a pass of `tokens` real positions and at least one padding segment."""
-    return -(-(tokens + 1) // multiple) * multiple
+def padded_size(tokens: int, multiple: int, pad_segments: int = 1) -> int:
+    """The positions `pad_packed` gives a pass of `tokens` real positions and `pad_segments` padding
+    segments (at least one position each)."""
+    return -(-(tokens + pad_segments) // multiple) * multiple
 
 
 def usual_largest_pass(lengths: list[int], rows: int, share: float = 0.99, draws: int = 2000) -> int:
@@ -539,7 +541,8 @@ def model_problem(model) -> str | None:
 
 @contextmanager
 def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes: list | None = None,
-                  recorder=None, compute_dtype=None, lengths: list[int] | None = None) -> Iterator[StepGraphs | None]:
+                  recorder=None, compute_dtype=None,
+                  lengths: list[int] | None = None) -> Iterator[StepGraphs | None]:
     """For the block, `model`'s packed training passes replay CUDA graphs (`StepGraphs`, which the
     trainer's `training_step` runs them through), and `collator` pads them to the captured sizes (a
     no-op when `settings.cuda_graphs` is off; `notes` says why when it is on but cannot apply). Yields
@@ -564,8 +567,9 @@ def graphed_steps(model, settings, device: str, collator, varlen_on: bool, notes
     collator.graph_padding = (BUCKET_TOKENS, settings.batch_size + 1)
     if notes is not None:
         notes.append(f"CUDA graphs on: forward, loss and backward of the {len(decoder_layers(model))}-layer model "
-                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (first captured at a "
-                     "size that holds nearly every pass; another size only where its replays save more than its capture).")
+                     f"replayed per packed pass, passes padded to a multiple of {BUCKET_TOKENS} positions (first "
+                     "captured at a size that holds nearly every pass; another size only where its replays save more "
+                     "than its capture).")
     try:
         yield graphs
     finally:

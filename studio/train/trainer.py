@@ -119,7 +119,8 @@ class StudioTrainer(Trainer):
             varlen_on = stack.enter_context(packed_row_attention(self.model, varlen, notes))
             self.graphed = stack.enter_context(graphed_steps(
                 self.model, settings, str(self.args.device), self.data_collator, varlen_on, notes,
-                recorder=self.graph_recorder, compute_dtype=self._compute_dtype(), lengths=self._row_lengths()))
+                recorder=self.graph_recorder, compute_dtype=self._compute_dtype(),
+                lengths=self._row_lengths() if graphs else None))  # the rows read only for graphed runs
             self.speedup_notes = notes
             return super().train(*args, **kwargs)
 
