@@ -1,5 +1,5 @@
 """The Fast preset's training step on the 0.5B and 7B shapes, with the LoRA forward of each kind, in one
-run, and a kernel profile of steady 0.5B steps.
+run, and a kernel profile of steady steps of each size (`--profile`).
 
 Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Trainer's `adamw_torch`):
 - `peft-lora`: each LoRA layer computes the trained adapter with peft's arithmetic
@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", default=["0.5B", "7B"])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--variants", nargs="*", default=["peft-lora:", "one-node-nocasts:", "one-node:"])
-    parser.add_argument("--profile", action="store_true", help="profile steady 0.5B steps too")
+    parser.add_argument("--profile", action="store_true", help="profile steady steps of each size too")
     parser.add_argument("--presets", nargs="*", default=["fast"], help="studio presets to run each variant with")
     parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
     parser.add_argument("--check-dropout", action="store_true", help="check the redrawn dropout's kernel first")
@@ -332,9 +332,9 @@ def main() -> None:
                 kept["losses"] = result["losses"][:6]
                 payload["runs"].append(kept)
                 print(json.dumps(kept), flush=True)
-            if args.profile and size == "0.5B":
-                payload["profile_0.5B"] = profile(loaded, rows)
-                print(json.dumps(payload["profile_0.5B"], indent=1), flush=True)
+            if args.profile:
+                payload[f"profile_{size}"] = profile(loaded, rows)
+                print(json.dumps(payload[f"profile_{size}"], indent=1), flush=True)
         manager.unload()
     use_variant("one-node:")
     print("->", write_results("step_probe", payload))

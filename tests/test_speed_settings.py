@@ -848,15 +848,16 @@ def test_redrawn_dropout_gives_a_recomputed_layer_the_forward_s_mask():
 def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manager, tmp_path, monkeypatch):
     """Gradient checkpointing inside the graphs (the CPU recorder re-runs the recorded pass): each LoRA layer
     draws its dropout once forward, once more when its checkpointed forward is recomputed and once in the
-    backward, all from the pass's seed; the losses are those of the graphed run without checkpointing;
-    PyTorch's checkpoint replays no generator state; a run whose dropout stays in peft's own forward
-    keeps checkpointing out of the graphs and says why."""
+    backward, all from the pass's seed; the losses are those of the graphed run without checkpointing
+    drawing the same way; PyTorch's checkpoint replays no generator state; a graphed run without
+    checkpointing keeps PyTorch's mask (no draws); a run whose dropout stays in peft's own forward keeps
+    checkpointing out of the graphs and says why."""
     from functools import partial
 
     from transformers import modeling_utils
 
     from studio.model import attention, lora_dropout
-    from studio.train import graphs
+    from studio.train import graphs, speedups
     from studio.train.trainer import StudioTrainer
     from studio.ui.i18n import translate
 
@@ -883,7 +884,12 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
     lora = LoraSettings(dropout=0.1)
     with manager.using("test") as loaded:
         examples = rows(loaded.model.config.vocab_size, lengths=(9, 15, 6, 12, 10, 8, 14, 7) * 3, seed=3)
+        kept, kept_trainer, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4, lora=lora)
+        kept_draws = len(draws)
+        real_redraws = speedups.redraws_dropout
+        monkeypatch.setattr(speedups, "redraws_dropout", lambda settings, graphed: graphed)  # redrawn, unchecked
         plain, _, _ = studio_losses(loaded, fast, examples, tmp_path, steps=4, lora=lora)
+        monkeypatch.setattr(speedups, "redraws_dropout", real_redraws)
         layers = len(set(draws))
         plain_draws, draws[:] = len(draws), []
         checkpointed, trainer, job = studio_losses(loaded, replace(fast, gradient_checkpointing=True), examples,
@@ -897,6 +903,7 @@ def test_graphed_runs_recompute_checkpointed_layers_with_the_same_dropout(manage
     # input and its gradient together), and one more in each recomputed forward
     assert layers == 14 and plain_draws == 5 * 2 * layers
     assert len(draws) == 5 * 3 * layers
+    assert kept_draws == 0 and kept_trainer.graphed.replayed_passes == 3 and kept != pytest.approx(plain, rel=1e-6)
     assert trainer.graphed.replayed_passes == 3
     # every layer's checkpoint left the generator's state alone in the graphed run, and kept it in the eager one
     assert graphed_calls and not any(graphed_calls) and checkpoint_calls and all(checkpoint_calls)

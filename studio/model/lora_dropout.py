@@ -13,6 +13,12 @@ value) for the backward. Two things in CUDA-graphed training want another kind:
   product needs is kept undropped, which the base layer's product or the layer before often keeps
   already (q, k and v share one input); PyTorch's dropout keeps a dropped copy per projection.
 
+Used where a CUDA-graphed run checkpoints layers (the 24 GB preset). Where it does not (Fast), PyTorch's
+dropout keeps its mask, inside the graphs too: the redraws cost more than the kept mask's memory
+traffic. On an H100 (`step_probe-dropout-cost-h100-80gb-hbm3-2026-12-06.json`) this kernel took 7.9 ms
+of a 38 ms 0.5B step and 24 ms of a 150 ms 7B step; the kept mask ran Fast 14% faster on the 0.5B
+(59,531 against 52,247 tokens/s) and 20% on the 7B (13,788 against 11,477), at 5.4 GiB more on the 7B.
+
 On a CUDA GPU one Triton kernel draws and applies the mask (Philox, `tl.rand`, one draw per value);
 elsewhere (the CPU tests), or without Triton, the same draw is an integer hash in PyTorch operations.
 Each keeps an input value with probability 1 - rate and scales it by 1 / (1 - rate), as PyTorch's

@@ -79,8 +79,9 @@ class Features:
     fused_loss: bool | None = None
     # positions of the chunked loss's largest chunk of logits (`studio.train.fused_loss`; 0 without it)
     loss_chunk_rows: int = 0
-    # nothing of the LoRA dropout is kept for the backward: CUDA-graphed runs draw the mask again
-    # (`studio.model.lora_dropout`), or there is no dropout; None: rows from before the field (measurement_rows)
+    # nothing of the LoRA dropout is kept for the backward: CUDA-graphed runs that checkpoint layers draw
+    # the mask again (`studio.model.lora_dropout`), or there is no dropout; None: rows from before the field
+    # (measurement_rows)
     dropout_redrawn: bool | None = None
 
     @property
@@ -240,7 +241,7 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
     from studio.model.card import base_of, memory_in_use
     from studio.train.estimate import lora_param_count
     from studio.train.fused_loss import chunk_rows_for, loss_problem
-    from studio.train.speedups import liger_available
+    from studio.train.speedups import liger_available, redraws_dropout
 
     config = base_of(model).config
     share = min(1.0, max(0.0, settings.checkpoint_fraction)) if settings.gradient_checkpointing else 0.0
@@ -255,7 +256,7 @@ def model_features(model, settings: TrainSettings, tokens: int, lora: LoraSettin
                     layers=config.num_hidden_layers, vocab=config.vocab_size, checkpointed_share=share,
                     liger=liger, fused_loss=chunked_loss if graphs else liger,
                     loss_chunk_rows=min(tokens, chunk_rows_for(config.vocab_size)) if chunked_loss else 0,
-                    dropout_redrawn=graphs or lora.dropout == 0)  # nothing of a dropout kept
+                    dropout_redrawn=redraws_dropout(settings, graphs) or lora.dropout == 0)  # nothing kept
 
 
 def graphs_expected(settings: TrainSettings, model=None) -> bool:

@@ -198,11 +198,19 @@ def training_speedups(model, settings, fused_loss: bool = True):
             restore()
 
 
+def redraws_dropout(settings, graphs: bool) -> bool:
+    """Whether a run's LoRA dropout draws its mask again (`redrawn_dropout`) rather than keeping PyTorch's:
+    only where CUDA graphs recompute checkpointed layers, which must draw the forward's mask again
+    without the generator's state. Elsewhere the kept mask is faster (`studio.model.lora_dropout`)."""
+    return graphs and bool(getattr(settings, "gradient_checkpointing", False))
+
+
 @contextmanager
 def redrawn_dropout(model, name: str, on: bool):
-    """With `on` (a CUDA-graphed run), each LoRA layer training `name` draws its dropout mask from a seed
-    per pass (`studio.model.lora_dropout`): the backward draws it again instead of keeping it, and a
-    checkpointed layer's recomputation draws the same mask without the generator's state, which a graph
+    """With `on` (a CUDA-graphed run that checkpoints layers), each LoRA layer training `name` draws its
+    dropout mask from a seed per pass (`studio.model.lora_dropout`): the backward draws it again instead
+    of keeping it, and a checkpointed layer's recomputation draws the same mask without the generator's
+    state, which a graph
     cannot read back. Yields the run's `DropoutSeeds` (call `refresh()` at the start of each pass), or
     None."""
     from studio.model.routing import lora_layers

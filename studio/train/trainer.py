@@ -94,7 +94,8 @@ class StudioTrainer(Trainer):
     def train(self, *args, **kwargs):
         from studio.model.attention import sdpa_configs, varlen_kernel
         from studio.train.graphs import checkpointing_problem, graph_problem, graphed_steps
-        from studio.train.speedups import chunked_loss, only_trained_adapter, redrawn_dropout, training_speedups
+        from studio.train.speedups import (chunked_loss, only_trained_adapter, redrawn_dropout, redraws_dropout,
+                                           training_speedups)
 
         settings = self.speed_settings
         packed = bool(getattr(settings, "packing", False))
@@ -111,7 +112,8 @@ class StudioTrainer(Trainer):
             graphs = bool(getattr(settings, "cuda_graphs", False)) and not (graph_problem(
                 settings, str(self.args.device), varlen_possible, self.model,
                 device_checks=self.graph_recorder is None) or checkpointing_problem(settings, self.model))
-            self.dropout_seeds = stack.enter_context(redrawn_dropout(self.model, self.adapter_name, graphs))
+            self.dropout_seeds = stack.enter_context(redrawn_dropout(self.model, self.adapter_name,
+                                                                     redraws_dropout(settings, graphs)))
             # a checkpointed layer of a graphed run redraws its dropout mask: no generator state to replay
             self._checkpoint_arguments(use_reentrant=False, preserve_rng_state=not graphs)
             notes = stack.enter_context(training_speedups(self.model, settings, fused_loss=not graphs))
