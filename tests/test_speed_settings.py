@@ -373,6 +373,25 @@ def test_memory_estimate_follows_the_switches(manager):
     assert fast.forward_tokens == sum(lengths) and plain.forward_tokens == 8 * 400
 
 
+def test_memory_estimate_counts_the_kept_dropout_mask_of_graphed_runs_that_do_not_checkpoint(manager, monkeypatch):
+    """Where CUDA graphs run (forced here: the CPU has none), Fast keeps PyTorch's dropout mask and the
+    estimate counts it; the 24 GB preset, checkpointing inside its graphs, redraws it and keeps nothing;
+    without dropout nothing is kept either."""
+    from studio.train import memory
+    from studio.train.settings import LoraSettings
+
+    monkeypatch.setattr(memory, "graphs_expected", lambda settings, model=None: True)
+    with manager.using("test") as loaded:
+        def features(name, dropout=0.1):
+            return memory.model_features(loaded.model, preset(name), 2048, LoraSettings(dropout=dropout))
+
+        fast, gpu24, no_dropout = features("fast"), features("gpu24"), features("fast", dropout=0.0)
+    assert not fast.dropout_redrawn and gpu24.dropout_redrawn and no_dropout.dropout_redrawn
+    coefficients, with_liger = memory.fitted(), replace(fast, liger=True)  # Fast's kernels on a GPU
+    assert (memory.predict(with_liger, coefficients).activations_gib
+            > memory.predict(replace(with_liger, dropout_redrawn=True), coefficients).activations_gib)
+
+
 def test_decode_kernels_leave_a_cpu_model_as_it_is(manager):
     from studio.model.kernels import decode_kernels
 
