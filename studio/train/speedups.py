@@ -210,8 +210,8 @@ def redrawn_dropout(model, name: str, on: bool):
     """With `on` (a CUDA-graphed run that checkpoints layers), each LoRA layer training `name` draws its
     dropout mask from a seed per pass (`studio.model.lora_dropout`): the backward draws it again instead
     of keeping it, and a checkpointed layer's recomputation draws the same mask without the generator's
-    state, which a graph cannot read back. Yields the run's `DropoutSeeds` (call `refresh()` at the start of each pass), or
-    None."""
+    state, which a graph cannot read back. Yields the run's `DropoutSeeds` (call `refresh()` at the start
+    of each pass), or None."""
     from studio.model.routing import lora_layers
 
     layers = [layer for layer in lora_layers(model) if name in layer.lora_A] if on else []
