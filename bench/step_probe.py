@@ -14,6 +14,8 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
   node (before `dense_lora_linear`), so autograd adds the two input gradients;
 - `one-node-keptmask`: the same with PyTorch's dropout, its mask kept for the backward, in graphed runs
   too (before `studio.model.lora_dropout`; not with checkpointing in the graphs);
+- `one-node-inline`: `one-node` with the LoRA weights' gradient products on the backward's own stream
+  (before `FlatCasts` put them on a side stream);
 - LOSS `model`: the model's own loss (float32 logits of the whole pass) instead of the chunked loss of
   graphed runs (`studio.train.fused_loss`, the default); `chunked`: the chunked loss in eager runs too
   (in place of Liger's fused loss, which reads a count back to the host every pass).
@@ -83,6 +85,14 @@ def base_and_update_apart(x, weight, bias, a, b, scaling, dropout, casts=None, r
                                    redrawn)
 
 
+def inline_casts(*args):
+    """The studio's `FlatCasts`, its weights' gradient products on the backward's own stream."""
+    casts, layers = STUDIO["flat_casts"](*args)
+    if casts is not None:
+        casts.side = None
+    return casts, layers
+
+
 def use_variant(variant: str) -> None:
     """Switch the studio's training code to `variant` (LORA:OPTIMIZER[:LOSS]) for the next run."""
     lora, optimizer, *loss = variant.split(":")
@@ -93,8 +103,8 @@ def use_variant(variant: str) -> None:
     trainer_module.TrainingArguments = arguments if optimizer else STUDIO["arguments"]
     routing._trained_forward = (STUDIO["trained_forward"] if lora != "peft-lora"
                                 else (lambda layer, name, routed: routed))
-    graphs._flat_casts = STUDIO["flat_casts"] if lora.startswith("one-node") and lora != "one-node-nocasts" \
-        else (lambda *args: (None, ()))
+    graphs._flat_casts = (inline_casts if lora == "one-node-inline" else STUDIO["flat_casts"]
+                          if lora.startswith("one-node") and lora != "one-node-nocasts" else (lambda *args: (None, ())))
     lora_update.dense_lora_linear = base_and_update_apart if lora == "one-node-apart" else STUDIO["dense_lora_linear"]
     lora_update._scaled_mm = scaled_by_multiply if lora == "one-node-mul" else STUDIO["scaled_mm"]
     speedups.redrawn_dropout = ((lambda model, name, on: contextlib.nullcontext(None)) if lora == "one-node-keptmask"

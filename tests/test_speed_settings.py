@@ -1130,6 +1130,83 @@ def test_a_capture_that_fails_mid_pass_leaves_nothing_in_the_one_go_casts():
     assert "studio_casts" not in layer.__dict__
 
 
+class _LoggedStream:
+    """A stand-in CUDA stream that writes what is asked of it into a shared log."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log, self.events = name, log, 0
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "waits for all of", other.name))
+
+    def record_event(self):
+        self.events += 1
+        return f"{self.name} event {self.events}"
+
+    def wait_event(self, event):
+        self.log.append((self.name, "waits for", event))
+
+
+class _LoggedCuda:
+    """torch.cuda's stream calls, as `FlatCasts` makes them, on `_LoggedStream`s."""
+
+    def __init__(self, log: list):
+        self.main, self.log, self.on = _LoggedStream("main", log), log, None
+
+    def current_stream(self):
+        return self.on or self.main
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        self.on = stream
+        try:
+            yield
+        finally:
+            self.on = None
+
+
+def test_the_weights_gradient_products_run_beside_the_backward_and_are_waited_for_before_reuse():
+    """On a side stream, each product starts after the backward's stream has written what it reads; the
+    backward's stream waits for product i once `SIDE_LAG` more were started (its tensors are kept till
+    then, and released after), and for all of them before the gradients are read (`finish`) or dropped
+    (`reset`)."""
+    from studio.model.lora_update import FlatCasts
+
+    log: list = []
+    cuda = _LoggedCuda(log)
+    side = _LoggedStream("side", log)
+    weights = [torch.ones(2, 3, requires_grad=True), torch.ones(3, 2, requires_grad=True)]
+    casts = FlatCasts(weights, torch.float32, side=side, cuda=cuda)
+    casts.begin()
+    lag = casts.SIDE_LAG
+    for number in range(1, lag + 3):
+        casts.aside(lambda n=number: log.append(("side", "runs product", n)) if cuda.current_stream() is side
+                    else log.append(("main", "runs product", n)), (torch.zeros(1) + number,))
+        assert len(casts.in_flight) == min(number, lag)
+    assert log[:2] == [("side", "waits for all of", "main"), ("side", "runs product", 1)]
+    assert ("main", "runs product", 1) not in log  # never on the backward's own stream
+    waits = [entry for entry in log if entry[0] == "main"]
+    assert waits == [("main", "waits for", "side event 1"), ("main", "waits for", "side event 2")]
+    assert log.index(("main", "waits for", "side event 1")) > log.index(("side", "runs product", lag + 1))
+    assert [int(reads[0].item()) for _, reads in casts.in_flight] == list(range(3, lag + 3))  # 1 and 2 let go
+    grads = casts.finish()
+    assert log[-1] == ("main", "waits for all of", "side") and casts.in_flight == []
+    assert grads == {}  # no layer took a weight from these casts
+    casts.begin()
+    casts.aside(lambda: None, ())
+    casts.reset()
+    assert log[-1] == ("main", "waits for all of", "side") and casts.in_flight == []
+
+
+def test_without_a_side_stream_the_weights_gradient_products_run_at_once():
+    from studio.model.lora_update import FlatCasts
+
+    casts = FlatCasts([torch.ones(2, requires_grad=True)], torch.float32)
+    ran = []
+    casts.aside(lambda: ran.append(1), (torch.zeros(1),))
+    assert ran == [1] and casts.in_flight == []
+
+
 @pytest.mark.parametrize("lora_bias", [False, True])
 def test_training_forward_equals_peft_s_and_keeps_an_adapter_s_own_biases(plain_model, lora_bias):
     """While `name` trains, a pass with gradients gives peft's output and gradients (one node, or peft's

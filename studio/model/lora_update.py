@@ -73,10 +73,15 @@ class LoraUpdate(torch.autograd.Function):
             g_x = torch.mm(g_hidden, a) if ctx.needs_input_grad[0] else None  # before dropout's mask
             if redrawn is not None:  # the forward's dropped input and the masked gradient, the mask drawn again
                 flat, g_x = redrawn.pair(flat, g_x, ctx.dropout)
-            if casts is not None:
+            if casts is not None:  # the weights' gradients: off the input gradient's path (`FlatCasts.aside`)
                 weight_a, weight_b = ctx.weights
-                _scaled_mm(g.t(), hidden, ctx.scaling, out=casts.grad(weight_b))
-                torch.mm(g_hidden.t(), flat, out=casts.grad(weight_a))
+                grad_a, grad_b, scaling = casts.grad(weight_a), casts.grad(weight_b), ctx.scaling
+
+                def weight_grads(g=g, hidden=hidden, g_hidden=g_hidden, flat=flat):
+                    _scaled_mm(g.t(), hidden, scaling, out=grad_b)
+                    torch.mm(g_hidden.t(), flat, out=grad_a)
+
+                casts.aside(weight_grads, (g, hidden, g_hidden, flat))
                 g_a = g_b = None
             else:
                 g_b = _scaled_mm(g.t(), hidden, ctx.scaling).to(b_dtype)
@@ -122,10 +127,21 @@ class FlatCasts:
     `begin()` casts (call it at the start of a pass), `finish()` returns the gradient, as a view of one
     buffer in the weights' dtype, of each weight a layer took from here (`served`; a layer that computes
     in another dtype leaves its weights' gradients to autograd), `reset()` drops a pass that failed.
-    Used inside a captured CUDA graph (`studio.train.graphs`), where the buffers are the graph's own."""
+    Used inside a captured CUDA graph (`studio.train.graphs`), where the buffers are the graph's own.
 
-    def __init__(self, weights: list, dtype):
-        self.weights, self.dtype = weights, dtype
+    With a `side` CUDA stream, the weights' gradient products (`aside`) run there, beside the backward's
+    input gradients, which are the pass's critical path and no longer wait for them: on a small model
+    they are about a third of the backward's kernels (two products a layer, each with cuBLAS's split-K
+    reduction and its zeroed workspace), each too small to fill the GPU alone. The tensors they read
+    stay referenced until the critical path has waited for them, `SIDE_LAG` products later, so no later
+    kernel reuses that memory too soon; `finish()` and `reset()` wait for all of them."""
+
+    SIDE_LAG = 8  # gradient products in flight on the side stream: about one decoder layer's
+
+    def __init__(self, weights: list, dtype, side=None, cuda=None):
+        self.weights, self.dtype, self.side = weights, dtype, side
+        self._cuda = cuda  # torch.cuda, or a stand-in with current_stream() and stream(s) (tests)
+        self.in_flight: list = []  # (the side stream's event after a product, the tensors it reads)
         self.index = {id(w): i for i, w in enumerate(weights)}
         self.offsets = [0]
         for weight in weights:
@@ -151,12 +167,35 @@ class FlatCasts:
     def grad(self, weight):
         return self.grad_views[self.index[id(weight)]]
 
+    def aside(self, work, reads: tuple) -> None:
+        """Run `work()` (gradient products that write only into this pass's gradient buffer and read
+        `reads`) on the side stream where there is one, else now."""
+        if self.side is None:
+            work()
+            return
+        cuda = self._cuda or torch.cuda
+        main = cuda.current_stream()
+        self.side.wait_stream(main)  # what `work` reads is written
+        with cuda.stream(self.side):
+            work()
+        self.in_flight.append((self.side.record_event(), reads))
+        while len(self.in_flight) > self.SIDE_LAG:
+            event, _ = self.in_flight.pop(0)
+            main.wait_event(event)  # what runs next on the main stream may reuse that product's tensors
+
+    def _join(self) -> None:
+        if self.side is not None and self.in_flight:
+            (self._cuda or torch.cuda).current_stream().wait_stream(self.side)
+        self.in_flight = []
+
     def finish(self) -> dict:
         """{id of a served weight: its gradient}."""
+        self._join()
         views = self._views(self.grads.to(self.weights[0].dtype))
         served = {id(w): view for w, view in zip(self.weights, views) if id(w) in self.served}
         self.reset()
         return served
 
     def reset(self) -> None:
+        self._join()
         self.casts, self.grads, self.grad_views, self.served = [], None, [], set()
