@@ -1141,7 +1141,9 @@ class _LoggedStream:
 
     def record_event(self):
         self.events += 1
-        return f"{self.name} event {self.events}"
+        event = f"{self.name} event {self.events}"
+        self.log.append((self.name, "records", event))
+        return event
 
     def wait_event(self, event):
         self.log.append((self.name, "waits for", event))
@@ -1165,37 +1167,109 @@ class _LoggedCuda:
             self.on = None
 
 
-def test_the_weights_gradient_products_run_beside_the_backward_and_are_waited_for_before_reuse():
-    """On a side stream, each product starts after the backward's stream has written what it reads; the
-    backward's stream waits for product i once `SIDE_LAG` more were started (its tensors are kept till
-    then, and released after), and for all of them before the gradients are read (`finish`) or dropped
-    (`reset`)."""
+def _logged_casts(weights, log):
+    """FlatCasts on stand-in streams; the gradients' read at the end of a pass is logged too."""
     from studio.model.lora_update import FlatCasts
 
-    log: list = []
     cuda = _LoggedCuda(log)
-    side = _LoggedStream("side", log)
-    weights = [torch.ones(2, 3, requires_grad=True), torch.ones(3, 2, requires_grad=True)]
-    casts = FlatCasts(weights, torch.float32, side=side, cuda=cuda)
+    casts = FlatCasts(weights, torch.float32, side=_LoggedStream("side", log), cuda=cuda)
+    views = casts._views
     casts.begin()
+    casts._views = lambda flat: log.append(("main", "reads the gradients")) or views(flat)
+    return casts, cuda
+
+
+def test_the_weights_gradient_products_run_beside_the_backward_and_are_waited_for_before_reuse():
+    """On a side stream, each product starts after the backward's stream has written what it reads; the
+    backward's stream waits for product i (an event recorded after it) once `SIDE_LAG` more were started
+    (its tensors are kept till then, and released after), and for all of them before the gradients are
+    read (`finish`) or dropped (`reset`)."""
+    log: list = []
+    weights = [torch.ones(2, 3, requires_grad=True), torch.ones(3, 2, requires_grad=True)]
+    casts, cuda = _logged_casts(weights, log)
     lag = casts.SIDE_LAG
     for number in range(1, lag + 3):
-        casts.aside(lambda n=number: log.append(("side", "runs product", n)) if cuda.current_stream() is side
-                    else log.append(("main", "runs product", n)), (torch.zeros(1) + number,))
+        casts.aside(lambda n=number: log.append((cuda.current_stream().name, "runs product", n)),
+                    (torch.zeros(1) + number,))
         assert len(casts.in_flight) == min(number, lag)
-    assert log[:2] == [("side", "waits for all of", "main"), ("side", "runs product", 1)]
+    assert log[:3] == [("side", "waits for all of", "main"), ("side", "runs product", 1), ("side", "records", "side event 1")]
     assert ("main", "runs product", 1) not in log  # never on the backward's own stream
     waits = [entry for entry in log if entry[0] == "main"]
     assert waits == [("main", "waits for", "side event 1"), ("main", "waits for", "side event 2")]
     assert log.index(("main", "waits for", "side event 1")) > log.index(("side", "runs product", lag + 1))
     assert [int(reads[0].item()) for _, reads in casts.in_flight] == list(range(3, lag + 3))  # 1 and 2 let go
     grads = casts.finish()
-    assert log[-1] == ("main", "waits for all of", "side") and casts.in_flight == []
-    assert grads == {}  # no layer took a weight from these casts
-    casts.begin()
-    casts.aside(lambda: None, ())
+    assert log[-2:] == [("main", "waits for all of", "side"), ("main", "reads the gradients")]
+    assert casts.in_flight == [] and grads == {}  # no layer took a weight from these casts
+    assert log.count(("main", "waits for all of", "side")) == 1
+
+
+def test_a_pass_whose_first_side_product_fails_still_joins_the_side_stream_and_lets_go():
+    """A capture must end with every stream it forked joined back, or ending it fails with another error
+    than the pass's own (an out-of-memory error the run would otherwise recover from)."""
+    log: list = []
+    casts, _ = _logged_casts([torch.ones(2, 3, requires_grad=True)], log)
+
+    def failing_product():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        casts.aside(failing_product, (torch.zeros(1),))
     casts.reset()
-    assert log[-1] == ("main", "waits for all of", "side") and casts.in_flight == []
+    assert log[-1] == ("main", "waits for all of", "side")
+    assert casts.in_flight == [] and casts.grads is None and not casts.forked
+    casts.reset()  # nothing forked since: no second wait
+    assert log.count(("main", "waits for all of", "side")) == 1
+
+
+def test_the_lora_backward_keeps_every_tensor_its_side_products_read():
+    """What the side stream reads (the incoming gradient, the update's hidden product and its gradient,
+    the dropped input) stays referenced until the main stream waits for it: every storage the products
+    read is one of the kept tensors'."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from studio.model.lora_update import lora_update
+
+    class ReadStorages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.read: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            outputs = {id(t) for t in torch.utils._pytree.tree_leaves(kwargs.get("out"))}
+            for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if torch.is_tensor(value) and id(value) not in outputs:
+                    self.read.add(value.untyped_storage().data_ptr())
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    weight_a = torch.randn(4, 6, requires_grad=True)
+    weight_b = torch.randn(5, 4, requires_grad=True)
+    log: list = []
+    casts, _ = _logged_casts([weight_a, weight_b], log)
+    reads_seen, kept = [], []
+    side_aside = casts.aside
+
+    def watched(work, reads):
+        def watched_work():
+            with ReadStorages() as mode:
+                work()
+            reads_seen.append(mode.read)
+
+        kept.append({t.untyped_storage().data_ptr() for t in reads})
+        side_aside(watched_work, reads)
+
+    casts.aside = watched
+    x = torch.randn(3, 6, requires_grad=True)
+    result = torch.randn(3, 5, requires_grad=True)
+    out = lora_update(x, result, weight_a, weight_b, 2.0, 0.1, casts)
+    out.square().sum().backward()
+    assert len(reads_seen) == 1 and len(kept[0]) == 4
+    flat_grads = casts.grads.untyped_storage().data_ptr()
+    weights_cast = casts.casts[0].untyped_storage().data_ptr()
+    assert reads_seen[0] - {flat_grads, weights_cast} <= kept[0]
+    assert reads_seen[0] & kept[0] == kept[0]  # and each kept tensor is read
 
 
 def test_without_a_side_stream_the_weights_gradient_products_run_at_once():

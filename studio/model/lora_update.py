@@ -142,6 +142,7 @@ class FlatCasts:
         self.weights, self.dtype, self.side = weights, dtype, side
         self._cuda = cuda  # torch.cuda, or a stand-in with current_stream() and stream(s) (tests)
         self.in_flight: list = []  # (the side stream's event after a product, the tensors it reads)
+        self.forked = False  # the side stream has work of this pass the main stream has not waited for
         self.index = {id(w): i for i, w in enumerate(weights)}
         self.offsets = [0]
         for weight in weights:
@@ -175,6 +176,7 @@ class FlatCasts:
             return
         cuda = self._cuda or torch.cuda
         main = cuda.current_stream()
+        self.forked = True  # from here the side stream must be joined back, even if `work` fails
         self.side.wait_stream(main)  # what `work` reads is written
         with cuda.stream(self.side):
             work()
@@ -184,18 +186,24 @@ class FlatCasts:
             main.wait_event(event)  # what runs next on the main stream may reuse that product's tensors
 
     def _join(self) -> None:
-        if self.side is not None and self.in_flight:
-            (self._cuda or torch.cuda).current_stream().wait_stream(self.side)
-        self.in_flight = []
+        """The main stream waits for every product on the side stream (a capture must end joined)."""
+        try:
+            if self.side is not None and self.forked:
+                (self._cuda or torch.cuda).current_stream().wait_stream(self.side)
+        finally:
+            self.in_flight, self.forked = [], False
 
     def finish(self) -> dict:
         """{id of a served weight: its gradient}."""
-        self._join()
-        views = self._views(self.grads.to(self.weights[0].dtype))
-        served = {id(w): view for w, view in zip(self.weights, views) if id(w) in self.served}
-        self.reset()
-        return served
+        try:
+            self._join()
+            views = self._views(self.grads.to(self.weights[0].dtype))
+            return {id(w): view for w, view in zip(self.weights, views) if id(w) in self.served}
+        finally:
+            self.reset()
 
     def reset(self) -> None:
-        self._join()
-        self.casts, self.grads, self.grad_views, self.served = [], None, [], set()
+        try:
+            self._join()
+        finally:
+            self.casts, self.grads, self.grad_views, self.served = [], None, [], set()

@@ -311,7 +311,19 @@ class StepGraphs:
     def remove(self) -> None:
         """Drop the graphs, their static tensors and their memory pool."""
         self.graphs.clear()
+        self._drop_side_workspace()
         self.recorder = None
+
+    def _drop_side_workspace(self) -> None:
+        """cuBLAS keeps the workspace it took for the casts' side stream during a capture, from the graphs'
+        pool, and frees a graph's workspace only for the capturing stream: drop the cached workspaces (made
+        again on demand) so the pool goes back with the graphs."""
+        if getattr(self.casts, "side", None) is not None and isinstance(self.recorder, CudaRecorder):
+            import torch
+
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
 
     # ----- which passes replay ----------------------------------------------------------------------
     def _key(self, inputs: dict, num_items) -> tuple | None:
@@ -409,6 +421,7 @@ class StepGraphs:
         """Eager from now on: the graphs and their pool dropped, `note` in the job's log."""
         self.failed = True
         self.graphs.clear()
+        self._drop_side_workspace()
         if isinstance(self.recorder, CudaRecorder):
             import torch
 
