@@ -22,7 +22,8 @@ Variants (`--variants LORA:OPTIMIZER[:LOSS]`, the optimizer empty for the Traine
 
 `--check-loss` compares the chunked loss's Triton kernel with the same arithmetic in PyTorch
 operations on bf16 logits over the 152k vocabulary; `--check-dropout` checks the redrawn dropout's
-kernel, in a CUDA graph too. `--presets` takes the studio's presets and the probe's variants of the
+kernel, in a CUDA graph too, and that Fast's kept mask, recorded by the studio's graph recorder, is drawn
+anew on each replay. `--presets` takes the studio's presets and the probe's variants of the
 24 GB one (`gpu24-eager`: without CUDA graphs, as before; `gpu24-quarter`: a quarter of the layers
 checkpointed).
 
@@ -194,7 +195,31 @@ def check_dropout(rate: float = 0.05) -> dict:
             "other_layer_other_mask": other_layer,
             "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled,
             "replay_same_twice": replay_same and torch.equal(one, two),
-            "replays_draw_new_masks": not torch.equal(replay_one, one)}
+            "replays_draw_new_masks": not torch.equal(replay_one, one),
+            "kept_mask": check_kept_mask(x, rate)}
+
+
+def check_kept_mask(x, rate: float) -> dict:
+    """Fast's kept dropout (`torch.native_dropout`, as `studio.model.lora_update` calls it) recorded by the
+    studio's own `CudaRecorder`: each replay draws a new mask, keeps about 1 - rate, and scales the kept."""
+    import torch
+
+    recorder = graphs.CudaRecorder()
+    held: dict = {}
+
+    def work():
+        held["out"], held["mask"] = torch.native_dropout(x, rate, True)
+
+    replay = recorder.record(work)
+    masks = []
+    for _ in range(3):
+        replay()
+        masks.append(held["mask"].clone())
+    torch.cuda.synchronize()
+    kept = held["mask"]
+    scaled = (held["out"][kept].float() - x[kept].float() / (1 - rate)).abs().max().item()
+    return {"replays_draw_new_masks": not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]),
+            "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled}
 
 
 def check_loss(rows: int = 1024, vocab: int = 151936) -> dict:
@@ -305,7 +330,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile steady steps of each size too")
     parser.add_argument("--presets", nargs="*", default=["fast"], help="studio presets to run each variant with")
     parser.add_argument("--check-loss", action="store_true", help="check the chunked loss's kernel first")
-    parser.add_argument("--check-dropout", action="store_true", help="check the redrawn dropout's kernel first")
+    parser.add_argument("--check-dropout", action="store_true",
+                        help="check the redrawn dropout's kernel and the kept mask's replays first")
     parser.add_argument("--buckets", nargs="*", type=int, default=[graphs.BUCKET_TOKENS],
                         help="graphed passes padded to a multiple of each of these (one run each)")
     args = parser.parse_args()
