@@ -196,7 +196,15 @@ def check_dropout(rate: float = 0.05) -> dict:
             "kept_share": round(kept.float().mean().item(), 5), "largest_scaling_error": scaled,
             "replay_same_twice": replay_same and torch.equal(one, two),
             "replays_draw_new_masks": not torch.equal(replay_one, one),
-            "kept_mask": check_kept_mask(x, rate)}
+            "kept_mask": _reported(check_kept_mask, x, rate)}
+
+
+def _reported(check, *args) -> dict:
+    """`check(*args)`, or the error it raised (so one failing check keeps the others' results)."""
+    try:
+        return check(*args)
+    except Exception as error:  # noqa: BLE001  (a bench check reports whatever went wrong)
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def check_kept_mask(x, rate: float) -> dict:
