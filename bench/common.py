@@ -68,12 +68,28 @@ def gpu_slug(info: dict) -> str:
     return info.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
 
 
+def results_text(payload: dict) -> str:
+    """A result file's JSON: one key of the payload a line, a list of rows (a table's results, a probe's
+    runs) one row a line, so that a run of twenty setups reads and diffs as twenty lines."""
+    def line(value) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    entries = []
+    for key, value in payload.items():
+        if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            rows = ",\n".join(f"    {line(row)}" for row in value)
+            entries.append(f"  {json.dumps(key)}: [\n{rows}\n  ]")
+        else:
+            entries.append(f"  {json.dumps(key)}: {line(value)}")
+    return "{\n" + ",\n".join(entries) + "\n}\n"
+
+
 def write_results(name: str, payload: dict) -> Path:
     """bench/results/<name>-<gpu>-<date>.json, and a copy under $OUT when the device tool runs us."""
     info = payload.setdefault("versions", versions())
     payload.setdefault("date", time.strftime("%Y-%m-%d"))
     filename = f"{name}-{gpu_slug(info)}-{payload['date']}.json"
-    text = json.dumps(payload, indent=2)
+    text = results_text(payload)
     path = ROOT / "bench" / "results" / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

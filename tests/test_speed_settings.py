@@ -1314,3 +1314,27 @@ def test_training_forward_equals_peft_s_and_keeps_an_adapter_s_own_biases(plain_
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads, peft_grads))
     if lora_bias:
         assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n and n.endswith("bias"))
+
+
+def test_bench_result_files_hold_one_row_a_line_and_load_back_unchanged(tmp_path, monkeypatch):
+    """`bench/common.write_results`: the file (and its $OUT copy) loads back to the payload, and each row
+    of a results list is one line, so a table of twenty setups is twenty lines, not thousands."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = [{"setup": f"fast {i}", "losses": [1.5, 1.25], "graphs": {"replay_ms": {"2816": 27.6}}} for i in range(20)]
+    payload = {"results": rows, "skipped": [], "sizes": {"7B": {"load_s": 3.5}}, "note": "二",
+               "versions": {"gpu": "NVIDIA H100 80GB HBM3"}, "date": "2026-12-07"}
+    path = common.write_results("train_speed-check", payload)
+    assert path == tmp_path / "bench" / "results" / "train_speed-check-h100-80gb-hbm3-2026-12-07.json"
+    text = path.read_text()
+    assert json.loads(text) == payload
+    assert (tmp_path / path.name).read_text() == text
+    lines = text.splitlines()
+    assert len(lines) == 1 + 1 + len(rows) + 1 + 5 + 1  # {, "results": [, the rows, ], five other keys, }
+    assert lines[2] == '    {"setup":"fast 0","losses":[1.5,1.25],"graphs":{"replay_ms":{"2816":27.6}}},'
