@@ -195,10 +195,35 @@ def compare_cost(manager, tokens: int) -> dict:
             costs.update(step_costs(model, decoder))
     for name, value in zip(flags, default):
         setattr(decoder, name, value)
+    if hasattr(decoder, "lora_kernel"):
+        result["adapter updates"] = adapter_update_cost(manager, decoder, tokens, single, one)
+        if hasattr(decoder, "_steps"):
+            costs.update(step_costs(model, decoder))
     result["default_variant"] = next((label for label, value in variants.items() if value == default), str(default))
     if costs:
         result["recorded_steps"] = costs
     return result
+
+
+def adapter_update_cost(manager, decoder, tokens: int, reply: str, seconds: float) -> dict:
+    """The adapter's chat (one column) with its LoRA updates computed by peft's arithmetic instead of the
+    studio's kernels (`decoder.lora_kernel`), against `seconds` and `reply` with the default; both the
+    best of two runs after a warm-up."""
+    default = decoder.lora_kernel
+    kernels_note = decoder.lora_kernels_note
+    decoder.lora_kernel = False
+    try:
+        studio_reply(manager, tokens, adapter="bench")  # warm-up (records the step)
+        (peft_reply, first), (_, second) = [timed(lambda: studio_reply(manager, tokens, adapter="bench"))
+                                            for _ in range(2)]
+    finally:
+        decoder.lora_kernel = default
+    peft_seconds = min(first, second)
+    return {"default": "the studio's kernels" if default else "peft's arithmetic", "kernels_note": kernels_note,
+            "kernels_tokens_per_s": round(tokens / seconds, 1), "peft_tokens_per_s": round(tokens / peft_seconds, 1),
+            "speedup": round(peft_seconds / seconds, 2), "same_reply": reply == peft_reply,
+            "note": "same_reply may be false on the random-weight model, whose logits are near-ties everywhere: "
+                    "the kernels add in another order than cuBLAS"}
 
 
 def step_costs(model, decoder) -> dict:
@@ -225,14 +250,16 @@ def step_costs(model, decoder) -> dict:
         replays = 3
         if not kernels:  # the profiler saw no kernels inside the graph: one eager run of the step instead
             layers = decoder.together(model, len(adapters)) if together else frozenset()
+            lora = decoder._lora_kernels(model, adapters) if key[5] else None
             with torch.inference_mode(), decoder._layer_kernels(model), \
-                    route_rows(model, adapters, rows_alone, None, layers), \
+                    route_rows(model, adapters, rows_alone, None, layers, lora), \
                     torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 decoder._run_step(model, step)
                 sync()
             kernels, replays = [e for e in prof.key_averages() if e.device_type.name == "CUDA"], 1
         label = (f"rows {list(adapters)}" + ("" if rows_alone else ", batched") + (", 4-bit rows together" if together else "")
-                 + (", on two streams" if on_streams else ""))
+                 + (", on two streams" if on_streams else "")
+                 + (", adapter updates by peft" if any(adapters) and not key[5] else ""))
         costs[label] = {
             "replay_ms": round(seconds / 50 * 1000, 2),
             "profiled": "3 graph replays" if replays == 3 else "one eager run of the step",

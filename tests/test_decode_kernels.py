@@ -6,14 +6,16 @@ The CUDA kernels themselves run on the GPU only (`bench/nf4_kernels.py`, `bench/
 - with stand-in kernels that compute on the CPU, the token rows of the decode step go through them and
   the prompt does not, the model's outputs are unchanged, and the attention implementation is put back;
 - the check that decides whether the 4-bit kernel is used refuses one that differs from bitsandbytes
-  and one whose rows depend on each other.
+  and one whose rows depend on each other;
+- an adapter row's LoRA updates of the token steps go through the LoRA kernels' stand-in (the prompt and
+  base rows do not) with peft's replies, and their check refuses a stand-in that differs from peft.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from studio.model import decode_attention, nf4_cuda
+from studio.model import decode_attention, lora_cuda, nf4_cuda
 from studio.model.generation import GenerationSettings
 from studio.model.graph_decode import GraphDecoder
 
@@ -268,3 +270,95 @@ def test_rows_that_do_not_start_on_16_bytes_are_copied_for_the_vector_loads():
     assert nf4_cuda.aligned(on_boundary) is on_boundary
     copied = nf4_cuda.aligned(off_boundary)
     assert copied.data_ptr() % 16 == 0 and torch.equal(copied, off_boundary)
+
+
+# ----- an adapter's LoRA updates of the token step (studio.model.lora_cuda) -------------------------
+class CpuLora(lora_cuda.LoraKernels):
+    """Stands in for lora_cuda.LoraKernels on the CPU: the same calls, peft's arithmetic row by row (as
+    the kernels compute each row on its own), in the rows' dtype (the tiny model computes in fp32)."""
+
+    device_type = "cpu"
+
+    def __init__(self, skew=None):
+        super().__init__()
+        self.rows_seen: list[int] = []
+        self.skew = skew  # a mistake to plant: f(update, rows) -> update
+
+    def takes(self, x, part, weight_a, weight_b):
+        return x.device.type == "cpu" and x.numel() // x.shape[-1] <= lora_cuda.MAX_ROWS and part.is_contiguous()
+
+    def add_update(self, x2d, y2d, weight_a, weight_b, scaling, cast_update_first):
+        rows = x2d.shape[0]
+        self.rows_seen.append(rows)
+        for r in range(rows):
+            update = (x2d[r:r + 1].to(weight_a.dtype) @ weight_a.t() @ weight_b.t()) * scaling
+            if self.skew is not None:
+                update = self.skew(update, rows)
+            y = y2d[r:r + 1]
+            y2d[r:r + 1] = y + update.to(y.dtype) if cast_update_first else (y + update).to(y.dtype)
+
+
+def with_adapters(manager):
+    from test_compare import ALL_SEVEN, _attach_random_adapter
+
+    _attach_random_adapter(manager, "x", ALL_SEVEN, seed=1)
+    _attach_random_adapter(manager, "y", ["q_proj", "v_proj"], seed=2)
+    manager.require_loaded().model.set_adapter("x")  # x left active: y's rows must still get y alone
+    return manager.require_loaded()
+
+
+def lora_decoder(kernels) -> GraphDecoder:
+    """The CPU graph decoder with the LoRA kernels' stand-in switched on (nothing else)."""
+    decoder = GraphDecoder(use_graphs=False)
+    decoder.lora_kernel, decoder._lora = True, kernels
+    return decoder
+
+
+def test_adapter_token_rows_take_the_lora_kernels_and_give_peft_s_replies(manager):
+    loaded = with_adapters(manager)
+    settings = GenerationSettings.greedy(12)
+    prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
+    plain = GraphDecoder(use_graphs=False)
+    kernels = CpuLora()
+    decoder = lora_decoder(kernels)
+    layers = loaded.model.config.num_hidden_layers
+    assert decoder._lora_kernels(loaded.model, ["y"]) is kernels  # checked once per layer shape, here
+    kernels.rows_seen.clear()
+
+    assert decode(decoder, loaded, [prompt], settings, ["y"]) == decode(plain, loaded, [prompt], settings, ["y"])
+    assert kernels.rows_seen == [1] * (2 * layers * (settings.max_new_tokens - 1))  # q and v, each token step
+    assert decoder.lora_kernels_note == "adapter updates: the studio's CUDA kernels"
+    kernels.rows_seen.clear()
+    pair = decode(decoder, loaded, [prompt, prompt], settings, [None, "y"])
+    assert pair == decode(plain, loaded, [prompt, prompt], settings, [None, "y"])
+    assert pair[1] != pair[0]  # y changes the reply: the equalities above can fail
+    assert kernels.rows_seen == [1] * (2 * layers * (settings.max_new_tokens - 1))  # the adapter row alone
+    kernels.rows_seen.clear()
+    assert decode(decoder, loaded, [prompt], settings) == decode(plain, loaded, [prompt], settings)
+    assert kernels.rows_seen == []  # a base chat runs no update
+
+
+def test_the_lora_check_refuses_kernels_that_differ_or_whose_rows_depend_on_each_other(manager):
+    import torch
+
+    from studio.model.routing import lora_layers
+
+    loaded = with_adapters(manager)
+    layers = lora_layers(loaded.model)
+    assert lora_cuda.adapter_problem(layers, "y", CpuLora()) is None
+    wrong = lora_cuda.adapter_problem(layers, "y", CpuLora(skew=lambda update, rows: update * 1.1))
+    assert "the kernels' update differs from peft's" in wrong
+    coupled = lora_cuda.adapter_problem(layers, "y", CpuLora(skew=lambda update, rows: update + 1e-2 * (rows - 1)))
+    assert "a row of 2 rows differs from that row alone" in coupled
+    assert lora_cuda.adapter_problem(layers, "z", CpuLora()) == "no layer holds adapter 'z'"
+
+    decoder = lora_decoder(CpuLora(skew=lambda update, rows: update * 1.1))
+    assert decoder._lora_kernels(loaded.model, ["y"]) is None
+    assert decoder.lora_kernels_note.startswith("adapter updates: peft's (the studio's kernels are not used: on a rank-8")
+    decoder.lora_kernel = False
+    assert decoder._lora_kernels(loaded.model, [None, "y"]) is None
+    layer = next(layer for layer in layers if "y" in layer.lora_A)
+    layer.lora_dropout["y"] = torch.nn.Dropout(0.1)  # dropout that is on: peft's arithmetic draws it
+    assert lora_cuda.adapter_problem(layers, "y", CpuLora()) == "its dropout is on"
+    layer.lora_dropout["y"].eval()
+    assert lora_cuda.adapter_problem(layers, "y", CpuLora()) is None

@@ -17,7 +17,8 @@ liger-kernel package is installed (`studio.model.kernels`): a row's numbers do n
 other rows, and the step has about 650 fewer kernels. The 4-bit layers' token rows and the attention
 over the cache run the studio's own CUDA kernels (`studio.model.nf4_cuda`,
 `studio.model.decode_attention`), once each has passed its check on the loaded model (`_check_kernels`;
-the log says which kernels are used and why not).
+the log says which kernels are used and why not). So do an adapter row's LoRA updates
+(`studio.model.lora_cuda`: two kernels a layer instead of peft's seven), checked once per layer shape.
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
@@ -57,6 +58,9 @@ NF4_KERNEL = True
 # Attention of the one-token step through the studio's CUDA kernel (studio.model.decode_attention) rather
 # than PyTorch's SDPA (measured with bench/chat_speed.py: "graphs" against "graphs-sdpa").
 ATTENTION_KERNEL = True
+# An adapter's LoRA updates of the one-token step through the studio's two CUDA kernels a layer
+# (studio.model.lora_cuda) rather than peft's seven (bench/chat_speed.py's compare: "adapter updates").
+LORA_KERNEL = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
@@ -104,6 +108,8 @@ class GraphDecoder(Decoder):
         self._nf4 = None  # studio.model.nf4_cuda.Nf4Kernels, made on first use
         self._attention = None  # studio.model.decode_attention.DecodeAttentionKernels, made on first use
         self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used)
+        self.lora_kernel = use_graphs and LORA_KERNEL  # the studio's CUDA kernels for the adapter updates
+        self._lora = None  # studio.model.lora_cuda.LoraKernels, made on first use
 
     def clear(self) -> None:
         """Forget every recorded step and its cache (the model is about to change)."""
@@ -255,6 +261,28 @@ class GraphDecoder(Decoder):
         return decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads)
 
     cuda_kernels_note = ""  # which kernels the token rows use (4-bit products, attention), and why
+    lora_kernels_note = ""  # which kernels the last adapter row's LoRA updates used, and why
+
+    def _lora_kernels(self, model, adapters):
+        """The studio's LoRA kernels for the adapter row of this generation, once they pass their check
+        on each of its layer shapes; None (peft's arithmetic) for base rows only, when switched off, or
+        where the check fails, which the log says once."""
+        name = next((adapter for adapter in adapters if adapter is not None), None)
+        if name is None or not (self.use_graphs or self.lora_kernel):
+            return None
+        from studio.model import lora_cuda
+        from studio.model.routing import lora_layers
+
+        problem = "switched off"
+        if self.lora_kernel:
+            self._lora = self._lora or lora_cuda.LoraKernels()
+            problem = lora_cuda.adapter_problem(lora_layers(model), name, self._lora)
+        note = ("adapter updates: the studio's CUDA kernels" if problem is None
+                else f"adapter updates: peft's (the studio's kernels are not used: {problem})")
+        if note != self.lora_kernels_note:
+            self.lora_kernels_note = note
+            log.info("Graph decoder: %s.", note)
+        return self._lora if problem is None else None
 
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:
@@ -264,7 +292,7 @@ class GraphDecoder(Decoder):
         # how the rows are routed (see studio.model.routing) matters only for several rows
         routing = ((self.rows_alone, bool(self.together(model, batch)), self._streams_wanted(model, batch))
                    if batch > 1 else ())
-        key = (id(model), batch, cache_len, adapters, routing)
+        key = (id(model), batch, cache_len, adapters, routing, bool(self.lora_kernel))
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]

@@ -44,7 +44,8 @@ def lora_layers(model) -> list:
 
 @contextmanager
 def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
-               row_streams: "RowStreams | None" = None, together: frozenset = frozenset()) -> Iterator[None]:
+               row_streams: "RowStreams | None" = None, together: frozenset = frozenset(),
+               lora_kernels=None) -> Iterator[None]:
     """Run rows whose adapter is None as the base model and the others with only their adapter.
 
     The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
@@ -52,7 +53,9 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
     ValueError for a set-up these overrides cannot honour (a merged adapter, a LoRA variant such as
     DoRA, LoRA on embeddings, modules_to_save). With `rows_alone`, the rows of 4-bit layers run on
     `row_streams` while it is switched on (see `RowStreams`). The linear layers in `together` (ids,
-    from `rows_together`) take a batch of single-token rows in one call.
+    from `rows_together`) take a batch of single-token rows in one call. With `lora_kernels`
+    (`studio.model.lora_cuda.LoraKernels`, checked on this adapter by the caller), the adapter rows'
+    updates of a token step go through its two kernels instead of peft's seven.
     """
     name, rows = adapter_block(adapters)
     layers = lora_layers(model)
@@ -62,7 +65,8 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
     patched: list = []
     try:
         for layer in layers:
-            override_forward(patched, layer, _routed_forward(layer, name if name in layer.lora_A else None, rows))
+            override_forward(patched, layer,
+                             _routed_forward(layer, name if name in layer.lora_A else None, rows, lora_kernels))
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
                 streams = row_streams if _is_4bit(module) else None
@@ -133,8 +137,9 @@ def restore_forwards(patched: list) -> None:
             module.forward = saved
 
 
-def _routed_forward(layer, name: str | None, rows: slice):
-    """The layer's forward with exactly `name`'s update on `rows` (peft's arithmetic, in its order)."""
+def _routed_forward(layer, name: str | None, rows: slice, lora_kernels=None):
+    """The layer's forward with exactly `name`'s update on `rows` (peft's arithmetic, in its order; the
+    token rows through `lora_kernels` where given and the layer's update is a plain one)."""
     base = layer.base_layer
     if name is None:
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
@@ -142,12 +147,22 @@ def _routed_forward(layer, name: str | None, rows: slice):
     dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
     # peft's 4/8-bit layers cast the update to the output's dtype before adding; its plain Linear adds first
     cast_update_first = type(layer).__module__.endswith(".bnb")
+    if lora_kernels is not None:
+        from studio.model import lora_cuda
+
+        if lora_cuda.unsupported(layer, name):
+            lora_kernels = None
 
     def forward(x, *args, **kwargs):
         result = base(x, *args, **kwargs)
         whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
         part_x = x if whole else x[rows]
         part = result if whole else result[rows]
+        if (lora_kernels is not None and not args and not kwargs
+                and lora_kernels.takes(part_x, part, lora_A.weight, lora_B.weight)):
+            lora_kernels.add_update(part_x.reshape(-1, part_x.shape[-1]), part.view(-1, part.shape[-1]),
+                                    lora_A.weight, lora_B.weight, scaling, cast_update_first)
+            return result  # `part` is `result` or a view of its adapter rows: updated in place
         update = lora_B(lora_A(dropout(part_x.to(lora_A.weight.dtype)))) * scaling
         if not whole and (cast_update_first or update.dtype == part.dtype):
             part.add_(update.to(part.dtype))  # the same sum, written into the adapter rows in place
