@@ -48,6 +48,13 @@ class CpuProducts:
         self.rows_seen: list[int] = []
         self.skew = skew  # a mistake to plant: f(y, rows) -> y
 
+    def grouped(self, layers, x2d, biases):
+        self.grouped_calls += 1
+        outputs = [self.products(layer, x2d, bias) for layer, bias in zip(layers, biases)]
+        return [self.group_skew(y) for y in outputs] if self.group_skew else outputs
+
+    grouped_calls, group_skew = 0, None
+
     def products(self, layer, x2d, bias=None):
         self.rows_seen.append(x2d.shape[0])
         import torch
@@ -147,7 +154,7 @@ def test_token_steps_attend_through_the_kernel_and_the_implementation_is_put_bac
 def decoder_with_stand_ins() -> GraphDecoder:
     """A graph decoder whose kernels are the CPU stand-ins (the CUDA graphs themselves stay off)."""
     decoder = GraphDecoder(use_graphs=False)
-    decoder.use_graphs = decoder.nf4_kernel = decoder.attention_kernel = True
+    decoder.use_graphs = decoder.nf4_kernel = decoder.attention_kernel = decoder.grouped_launches = True
     decoder._nf4, decoder._attention = CpuProducts(), CpuAttention()
     return decoder
 
@@ -362,3 +369,40 @@ def test_the_lora_check_refuses_kernels_that_differ_or_whose_rows_depend_on_each
     assert lora_cuda.adapter_problem(layers, "y", CpuLora()) == "its dropout is on"
     layer.lora_dropout["y"].eval()
     assert lora_cuda.adapter_problem(layers, "y", CpuLora()) is None
+
+
+# ----- q/k/v and gate/up in one launch each ------------------------------------------------------
+def test_q_k_v_and_gate_up_take_one_launch_each_with_the_same_outputs(manager):
+    import torch
+
+    model = manager.require_loaded().model
+    layers = model.config.num_hidden_layers
+    groups = nf4_cuda.sibling_groups(model)
+    assert sorted(len(members) for members in groups) == [2] * layers + [3] * layers
+    products = CpuProducts()
+    ready, problem = nf4_cuda.groups_ready(model, products)
+    assert problem is None and len(ready) == 2 * layers
+    with torch.no_grad():
+        with nf4_cuda.kernel_layers(model, products):
+            alone = model(torch.tensor([[5]])).logits
+        products.grouped_calls, seen = 0, len(products.rows_seen)
+        with nf4_cuda.kernel_layers(model, products, groups=ready):
+            together = model(torch.tensor([[5]])).logits
+            assert products.grouped_calls == 2 * layers  # one launch for q/k/v, one for gate/up
+            assert len(products.rows_seen) - seen == 7 * layers  # every layer's outputs, once
+            model(torch.tensor([[5, 6, 7]]))  # a prompt: bitsandbytes, no grouped launch
+            assert products.grouped_calls == 2 * layers
+    assert torch.equal(together, alone)
+
+
+def test_a_grouped_launch_that_differs_from_the_layers_own_is_not_used(manager):
+    model = manager.require_loaded().model
+    products = CpuProducts()
+    products.group_skew = lambda y: y * 1.01
+    ready, problem = nf4_cuda.groups_ready(model, products)
+    assert ready == [] and "a grouped launch differs from the layers' own launches" in problem
+    decoder = decoder_with_stand_ins()
+    decoder._nf4 = products
+    with decoder._layer_kernels(model):
+        pass
+    assert "each 4-bit layer in its own launch (on 64+32+32x64 layers a grouped launch differs" in decoder.cuda_kernels_note

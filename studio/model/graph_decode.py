@@ -61,6 +61,9 @@ ATTENTION_KERNEL = True
 # An adapter's LoRA updates of the one-token step through the studio's two CUDA kernels a layer
 # (studio.model.lora_cuda) rather than peft's seven (bench/chat_speed.py's compare: "adapter updates").
 LORA_KERNEL = True
+# The 4-bit layers that take the same input (q, k and v; gate and up) in one launch of the studio's kernel
+# (bench/chat_speed.py: "graphs" against "graphs-ungrouped").
+GROUPED_LAUNCHES = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class GraphDecoder(Decoder):
         self._lock = threading.Lock()
         self.nf4_kernel = use_graphs and NF4_KERNEL  # the studio's CUDA kernel for the 4-bit token rows
         self.attention_kernel = use_graphs and ATTENTION_KERNEL  # ... and for attention over the cache
+        self.grouped_launches = use_graphs and GROUPED_LAUNCHES  # ... q/k/v and gate/up in one launch each
         self._nf4 = None  # studio.model.nf4_cuda.Nf4Kernels, made on first use
         self._attention = None  # studio.model.decode_attention.DecodeAttentionKernels, made on first use
         self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used)
@@ -214,28 +218,38 @@ class GraphDecoder(Decoder):
                 key = id(model)
                 if key not in self._kernels_ready:
                     self._kernels_ready[key] = self._check_kernels(model)
-                nf4_ok, attention_ok = self._kernels_ready[key]
+                nf4_ok, attention_ok, groups = self._kernels_ready[key]
                 if nf4_ok:
                     from studio.model import nf4_cuda
 
-                    stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4))
+                    stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4, groups=groups))
                 if attention_ok:
                     from studio.model import decode_attention
 
                     stack.enter_context(decode_attention.decode_attention(model, self._attention))
             yield
 
-    def _check_kernels(self, model) -> tuple[bool, bool]:
-        """Whether the 4-bit kernel and the attention kernel are used on `model`; logs which and why."""
+    def _check_kernels(self, model) -> tuple[bool, bool, list]:
+        """Whether the 4-bit kernel and the attention kernel are used on `model`, and the groups of 4-bit
+        layers launched together; logs which and why."""
         from studio.model import decode_attention, nf4_cuda
 
-        notes = []
+        notes, groups = [], []
         nf4_problem = attention_problem = "switched off"
         if self.nf4_kernel:
             self._nf4 = self._nf4 or nf4_cuda.Nf4Kernels()
             nf4_problem = nf4_cuda.kernel_ready(model, self._nf4)
         notes.append("4-bit products: the studio's CUDA kernel" if nf4_problem is None
                      else f"4-bit products: bitsandbytes' kernel (the studio's is not used: {nf4_problem})")
+        if nf4_problem is None:
+            group_problem = "switched off"
+            if self.grouped_launches:
+                groups, group_problem = nf4_cuda.groups_ready(model, self._nf4)
+            if groups:
+                notes.append(f"{len(groups)} groups of 4-bit layers (q/k/v, gate/up) in one launch each"
+                             + (f" (not the others: {group_problem})" if group_problem else ""))
+            else:
+                notes.append(f"each 4-bit layer in its own launch ({group_problem or 'no q/k/v or gate/up layers'})")
         if self.attention_kernel:
             self._attention = self._attention or decode_attention.DecodeAttentionKernels()
             attention_problem = self._attention_problem(model)
@@ -243,7 +257,7 @@ class GraphDecoder(Decoder):
                      else f"attention of a token step: PyTorch's (the studio's kernel is not used: {attention_problem})")
         self.cuda_kernels_note = "; ".join(notes) + "."
         log.info("Graph decoder: %s", self.cuda_kernels_note)
-        return nf4_problem is None, attention_problem is None
+        return nf4_problem is None, attention_problem is None, groups
 
     def _attention_problem(self, model) -> str | None:
         from studio.model import decode_attention

@@ -66,7 +66,7 @@ __device__ __forceinline__ void load_x(const u16* p, u32* v) {
 // y[r, n] = sum_k x[r, k] * code[q(n, k)] * absmax(n, k / 64)  (+ bias[n])
 // One warp (or `split` warps along K) per OUTS output features; each lane takes chunks of 16 weights,
 // UNROLL chunks at a time: first every load of those chunks (weights, absmax, x), then the arithmetic.
-extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows(
+__device__ __forceinline__ void nf4_rows_block(const int block,
     const u16* __restrict__ x, const u32* __restrict__ w, const u8* __restrict__ qabsmax,
     const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ absmax,
     const float* __restrict__ code, const u16* __restrict__ bias, u16* __restrict__ y,
@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows(
 
     const int groups = WARPS / split;
     const int piece = warp % split;
-    const int n0 = (blockIdx.x * groups + warp / split) * OUTS;
+    const int n0 = (block * groups + warp / split) * OUTS;
     const int chunks = K >> 4;          // 16 weights (8 bytes) a chunk; 4 chunks a 64-block
     const int blocks_per_row = K >> 6;
     const float offset = (float)offset_d;
@@ -184,6 +184,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows(
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows(
+    const u16* __restrict__ x, const u32* __restrict__ w, const u8* __restrict__ qabsmax,
+    const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ absmax,
+    const float* __restrict__ code, const u16* __restrict__ bias, u16* __restrict__ y,
+    int N, int K, double offset_d, int nested, int has_bias, int split)
+{
+    nf4_rows_block(blockIdx.x, x, w, qabsmax, absmax2, code2, absmax, code, bias, y, N, K, offset_d, nested,
+                   has_bias, split);
+}
+
+// Up to three weights that take the same rows (q, k and v; gate and up) in one launch: the first
+// `blocks0` blocks compute the first weight's outputs exactly as its own launch would, and so on.
+#define SEGMENT(i) const u32* __restrict__ w##i, const u8* __restrict__ qabsmax##i, \
+    const float* __restrict__ absmax2##i, const float* __restrict__ code2##i, const float* __restrict__ absmax##i, \
+    const float* __restrict__ code##i, const u16* __restrict__ bias##i, u16* __restrict__ y##i, int N##i, \
+    double offset##i, int nested##i, int has_bias##i, int split##i, int blocks##i
+#define SEGMENT_ARGS(i) x, w##i, qabsmax##i, absmax2##i, code2##i, absmax##i, code##i, bias##i, y##i, N##i, K, \
+    offset##i, nested##i, has_bias##i, split##i
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows_grouped(
+    const u16* __restrict__ x, int K, SEGMENT(0), SEGMENT(1), SEGMENT(2))
+{
+    int b = blockIdx.x;
+    if (b < blocks0) { nf4_rows_block(b, SEGMENT_ARGS(0)); return; }
+    b -= blocks0;
+    if (b < blocks1) { nf4_rows_block(b, SEGMENT_ARGS(1)); return; }
+    nf4_rows_block(b - blocks1, SEGMENT_ARGS(2));
+}
 """
 
 
@@ -256,12 +285,41 @@ class Nf4Kernels:
         self.shapes = shapes or {}  # out_features -> (split, outs), overriding launch_shape
         self._compiled: dict = {}
 
-    def kernel(self, rows: int, outs: int):
-        key = (rows, outs)
+    def kernel(self, rows: int, outs: int, name: str = "nf4_rows"):
+        key = (rows, outs, name)
         if key not in self._compiled:
             options = [f"-DROWS={rows}", f"-DOUTS={outs}", f"-DUNROLL={self.unroll}"]
-            self._compiled[key] = compile_kernel(SOURCE, "nf4_rows", options)
+            self._compiled[key] = compile_kernel(SOURCE, name, options)
         return self._compiled[key]
+
+    def grouped(self, layers: list[LayerArgs], x2d, biases: list) -> list:
+        """x2d (1 to 3 rows) bf16 times each of 2 or 3 weights with the same in_features (q, k and v;
+        gate and up), plus each one's bias, in one launch: [(rows, out) for each]. Each weight's outputs
+        are computed as `products` computes them (its own launch shape; the outputs a warp takes do not
+        change a sum), so they have the same bits (`group_problem` checks it)."""
+        import torch
+
+        rows = x2d.shape[0]
+        if not 1 <= rows <= 3 or x2d.dtype != torch.bfloat16 or len(layers) not in (2, 3):
+            raise ValueError(f"grouped products take 2 or 3 weights and 1 to 3 bf16 rows, got {len(layers)} "
+                             f"weights and {rows} {x2d.dtype} rows")
+        shapes = [self.shapes.get(layer.out_features) or launch_shape(layer.out_features) for layer in layers]
+        outs = max(shape[1] for shape in shapes)
+        x2d = aligned(x2d.contiguous())
+        outputs, segments = [], []
+        for layer, bias, (split, _) in zip(layers, biases, shapes):
+            n = layer.out_features
+            y = torch.empty((rows, n), dtype=torch.bfloat16, device=x2d.device)
+            outputs.append(y)
+            segments.append([layer.weight, _or(layer.qabsmax, y), _or(layer.absmax2, y), _or(layer.code2, y),
+                             _or(layer.absmax, y), layer.code, _or(bias, y), y, n, layer.offset, int(layer.nested),
+                             int(bias is not None), split, -(-n // ((WARPS_PER_BLOCK // split) * outs))])
+        if len(segments) == 2:
+            segments.append(segments[1][:-1] + [0])  # a third segment of no blocks
+        blocks = sum(segment[-1] for segment in segments)
+        args = [x2d, layers[0].in_features] + [arg for segment in segments for arg in segment]
+        self.kernel(rows, outs, "nf4_rows_grouped")(grid=(blocks, 1, 1), block=(32 * WARPS_PER_BLOCK, 1, 1), args=args)
+        return outputs
 
     def products(self, layer: LayerArgs, x2d, bias=None, shape: tuple[int, int] | None = None):
         """x2d (1 to 3 rows, in_features) bf16 times the layer's 4-bit weight, plus `bias`: (rows, out)."""
@@ -381,34 +439,143 @@ def layer_problem(module, kernels: Nf4Kernels, rows: tuple[int, ...]) -> str | N
     return None
 
 
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def sibling_groups(model) -> list[list]:
+    """The 4-bit layers that take the same input in each block of `model` (q, k and v; gate and up), in
+    the order the block calls them; peft's LoRA wrappers are looked through to their 4-bit layers."""
+    groups = []
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [_four_bit(getattr(parent, name, None)) for name in names]
+            if all(m is not None for m in members) and len({m.in_features for m in members}) == 1:
+                groups.append(members)
+    return groups
+
+
+def _four_bit(module):
+    module = getattr(module, "base_layer", module)
+    return module if type(getattr(module, "weight", None)).__name__ == "Params4bit" else None
+
+
+def group_problem(members: list, kernels: Nf4Kernels, rows: tuple[int, ...]) -> str | None:
+    """Why the grouped launch cannot stand in for the members' own launches (None: it can): on random
+    rows, each member's outputs must equal its own launch's bit for bit."""
+    import torch
+
+    dtype, compute = getattr(torch, kernels.dtype_name), getattr(torch, kernels.compute_dtype_name)
+    layers = [layer_args(m.weight) for m in members]
+    biases = [None if m.bias is None else m.bias.to(compute) for m in members]
+    x = torch.randn(max(rows), members[0].in_features, generator=torch.Generator().manual_seed(1))
+    x = x.to(device=members[0].weight.device, dtype=dtype)
+    shape = "+".join(str(m.out_features) for m in members) + f"x{members[0].in_features}"
+    with torch.inference_mode():
+        for count in rows:
+            together = kernels.grouped(layers, x[:count], biases)
+            for layer, bias, got in zip(layers, biases, together):
+                if not torch.equal(got, kernels.products(layer, x[:count], bias)):
+                    return f"on {shape} layers a grouped launch differs from the layers' own launches"
+    return None
+
+
+def groups_ready(model, kernels: Nf4Kernels, rows: tuple[int, ...] = (1, 2)) -> tuple[list, str | None]:
+    """(the sibling groups whose grouped launch passed its check, why the others did not): each shape
+    of group is checked once."""
+    checked: dict = {}
+    ready, problem = [], None
+    try:
+        for members in sibling_groups(model):
+            key = tuple((m.in_features, m.out_features, m.bias is not None) for m in members)
+            if key not in checked:
+                checked[key] = group_problem(members, kernels, rows)
+            if checked[key] is None:
+                ready.append(members)
+            else:
+                problem = problem or checked[key]
+    except Exception as exc:  # a compile or launch failure: every layer keeps its own launch
+        return [], f"{exc.__class__.__name__}: {str(exc)[:300]}"
+    return ready, problem
+
+
 @contextmanager
-def kernel_layers(model, kernels: Nf4Kernels, max_rows: int = 2) -> Iterator[None]:
+def kernel_layers(model, kernels: Nf4Kernels, max_rows: int = 2, groups: list | None = None) -> Iterator[None]:
     """For the block, every 4-bit layer of `model` takes 1 to `max_rows` bf16 token rows through the
-    kernel; other inputs (a prompt, another dtype) still go to bitsandbytes."""
+    kernel; other inputs (a prompt, another dtype) still go to bitsandbytes. The layers of each of
+    `groups` (from `groups_ready`) take their rows in one launch: the first layer called computes every
+    member's outputs, and the others hand back theirs when called with the very same input."""
     from studio.model.routing import override_forward, restore_forwards
 
     patched: list = []
     try:
+        grouped: set = set()
+        for members in groups or []:
+            for module, forward in zip(members, _grouped_forwards(members, kernels, max_rows)):
+                override_forward(patched, module, forward)
+                grouped.add(id(module))
         for module in four_bit_layers(model):
-            override_forward(patched, module, _kernel_forward(module, kernels, max_rows))
+            if id(module) not in grouped:
+                override_forward(patched, module, _kernel_forward(module, kernels, max_rows))
         yield
     finally:
         restore_forwards(patched)
 
 
-def _kernel_forward(module, kernels: Nf4Kernels, max_rows: int):
+def _grouped_forwards(members: list, kernels: Nf4Kernels, max_rows: int) -> list:
+    """The members' forwards: the first computes every member's outputs in one launch and keeps the
+    others' for them, with the input they belong to; a member called with another input (or after its
+    outputs were taken) runs its own launch."""
+    own = [_kernel_forward(module, kernels, max_rows) for module in members]
+    layers = [layer_args(module.weight) for module in members]
+    kept: dict = {}  # "x": the input, then member index -> its outputs
+
+    def first(x, *args, **kwargs):
+        rows = x.numel() // x.shape[-1]
+        if not _kernel_takes(x, kernels, max_rows) or args or kwargs:
+            return own[0](x, *args, **kwargs)
+        outputs = kernels.grouped(layers, x.reshape(rows, x.shape[-1]), [_bias_of(m, kernels) for m in members])
+        shaped = [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
+        kept.clear()
+        kept.update({"x": x, **dict(enumerate(shaped[1:], start=1))})
+        return shaped[0]
+
+    def sibling(index: int):
+        def forward(x, *args, **kwargs):
+            if kept.get("x") is x and index in kept and not args and not kwargs:
+                y = kept.pop(index)
+                if len(kept) == 1:
+                    kept.clear()  # every output taken: the input is let go
+                return y
+            return own[index](x, *args, **kwargs)
+
+        return forward
+
+    return [first] + [sibling(i) for i in range(1, len(members))]
+
+
+def _kernel_takes(x, kernels: Nf4Kernels, max_rows: int) -> bool:
     import torch
 
+    return (x.numel() // x.shape[-1] <= max_rows and x.dtype == getattr(torch, kernels.dtype_name)
+            and x.device.type == kernels.device_type)
+
+
+def _bias_of(module, kernels: Nf4Kernels):
+    import torch
+
+    compute = getattr(torch, kernels.compute_dtype_name)
+    bias = module.bias  # bitsandbytes adds it in the compute dtype
+    return bias if bias is None or bias.dtype == compute else bias.to(compute)
+
+
+def _kernel_forward(module, kernels: Nf4Kernels, max_rows: int):
     layer, original = layer_args(module.weight), module.forward
-    dtype, compute = getattr(torch, kernels.dtype_name), getattr(torch, kernels.compute_dtype_name)
 
     def forward(x, *args, **kwargs):
         rows = x.numel() // x.shape[-1]
-        if rows > max_rows or x.dtype != dtype or x.device.type != kernels.device_type or args or kwargs:
+        if not _kernel_takes(x, kernels, max_rows) or args or kwargs:
             return original(x, *args, **kwargs)
-        bias = module.bias  # bitsandbytes adds it in the compute dtype (and may convert it in place)
-        bias = bias if bias is None or bias.dtype == compute else bias.to(compute)
-        y = kernels.products(layer, x.reshape(rows, x.shape[-1]), bias)
+        y = kernels.products(layer, x.reshape(rows, x.shape[-1]), _bias_of(module, kernels))
         return y.view(*x.shape[:-1], layer.out_features)
 
     return forward
