@@ -196,7 +196,7 @@ def compare_cost(manager, tokens: int) -> dict:
     for name, value in zip(flags, default):
         setattr(decoder, name, value)
     if hasattr(decoder, "lora_kernel"):
-        result["adapter updates"] = adapter_update_cost(manager, decoder, tokens, single, one)
+        result["adapter updates"] = adapter_update_cost(manager, decoder, tokens)
         if hasattr(decoder, "_steps"):
             costs.update(step_costs(model, decoder))
     result["default_variant"] = next((label for label, value in variants.items() if value == default), str(default))
@@ -205,23 +205,25 @@ def compare_cost(manager, tokens: int) -> dict:
     return result
 
 
-def adapter_update_cost(manager, decoder, tokens: int, reply: str, seconds: float) -> dict:
-    """The adapter's chat (one column) with its LoRA updates computed by peft's arithmetic instead of the
-    studio's kernels (`decoder.lora_kernel`), against `seconds` and `reply` with the default; both the
-    best of two runs after a warm-up."""
-    default = decoder.lora_kernel
-    kernels_note = decoder.lora_kernels_note
-    decoder.lora_kernel = False
+def adapter_update_cost(manager, decoder, tokens: int) -> dict:
+    """The adapter's chat (one column) with its LoRA updates by the studio's kernels and by peft's
+    arithmetic (`decoder.lora_kernel` on and off), each the best of two runs after a warm-up that
+    records its step."""
+    default, rates, replies = decoder.lora_kernel, {}, {}
     try:
-        studio_reply(manager, tokens, adapter="bench")  # warm-up (records the step)
-        (peft_reply, first), (_, second) = [timed(lambda: studio_reply(manager, tokens, adapter="bench"))
-                                            for _ in range(2)]
+        for label, on in (("kernels", True), ("peft", False)):
+            decoder.lora_kernel = on
+            studio_reply(manager, tokens, adapter="bench")  # warm-up (records the step)
+            (reply, first), (_, second) = [timed(lambda: studio_reply(manager, tokens, adapter="bench"))
+                                           for _ in range(2)]
+            rates[label], replies[label] = round(tokens / min(first, second), 1), reply
+            if on:
+                kernels_note = decoder.lora_kernels_note
     finally:
         decoder.lora_kernel = default
-    peft_seconds = min(first, second)
     return {"default": "the studio's kernels" if default else "peft's arithmetic", "kernels_note": kernels_note,
-            "kernels_tokens_per_s": round(tokens / seconds, 1), "peft_tokens_per_s": round(tokens / peft_seconds, 1),
-            "speedup": round(peft_seconds / seconds, 2), "same_reply": reply == peft_reply,
+            "kernels_tokens_per_s": rates["kernels"], "peft_tokens_per_s": rates["peft"],
+            "speedup": round(rates["kernels"] / rates["peft"], 2), "same_reply": replies["kernels"] == replies["peft"],
             "note": "same_reply may be false on the random-weight model, whose logits are near-ties everywhere: "
                     "the kernels add in another order than cuBLAS"}
 

@@ -161,7 +161,8 @@ def use_decoder(manager, mode: str) -> None:
     """Give the loaded model the decoder of `mode` (the studio chooses it once, at load; benches swap).
     `graphs-bnb`, `graphs-sdpa`, `graphs-bnb-sdpa`: the graph decoder with bitsandbytes' kernel for the
     4-bit token rows, with PyTorch's attention, or with both (instead of the studio's kernels);
-    `graphs-ungrouped`: every 4-bit layer in its own launch."""
+    `graphs-ungrouped`, `graphs-grouped`: every 4-bit layer in its own launch, or q/k/v and gate/up in
+    one launch each."""
     from studio.model.decoding import make_decoder
 
     loaded = manager.require_loaded()
@@ -172,8 +173,8 @@ def use_decoder(manager, mode: str) -> None:
         loaded.decoder.nf4_kernel = False
     if variant in ("graphs-sdpa", "graphs-bnb-sdpa"):  # PyTorch's attention, not the studio's kernel
         loaded.decoder.attention_kernel = False
-    if variant == "graphs-ungrouped":  # every 4-bit layer in its own launch (q/k/v, gate/up not grouped)
-        loaded.decoder.grouped_launches = False
+    if variant in ("graphs-ungrouped", "graphs-grouped"):  # q/k/v and gate/up in one launch each, or not
+        loaded.decoder.grouped_launches = variant == "graphs-grouped"
     loaded.decode_mode = mode
 
 

@@ -161,6 +161,8 @@ class LoraKernels:
     def problem(self, shape: UpdateShape, device) -> str | None:
         """Why the kernels cannot stand in for peft's arithmetic on a layer of `shape` (None: they can);
         checked once per shape."""
+        if getattr(device, "type", str(device)) != self.device_type:
+            return f"the adapter is on {device}; the kernels need a CUDA GPU"
         if shape not in self._checked:
             try:
                 self._checked[shape] = update_problem(self, shape, device)
