@@ -252,8 +252,9 @@ def step_costs(model, decoder) -> dict:
         replays = 3
         if not kernels:  # the profiler saw no kernels inside the graph: one eager run of the step instead
             layers = decoder.together(model, len(adapters)) if together else frozenset()
-            lora = decoder._lora_kernels(model, adapters) if key[5] else None
+            lora = decoder._lora if key[5] else None  # as recorded, whatever the switch is now
             with torch.inference_mode(), decoder._layer_kernels(model), \
+                    decoder._grouped_layers(model, len(adapters), layers), \
                     route_rows(model, adapters, rows_alone, None, layers, lora), \
                     torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 decoder._run_step(model, step)

@@ -386,13 +386,35 @@ def test_q_k_v_and_gate_up_take_one_launch_each_with_the_same_outputs(manager):
         with nf4_cuda.kernel_layers(model, products):
             alone = model(torch.tensor([[5]])).logits
         products.grouped_calls, seen = 0, len(products.rows_seen)
-        with nf4_cuda.kernel_layers(model, products, groups=ready):
+        with nf4_cuda.kernel_layers(model, products), nf4_cuda.grouped_layers(ready, products):
             together = model(torch.tensor([[5]])).logits
             assert products.grouped_calls == 2 * layers  # one launch for q/k/v, one for gate/up
             assert len(products.rows_seen) - seen == 7 * layers  # every layer's outputs, once
             model(torch.tensor([[5, 6, 7]]))  # a prompt: bitsandbytes, no grouped launch
             assert products.grouped_calls == 2 * layers
     assert torch.equal(together, alone)
+
+
+def test_groups_are_launched_together_only_where_their_rows_reach_them_together(manager):
+    import torch
+
+    model = manager.require_loaded().model
+    layers = model.config.num_hidden_layers
+    decoder = decoder_with_stand_ins()
+    products = decoder._nf4
+    with torch.no_grad(), decoder._layer_kernels(model):
+        assert "groups of 4-bit layers (q/k/v, gate/up) in one launch each" in decoder.cuda_kernels_note
+        for batch, together, launches in ((1, frozenset(), 2 * layers),  # a chat
+                                          (2, frozenset(), 0),  # side by side, rows one by one: none
+                                          (2, frozenset(id(m) for m in nf4_cuda.four_bit_layers(model)), 2 * layers)):
+            products.grouped_calls = 0
+            with decoder._grouped_layers(model, batch, together):
+                model(torch.tensor([[5]] * batch))
+            assert products.grouped_calls == launches, (batch, together)
+        decoder.rows_alone, products.grouped_calls = False, 0  # every layer takes the rows batched
+        with decoder._grouped_layers(model, 2, frozenset()):
+            model(torch.tensor([[5], [6]]))
+        assert products.grouped_calls == 2 * layers
 
 
 def test_a_grouped_launch_that_differs_from_the_layers_own_is_not_used(manager):

@@ -125,8 +125,9 @@ class Decoder(abc.ABC):
         try:
             with self._layer_kernels(model):
                 together = self.together(model, len(adapters))
-                with route_rows(model, adapters, self.rows_alone, self._row_streams(), together,
-                                self._lora_kernels(model, adapters)), \
+                with self._grouped_layers(model, len(adapters), together), \
+                        route_rows(model, adapters, self.rows_alone, self._row_streams(), together,
+                                   self._lora_kernels(model, adapters)), \
                         without_cudnn_attention(input_ids.device.type == "cuda"):
                     self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                                    pad_token_id, tuple(adapters))
@@ -146,6 +147,11 @@ class Decoder(abc.ABC):
     def _row_streams(self):
         """The `studio.model.routing.RowStreams` the decoder switches on while it records (None: none)."""
         return None
+
+    def _grouped_layers(self, model, batch: int, together: frozenset):
+        """A context in which layers that take the same input run in one launch, if the decoder has such
+        launches (inside `_layer_kernels`, before the rows are routed)."""
+        return contextlib.nullcontext()
 
     def _lora_kernels(self, model, adapters: Sequence[str | None]):
         """The kernels that compute the adapter rows' LoRA updates of a token step, checked on this

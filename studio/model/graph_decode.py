@@ -114,7 +114,7 @@ class GraphDecoder(Decoder):
         self.grouped_launches = use_graphs and GROUPED_LAUNCHES  # ... q/k/v and gate/up in one launch each
         self._nf4 = None  # studio.model.nf4_cuda.Nf4Kernels, made on first use
         self._attention = None  # studio.model.decode_attention.DecodeAttentionKernels, made on first use
-        self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used)
+        self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used, groups)
         self.lora_kernel = use_graphs and LORA_KERNEL  # the studio's CUDA kernels for the adapter updates
         self._lora = None  # studio.model.lora_cuda.LoraKernels, made on first use
 
@@ -221,16 +221,31 @@ class GraphDecoder(Decoder):
                 key = id(model)
                 if key not in self._kernels_ready:
                     self._kernels_ready[key] = self._check_kernels(model)
-                nf4_ok, attention_ok, groups = self._kernels_ready[key]
+                nf4_ok, attention_ok, _ = self._kernels_ready[key]
                 if nf4_ok:
                     from studio.model import nf4_cuda
 
-                    stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4, groups=groups))
+                    stack.enter_context(nf4_cuda.kernel_layers(model, self._nf4))
                 if attention_ok:
                     from studio.model import decode_attention
 
                     stack.enter_context(decode_attention.decode_attention(model, self._attention))
             yield
+
+    def _grouped_layers(self, model, batch: int, together: frozenset):
+        """The groups of 4-bit layers launched together (`studio.model.nf4_cuda.grouped_layers`) whose
+        every member takes this batch's rows in one call: any batch of one row; for several rows, the
+        groups whose members all take them together (`together`) or every group when rows are not routed
+        one by one."""
+        ready = self._kernels_ready.get(id(model)) if self.use_graphs else None
+        groups = ready[2] if ready and ready[0] else []
+        if batch > 1 and self.rows_alone:
+            groups = [members for members in groups if all(id(m) in together for m in members)]
+        if not groups:
+            return contextlib.nullcontext()
+        from studio.model import nf4_cuda
+
+        return nf4_cuda.grouped_layers(groups, self._nf4)
 
     def _check_kernels(self, model) -> tuple[bool, bool, list]:
         """Whether the 4-bit kernel and the attention kernel are used on `model`, and the groups of 4-bit
@@ -309,7 +324,8 @@ class GraphDecoder(Decoder):
         # how the rows are routed (see studio.model.routing) matters only for several rows
         routing = ((self.rows_alone, bool(self.together(model, batch)), self._streams_wanted(model, batch))
                    if batch > 1 else ())
-        key = (id(model), batch, cache_len, adapters, routing, bool(self.lora_kernel))
+        key = (id(model), batch, cache_len, adapters, routing,
+               bool(self.lora_kernel) and any(adapter is not None for adapter in adapters))
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]

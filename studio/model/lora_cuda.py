@@ -200,7 +200,7 @@ def update_problem(kernels, shape: UpdateShape, device) -> str | None:
     b = drawn(shape.out_features, shape.rank, scale=shape.rank ** -0.5).to(dtype)
     x = drawn(MAX_ROWS, shape.in_features).to(torch.bfloat16)
     base = drawn(MAX_ROWS, shape.out_features, scale=4.0).to(torch.bfloat16)
-    scaling = 2.0
+    scaling = 1.7  # not a power of two: a scaling applied at the wrong precision shows
     label = f"a rank-{shape.rank} {shape.out_features}x{shape.in_features} update ({dtype})"
 
     def reference(y):

@@ -499,23 +499,34 @@ def groups_ready(model, kernels: Nf4Kernels, rows: tuple[int, ...] = (1, 2)) -> 
 
 
 @contextmanager
-def kernel_layers(model, kernels: Nf4Kernels, max_rows: int = 2, groups: list | None = None) -> Iterator[None]:
+def kernel_layers(model, kernels: Nf4Kernels, max_rows: int = 2) -> Iterator[None]:
     """For the block, every 4-bit layer of `model` takes 1 to `max_rows` bf16 token rows through the
-    kernel; other inputs (a prompt, another dtype) still go to bitsandbytes. The layers of each of
-    `groups` (from `groups_ready`) take their rows in one launch: the first layer called computes every
-    member's outputs, and the others hand back theirs when called with the very same input."""
+    kernel; other inputs (a prompt, another dtype) still go to bitsandbytes."""
     from studio.model.routing import override_forward, restore_forwards
 
     patched: list = []
     try:
-        grouped: set = set()
-        for members in groups or []:
+        for module in four_bit_layers(model):
+            override_forward(patched, module, _kernel_forward(module, kernels, max_rows))
+        yield
+    finally:
+        restore_forwards(patched)
+
+
+@contextmanager
+def grouped_layers(groups: list, kernels: Nf4Kernels, max_rows: int = 2) -> Iterator[None]:
+    """For the block (inside `kernel_layers`), the layers of each of `groups` (from `groups_ready`) take
+    their token rows in one launch: the first layer called computes every member's outputs, and the
+    others hand back theirs when called with the very same input. Only for batches whose rows reach the
+    layers together: rows split one by one reach each layer as new tensors, and each member would run
+    its own launch after the grouped one (see `GraphDecoder._grouped_layers`)."""
+    from studio.model.routing import override_forward, restore_forwards
+
+    patched: list = []
+    try:
+        for members in groups:
             for module, forward in zip(members, _grouped_forwards(members, kernels, max_rows)):
                 override_forward(patched, module, forward)
-                grouped.add(id(module))
-        for module in four_bit_layers(model):
-            if id(module) not in grouped:
-                override_forward(patched, module, _kernel_forward(module, kernels, max_rows))
         yield
     finally:
         restore_forwards(patched)
@@ -525,7 +536,7 @@ def _grouped_forwards(members: list, kernels: Nf4Kernels, max_rows: int) -> list
     """The members' forwards: the first computes every member's outputs in one launch and keeps the
     others' for them, with the input they belong to; a member called with another input (or after its
     outputs were taken) runs its own launch."""
-    own = [_kernel_forward(module, kernels, max_rows) for module in members]
+    own = [module.forward for module in members]  # each layer's own launch (from `kernel_layers`)
     layers = [layer_args(module.weight) for module in members]
     kept: dict = {}  # "x": the input, then member index -> its outputs
 
