@@ -427,7 +427,7 @@ def layer_problem(module, kernels: Nf4Kernels, rows: tuple[int, ...]) -> str | N
     x = x.to(device=module.weight.device, dtype=dtype)
     with torch.inference_mode():
         reference = module(x[:1]).float()
-        bias = None if module.bias is None else module.bias.to(compute)
+        bias = _bias_of(module, kernels)
         alone = [kernels.products(layer, x[i:i + 1], bias) for i in range(max(rows))]
         error = (alone[0].float() - reference).abs().max().item()
         if not error <= 0.03 * reference.abs().max().item():
@@ -464,9 +464,9 @@ def group_problem(members: list, kernels: Nf4Kernels, rows: tuple[int, ...]) -> 
     rows, each member's outputs must equal its own launch's bit for bit."""
     import torch
 
-    dtype, compute = getattr(torch, kernels.dtype_name), getattr(torch, kernels.compute_dtype_name)
+    dtype = getattr(torch, kernels.dtype_name)
     layers = [layer_args(m.weight) for m in members]
-    biases = [None if m.bias is None else m.bias.to(compute) for m in members]
+    biases = [_bias_of(m, kernels) for m in members]
     x = torch.randn(max(rows), members[0].in_features, generator=torch.Generator().manual_seed(1))
     x = x.to(device=members[0].weight.device, dtype=dtype)
     shape = "+".join(str(m.out_features) for m in members) + f"x{members[0].in_features}"
