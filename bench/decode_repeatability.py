@@ -100,6 +100,7 @@ def part_repeatable(args) -> dict:
         out[label]["times_asked"] = times
         out[label]["seconds"] = round(time.perf_counter() - started, 1)
         out[label]["decoder_problem"] = manager.require_loaded().decoder.problem
+        out[label]["adapter_updates"] = getattr(manager.require_loaded().decoder, "lora_kernels_note", "")
         out[label]["recorded_on_streams"] = any(getattr(step, "rows_on_streams", False)
                                                 for step in getattr(decoder, "_steps", {}).values())
         print(label, json.dumps(out[label], ensure_ascii=False), flush=True)
@@ -198,6 +199,7 @@ def part_graphs_equal_eager(args) -> dict:
     if job.status is JobStatus.DONE:
         out["adapter"] = compare_decoders(manager, job.result["adapter"], args.tokens)
     out["decoder_kernels"] = getattr(manager.require_loaded().decoder, "cuda_kernels_note", "")
+    out["adapter_updates"] = getattr(manager.require_loaded().decoder, "lora_kernels_note", "")
     out["graphs_equal_generate"] = all(r["graph_equals_generate"] for part in ("base", "adapter")
                                        for r in out.get(part, []))
     out["decoder_problem"] = manager.require_loaded().decoder.problem

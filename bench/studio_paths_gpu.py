@@ -119,6 +119,8 @@ def main() -> None:
         "adapter_reply_differs_from_base": tuned != base_after,
         "recorded_steps_at_end": getattr(loaded.decoder, "recorded_steps", None),
         "decoder_problem": loaded.decoder.problem,
+        "decoder_kernels": getattr(loaded.decoder, "cuda_kernels_note", ""),
+        "adapter_updates": getattr(loaded.decoder, "lora_kernels_note", ""),
         "replies": {"base": base_after[:80], "adapter": tuned[:80], "side_by_side_adapter": tuned_column[:80]},
     })
     print(json.dumps(checks, ensure_ascii=False, indent=1), flush=True)

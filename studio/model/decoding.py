@@ -32,12 +32,13 @@ from studio.model.routing import route_rows, rows_together
 DECODE_MODES = {
     "graphs": "default. GPU: a static KV cache and the one-token step recorded once as a CUDA graph (about 3 s "
               "on the first reply of a batch and cache size; the very first also compiles the studio's kernels) and "
-              "replayed for every token, with the studio's CUDA kernels for the 4-bit products and the attention "
-              "(about 250 tokens/s for a 4-bit 7B on an H200: about 7x the tutorial's generate() on a fast host, "
-              "more on a slower one). CPU: the same loop with the step run eagerly, tokens equal to generate()'s",
+              "replayed for every token, with the studio's CUDA kernels for the 4-bit products (q/k/v and gate/up in one "
+              "launch each), the attention and an adapter's LoRA updates (about 250 tokens/s for a 4-bit 7B on an "
+              "H100 or H200: about 8x the tutorial's generate() on a fast host, more on a slower one). CPU: the "
+              "same loop with the step run eagerly, tokens equal to generate()'s",
     "eager": "plain transformers generate(), the tutorial's path. GPU and CPU: the reference; slowest on a GPU",
-    "static": "generate() with a static KV cache, no compilation. GPU: about 2x the tutorial's speed. CPU: the "
-              "same as eager",
+    "static": "generate() with a static KV cache, no compilation. GPU: 1x to 2x the tutorial's speed, "
+              "following the host. CPU: the same as eager",
 }
 
 

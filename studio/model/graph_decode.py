@@ -17,10 +17,10 @@ liger-kernel package is installed (`studio.model.kernels`): a row's numbers do n
 other rows, and the step has about 650 fewer kernels. The 4-bit layers' token rows and the attention
 over the cache run the studio's own CUDA kernels (`studio.model.nf4_cuda`,
 `studio.model.decode_attention`), once each has passed its check on the loaded model (`_check_kernels`;
-the log says which kernels are used and why not). Two more are built and checked the same way, and off
-until measured on a GPU (`LORA_KERNEL`, `GROUPED_LAUNCHES` below): an adapter row's LoRA updates in two
-kernels a layer instead of peft's seven (`studio.model.lora_cuda`), and q/k/v and gate/up in one launch
-each of the 4-bit kernel (`studio.model.nf4_cuda.groups_ready`).
+the log says which kernels are used and why not). Two more are checked the same way (`LORA_KERNEL`,
+`GROUPED_LAUNCHES` below): an adapter row's LoRA updates in two kernels a layer instead of peft's seven
+(`studio.model.lora_cuda`), and q/k/v and gate/up in one launch each of the 4-bit kernel
+(`studio.model.nf4_cuda.groups_ready`).
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
@@ -51,8 +51,9 @@ from typing import Callable
 
 from studio.model.decoding import Decoder
 
-# Record side-by-side steps with the rows on two CUDA streams (GPU only). Off until measured on the H200
-# (bench/chat_speed.py --compare-only graphs: "rows on two streams" against "rows one at a time"): flip here.
+# Record side-by-side steps with the rows on two CUDA streams (GPU only) where the rows cannot take the 4-bit
+# layers together: 1.37x one column against 1.45x one after another on an H200, 1.52x against 1.64x on an H100
+# (bench/chat_speed.py --compare-only graphs: "rows on two streams" against "rows one at a time").
 ROWS_ON_STREAMS = True
 # The 4-bit layers' token rows through the studio's CUDA kernel (studio.model.nf4_cuda) rather than
 # bitsandbytes' (measured with bench/chat_speed.py: "graphs" against "graphs-bnb").
@@ -61,12 +62,12 @@ NF4_KERNEL = True
 # than PyTorch's SDPA (measured with bench/chat_speed.py: "graphs" against "graphs-sdpa").
 ATTENTION_KERNEL = True
 # An adapter's LoRA updates of the one-token step through the studio's two CUDA kernels a layer
-# (studio.model.lora_cuda) rather than peft's seven. Off until measured on a GPU (bench/chat_speed.py's
-# compare, "adapter updates", runs both): flip here.
-LORA_KERNEL = False
-# The 4-bit layers that take the same input (q, k and v; gate and up) in one launch of the studio's kernel.
-# Off until measured on a GPU (bench/chat_speed.py --modes graphs-grouped graphs-ungrouped): flip here.
-GROUPED_LAUNCHES = False
+# (studio.model.lora_cuda) rather than peft's seven: the adapter's step 4.9 ms against 6.6 ms on an H100
+# (bench/chat_speed.py's compare, "adapter updates", runs both).
+LORA_KERNEL = True
+# The 4-bit layers that take the same input (q, k and v; gate and up) in one launch of the studio's kernel:
+# about 5% more tokens/s on an H100 (bench/chat_speed.py --modes graphs-grouped graphs-ungrouped).
+GROUPED_LAUNCHES = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
