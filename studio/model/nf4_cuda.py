@@ -52,7 +52,10 @@ SOURCE = PRELUDE + r"""
 #ifndef UNROLL
 #define UNROLL 2
 #endif
+// warps a block: the studio launches 4 (WARPS_PER_BLOCK); bench/nf4_probe.py sweeps 8 too
+#ifndef WARPS
 #define WARPS 4
+#endif
 
 __device__ __forceinline__ void load_weights(const u32* p, u32& a, u32& b) {
     asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "l"(p));
@@ -219,7 +222,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_rows_grouped(
 def launch_shape(out_features: int) -> tuple[int, int]:
     """(warps along K for one output, outputs a warp computes) for a layer with `out_features` outputs:
     the fastest of `bench/nf4_kernels.py --cuda-sweep` on the H200 for the 7B's shapes (many outputs:
-    gate/up; some: q/o and down; few: k/v)."""
+    gate/up; some: q/o and down; few: k/v), and still the fastest on gate/up and down over weights the L2
+    cannot hold (`bench/nf4_probe.py`, H100)."""
     if out_features >= 8192:
         return 2, 4
     if out_features >= 2048:
