@@ -110,10 +110,18 @@ def time_call(fn, x) -> float:
         for _ in range(3):
             fn(x)
     torch.cuda.current_stream().wait_stream(side)
+    return replay_us([lambda: fn(x)] * CALLS_PER_GRAPH)
+
+
+def replay_us(calls) -> float:
+    """Microseconds a call, from a CUDA graph that records each of `calls` (callables) once, replayed
+    REPLAYS times."""
+    import torch
+
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn(x)
+        for call in calls:
+            call()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,7 +130,7 @@ def time_call(fn, x) -> float:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPLAYS * CALLS_PER_GRAPH)
+    return start.elapsed_time(end) * 1000 / (REPLAYS * len(calls))
 
 
 def measure_shape(out_features: int, in_features: int) -> dict:

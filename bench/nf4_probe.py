@@ -3,8 +3,9 @@
 `bench/nf4_kernels.py --cuda-sweep` chose the launch settings (`nf4_cuda.launch_shape`) by replaying
 calls on one weight, which the 50 MB L2 holds for most 7B shapes; in a decode step every weight comes
 from memory. Here each call reads another copy of the weight (as many copies as make 200 MB or more),
-recorded as a CUDA graph and replayed. Swept: warps along K (split), outputs a warp (outs), chunks a
-round (unroll) and warps a block. Every setting's output must equal the default's bit for bit.
+recorded as a CUDA graph and replayed (`nf4_kernels.replay_us`). Swept: warps along K (split), outputs
+a warp (outs), chunks a round (unroll) and warps a block. Each setting's output is compared with the
+default's bit for bit (a setting that splits K otherwise may differ in the last bits).
 
     python bench/nf4_probe.py      # GPU only, about two minutes
 """
@@ -16,7 +17,6 @@ from common import write_results
 SHAPES = {"q_proj / o_proj": (3584, 3584), "k_proj / v_proj": (512, 3584),
           "gate_proj / up_proj": (18944, 3584), "down_proj": (3584, 18944)}
 SPLITS, OUTS, UNROLLS, WARPS = (1, 2, 4), (1, 2, 4), (2, 4), (4, 8)
-REPLAYS = 20
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
 
     import torch
 
-    from nf4_kernels import quantized
+    from nf4_kernels import quantized, replay_us
     from studio.model import nf4_cuda
 
     payload = {"what": "the studio's 4-bit kernel's launch settings, 1 and 2 rows, weights beyond the L2",
@@ -37,21 +37,6 @@ def main() -> None:
             options = [f"-DROWS={rows}", f"-DOUTS={outs}", f"-DUNROLL={unroll}", f"-DWARPS={warps}"]
             compiled[key] = nf4_cuda.compile_kernel(nf4_cuda.SOURCE, "nf4_rows", options)
         return compiled[key]
-
-    def timed(calls) -> float:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for call in calls:
-                call()
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1000 / (REPLAYS * len(calls))
 
     for name, (n, k) in SHAPES.items():
         default = nf4_cuda.launch_shape(n)
@@ -80,7 +65,7 @@ def main() -> None:
                 launch(layers[0], rows, split, outs, unroll, warps)
                 torch.cuda.synchronize()
                 same = bool(torch.equal(y[:rows], reference[rows]))
-                us = timed([lambda layer=layer: launch(layer, rows, split, outs, unroll, warps) for layer in layers])
+                us = replay_us([lambda layer=layer: launch(layer, rows, split, outs, unroll, warps) for layer in layers])
                 setting[f"{rows} row us"] = round(us, 2)
                 setting[f"{rows} row equals default"] = same
             entry["settings"][f"split {split}, outs {outs}, unroll {unroll}, warps {warps}"] = setting
