@@ -76,6 +76,23 @@ def studio_reply(manager, tokens, adapter=None):
     return manager.chat(build_messages(SYSTEM, [], QUESTION), GenerationSettings.greedy(tokens), adapter=adapter)
 
 
+def first_text(manager, tokens: int, runs: int) -> dict:
+    """Where a reply's time goes, from `runs` streamed replies (medians): the seconds to its first streamed
+    text (the lease, the prompt run into the cache, the first token) and the milliseconds a token after it."""
+    firsts, per_token = [], []
+    for _ in range(max(1, runs)):
+        sync()
+        started, first = time.perf_counter(), None
+        for _ in manager.stream_chat(build_messages(SYSTEM, [], QUESTION), GenerationSettings.greedy(tokens)):
+            if first is None:
+                first = time.perf_counter() - started
+        sync()
+        firsts.append(first)
+        per_token.append((time.perf_counter() - started - first) / max(1, tokens - 1) * 1000)
+    return {"first_text_s": round(sorted(firsts)[len(firsts) // 2], 3),
+            "ms_a_token_after_first": round(sorted(per_token)[len(per_token) // 2], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
@@ -131,7 +148,8 @@ def main() -> None:
                  "same_first_32_tokens": first32 == reference32,
                  "meets_10x": rate / payload["tutorial"]["tokens_per_s"] >= 10.0,
                  "decoder_problem": manager.require_loaded().decoder.problem,
-                 "kernels": getattr(manager.require_loaded().decoder, "cuda_kernels_note", "")}
+                 "kernels": getattr(manager.require_loaded().decoder, "cuda_kernels_note", ""),
+                 **first_text(manager, args.tokens, args.tutorial_runs)}
         payload["modes"][mode] = entry
         print(mode, entry, flush=True)
         if entry["same_first_32_tokens"] and (best is None or rate > payload["modes"][best]["tokens_per_s"]):
@@ -206,23 +224,26 @@ def compare_cost(manager, tokens: int) -> dict:
 
 
 def adapter_update_cost(manager, decoder, tokens: int) -> dict:
-    """The adapter's chat (one column) with its LoRA updates by the studio's kernels and by peft's
-    arithmetic (`decoder.lora_kernel` on and off), each the best of two runs after a warm-up that
-    records its step."""
-    default, rates, replies = decoder.lora_kernel, {}, {}
+    """The adapter's chat (one column) with its LoRA updates by the studio's kernels, sibling layers (q/k/v,
+    gate/up) together and each layer alone, and by peft's arithmetic (`decoder.lora_kernel` and
+    `decoder.lora_grouped` on and off), each the best of two runs after a warm-up that records its step."""
+    default = (decoder.lora_kernel, getattr(decoder, "lora_grouped", False))
+    rates, replies, notes = {}, {}, {}
     try:
-        for label, on in (("kernels", True), ("peft", False)):
-            decoder.lora_kernel = on
+        for label, on, grouped in (("kernels", True, True), ("kernels_ungrouped", True, False), ("peft", False, False)):
+            decoder.lora_kernel, decoder.lora_grouped = on, grouped
             studio_reply(manager, tokens, adapter="bench")  # warm-up (records the step)
             (reply, first), (_, second) = [timed(lambda: studio_reply(manager, tokens, adapter="bench"))
                                            for _ in range(2)]
             rates[label], replies[label] = round(tokens / min(first, second), 1), reply
-            if on:
-                kernels_note = decoder.lora_kernels_note
+            notes[label] = f"{decoder.lora_kernels_note}; {getattr(decoder, 'lora_groups_note', '')}"
     finally:
-        decoder.lora_kernel = default
-    return {"default": "the studio's kernels" if default else "peft's arithmetic", "kernels_note": kernels_note,
-            "kernels_tokens_per_s": rates["kernels"], "peft_tokens_per_s": rates["peft"],
+        decoder.lora_kernel, decoder.lora_grouped = default
+    return {"default": "the studio's kernels" if default[0] else "peft's arithmetic", "kernels_note": notes["kernels"],
+            "grouped_default": default[1],
+            "kernels_tokens_per_s": rates["kernels"], "kernels_ungrouped_tokens_per_s": rates["kernels_ungrouped"],
+            "peft_tokens_per_s": rates["peft"], "grouping_speedup": round(rates["kernels"] / rates["kernels_ungrouped"], 2),
+            "grouped_reply_equals_ungrouped": replies["kernels"] == replies["kernels_ungrouped"],
             "speedup": round(rates["kernels"] / rates["peft"], 2), "same_reply": replies["kernels"] == replies["peft"],
             "note": "same_reply may be false on the random-weight model, whose logits are near-ties everywhere: "
                     "the kernels add in another order than cuBLAS"}
@@ -262,7 +283,8 @@ def step_costs(model, decoder) -> dict:
             kernels, replays = [e for e in prof.key_averages() if e.device_type.name == "CUDA"], 1
         label = (f"rows {list(adapters)}" + ("" if rows_alone else ", batched") + (", 4-bit rows together" if together else "")
                  + (", on two streams" if on_streams else "")
-                 + (", adapter updates by peft" if any(adapters) and not key[5] else ""))
+                 + (", adapter updates by peft" if any(adapters) and not key[5] else "")
+                 + (", LoRA layers each alone" if any(adapters) and key[5] and len(key) > 6 and not key[6] else ""))
         costs[label] = {
             "replay_ms": round(seconds / 50 * 1000, 2),
             "profiled": "3 graph replays" if replays == 3 else "one eager run of the step",

@@ -157,12 +157,20 @@ def build_sized_model(folder: Path, size: str) -> Path:
     return folder
 
 
+def adapter_updates(decoder) -> str:
+    """Which kernels the decoder's last adapter row's LoRA updates used, and whether sibling layers took
+    theirs together (the decoder's notes; "" for a decoder without them)."""
+    notes = [getattr(decoder, name, "") for name in ("lora_kernels_note", "lora_groups_note")]
+    return "; ".join(note for note in notes if note)
+
+
 def use_decoder(manager, mode: str) -> None:
     """Give the loaded model the decoder of `mode` (the studio chooses it once, at load; benches swap).
     `graphs-bnb`, `graphs-sdpa`, `graphs-bnb-sdpa`: the graph decoder with bitsandbytes' kernel for the
     4-bit token rows, with PyTorch's attention, or with both (instead of the studio's kernels);
     `graphs-ungrouped`, `graphs-grouped`: every 4-bit layer in its own launch, or q/k/v and gate/up in
-    one launch each."""
+    one launch each; `graphs-cache-update`: the step's cache writes by transformers' update, not the
+    studio's kernel."""
     from studio.model.decoding import make_decoder
 
     loaded = manager.require_loaded()
@@ -175,6 +183,8 @@ def use_decoder(manager, mode: str) -> None:
         loaded.decoder.attention_kernel = False
     if variant in ("graphs-ungrouped", "graphs-grouped"):  # q/k/v and gate/up in one launch each, or not
         loaded.decoder.grouped_launches = variant == "graphs-grouped"
+    if variant == "graphs-cache-update":  # transformers' cache update, not the studio's cache-write kernel
+        loaded.decoder.cache_write_kernel = False
     loaded.decode_mode = mode
 
 

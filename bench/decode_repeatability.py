@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (SEVEN, add_random_adapter, build_model, build_trained_model, fact_rows,  # noqa: F401
+from common import (SEVEN, adapter_updates, add_random_adapter, build_model, build_trained_model, fact_rows,  # noqa: F401
                     use_decoder, write_results)
 
 from studio.evaluate.report import ReportRequest, answers_for  # noqa: E402
@@ -100,7 +100,7 @@ def part_repeatable(args) -> dict:
         out[label]["times_asked"] = times
         out[label]["seconds"] = round(time.perf_counter() - started, 1)
         out[label]["decoder_problem"] = manager.require_loaded().decoder.problem
-        out[label]["adapter_updates"] = getattr(manager.require_loaded().decoder, "lora_kernels_note", "")
+        out[label]["adapter_updates"] = adapter_updates(manager.require_loaded().decoder)
         out[label]["recorded_on_streams"] = any(getattr(step, "rows_on_streams", False)
                                                 for step in getattr(decoder, "_steps", {}).values())
         print(label, json.dumps(out[label], ensure_ascii=False), flush=True)
@@ -199,7 +199,7 @@ def part_graphs_equal_eager(args) -> dict:
     if job.status is JobStatus.DONE:
         out["adapter"] = compare_decoders(manager, job.result["adapter"], args.tokens)
     out["decoder_kernels"] = getattr(manager.require_loaded().decoder, "cuda_kernels_note", "")
-    out["adapter_updates"] = getattr(manager.require_loaded().decoder, "lora_kernels_note", "")
+    out["adapter_updates"] = adapter_updates(manager.require_loaded().decoder)
     out["graphs_equal_generate"] = all(r["graph_equals_generate"] for part in ("base", "adapter")
                                        for r in out.get(part, []))
     out["decoder_problem"] = manager.require_loaded().decoder.problem

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_model, use_decoder, write_results  # noqa: F401  (sets sys.path)
+from common import adapter_updates, build_model, use_decoder, write_results  # noqa: F401  (sets sys.path)
 
 from studio.jobs import JobBoard, JobStatus  # noqa: E402
 from studio.model.generation import GenerationSettings, build_messages  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
         "recorded_steps_at_end": getattr(loaded.decoder, "recorded_steps", None),
         "decoder_problem": loaded.decoder.problem,
         "decoder_kernels": getattr(loaded.decoder, "cuda_kernels_note", ""),
-        "adapter_updates": getattr(loaded.decoder, "lora_kernels_note", ""),
+        "adapter_updates": adapter_updates(loaded.decoder),
         "replies": {"base": base_after[:80], "adapter": tuned[:80], "side_by_side_adapter": tuned_column[:80]},
     })
     print(json.dumps(checks, ensure_ascii=False, indent=1), flush=True)

@@ -85,6 +85,15 @@ class CpuAttention:
             attn_mask=mask[i:i + 1], scale=scaling) for i in range(query.shape[0])]
         return torch.cat(rows).transpose(1, 2).contiguous()
 
+    writes = 0
+
+    def write_cache(self, key_states, value_states, keys, values, length):
+        """The cache-write kernel's contract: the token's keys and values at slot `length`, then length + 1."""
+        self.writes += 1
+        keys[:, :, int(length)] = key_states[:, :, 0]
+        values[:, :, int(length)] = value_states[:, :, 0]
+        length.add_(1)
+
 
 def test_the_kernel_reads_the_4bit_layout_bitsandbytes_writes(manager):
     import bitsandbytes.functional as bf
@@ -148,6 +157,53 @@ def test_token_steps_attend_through_the_kernel_and_the_implementation_is_put_bac
     assert model.config._attn_implementation == "sdpa"
     layers = model.config.num_hidden_layers
     assert attention.calls == 7 * layers  # each one-token step (the prompt went to SDPA)
+    assert rows[0] == reference(loaded, prompt, settings)
+
+
+def test_token_steps_write_the_cache_through_the_kernel_and_replies_are_unchanged(manager):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings.greedy(8)
+    prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
+    decoder = decoder_with_stand_ins()
+    decoder.cache_write_kernel = True
+    rows = decode(decoder, loaded, [prompt], settings)
+    assert "cache writes: the studio's CUDA kernel" in decoder.cuda_kernels_note
+    # the check's two writes (one row, two rows), then each token step's, not the prompt's
+    assert decoder._attention.writes == 2 + 7 * loaded.model.config.num_hidden_layers
+    assert rows[0] == reference(loaded, prompt, settings)
+    again = decode(decoder, loaded, [prompt], settings)  # the recorded step's cache, reused from slot 0
+    assert again == rows
+
+
+class MisplacedWrites(CpuAttention):
+    def write_cache(self, key_states, value_states, keys, values, length):
+        keys[:, :, int(length) + 1], values[:, :, int(length)] = key_states[:, :, 0], value_states[:, :, 0]
+        length.add_(1)
+
+
+class LengthStays(CpuAttention):
+    def write_cache(self, key_states, value_states, keys, values, length):
+        keys[:, :, int(length)], values[:, :, int(length)] = key_states[:, :, 0], value_states[:, :, 0]
+
+
+def test_the_cache_write_check_refuses_a_kernel_that_writes_elsewhere_or_leaves_the_length():
+    assert decode_attention.cache_write_problem(CpuAttention(), 16, 2) is None
+    assert "wrote other values than an index copy (1 rows)" in decode_attention.cache_write_problem(MisplacedWrites(), 16, 2)
+    assert "left the cache length at 17 instead of 18" in decode_attention.cache_write_problem(LengthStays(), 16, 2)
+    assert "heads of 80 dimensions" in decode_attention.cache_write_problem(CpuAttention(), 80, 2)
+
+
+def test_a_refused_cache_write_kernel_leaves_transformers_update_and_says_why(manager):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings.greedy(6)
+    prompt = prompt_for(loaded, "你好")
+    decoder = decoder_with_stand_ins()
+    decoder.cache_write_kernel = True
+    decoder._attention = LengthStays()
+    rows = decode(decoder, loaded, [prompt], settings)
+    assert ("cache writes: transformers' (the studio's kernel is not used: the cache-write kernel left the cache "
+            "length at 17 instead of 18)") in decoder.cuda_kernels_note
+    assert not any("update" in layer.__dict__ for step in decoder._steps.values() for layer in step.cache.layers)
     assert rows[0] == reference(loaded, prompt, settings)
 
 
@@ -304,6 +360,16 @@ class CpuLora(lora_cuda.LoraKernels):
             y = y2d[r:r + 1]
             y2d[r:r + 1] = y + update.to(y.dtype) if cast_update_first else (y + update).to(y.dtype)
 
+    grouped_calls, group_skew = 0, None
+
+    def add_updates(self, x2d, updates):
+        """The grouped launch's contract: each member's update as its own call gives it."""
+        self.grouped_calls += 1
+        for y2d, weight_a, weight_b, scaling, cast_update_first in updates:
+            self.add_update(x2d, y2d, weight_a, weight_b, scaling, cast_update_first)
+            if self.group_skew is not None:
+                y2d.add_(self.group_skew)
+
 
 def with_adapters(manager):
     from test_compare import ALL_SEVEN, _attach_random_adapter
@@ -369,6 +435,58 @@ def test_the_lora_check_refuses_kernels_that_differ_or_whose_rows_depend_on_each
     assert lora_cuda.adapter_problem(layers, "y", CpuLora()) == "its dropout is on"
     layer.lora_dropout["y"].eval()
     assert lora_cuda.adapter_problem(layers, "y", CpuLora()) is None
+
+
+def test_sibling_lora_layers_take_an_adapter_row_s_updates_together_with_peft_s_replies(manager):
+    loaded = with_adapters(manager)
+    settings = GenerationSettings.greedy(10)
+    prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
+    layers, steps = loaded.model.config.num_hidden_layers, settings.max_new_tokens - 1
+    plain = GraphDecoder(use_graphs=False)
+    kernels = CpuLora()
+    decoder = lora_decoder(kernels)
+    decoder.lora_grouped = True
+    for name in ("x", "y"):  # each group shape is checked once, here (three grouped calls each)
+        decoder._lora_groups(loaded.model, [name], decoder._lora_kernels(loaded.model, [name]))
+    assert kernels.grouped_calls == 3 * 3  # q/k/v and gate/up of x, q/v of y
+    kernels.grouped_calls = 0
+
+    assert decode(decoder, loaded, [prompt], settings, ["x"]) == decode(plain, loaded, [prompt], settings, ["x"])
+    assert kernels.grouped_calls == 2 * layers * steps  # q/k/v and gate/up, each token step
+    assert kernels.rows_seen.count(1) >= 7 * layers * steps  # every layer's update (and the checks')
+    kernels.grouped_calls = 0
+    pair = decode(decoder, loaded, [prompt, prompt], settings, [None, "x"])
+    assert pair == decode(plain, loaded, [prompt, prompt], settings, [None, "x"])
+    assert pair[1] != pair[0] and kernels.grouped_calls == 2 * layers * steps  # the adapter row only
+    kernels.grouped_calls = 0
+    assert decode(decoder, loaded, [prompt], settings, ["y"]) == decode(plain, loaded, [prompt], settings, ["y"])
+    assert kernels.grouped_calls == layers * steps  # y holds q and v: one group a block, k runs the base alone
+    groups = decoder._lora_groups(loaded.model, ["y"], kernels)
+    assert [[layer.base_layer.out_features for layer in members] for members in groups] == \
+        [[m.q_proj.base_layer.out_features, m.v_proj.base_layer.out_features]
+         for m in loaded.model.modules() if type(m).__name__ == "Qwen2Attention"]
+    kernels.grouped_calls = 0
+    assert decode(decoder, loaded, [prompt], settings) == decode(plain, loaded, [prompt], settings)
+    assert kernels.grouped_calls == 0  # a base chat runs no update
+
+
+def test_a_grouped_lora_launch_that_differs_from_the_layers_own_is_not_used(manager, caplog):
+    import logging
+
+    loaded = with_adapters(manager)
+    settings = GenerationSettings.greedy(6)
+    prompt = prompt_for(loaded, "你好")
+    kernels = CpuLora()
+    kernels.group_skew = 1e-3
+    decoder = lora_decoder(kernels)
+    decoder.lora_grouped = True
+    with caplog.at_level(logging.INFO, logger="studio.model.graph_decode"):
+        rows = decode(decoder, loaded, [prompt], settings, ["x"])
+    assert rows == decode(GraphDecoder(use_graphs=False), loaded, [prompt], settings, ["x"])
+    assert decoder._lora_groups(loaded.model, ["x"], kernels) == []
+    assert "each LoRA layer takes its own launches (on 64+32+32x64 layers a grouped launch of the LoRA kernels " \
+        "differs from the layers' own (1 rows))" in caplog.text
+    assert kernels.grouped_calls == 2  # the two group shapes' checks, nothing after them
 
 
 # ----- q/k/v and gate/up in one launch each ------------------------------------------------------

@@ -16,6 +16,11 @@ The graph decoder puts it in place for the generation (`decode_attention`): the 
 implementation is switched to `studio-decode`, which runs this kernel for one-token steps with a
 boolean mask over the cache and PyTorch's SDPA (transformers' `sdpa`) for everything else (the
 prompt). Its masks are SDPA's.
+
+A third kernel writes a one-token step's new keys and values into the static cache (`cache_write`): one
+launch a layer where transformers' `StaticLayer.update` takes five (an arange, two integer adds and two
+index copies). The graph decoder gives its caches' layers that update (`one_launch_cache_writes`) once
+the kernel has passed its check (`cache_write_problem`); it copies, so the cache holds the same bits.
 """
 
 from __future__ import annotations
@@ -161,6 +166,26 @@ extern "C" __global__ void __launch_bounds__(THREADS) attention_combine(
     const float value = denominator > 0.0f ? numerator / denominator : 0.0f;
     out[((size_t)row * H + head) * HEAD_DIM + tid] = to_bf16(value);
 }
+
+// A one-token step's keys and values into the static cache at slot *length, then *length += 1: what
+// transformers' StaticLayer.update does (index copies at arange(1) + length, then length += 1). k_new,
+// v_new: (heads, HEAD_DIM) with heads = rows x key/value heads; keys, values: (heads, L, HEAD_DIM), bf16.
+// One block, so every thread reads the slot before thread 0 moves it on; a slot past the cache is not written.
+extern "C" __global__ void cache_write(const uint4* __restrict__ k_new, const uint4* __restrict__ v_new,
+    uint4* __restrict__ keys, uint4* __restrict__ values, long long* __restrict__ length, int heads, int L)
+{
+    const long long slot = *length;
+    const int per_head = HEAD_DIM / 8;  // 16-byte pieces of a head's vector
+    if (slot >= 0 && slot < L) {
+        for (int i = threadIdx.x; i < heads * per_head; i += blockDim.x) {
+            const size_t at = ((size_t)(i / per_head) * L + slot) * per_head + i % per_head;
+            keys[at] = k_new[i];
+            values[at] = v_new[i];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *length = slot + 1;
+}
 """
 
 
@@ -173,6 +198,7 @@ class DecodeAttentionKernels:
 
     def __init__(self):
         self._compiled: dict = {}
+        self._writers: dict = {}  # head size -> the compiled cache_write
 
     def _kernels(self, head_dim: int):
         if head_dim not in self._compiled:
@@ -180,6 +206,17 @@ class DecodeAttentionKernels:
             self._compiled[head_dim] = (compile_kernel(SOURCE, "attention_chunks", options),
                                         compile_kernel(SOURCE, "attention_combine", options))
         return self._compiled[head_dim]
+
+    def write_cache(self, key_states, value_states, keys, values, length) -> None:
+        """key_states/value_states (B, KVH, 1, D) into keys/values (B, KVH, L, D) bf16 at slot `length`
+        (an int64 scalar on the GPU), then `length` += 1, in one launch."""
+        head_dim = key_states.shape[-1]
+        if head_dim not in self._writers:
+            self._writers[head_dim] = compile_kernel(SOURCE, "cache_write", [f"-DHEAD_DIM={head_dim}"])
+        heads = keys.shape[0] * keys.shape[1]
+        self._writers[head_dim](grid=(1, 1, 1), block=(256, 1, 1), args=[
+            aligned(key_states.contiguous()), aligned(value_states.contiguous()), keys, values, length, heads,
+            keys.shape[2]])
 
     def attend(self, query, key, value, mask, scaling: float):
         """query (B, H, 1, D), key/value (B, KVH, L, D) bf16, mask (B, 1, 1, L) bool: (B, 1, H, D) bf16."""
@@ -311,3 +348,64 @@ def decode_attention(model, kernels: DecodeAttentionKernels) -> Iterator[None]:
 def uses_sdpa(model) -> bool:
     """Whether any of the model's configs attends with SDPA (what `decode_attention` switches)."""
     return bool(sdpa_configs(model))
+
+
+def cache_write_problem(kernels, head_dim: int, kv_heads: int) -> str | None:
+    """None when the cache-write kernel does what `StaticLayer.update` does for one token, bit for bit, on
+    caches of one and two rows (the keys and values in their slot, nothing else changed, the length moved
+    on by one); else why not."""
+    import torch
+
+    if kernels.device_type == "cuda" and not torch.cuda.is_available():
+        return "it needs a CUDA GPU"
+    if head_dim not in kernels.head_dims:
+        return f"heads of {head_dim} dimensions (the kernel takes {', '.join(map(str, kernels.head_dims))})"
+    try:
+        generator = torch.Generator().manual_seed(1)
+        dtype, device = getattr(torch, kernels.dtype_name), kernels.device_type
+        for rows in (1, 2):
+            def draw(slots):
+                return torch.randn(rows, kv_heads, slots, head_dim, generator=generator).to(device, dtype)
+
+            keys, values, new_keys, new_values = draw(40), draw(40), draw(1), draw(1)
+            length = torch.tensor(17, dtype=torch.long, device=device)
+            expected_keys, expected_values = keys.clone(), values.clone()
+            expected_keys[:, :, 17], expected_values[:, :, 17] = new_keys[:, :, 0], new_values[:, :, 0]
+            kernels.write_cache(new_keys, new_values, keys, values, length)
+            if not (torch.equal(keys, expected_keys) and torch.equal(values, expected_values)):
+                return f"the cache-write kernel wrote other values than an index copy ({rows} rows)"
+            if int(length) != 18:
+                return f"the cache-write kernel left the cache length at {int(length)} instead of 18"
+    except Exception as exc:  # no NVRTC, a compile or launch failure: transformers' update is used
+        return f"{exc.__class__.__name__}: {str(exc)[:300]}"
+    return None
+
+
+def one_launch_cache_writes(cache, kernels) -> int:
+    """Give each of `cache`'s static layers an update that writes a one-token step through the kernel
+    (anything else, such as the prompt, through transformers' own); returns how many layers took it."""
+    taken = 0
+    for layer in getattr(cache, "layers", []):
+        if type(layer).__name__ != "StaticLayer" or "update" in layer.__dict__:
+            continue
+        layer.update = _one_launch_update(layer, layer.update, kernels)
+        taken += 1
+    return taken
+
+
+def _one_launch_update(layer, update, kernels):
+    import torch
+
+    dtype = getattr(torch, kernels.dtype_name)
+
+    def one_launch(key_states, value_states, *args, **kwargs):
+        if (getattr(layer, "is_initialized", False) and key_states.shape[-2] == 1
+                and key_states.device.type == kernels.device_type and key_states.dtype == dtype
+                and value_states.shape == key_states.shape and layer.keys.dtype == dtype
+                and key_states.shape[:2] == layer.keys.shape[:2] and key_states.shape[-1] == layer.keys.shape[-1]
+                and key_states.shape[-1] in kernels.head_dims and layer.keys.is_contiguous()):
+            kernels.write_cache(key_states, value_states, layer.keys, layer.values, layer.cumulative_length)
+            return layer.keys, layer.values
+        return update(key_states, value_states, *args, **kwargs)
+
+    return one_launch

@@ -33,8 +33,8 @@ DECODE_MODES = {
     "graphs": "default. GPU: a static KV cache and the one-token step recorded once as a CUDA graph (about 3 s "
               "on the first reply of a batch and cache size; the very first also compiles the studio's kernels) and "
               "replayed for every token, with the studio's CUDA kernels for the 4-bit products (q/k/v and gate/up in one "
-              "launch each), the attention and an adapter's LoRA updates (about 250 tokens/s for a 4-bit 7B on an "
-              "H100 or H200: about 8x the tutorial's generate() on a fast host, more on a slower one). CPU: the "
+              "launch each), the attention, the cache writes and an adapter's LoRA updates (about 280 tokens/s for a "
+              "4-bit 7B on an H100: 6x to 9x the tutorial's generate(), whose speed follows the host's CPU). CPU: the "
               "same loop with the step run eagerly, tokens equal to generate()'s",
     "eager": "plain transformers generate(), the tutorial's path. GPU and CPU: the reference; slowest on a GPU",
     "static": "generate() with a static KV cache, no compilation. GPU: 1x to 2x the tutorial's speed, "
@@ -126,9 +126,10 @@ class Decoder(abc.ABC):
         try:
             with self._layer_kernels(model):
                 together = self.together(model, len(adapters))
+                lora = self._lora_kernels(model, adapters)
                 with self._grouped_layers(model, len(adapters), together), \
-                        route_rows(model, adapters, self.rows_alone, self._row_streams(), together,
-                                   self._lora_kernels(model, adapters)), \
+                        route_rows(model, adapters, self.rows_alone, self._row_streams(), together, lora,
+                                   self._lora_groups(model, adapters, lora)), \
                         without_cudnn_attention(input_ids.device.type == "cuda"):
                     self._generate(model, input_ids, attention_mask, settings, stop, streamer, eos_token_id,
                                    pad_token_id, tuple(adapters))
@@ -158,6 +159,11 @@ class Decoder(abc.ABC):
         """The kernels that compute the adapter rows' LoRA updates of a token step, checked on this
         adapter (`studio.model.lora_cuda`); None: peft's arithmetic."""
         return None
+
+    def _lora_groups(self, model, adapters: Sequence[str | None], lora_kernels) -> list:
+        """The adapter's LoRA layers that take their updates together through `lora_kernels` (lists of 2
+        or 3 layers that take the same input, `studio.model.lora_cuda.lora_groups`); []: each its own."""
+        return []
 
 
 class GenerateDecoder(Decoder):

@@ -17,10 +17,11 @@ liger-kernel package is installed (`studio.model.kernels`): a row's numbers do n
 other rows, and the step has about 650 fewer kernels. The 4-bit layers' token rows and the attention
 over the cache run the studio's own CUDA kernels (`studio.model.nf4_cuda`,
 `studio.model.decode_attention`), once each has passed its check on the loaded model (`_check_kernels`;
-the log says which kernels are used and why not). Two more are checked the same way (`LORA_KERNEL`,
-`GROUPED_LAUNCHES` below): an adapter row's LoRA updates in two kernels a layer instead of peft's seven
-(`studio.model.lora_cuda`), and q/k/v and gate/up in one launch each of the 4-bit kernel
-(`studio.model.nf4_cuda.groups_ready`).
+the log says which kernels are used and why not). Three more are checked the same way (`LORA_KERNEL`,
+`GROUPED_LAUNCHES`, `CACHE_WRITE_KERNEL` below): an adapter row's LoRA updates in two kernels a layer
+instead of peft's seven (`studio.model.lora_cuda`), q/k/v and gate/up in one launch each of the 4-bit
+kernel (`studio.model.nf4_cuda.groups_ready`), and the step's new keys and values written into the cache
+in one launch a layer instead of five (`studio.model.decode_attention.cache_write_problem`).
 
 Repeatability: every reply starts from a zeroed cache (stale entries of an earlier reply are masked
 out, but are not left to chance), and the step runs without cuDNN attention (see
@@ -68,6 +69,15 @@ LORA_KERNEL = True
 # The 4-bit layers that take the same input (q, k and v; gate and up) in one launch of the studio's kernel:
 # 5-8% more tokens/s on an H100 in two runs (bench/chat_speed.py --modes graphs-grouped graphs-ungrouped).
 GROUPED_LAUNCHES = True
+# A one-token step's keys and values written into the static cache by one launch of the studio's kernel a
+# layer (studio.model.decode_attention.cache_write) rather than transformers' five (an arange, two adds, two
+# index copies): a base step 3.40 against 3.63 ms on an H100 (bench/chat_speed.py --modes graphs
+# graphs-cache-update).
+CACHE_WRITE_KERNEL = True
+# The LoRA layers that take the same input (q, k and v; gate and up) take an adapter row's updates in one
+# launch of each LoRA kernel (studio.model.lora_cuda.add_updates): an adapter's step 4.21 against 4.68 ms on
+# an H100 (bench/chat_speed.py's compare, "adapter updates").
+LORA_GROUPED = True
 CACHE_BUCKET = 1024
 MAX_RECORDED_STEPS = 4
 log = logging.getLogger(__name__)
@@ -115,9 +125,13 @@ class GraphDecoder(Decoder):
         self.grouped_launches = use_graphs and GROUPED_LAUNCHES  # ... q/k/v and gate/up in one launch each
         self._nf4 = None  # studio.model.nf4_cuda.Nf4Kernels, made on first use
         self._attention = None  # studio.model.decode_attention.DecodeAttentionKernels, made on first use
-        self._kernels_ready: dict = {}  # id of the model -> (4-bit kernel used, attention kernel used, groups)
+        # id of the model -> (4-bit kernel used, attention kernel used, groups, cache-write kernel used)
+        self._kernels_ready: dict = {}
+        self.cache_write_kernel = use_graphs and CACHE_WRITE_KERNEL  # ... and for the step's cache writes
         self.lora_kernel = use_graphs and LORA_KERNEL  # the studio's CUDA kernels for the adapter updates
         self._lora = None  # studio.model.lora_cuda.LoraKernels, made on first use
+        self.lora_grouped = use_graphs and LORA_GROUPED  # ... with sibling layers' updates in one launch
+        self._lora_groups_of: dict = {}  # (id of the model, adapter) -> (groups, why others are not grouped)
 
     def clear(self) -> None:
         """Forget every recorded step and its cache (the model is about to change)."""
@@ -126,6 +140,7 @@ class GraphDecoder(Decoder):
             self._steps.clear()
             self._pool = None
             self._kernels_ready = {}
+            self._lora_groups_of = {}
 
     @property
     def recorded_steps(self) -> int:
@@ -222,7 +237,7 @@ class GraphDecoder(Decoder):
                 key = id(model)
                 if key not in self._kernels_ready:
                     self._kernels_ready[key] = self._check_kernels(model)
-                nf4_ok, attention_ok, _ = self._kernels_ready[key]
+                nf4_ok, attention_ok = self._kernels_ready[key][:2]
                 if nf4_ok:
                     from studio.model import nf4_cuda
 
@@ -248,9 +263,9 @@ class GraphDecoder(Decoder):
 
         return nf4_cuda.grouped_layers(groups, self._nf4)
 
-    def _check_kernels(self, model) -> tuple[bool, bool, list]:
-        """Whether the 4-bit kernel and the attention kernel are used on `model`, and the groups of 4-bit
-        layers launched together; logs which and why."""
+    def _check_kernels(self, model) -> tuple[bool, bool, list, bool]:
+        """Whether the 4-bit kernel and the attention kernel are used on `model`, the groups of 4-bit
+        layers launched together, and whether the cache-write kernel is used; logs which and why."""
         from studio.model import decode_attention, nf4_cuda
 
         notes, groups = [], []
@@ -274,24 +289,35 @@ class GraphDecoder(Decoder):
             attention_problem = self._attention_problem(model)
         notes.append("attention of a token step: the studio's CUDA kernel" if attention_problem is None
                      else f"attention of a token step: PyTorch's (the studio's kernel is not used: {attention_problem})")
+        write_problem = "switched off"
+        if self.cache_write_kernel:
+            self._attention = self._attention or decode_attention.DecodeAttentionKernels()
+            write_problem = self._cache_write_problem(model)
+        notes.append("cache writes: the studio's CUDA kernel" if write_problem is None
+                     else f"cache writes: transformers' (the studio's kernel is not used: {write_problem})")
         self.cuda_kernels_note = "; ".join(notes) + "."
         log.info("Graph decoder: %s", self.cuda_kernels_note)
-        return nf4_problem is None, attention_problem is None, groups
+        return nf4_problem is None, attention_problem is None, groups, write_problem is None
 
     def _attention_problem(self, model) -> str | None:
         from studio.model import decode_attention
 
         if not decode_attention.uses_sdpa(model):
             return "the model does not attend with PyTorch's SDPA"
-        try:
-            config = _config_of(model)
-            config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            heads = int(config.num_attention_heads)
-            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        except (AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:
-            return f"its head counts could not be read from the model's config ({exc.__class__.__name__}: {exc})"
+        shape = _head_shape(model)
+        if isinstance(shape, str):
+            return shape
+        heads, kv_heads, head_dim = shape
         return decode_attention.kernels_ready(self._attention, head_dim, heads, kv_heads)
+
+    def _cache_write_problem(self, model) -> str | None:
+        from studio.model import decode_attention
+
+        shape = _head_shape(model)
+        if isinstance(shape, str):
+            return shape
+        _, kv_heads, head_dim = shape
+        return decode_attention.cache_write_problem(self._attention, head_dim, kv_heads)
 
     cuda_kernels_note = ""  # which kernels the token rows use (4-bit products, attention), and why
     lora_kernels_note = ""  # which kernels the last adapter row's LoRA updates used, and why
@@ -317,6 +343,29 @@ class GraphDecoder(Decoder):
             log.info("Graph decoder: %s.", note)
         return self._lora if problem is None else None
 
+    def _lora_groups(self, model, adapters, lora_kernels) -> list:
+        """The adapter row's sibling LoRA layers (q/k/v, gate/up) whose updates take one launch of each
+        LoRA kernel, once their grouped launch passed its check (`studio.model.lora_cuda.lora_groups`);
+        the log says once whether they do and why not."""
+        name = next((adapter for adapter in adapters if adapter is not None), None)
+        if lora_kernels is None or name is None or not self.lora_grouped:
+            return []
+        key = (id(model), name)
+        if key not in self._lora_groups_of:
+            from studio.model import lora_cuda
+
+            self._lora_groups_of[key] = lora_cuda.lora_groups(model, name, lora_kernels)
+            groups, problem = self._lora_groups_of[key]
+            if groups:
+                self.lora_groups_note = (f"{len(groups)} groups of LoRA layers (q/k/v, gate/up) take their updates in "
+                                         "one launch each" + (f" (not the others: {problem})" if problem else ""))
+            else:
+                self.lora_groups_note = f"each LoRA layer takes its own launches ({problem or 'no sibling layers'})"
+            log.info("Graph decoder: adapter %r: %s.", name, self.lora_groups_note)
+        return self._lora_groups_of[key][0]
+
+    lora_groups_note = ""  # whether the last adapter's sibling LoRA layers took their updates together, and why not
+
     # ----- the steps -----------------------------------------------------------------------------
     def _step_for(self, model, batch: int, cache_len: int, adapters: tuple) -> _Step:
         import torch
@@ -325,8 +374,9 @@ class GraphDecoder(Decoder):
         # how the rows are routed (see studio.model.routing) matters only for several rows
         routing = ((self.rows_alone, bool(self.together(model, batch)), self._streams_wanted(model, batch))
                    if batch > 1 else ())
-        key = (id(model), batch, cache_len, adapters, routing,
-               bool(self.lora_kernel) and any(adapter is not None for adapter in adapters))
+        adapter_rows = any(adapter is not None for adapter in adapters)
+        key = (id(model), batch, cache_len, adapters, routing, bool(self.lora_kernel) and adapter_rows,
+               bool(self.lora_kernel and self.lora_grouped) and adapter_rows)
         if key in self._steps:
             self._steps.move_to_end(key)
             return self._steps[key]
@@ -338,6 +388,11 @@ class GraphDecoder(Decoder):
                      positions=torch.zeros((batch, 1), dtype=torch.long, device=device),
                      cache_position=torch.zeros(1, dtype=torch.long, device=device),
                      mask=torch.zeros((batch, 1, 1, cache_len), dtype=torch.bool, device=device))
+        ready = self._kernels_ready.get(id(model)) if self.use_graphs else None
+        if ready and ready[3]:
+            from studio.model.decode_attention import one_launch_cache_writes
+
+            one_launch_cache_writes(step.cache, self._attention)
         self._steps[key] = step
         return step
 
@@ -499,6 +554,18 @@ def _base_of(model):
 
 def _config_of(model):
     return _base_of(model).config
+
+
+def _head_shape(model) -> tuple[int, int, int] | str:
+    """(query heads, key/value heads, head size) from the model's config, or why they could not be read."""
+    try:
+        config = _config_of(model)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        return heads, kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return f"its head counts could not be read from the model's config ({exc.__class__.__name__}: {exc})"
 
 
 def _cache_argument(model) -> str:

@@ -19,6 +19,11 @@ may differ from peft's in the last bits; the graph decoder checks the kernels on
 against peft's arithmetic (`update_problem`) before it uses them, and peft's path stays in place where
 the check fails.
 
+The LoRA layers that take the same rows (q, k and v; gate and up) can take their updates together:
+`add_updates` runs each kernel once for two or three layers (8 launches a block of the 7B instead of 14),
+each member's blocks running the single layer's code, so each update keeps its bits (`group_problem`
+checks it once per group shape; `lora_groups` finds the groups an adapter has).
+
 Compiled at run time with NVRTC, like `studio.model.nf4_cuda`: no CUDA toolkit needed.
 """
 
@@ -47,13 +52,12 @@ __device__ __forceinline__ float weight(const weight_t* p) { return *p; }
 __device__ __forceinline__ float as_weight_dtype(float v) { return v; }
 #endif
 
-// partial[r][j][s] = sum over slice s of x[r][k] * A[j][k]   (grid: rank x slices)
-extern "C" __global__ void __launch_bounds__(THREADS) lora_down(
+// partial[r][j][s] = sum over slice s of x[r][k] * A[j][k]   (one block per rank row j and slice s)
+__device__ __forceinline__ void lora_down_block(const int j, const int s, const int slices,
     const u16* __restrict__ x, const weight_t* __restrict__ A, float* __restrict__ partial,
     int K, int rank, int rows, int slice)
 {
     __shared__ float warp_sums[MAX_ROWS][THREADS / 32];
-    const int j = blockIdx.x, s = blockIdx.y, slices = gridDim.y;
     const int begin = s * slice, end = min(K, begin + slice);
     float sum[MAX_ROWS];
 #pragma unroll
@@ -81,8 +85,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) lora_down(
     }
 }
 
-// y[r][n] = y[r][n] + scaling * (t[r] . B[n])   (t from the slices' partial sums; grid: outputs / THREADS)
-extern "C" __global__ void __launch_bounds__(THREADS) lora_up_add(
+// grid: rank x slices
+extern "C" __global__ void __launch_bounds__(THREADS) lora_down(
+    const u16* __restrict__ x, const weight_t* __restrict__ A, float* __restrict__ partial,
+    int K, int rank, int rows, int slice)
+{
+    lora_down_block(blockIdx.x, blockIdx.y, gridDim.y, x, A, partial, K, rank, rows, slice);
+}
+
+// y[r][n] = y[r][n] + scaling * (t[r] . B[n])   (t from the slices' partial sums; block b: outputs from b * THREADS)
+__device__ __forceinline__ void lora_up_add_block(const int block,
     const float* __restrict__ partial, const weight_t* __restrict__ B, u16* __restrict__ y,
     int N, int rank, int rows, int slices, double scaling_d, int cast_update_first)
 {
@@ -94,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) lora_up_add(
         t[i / rank][i % rank] = as_weight_dtype(v);
     }
     __syncthreads();
-    const int n = blockIdx.x * THREADS + threadIdx.x;
+    const int n = block * THREADS + threadIdx.x;
     if (n >= N) return;
     const weight_t* b = B + (size_t)n * rank;
     for (int r = 0; r < rows; ++r) {
@@ -106,6 +118,47 @@ extern "C" __global__ void __launch_bounds__(THREADS) lora_up_add(
         const float added = cast_update_first ? from_bf16(to_bf16(update)) : update;
         y[(size_t)r * N + n] = to_bf16(__fadd_rn(base, added));
     }
+}
+
+// grid: outputs / THREADS
+extern "C" __global__ void __launch_bounds__(THREADS) lora_up_add(
+    const float* __restrict__ partial, const weight_t* __restrict__ B, u16* __restrict__ y,
+    int N, int rank, int rows, int slices, double scaling_d, int cast_update_first)
+{
+    lora_up_add_block(blockIdx.x, partial, B, y, N, rank, rows, slices, scaling_d, cast_update_first);
+}
+
+// Up to three LoRA layers that take the same rows (q, k and v; gate and up) in one launch of each kernel.
+// Each member's blocks run the single-layer code above with that member's arguments, so its update has
+// the bits of its own launches (`group_problem` checks it). lora_down_grouped: grid rank x slices x 3
+// (rank: the largest member's; blocks past a member's rank or members do nothing).
+extern "C" __global__ void __launch_bounds__(THREADS) lora_down_grouped(
+    const u16* __restrict__ x, int K, int rows, int slice, int members,
+    const weight_t* __restrict__ A0, float* __restrict__ partial0, int rank0,
+    const weight_t* __restrict__ A1, float* __restrict__ partial1, int rank1,
+    const weight_t* __restrict__ A2, float* __restrict__ partial2, int rank2)
+{
+    const int m = blockIdx.z;
+    if (m >= members) return;
+    const weight_t* A = m == 0 ? A0 : (m == 1 ? A1 : A2);
+    float* partial = m == 0 ? partial0 : (m == 1 ? partial1 : partial2);
+    const int rank = m == 0 ? rank0 : (m == 1 ? rank1 : rank2);
+    if (blockIdx.x >= rank) return;
+    lora_down_block(blockIdx.x, blockIdx.y, gridDim.y, x, A, partial, K, rank, rows, slice);
+}
+
+// lora_up_add_grouped: the first blocks0 blocks add the first member's update, the next blocks1 the second's, ...
+#define UP_SEGMENT(i) const float* __restrict__ partial##i, const weight_t* __restrict__ B##i, u16* __restrict__ y##i, \
+    int N##i, int rank##i, double scaling##i, int cast##i, int blocks##i
+#define UP_ARGS(i) partial##i, B##i, y##i, N##i, rank##i, rows, slices, scaling##i, cast##i
+extern "C" __global__ void __launch_bounds__(THREADS) lora_up_add_grouped(
+    int rows, int slices, UP_SEGMENT(0), UP_SEGMENT(1), UP_SEGMENT(2))
+{
+    int b = blockIdx.x;
+    if (b < blocks0) { lora_up_add_block(b, UP_ARGS(0)); return; }
+    b -= blocks0;
+    if (b < blocks1) { lora_up_add_block(b, UP_ARGS(1)); return; }
+    lora_up_add_block(b - blocks1, UP_ARGS(2));
 }
 """
 
@@ -154,9 +207,53 @@ class LoraKernels:
                args=[partial, weight_b, y2d, out_features, rank, rows, slices, float(scaling),
                      int(cast_update_first)])
 
+    def add_updates(self, x2d, updates: list) -> None:
+        """`add_update` for 2 or 3 layers that take the same rows x2d (q, k and v; gate and up), each of
+        `updates` a (y2d, weight_a, weight_b, scaling, cast_update_first), in one launch of each kernel;
+        each member's update has the bits of its own `add_update` (`group_problem` checks it)."""
+        import torch
+
+        if not 2 <= len(updates) <= 3 or len({u[1].dtype for u in updates}) != 1:
+            raise ValueError(f"grouped updates take 2 or 3 layers with weights of one dtype, got {len(updates)}")
+        rows, in_features = x2d.shape
+        slice_len = THREADS * PER_THREAD
+        slices = -(-in_features // slice_len)
+        partials = [torch.empty((rows, a.shape[0], slices), dtype=torch.float32, device=x2d.device)
+                    for _, a, _, _, _ in updates]
+        down, up_add = self.grouped_kernels(updates[0][1].dtype == torch.bfloat16)
+        members = [[a, partial, a.shape[0]] for (_, a, _, _, _), partial in zip(updates, partials)]
+        members += [members[-1]] * (3 - len(members))  # unused slots: never read (`members` bounds them)
+        down(grid=(max(a.shape[0] for _, a, _, _, _ in updates), slices, len(updates)), block=(THREADS, 1, 1),
+             args=[x2d, in_features, rows, slice_len, len(updates), *[arg for member in members for arg in member]])
+        segments = [[partial, b, y2d, y2d.shape[1], a.shape[0], float(scaling), int(cast), -(-y2d.shape[1] // THREADS)]
+                    for (y2d, a, b, scaling, cast), partial in zip(updates, partials)]
+        if len(segments) == 2:
+            segments.append(segments[1][:-1] + [0])  # a third segment of no blocks
+        up_add(grid=(sum(segment[-1] for segment in segments), 1, 1), block=(THREADS, 1, 1),
+               args=[rows, slices, *[arg for segment in segments for arg in segment]])
+
+    def grouped_kernels(self, weights_bf16: bool):
+        key = ("grouped", weights_bf16)
+        if key not in self._compiled:
+            options = ["-DWEIGHTS_BF16"] if weights_bf16 else []
+            self._compiled[key] = (compile_kernel(SOURCE, "lora_down_grouped", options),
+                                   compile_kernel(SOURCE, "lora_up_add_grouped", options))
+        return self._compiled[key]
+
     def takes(self, x, part, weight_a, weight_b) -> bool:
         """Whether `add_update` takes this call (see `takes`)."""
         return takes(x, part, weight_a, weight_b, self.device_type)
+
+    def group_problem(self, shapes: tuple, device) -> str | None:
+        """Why one grouped launch cannot stand in for the own launches of layers of `shapes` (None: it
+        can); checked once per tuple of shapes (see `group_problem`)."""
+        key = ("grouped", shapes)
+        if key not in self._checked:
+            try:
+                self._checked[key] = group_problem(self, shapes, device)
+            except Exception as exc:  # a compile or launch failure: each layer keeps its own launches
+                self._checked[key] = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+        return self._checked[key]
 
     def problem(self, shape: UpdateShape, device) -> str | None:
         """Why the kernels cannot stand in for peft's arithmetic on a layer of `shape` (None: they can);
@@ -227,6 +324,62 @@ def update_problem(kernels, shape: UpdateShape, device) -> str | None:
             if not torch.equal(together, torch.cat(alone[:rows])):
                 return f"on {label} a row of {rows} rows differs from that row alone"
     return None
+
+
+def group_problem(kernels, shapes: tuple, device) -> str | None:
+    """The grouped launches against each member's own `add_update` on random weights of `shapes` (one
+    input size): every member's output bit for bit, for 1 to MAX_ROWS rows. None, or what differs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(2)
+
+    def drawn(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(device)
+
+    members = []
+    for shape in shapes:
+        dtype = torch.bfloat16 if shape.weights_bf16 else torch.float32
+        members.append((drawn(shape.rank, shape.in_features, scale=shape.in_features ** -0.5).to(dtype),
+                        drawn(shape.out_features, shape.rank, scale=shape.rank ** -0.5).to(dtype),
+                        drawn(MAX_ROWS, shape.out_features, scale=4.0).to(torch.bfloat16), 1.7, shape.cast_update_first))
+    x = drawn(MAX_ROWS, shapes[0].in_features).to(torch.bfloat16)
+    label = "+".join(f"{shape.out_features}" for shape in shapes) + f"x{shapes[0].in_features}"
+    with torch.inference_mode():
+        for rows in range(1, MAX_ROWS + 1):
+            together = [base[:rows].clone() for _, _, base, _, _ in members]
+            kernels.add_updates(x[:rows], [(y, a, b, scaling, cast) for y, (a, b, _, scaling, cast)
+                                           in zip(together, members)])
+            for got, (a, b, base, scaling, cast) in zip(together, members):
+                alone = base[:rows].clone()
+                kernels.add_update(x[:rows], alone, a, b, scaling, cast)
+                if not torch.equal(got, alone):
+                    return f"on {label} layers a grouped launch of the LoRA kernels differs from the layers' own ({rows} rows)"
+    return None
+
+
+def lora_groups(model, name: str, kernels) -> tuple[list, str | None]:
+    """The LoRA layers of `model` that hold adapter `name` and take the same input (q, k and v; gate and
+    up, in the order the block calls them; two or three of them), whose grouped launch passed its check,
+    and why other such groups did not (None when all did)."""
+    from studio.model.nf4_cuda import SIBLINGS
+
+    groups, problem = [], None
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            members = [m for m in members if m is not None and hasattr(m, "lora_A") and hasattr(m, "base_layer")
+                       and name in m.lora_A and unsupported(m, name) is None]
+            if len(members) < 2 or len({m.lora_A[name].in_features for m in members}) != 1:
+                continue
+            shapes = tuple(update_shape(m, name) for m in members)
+            if len({shape.weights_bf16 for shape in shapes}) != 1:
+                continue
+            found = kernels.group_problem(shapes, members[0].lora_A[name].weight.device)
+            if found is None:
+                groups.append(members)
+            else:
+                problem = problem or found
+    return groups, problem
 
 
 def unsupported(layer, name: str) -> str | None:

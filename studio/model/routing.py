@@ -45,7 +45,7 @@ def lora_layers(model) -> list:
 @contextmanager
 def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
                row_streams: "RowStreams | None" = None, together: frozenset = frozenset(),
-               lora_kernels=None) -> Iterator[None]:
+               lora_kernels=None, lora_groups: Sequence[list] = ()) -> Iterator[None]:
     """Run rows whose adapter is None as the base model and the others with only their adapter.
 
     The adapter rows must be one contiguous block of one adapter (a chat: one row; side by side: the
@@ -55,7 +55,8 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
     `row_streams` while it is switched on (see `RowStreams`). The linear layers in `together` (ids,
     from `rows_together`) take a batch of single-token rows in one call. With `lora_kernels`
     (`studio.model.lora_cuda.LoraKernels`, checked on this adapter by the caller), the adapter rows'
-    updates of a token step go through its two kernels instead of peft's seven.
+    updates of a token step go through its two kernels instead of peft's seven; the LoRA layers of each of
+    `lora_groups` (from `studio.model.lora_cuda.lora_groups`, checked by the caller) take theirs together.
     """
     name, rows = adapter_block(adapters)
     layers = lora_layers(model)
@@ -64,9 +65,14 @@ def route_rows(model, adapters: Sequence[str | None], rows_alone: bool = True,
     _refuse_unsupported(model, layers, name)
     patched: list = []
     try:
+        grouped = {id(member) for members in lora_groups for member in members} if lora_kernels else set()
         for layer in layers:
-            override_forward(patched, layer,
-                             _routed_forward(layer, name if name in layer.lora_A else None, rows, lora_kernels))
+            if id(layer) not in grouped:
+                override_forward(patched, layer,
+                                 _routed_forward(layer, name if name in layer.lora_A else None, rows, lora_kernels))
+        for members in (lora_groups if grouped else ()):
+            for layer, forward in zip(members, _grouped_routed_forwards(members, name, rows, lora_kernels)):
+                override_forward(patched, layer, forward)
         if rows_alone and len(adapters) > 1:
             for module in _linear_modules(model):
                 streams = row_streams if _is_4bit(module) else None
@@ -143,6 +149,60 @@ def _routed_forward(layer, name: str | None, rows: slice, lora_kernels=None):
     base = layer.base_layer
     if name is None:
         return lambda x, *args, **kwargs: base(x, *args, **kwargs)
+    add_update = _row_update(layer, name, rows, lora_kernels)
+
+    def forward(x, *args, **kwargs):
+        return add_update(x, base(x, *args, **kwargs), not args and not kwargs)
+
+    return forward
+
+
+def _grouped_routed_forwards(members: list, name: str, rows: slice, lora_kernels) -> list:
+    """The forwards of LoRA layers that take the same input (q, k and v; gate and up; all holding `name`):
+    the first computes every member's base output and adds every member's update on `rows` in one launch
+    of each LoRA kernel, keeping the others' outputs for them with the input they belong to (as
+    `studio.model.nf4_cuda.grouped_layers` does for the 4-bit layers below); a member called with another
+    input, or after its output was taken, runs its own forward."""
+    own = [_routed_forward(member, name, rows, lora_kernels) for member in members]
+    one_by_one = [_row_update(member, name, rows, lora_kernels) for member in members]
+    weights = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], type(m).__module__.endswith(".bnb"))
+               for m in members]
+    kept: dict = {}  # "x": the input, then member index -> its output
+
+    def first(x, *args, **kwargs):
+        if args or kwargs:
+            return own[0](x, *args, **kwargs)
+        results = [member.base_layer(x) for member in members]
+        whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
+        part_x = x if whole else x[rows]
+        parts = [result if whole else result[rows] for result in results]
+        if all(lora_kernels.takes(part_x, part, a, b) for part, (a, b, _, _) in zip(parts, weights)):
+            lora_kernels.add_updates(part_x.reshape(-1, part_x.shape[-1]),
+                                     [(part.view(-1, part.shape[-1]), a, b, scaling, cast)
+                                      for part, (a, b, scaling, cast) in zip(parts, weights)])
+        else:
+            results = [add_update(x, result, True) for add_update, result in zip(one_by_one, results)]
+        kept.clear()
+        kept.update({"x": x, **dict(enumerate(results[1:], start=1))})
+        return results[0]
+
+    def sibling(index: int):
+        def forward(x, *args, **kwargs):
+            if kept.get("x") is x and index in kept and not args and not kwargs:
+                y = kept.pop(index)
+                if len(kept) == 1:
+                    kept.clear()  # every output taken: the input is let go
+                return y
+            return own[index](x, *args, **kwargs)
+
+        return forward
+
+    return [first] + [sibling(i) for i in range(1, len(members))]
+
+
+def _row_update(layer, name: str, rows: slice, lora_kernels=None):
+    """(x, the base layer's result, whether the call was plain) -> the result with exactly `name`'s update
+    on `rows` (see `_routed_forward`)."""
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
     # peft's 4/8-bit layers cast the update to the output's dtype before adding; its plain Linear adds first
@@ -153,13 +213,11 @@ def _routed_forward(layer, name: str | None, rows: slice, lora_kernels=None):
         if lora_cuda.unsupported(layer, name):
             lora_kernels = None
 
-    def forward(x, *args, **kwargs):
-        result = base(x, *args, **kwargs)
+    def add_update(x, result, plain: bool):
         whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
         part_x = x if whole else x[rows]
         part = result if whole else result[rows]
-        if (lora_kernels is not None and not args and not kwargs
-                and lora_kernels.takes(part_x, part, lora_A.weight, lora_B.weight)):
+        if lora_kernels is not None and plain and lora_kernels.takes(part_x, part, lora_A.weight, lora_B.weight):
             lora_kernels.add_update(part_x.reshape(-1, part_x.shape[-1]), part.view(-1, part.shape[-1]),
                                     lora_A.weight, lora_B.weight, scaling, cast_update_first)
             return result  # `part` is `result` or a view of its adapter rows: updated in place
@@ -176,7 +234,7 @@ def _routed_forward(layer, name: str | None, rows: slice, lora_kernels=None):
         result[rows] = routed
         return result
 
-    return forward
+    return add_update
 
 
 def _trained_forward(layer, name: str, routed):
