@@ -257,6 +257,7 @@ def step_costs(model, decoder) -> dict:
     costs = {}
     if not torch.cuda.is_available():
         return costs
+    from studio.model.lora_cuda import lora_groups
     from studio.model.routing import route_rows
 
     for key, step in list(decoder._steps.items()):
@@ -273,10 +274,12 @@ def step_costs(model, decoder) -> dict:
         replays = 3
         if not kernels:  # the profiler saw no kernels inside the graph: one eager run of the step instead
             layers = decoder.together(model, len(adapters)) if together else frozenset()
-            lora = decoder._lora if key[5] else None  # as recorded, whatever the switch is now
+            lora = decoder._lora if key[5] else None  # as recorded, whatever the switches are now
+            name = next((adapter for adapter in adapters if adapter is not None), None)
+            groups = lora_groups(model, name, lora)[0] if lora is not None and len(key) > 6 and key[6] else []
             with torch.inference_mode(), decoder._layer_kernels(model), \
                     decoder._grouped_layers(model, len(adapters), layers), \
-                    route_rows(model, adapters, rows_alone, None, layers, lora), \
+                    route_rows(model, adapters, rows_alone, None, layers, lora, groups), \
                     torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 decoder._run_step(model, step)
                 sync()

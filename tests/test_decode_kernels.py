@@ -107,6 +107,17 @@ def test_the_kernel_reads_the_4bit_layout_bitsandbytes_writes(manager):
         assert (dequantized(layer) - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
 
 
+def test_a_layer_s_kernel_view_is_gathered_once_per_weight(manager, monkeypatch):
+    module = nf4_cuda.four_bit_layers(manager.require_loaded().model)[0]
+    kernels, gathered = nf4_cuda.Nf4Kernels(), []
+    real = nf4_cuda.layer_args
+    monkeypatch.setattr(nf4_cuda, "layer_args", lambda weight: gathered.append(weight) or real(weight))
+    first = nf4_cuda.args_of(module.weight, kernels)
+    assert nf4_cuda.args_of(module.weight, kernels) is first and len(gathered) == 1  # no second GPU read
+    assert nf4_cuda.args_of(module.weight, nf4_cuda.Nf4Kernels()) is not first  # another kernels object: its own
+    assert nf4_cuda.args_of(module.weight, CpuProducts()) is not first and len(gathered) == 3  # no cache: fresh
+
+
 def test_token_rows_take_the_kernel_and_the_prompt_takes_bitsandbytes(manager):
     import torch
 
@@ -467,7 +478,11 @@ def test_sibling_lora_layers_take_an_adapter_row_s_updates_together_with_peft_s_
          for m in loaded.model.modules() if type(m).__name__ == "Qwen2Attention"]
     kernels.grouped_calls = 0
     assert decode(decoder, loaded, [prompt], settings) == decode(plain, loaded, [prompt], settings)
-    assert kernels.grouped_calls == 0  # a base chat runs no update
+    assert kernels.grouped_calls == 0 and decoder.lora_groups_note == ""  # a base chat runs no update
+    decoder.lora_grouped = False
+    assert decode(decoder, loaded, [prompt], settings, ["x"]) == decode(plain, loaded, [prompt], settings, ["x"])
+    assert kernels.grouped_calls == 0
+    assert decoder.lora_groups_note == "each LoRA layer takes its own launches (switched off)"
 
 
 def test_a_grouped_lora_launch_that_differs_from_the_layers_own_is_not_used(manager, caplog):

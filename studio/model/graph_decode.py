@@ -349,20 +349,24 @@ class GraphDecoder(Decoder):
         the log says once whether they do and why not."""
         name = next((adapter for adapter in adapters if adapter is not None), None)
         if lora_kernels is None or name is None or not self.lora_grouped:
+            self.lora_groups_note = ("" if lora_kernels is None or name is None
+                                     else "each LoRA layer takes its own launches (switched off)")
             return []
         key = (id(model), name)
-        if key not in self._lora_groups_of:
+        first = key not in self._lora_groups_of
+        if first:
             from studio.model import lora_cuda
 
             self._lora_groups_of[key] = lora_cuda.lora_groups(model, name, lora_kernels)
-            groups, problem = self._lora_groups_of[key]
-            if groups:
-                self.lora_groups_note = (f"{len(groups)} groups of LoRA layers (q/k/v, gate/up) take their updates in "
-                                         "one launch each" + (f" (not the others: {problem})" if problem else ""))
-            else:
-                self.lora_groups_note = f"each LoRA layer takes its own launches ({problem or 'no sibling layers'})"
+        groups, problem = self._lora_groups_of[key]
+        if groups:
+            self.lora_groups_note = (f"{len(groups)} groups of LoRA layers (q/k/v, gate/up) take their updates in "
+                                     "one launch each" + (f" (not the others: {problem})" if problem else ""))
+        else:
+            self.lora_groups_note = f"each LoRA layer takes its own launches ({problem or 'no sibling layers'})"
+        if first:
             log.info("Graph decoder: adapter %r: %s.", name, self.lora_groups_note)
-        return self._lora_groups_of[key][0]
+        return groups
 
     lora_groups_note = ""  # whether the last adapter's sibling LoRA layers took their updates together, and why not
 
