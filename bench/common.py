@@ -170,7 +170,7 @@ def use_decoder(manager, mode: str) -> None:
     4-bit token rows, with PyTorch's attention, or with both (instead of the studio's kernels);
     `graphs-ungrouped`, `graphs-grouped`: every 4-bit layer in its own launch, or q/k/v and gate/up in
     one launch each; `graphs-cache-update`: the step's cache writes by transformers' update, not the
-    studio's kernel."""
+    studio's kernel; `graphs-eager-prompt`: the prompt run eagerly as it is, not padded and replayed."""
     from studio.model.decoding import make_decoder
 
     loaded = manager.require_loaded()
@@ -185,6 +185,8 @@ def use_decoder(manager, mode: str) -> None:
         loaded.decoder.grouped_launches = variant == "graphs-grouped"
     if variant == "graphs-cache-update":  # transformers' cache update, not the studio's cache-write kernel
         loaded.decoder.cache_write_kernel = False
+    if variant == "graphs-eager-prompt":  # the prompt's run eager and unpadded, not replayed from a graph
+        loaded.decoder.prompt_graphs = False
     loaded.decode_mode = mode
 
 

@@ -19,7 +19,7 @@ if [ "${1:-}" = "--tiny" ]; then
   run studio_paths_gpu.py --tiny
 else
   run decode_repeatability.py
-  run chat_speed.py --modes graphs graphs-cache-update static
+  run chat_speed.py --modes graphs graphs-eager-prompt graphs-cache-update static
   run studio_paths_gpu.py
 fi
 [ -z "$failed" ] || { echo "failed:$failed" >&2; exit 1; }

@@ -422,6 +422,17 @@ def test_adapter_token_rows_take_the_lora_kernels_and_give_peft_s_replies(manage
     assert kernels.rows_seen == []  # a base chat runs no update
 
 
+def test_with_padded_prompts_each_column_of_side_by_side_still_equals_its_chat(manager):
+    loaded = with_adapters(manager)
+    settings = GenerationSettings.greedy(10)
+    prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
+    decoder = GraphDecoder(use_graphs=False)
+    decoder.prompt_graphs = True
+    base, tuned = decode(decoder, loaded, [prompt, prompt], settings, [None, "y"])
+    assert base == decode(decoder, loaded, [prompt], settings)[0]
+    assert tuned == decode(decoder, loaded, [prompt], settings, ["y"])[0] != base
+
+
 def test_the_lora_check_refuses_kernels_that_differ_or_whose_rows_depend_on_each_other(manager):
     import torch
 

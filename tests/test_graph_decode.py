@@ -77,6 +77,36 @@ def test_greedy_tokens_equal_generate_for_a_left_padded_batch_and_a_reused_step(
     assert len(decoder._steps) == 1
 
 
+def test_a_prompt_padded_to_its_bucket_gives_generate_s_tokens_and_the_same_reply_every_time(manager):
+    from studio.model import graph_decode
+
+    loaded = manager.require_loaded()
+    settings = GenerationSettings.greedy(16)
+    short, long = prompt_for(loaded, "你好"), prompt_for(loaded, "潮汐长枪怎么锻造？需要哪些材料，在哪里找到它们？")
+    decoder = GraphDecoder(use_graphs=False)
+    decoder.prompt_graphs = True  # padded prompts, as on a GPU (the runs stay eager here: no CUDA graphs)
+    rows = decode(decoder, loaded, [short, long], settings)
+    for row, prompt in zip(rows, [short, long]):
+        expected = reference(loaded, prompt, settings)
+        assert row[:len(expected)] == expected
+    assert decode(decoder, loaded, [short, long], settings) == rows
+    (step,) = decoder._steps.values()
+    (length,) = step.prompts  # both rows padded to one bucket, reused by the second reply
+    assert length % graph_decode.PROMPT_BUCKET == 0 and step.prompts[length].runs == 2
+    assert decoder._padded_length(graph_decode.PROMPT_GRAPH_LIMIT + 1) == 0  # a long prompt runs as it is
+
+
+def test_the_prompt_mask_leaves_padding_out_and_gives_each_padding_position_itself():
+    import torch
+
+    from studio.model.graph_decode import prompt_mask
+
+    mask = prompt_mask(torch.tensor([[False, False, True, True], [True, True, True, True]]), 6)
+    assert mask.shape == (2, 1, 4, 6)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+
+
 def test_repetition_penalty_matches_generate(manager):
     loaded = manager.require_loaded()
     settings = GenerationSettings(max_new_tokens=16, temperature=0.0, top_p=1.0, repetition_penalty=1.3)
