@@ -175,6 +175,22 @@ def test_a_failed_recording_is_shown_in_the_model_status_and_the_log(manager, ca
     assert any("recording the decode step failed" in record.getMessage() for record in caplog.records)
 
 
+def test_a_failed_prompt_recording_keeps_the_eager_run_and_says_why(manager, caplog):
+    loaded = manager.require_loaded()
+    settings = GenerationSettings.greedy(6)
+    prompt = prompt_for(loaded, "你好")
+    decoder = GraphDecoder(use_graphs=False)
+    decoder.use_graphs = decoder.prompt_graphs = True  # on the CPU, recording a CUDA graph fails
+    with caplog.at_level("WARNING", logger="studio.model.graph_decode"):
+        first = decode(decoder, loaded, [prompt], settings)  # runs the prompt twice: records there
+    assert decode(decoder, loaded, [prompt], settings) == first == [reference(loaded, prompt, settings)]
+    (step,) = decoder._steps.values()
+    (recorded,) = step.prompts.values()
+    assert recorded.graph is None and recorded.failure and recorded.runs == 3  # not tried again
+    assert decoder.problem.startswith("recording a prompt's run failed, prompts run step by step")
+    assert any("recording a prompt's run failed" in record.getMessage() for record in caplog.records)
+
+
 def test_the_decode_mode_is_chosen_once_at_load(tiny_model_dir):
     from studio.model.decoding import GenerateDecoder
     from studio.model.loading import ModelSpec
