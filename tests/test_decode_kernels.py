@@ -171,13 +171,18 @@ def test_token_steps_attend_through_the_kernel_and_the_implementation_is_put_bac
     assert rows[0] == reference(loaded, prompt, settings)
 
 
+def decode_with_cache_writes(loaded, attention, settings, prompt):
+    """A reply from the stand-in decoder with the cache-write kernel switched on (`attention` its stand-in)."""
+    decoder = decoder_with_stand_ins()
+    decoder.cache_write_kernel, decoder._attention = True, attention
+    return decoder, decode(decoder, loaded, [prompt], settings)
+
+
 def test_token_steps_write_the_cache_through_the_kernel_and_replies_are_unchanged(manager):
     loaded = manager.require_loaded()
     settings = GenerationSettings.greedy(8)
     prompt = prompt_for(loaded, "潮汐长枪怎么锻造？")
-    decoder = decoder_with_stand_ins()
-    decoder.cache_write_kernel = True
-    rows = decode(decoder, loaded, [prompt], settings)
+    decoder, rows = decode_with_cache_writes(loaded, CpuAttention(), settings, prompt)
     assert "cache writes: the studio's CUDA kernel" in decoder.cuda_kernels_note
     # the check's two writes (one row, two rows), then each token step's, not the prompt's
     assert decoder._attention.writes == 2 + 7 * loaded.model.config.num_hidden_layers
@@ -208,10 +213,7 @@ def test_a_refused_cache_write_kernel_leaves_transformers_update_and_says_why(ma
     loaded = manager.require_loaded()
     settings = GenerationSettings.greedy(6)
     prompt = prompt_for(loaded, "你好")
-    decoder = decoder_with_stand_ins()
-    decoder.cache_write_kernel = True
-    decoder._attention = LengthStays()
-    rows = decode(decoder, loaded, [prompt], settings)
+    decoder, rows = decode_with_cache_writes(loaded, LengthStays(), settings, prompt)
     assert ("cache writes: transformers' (the studio's kernel is not used: the cache-write kernel left the cache "
             "length at 17 instead of 18)") in decoder.cuda_kernels_note
     assert not any("update" in layer.__dict__ for step in decoder._steps.values() for layer in step.cache.layers)

@@ -541,32 +541,19 @@ def _grouped_forwards(members: list, kernels: Nf4Kernels, max_rows: int) -> list
     """The members' forwards: the first computes every member's outputs in one launch and keeps the
     others' for them, with the input they belong to; a member called with another input (or after its
     outputs were taken) runs its own launch."""
+    from studio.model.routing import sibling_forwards
+
     own = [module.forward for module in members]  # each layer's own launch (from `kernel_layers`)
     layers = [args_of(module.weight, kernels) for module in members]
-    kept: dict = {}  # "x": the input, then member index -> its outputs
 
-    def first(x, *args, **kwargs):
+    def every_output(x):
+        if not _kernel_takes(x, kernels, max_rows):
+            return None
         rows = x.numel() // x.shape[-1]
-        if not _kernel_takes(x, kernels, max_rows) or args or kwargs:
-            return own[0](x, *args, **kwargs)
         outputs = kernels.grouped(layers, x.reshape(rows, x.shape[-1]), [_bias_of(m, kernels) for m in members])
-        shaped = [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
-        kept.clear()
-        kept.update({"x": x, **dict(enumerate(shaped[1:], start=1))})
-        return shaped[0]
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
-    def sibling(index: int):
-        def forward(x, *args, **kwargs):
-            if kept.get("x") is x and index in kept and not args and not kwargs:
-                y = kept.pop(index)
-                if len(kept) == 1:
-                    kept.clear()  # every output taken: the input is let go
-                return y
-            return own[index](x, *args, **kwargs)
-
-        return forward
-
-    return [first] + [sibling(i) for i in range(1, len(members))]
+    return sibling_forwards(every_output, own)
 
 
 def _kernel_takes(x, kernels: Nf4Kernels, max_rows: int) -> bool:

@@ -167,11 +167,8 @@ def _grouped_routed_forwards(members: list, name: str, rows: slice, lora_kernels
     one_by_one = [_row_update(member, name, rows, lora_kernels) for member in members]
     weights = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], type(m).__module__.endswith(".bnb"))
                for m in members]
-    kept: dict = {}  # "x": the input, then member index -> its output
 
-    def first(x, *args, **kwargs):
-        if args or kwargs:
-            return own[0](x, *args, **kwargs)
+    def every_output(x):
         results = [member.base_layer(x) for member in members]
         whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
         part_x = x if whole else x[rows]
@@ -180,11 +177,26 @@ def _grouped_routed_forwards(members: list, name: str, rows: slice, lora_kernels
             lora_kernels.add_updates(part_x.reshape(-1, part_x.shape[-1]),
                                      [(part.view(-1, part.shape[-1]), a, b, scaling, cast)
                                       for part, (a, b, scaling, cast) in zip(parts, weights)])
-        else:
-            results = [add_update(x, result, True) for add_update, result in zip(one_by_one, results)]
+            return results
+        return [add_update(x, result, True) for add_update, result in zip(one_by_one, results)]
+
+    return sibling_forwards(every_output, own)
+
+
+def sibling_forwards(every_output, own: list) -> list:
+    """The forwards of layers that take the same input, given `every_output(x)` (every member's output for
+    x, or None where the members are to run their own forwards) and each member's own forward: the first
+    member called computes every output and keeps the others' for them, with the input they belong to; a
+    member called with another input or with arguments, or after its output was taken, runs its own."""
+    kept: dict = {}  # "x": the input, then member index -> its output
+
+    def first(x, *args, **kwargs):
+        outputs = None if args or kwargs else every_output(x)
+        if outputs is None:
+            return own[0](x, *args, **kwargs)
         kept.clear()
-        kept.update({"x": x, **dict(enumerate(results[1:], start=1))})
-        return results[0]
+        kept.update({"x": x, **dict(enumerate(outputs[1:], start=1))})
+        return outputs[0]
 
     def sibling(index: int):
         def forward(x, *args, **kwargs):
@@ -197,7 +209,7 @@ def _grouped_routed_forwards(members: list, name: str, rows: slice, lora_kernels
 
         return forward
 
-    return [first] + [sibling(i) for i in range(1, len(members))]
+    return [first] + [sibling(i) for i in range(1, len(own))]
 
 
 def _row_update(layer, name: str, rows: slice, lora_kernels=None):
