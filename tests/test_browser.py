@@ -96,8 +96,9 @@ def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(brow
         page.get_by_role("tab", name="Baseline Chat").wait_for()
         page.get_by_text("中文", exact=True).click()
         page.get_by_role("tab", name="基线对话").wait_for()
-        assert page.get_by_label("基座模型（Hub ID 或本地文件夹）").is_visible()
-        assert page.get_by_role("button", name="加载", exact=True).is_visible()
+        # each relabelled component may be drawn a moment after the tabs: wait for it (fails after the timeout)
+        page.get_by_label("基座模型（Hub ID 或本地文件夹）").wait_for()
+        page.get_by_role("button", name="加载", exact=True).wait_for()
         page.get_by_role("tab", name="训练").click()
         page.get_by_role("button", name="开始训练").click()  # refused by the server: no dataset
         page.get_by_text("请先选择数据集（在“数据集构建”中生成或导入一个）。").wait_for()

@@ -532,8 +532,10 @@ class GraphDecoder(Decoder):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             prompt.failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            self.problem = f"recording a prompt's run failed, prompts run step by step (a slower first token): {prompt.failure}"
-            log.warning("Graph decoder: %s", self.problem)
+            message = f"recording a prompt's run failed, prompts run step by step (a slower first token): {prompt.failure}"
+            if message not in self.problem:  # beside whatever else slows the decoder, said once
+                self.problem = "; ".join(part for part in (self.problem, message) if part)
+            log.warning("Graph decoder: %s", message)
 
     def _advance(self, model, step: _Step, next_ids):
         """Feed `next_ids` through one decode step; return the logits for the token after it."""
