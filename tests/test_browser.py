@@ -27,6 +27,17 @@ def page():
         browser.close()
 
 
+def wait_or_explain(page, locator, services) -> None:
+    """Wait for `locator`; if it never shows, fail with what the server and the page said instead."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.wait_for()
+    except PlaywrightTimeout:
+        raise AssertionError(f"not shown: {locator}; the model manager: {services.manager.status()}; "
+                             f"the page: {page.inner_text('body')[:3000]!r}") from None
+
+
 def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
     services = Services(manager=ModelManager(), paths=workspace)
     with launched(services) as url:
@@ -36,7 +47,7 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         model_box.fill(str(tiny_model_dir))
         model_box.press("Enter")
         page.get_by_role("button", name="Load", exact=True).click()
-        page.get_by_text(f"Loaded {tiny_model_dir} (4bit) on cpu.").wait_for()
+        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4bit) on cpu."), services)
         assert services.manager.is_loaded
         page.get_by_label("Message").fill("我该怎么成为守灯人？")
         page.get_by_role("button", name="Send").click()
