@@ -532,10 +532,8 @@ class GraphDecoder(Decoder):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             prompt.failure = f"{exc.__class__.__name__}: {str(exc)[:300]}"
-            message = f"recording a prompt's run failed, prompts run step by step (a slower first token): {prompt.failure}"
-            if message not in self.problem:  # beside whatever else slows the decoder, said once
-                self.problem = "; ".join(part for part in (self.problem, message) if part)
-            log.warning("Graph decoder: %s", message)
+            self._report(f"recording a prompt's run failed, prompts run step by step (a slower first token): "
+                         f"{prompt.failure}")
 
     def _advance(self, model, step: _Step, next_ids):
         """Feed `next_ids` through one decode step; return the logits for the token after it."""
@@ -569,14 +567,19 @@ class GraphDecoder(Decoder):
                 step.rows_on_streams = True
                 return
             self._streams_failure = failure
-            self.problem = ("recording side by side with the rows on two streams failed, recorded the rows one "
-                            f"after another (side by side slower): {failure}")
-            log.warning("Graph decoder: %s", self.problem)
+            self._report("recording side by side with the rows on two streams failed, recorded the rows one "
+                         f"after another (side by side slower): {failure}")
         failure = self._try_record(model, step, None)
         if failure:
             step.failure = self._failure = failure
-            self.problem = f"recording the decode step failed, decoding step by step, about 10x slower: {failure}"
-            log.warning("Graph decoder: %s", self.problem)
+            self._report(f"recording the decode step failed, decoding step by step, about 10x slower: {failure}")
+
+    def _report(self, message: str) -> None:
+        """Add a reason the decoder runs slower than its mode promises to `problem` (shown in the model
+        status) beside the ones already there, each once, and log it."""
+        if message not in self.problem:
+            self.problem = "; ".join(part for part in (self.problem, message) if part)
+        log.warning("Graph decoder: %s", message)
 
     def _try_record(self, model, step: _Step, row_streams) -> str:
         """Record the step (its rows on `row_streams` when given); "" or why it failed."""

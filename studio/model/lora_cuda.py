@@ -412,7 +412,13 @@ def update_shape(layer, name: str) -> UpdateShape:
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     return UpdateShape(in_features=lora_a.in_features, out_features=lora_b.out_features, rank=lora_a.out_features,
                        weights_bf16=lora_a.weight.dtype == torch.bfloat16,
-                       cast_update_first=type(layer).__module__.endswith(".bnb"))
+                       cast_update_first=casts_update_first(layer))
+
+
+def casts_update_first(layer) -> bool:
+    """Whether peft casts `layer`'s LoRA update to the output's dtype before adding it (its 4/8-bit
+    layers do; its plain Linear adds first, then casts)."""
+    return type(layer).__module__.endswith(".bnb")
 
 
 def adapter_problem(layers: list, name: str, kernels) -> str | None:

@@ -165,14 +165,14 @@ def _grouped_routed_forwards(members: list, name: str, rows: slice, lora_kernels
     input, or after its output was taken, runs its own forward."""
     own = [_routed_forward(member, name, rows, lora_kernels) for member in members]
     one_by_one = [_row_update(member, name, rows, lora_kernels) for member in members]
-    weights = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], type(m).__module__.endswith(".bnb"))
+    from studio.model.lora_cuda import casts_update_first
+
+    weights = [(m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name], casts_update_first(m))
                for m in members]
 
     def every_output(x):
         results = [member.base_layer(x) for member in members]
-        whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
-        part_x = x if whole else x[rows]
-        parts = [result if whole else result[rows] for result in results]
+        part_x, parts = _adapter_rows(x, rows), [_adapter_rows(result, rows) for result in results]
         if all(lora_kernels.takes(part_x, part, a, b) for part, (a, b, _, _) in zip(parts, weights)):
             lora_kernels.add_updates(part_x.reshape(-1, part_x.shape[-1]),
                                      [(part.view(-1, part.shape[-1]), a, b, scaling, cast)
@@ -217,18 +217,15 @@ def _row_update(layer, name: str, rows: slice, lora_kernels=None):
     on `rows` (see `_routed_forward`)."""
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     dropout, scaling = layer.lora_dropout[name], layer.scaling[name]
-    # peft's 4/8-bit layers cast the update to the output's dtype before adding; its plain Linear adds first
-    cast_update_first = type(layer).__module__.endswith(".bnb")
-    if lora_kernels is not None:
-        from studio.model import lora_cuda
+    from studio.model import lora_cuda
 
-        if lora_cuda.unsupported(layer, name):
-            lora_kernels = None
+    cast_update_first = lora_cuda.casts_update_first(layer)
+    if lora_kernels is not None and lora_cuda.unsupported(layer, name):
+        lora_kernels = None
 
     def add_update(x, result, plain: bool):
-        whole = rows.start == 0 and (rows.stop is None or rows.stop >= x.shape[0])
-        part_x = x if whole else x[rows]
-        part = result if whole else result[rows]
+        whole = _all_rows(rows, x.shape[0])
+        part_x, part = _adapter_rows(x, rows), _adapter_rows(result, rows)
         if lora_kernels is not None and plain and lora_kernels.takes(part_x, part, lora_A.weight, lora_B.weight):
             lora_kernels.add_update(part_x.reshape(-1, part_x.shape[-1]), part.view(-1, part.shape[-1]),
                                     lora_A.weight, lora_B.weight, scaling, cast_update_first)
@@ -247,6 +244,15 @@ def _row_update(layer, name: str, rows: slice, lora_kernels=None):
         return result
 
     return add_update
+
+
+def _all_rows(rows: slice, batch: int) -> bool:
+    return rows.start == 0 and (rows.stop is None or rows.stop >= batch)
+
+
+def _adapter_rows(tensor, rows: slice):
+    """`tensor`, or the view of its adapter rows when the batch has other rows too."""
+    return tensor if _all_rows(rows, tensor.shape[0]) else tensor[rows]
 
 
 def _trained_forward(layer, name: str, routed):
