@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from studio.ui.i18n import (LabelRegistry, from_accept_language, pick_language, retranslate, translate, translator)
+from studio.ui.i18n import (MATCH_STEPS, LabelRegistry, Template, from_accept_language, pick_language, retranslate,
+                             translate, translator)
 from studio.ui.strings import EN, LANGUAGES, ZH, strings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +120,41 @@ def test_status_progress_and_unknown_text():
         "训练 facts_1：共 45 个优化步，从第 10 步继续。"
     assert translate("雾灯岛的通用货币是灯贝。", "zh") == "雾灯岛的通用货币是灯贝。"
     assert translate("train", "zh") == "train"  # a word that only translates inside a message
+
+
+def test_a_template_finds_the_values_a_lazy_match_would_and_refuses_what_does_not_fit():
+    template = Template("Loaded {name} ({quant}) on {device}.")
+    assert template.match("Loaded Qwen (local) (4bit) on cuda.") == \
+        {"name": "Qwen", "quant": "local) (4bit", "device": "cuda"}
+    assert template.match("Loaded Qwen (4bit) on cuda") is None
+    twice = Template("{a} and {a}: {b}")
+    assert twice.match("x and y and x and y: z") == {"a": "x and y", "b": "z"}  # found by trying further
+    assert twice.match("x and y: z") is None
+
+
+class _CountingText(str):
+    """A message that counts how often the matcher searches it."""
+    finds = 0
+
+    def find(self, *args):
+        type(self).finds += 1
+        return str.find(self, *args)
+
+
+def test_a_message_built_to_make_the_matcher_backtrack_costs_a_bounded_number_of_searches():
+    """The page sends its shown texts back when its language changes: a text made of a template's literal
+    parts, repeated, once took a backtracking regex minutes (the whole server waited)."""
+    text = EN["messages"]["build_summary"]
+    literals = PLACEHOLDER.split(text)[::2]
+    hostile = _CountingText("".join(literals) * 26 + "Z")  # the 4 KB text that held the server 80 s
+    assert Template(text).match(hostile) is None
+    assert translate(str(hostile), "zh") == str(hostile)
+    # where a value may hold the literal after it, the search tries further splits, a bounded number
+    repeated = Template("{a}, {a}, {a}: {b}")
+    hostile = _CountingText(", " * 3000 + "x: y")
+    assert repeated.match(hostile) is None
+    assert _CountingText.finds <= MATCH_STEPS
+    assert repeated.match("p, p, p: q") == {"a": "p", "b": "q"}
 
 
 def test_texts_already_on_a_page_translate_back():

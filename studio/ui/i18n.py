@@ -96,15 +96,51 @@ def handler_language(request) -> str:
 
 
 # ----- translating text -------------------------------------------------------------------------
-def _template_regex(template: str) -> re.Pattern:
-    pattern, seen, last = "", set(), 0
-    for match in PLACEHOLDER.finditer(template):
-        pattern += re.escape(template[last:match.start()])
-        name = match.group(1)
-        pattern += f"(?P={name})" if name in seen else f"(?P<{name}>.*?)"
-        seen.add(name)
-        last = match.end()
-    return re.compile(pattern + re.escape(template[last:]) + r"\Z", re.DOTALL)
+MATCH_STEPS = 200  # a template's searches of one message: each is linear, so the whole match is too
+
+
+class Template:
+    """One template of the tables, matched against a message by finding its literal parts in order.
+
+    The message must start and end with the template's first and last literal parts; each value takes
+    the shortest text that lets the rest match (as a lazy regex would), and a placeholder used twice must
+    take the same value both times. The search for that split gives up after MATCH_STEPS searches, so a
+    message built to make it backtrack costs linear time, not exponential: the page sends its shown
+    texts back when its language changes, and a backtracking regex once held the server for minutes."""
+
+    def __init__(self, template: str):
+        parts = PLACEHOLDER.split(template)
+        self.literals: list[str] = parts[::2]   # n + 1 literal parts around n placeholders
+        self.names: list[str] = parts[1::2]
+
+    def match(self, message: str) -> dict[str, str] | None:
+        first, last = self.literals[0], self.literals[-1]
+        if not message.startswith(first) or not message.endswith(last) or len(message) < len(first) + len(last):
+            return None
+        if not self.names:
+            return {} if message == first else None
+        values = self._split(message, len(first), len(message) - len(last), 0, [], [0])
+        return None if values is None else dict(zip(self.names, values))
+
+    def _consistent(self, values: list) -> bool:
+        found: dict[str, str] = {}
+        return all(found.setdefault(name, value) == value for name, value in zip(self.names, values))
+
+    def _split(self, message: str, start: int, end: int, index: int, values: list, steps: list):
+        """Values for placeholders index.. in message[start:end], each ended by the literal after it."""
+        if index == len(self.names) - 1:
+            values = values + [message[start:end]]
+            return values if self._consistent(values) else None
+        literal, at = self.literals[index + 1], start - 1
+        while steps[0] < MATCH_STEPS:
+            steps[0] += 1
+            at = message.find(literal, at + 1, end)
+            if at < 0:
+                return None
+            found = self._split(message, at + len(literal), end, index + 1, values + [message[start:at]], steps)
+            if found is not None:
+                return found
+        return None
 
 
 class Translator:
@@ -122,7 +158,7 @@ class Translator:
                 target = self.nested_exact if section in NESTED_ONLY else self.exact
                 if PLACEHOLDER.search(text):
                     literals = [part for part in PLACEHOLDER.split(text)[::2] if part]
-                    templates.append((sum(map(len, literals)), section, key, _template_regex(text), literals))
+                    templates.append((sum(map(len, literals)), section, key, Template(text), literals))
                 target.setdefault(text, (section, key))
         # the most specific template first, so "... steps, resumed at step {step}." wins over "... {steps}."
         self.templates = [entry[1:] for entry in sorted(templates, key=lambda entry: -entry[0])]
@@ -138,14 +174,14 @@ class Translator:
         found = self.exact.get(message) or (self.nested_exact.get(message) if nested else None)
         if found:
             return self.text(*found, lang)
-        for section, key, regex, literals in self.templates:
+        for section, key, template, literals in self.templates:
             if section in NESTED_ONLY and not nested:
                 continue
             if not all(literal in message for literal in literals):
                 continue
-            match = regex.match(message)
-            if match:
-                values = {name: self.translate(value, lang, True, depth + 1) for name, value in match.groupdict().items()}
+            match = template.match(message)
+            if match is not None:
+                values = {name: self.translate(value, lang, True, depth + 1) for name, value in match.items()}
                 return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.text(section, key, lang))
         if "\n" in message and not nested:
             return "\n".join(self.translate(line, lang) for line in message.split("\n"))
