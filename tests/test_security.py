@@ -35,6 +35,7 @@ from studio.services import PROJECT_ROOT, Services, StudioPaths
 from studio.train.job import RunRequest
 from studio.train.service import new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings
+from studio.ui.registry import BadArgument, History
 from test_training import FAST, SYSTEM, write_dataset
 from uihelpers import launched
 
@@ -115,8 +116,10 @@ def test_demo_mode_walks_every_endpoint_with_hostile_arguments(studio, capture):
         assert len(backend) == len(registered)
         assert all(set(e.actions) <= DEMO_ACTIONS for e in registered)
         refused = {e.name for e in registry.entries if not e.registered}
-        assert {"load", "split", "open_dataset", "build_dataset", "test_teacher", "start_training", "attach_adapter",
-                "delete_adapter", "run_report", "import_dataset", "save_dataset", "estimate_memory"} <= refused
+        assert not {"load", "split", "open_dataset", "build_dataset", "test_teacher", "start_training", "attach_adapter",
+                    "delete_adapter", "run_report", "import_dataset", "save_dataset",
+                    "estimate_memory"} & {e.name for e in registered}
+        assert {"load", "attach_adapter", "delete_adapter", "run_report"} <= refused  # Chat's and Compare's own
         assert {d["api_name"] for d in backend if d["api_visibility"] == "public"} == {"chat", "stop", "compare"}
         defaults = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
         replies = []
@@ -171,6 +174,67 @@ def test_demo_page_shows_no_server_path(studio):
         info = httpx.get(url + "gradio_api/info").text
     for text in (page, config, info):
         assert str(studio["root"]) not in text and str(PROJECT_ROOT) not in text and str(studio["model"]) not in text
+
+
+def test_demo_page_lists_none_of_the_owners_files_runs_or_teacher_address(studio, monkeypatch):
+    """The page's config carries every component's choices and value: a demo page has no Dataset or Train tab,
+    its Compare tab lists the attached adapters only and a document only once their run is picked."""
+    private = studio["paths"].data_dir / "private_notes.md"
+    private.write_text("## 机密\n内部资料\n", encoding="utf-8")
+    owner_url = "http://10.1.2.3:8000/v1"
+    try:
+        services = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo(),
+                            keys=key_routing(owner_url))
+        with launched(services) as url:
+            config = httpx.get(url + "config").text
+            client = Client(url, verbose=False)
+            _, rag, _, retrieved, _ = client.predict("雾灯岛的通用货币是什么？", studio["run"].name, True,
+                                                     SAMPLE_DOC.name, 1, "greedy", 16, api_name="/compare")
+        full = Services(manager=studio["manager"], paths=studio["paths"], keys=key_routing(owner_url))
+        with launched(full) as url:
+            owner_config = httpx.get(url + "config").text
+    finally:
+        private.unlink()
+    for secret in ("private_notes", "facts.jsonl", "not_attached_run", owner_url):
+        assert secret in owner_config  # the owner's own page shows them: the check below can fail
+        assert secret not in config, secret
+    assert studio["run"].name in config and rag and retrieved.startswith("**")
+
+
+def test_a_hostile_chat_history_is_refused_before_the_model_is_touched(studio):
+    services = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo())
+    turn = [{"role": "user", "content": [{"type": "text", "text": "雾灯岛" * 1000}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "灯贝"}]}]
+    with launched(services) as url:
+        chat = next(d["id"] for d in httpx.get(url + "config").json()["dependencies"] if d.get("api_name") == "chat")
+        busy_before = studio["manager"].status().state
+        replies = {
+            "long": call_by_index(url, chat, ["hi", turn * 40, "s", "", 16, 0, 1, 1]),
+            "many": call_by_index(url, chat, ["hi", turn[1:] * 201, "s", "", 16, 0, 1, 1]),
+            "role": call_by_index(url, chat, ["hi", [{"role": "system", "content": "x"}], "s", "", 16, 0, 1, 1]),
+        }
+        big = httpx.post(url + "gradio_api/queue/join", content=b"{" + b" " * (3 * 2**20) + b"}",
+                         headers={"content-type": "application/json"}, timeout=60)
+        client = Client(url, verbose=False)
+        history, _, _ = client.predict("你好", turn, "s", "", 16, 0.0, 1.0, 1.0, api_name="/chat")
+    assert "Chat history is too long (" in json.dumps(replies["long"]) and "at most 100,000)" in json.dumps(replies["long"])
+    assert "holds 201 messages; at most 200" in json.dumps(replies["many"])
+    assert replies["role"].get("success") is False  # Gradio's own check or the studio's, below
+    with pytest.raises(BadArgument, match="role must be user or assistant"):
+        History("Chat history").check([{"role": "system", "content": "x"}], None)
+    assert big.status_code == 413 and "larger than 2 MB" in big.text
+    assert history[-1]["role"] == "assistant" and busy_before == studio["manager"].status().state
+
+
+def test_two_content_type_headers_are_refused(workspace):
+    """The guard checked an upload's file type on one Content-Type header while Gradio stored the file by the other."""
+    inner = (b"--B1\r\nContent-Disposition: form-data; name=\"files\"; filename=\"evil.html\"\r\n\r\n<b>x</b>\r\n--B1--\r\n")
+    headers = [("content-type", "multipart/form-data; boundary=B1"), ("content-type", "multipart/form-data; boundary=B2")]
+    with launched(Services(manager=ModelManager(), paths=workspace)) as url:
+        reply = httpx.post(url + "gradio_api/upload", content=inner, headers=httpx.Headers(headers))
+        one = httpx.post(url + "gradio_api/upload", content=inner, headers={"content-type": headers[0][1]})
+    assert reply.status_code == 400 and "more than one content-type header" in reply.text
+    assert one.status_code == 415  # the same body with one header: refused for its type, as before
 
 
 # ----- the login -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The app shell: the four tabs of the studio in one gr.Blocks, over one set of services.
 
 Every event goes through one Registry (studio/ui/registry.py): in demo mode the events the access
-policy forbids are not registered at all.
+policy forbids are not registered at all, and the page has only the Chat and Compare tabs.
 """
 
 from __future__ import annotations
@@ -44,16 +44,20 @@ def build_app(services: Services) -> gr.Blocks:
             model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
         with gr.Tabs() as tabs:
             build_chat_tab(services, stops)
-            dataset = build_dataset_tab(services, app)
-            train = build_train_tab(services, app)
+            # a demo page has no Dataset or Train tab: none of their events is served there, and their lists
+            # would show the owner's documents, datasets, runs and teacher address
+            full = not services.policy.is_demo
+            dataset = build_dataset_tab(services, app) if full else None
+            train = build_train_tab(services, app) if full else None
             compare = build_compare_tab(services, app)
         timer = gr.Timer(2.0)
         registry.on(timer.tick, lambda lang: translate(services.manager.status().describe(), lang or "en"), language,
                     model_status, action="view", args=(LANGUAGE,), scrub=True, show_progress="hidden", queue=False)
         _wire_language(app, services, registry, language)
-        wire_history([train.history, compare.history], registry, compare.run_pick, tabs, language)
+        wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language)
         for tab in (dataset, compare):
-            tab.wire_language(language)
+            if tab:
+                tab.wire_language(language)
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")

@@ -13,7 +13,7 @@ from studio.model.loading import QUANT_CHOICES, ModelSpec
 from studio.services import MODEL_PRESETS, Services
 from studio.train.adapters import read_metadata
 from studio.ui.i18n import text, translate
-from studio.ui.registry import ANY, Choice, Num, Text, page_language
+from studio.ui.registry import Choice, History, Num, Text, page_language
 from studio.ui.strings import strings
 
 
@@ -93,7 +93,7 @@ class ChatTab:
         load_outputs = [self.load_status, self.card_md, self.card_tree, self.card_template, self.adapter]
         chat_inputs = [self.message, self.chatbot, self.system, self.adapter, self.max_new, self.temperature,
                        self.top_p, self.rep]
-        chat_args = (Text("Message", 8000), ANY, Text("System prompt", 4000),
+        chat_args = (Text("Message", 8000), History("Chat history"), Text("System prompt", 4000),
                      Choice("Adapter", self.attached_names, optional=True), Num("Max new tokens", 1, 2048, True),
                      Num("Temperature", 0.0, 2.0), Num("Top-p", 0.01, 1.0), Num("Repetition penalty", 1.0, 2.0))
         chat_outputs = [self.chatbot, self.message, self.preview]
@@ -110,7 +110,7 @@ class ChatTab:
                cancels=[e for e in (send_event, submit_event) if e is not None])
         reg.on(self.clear_btn.click, lambda: ([], ""), None, [self.chatbot, self.preview], action="view")
         reg.on(self.system.change, self.render_preview, [self.chatbot, self.system], self.preview, action="chat",
-               args=(ANY, Text("System prompt", 4000)))
+               args=(History("Chat history"), Text("System prompt", 4000)))
         reg.on(self.adapter.focus, lambda: gr.update(choices=self.adapter_choices()), None, self.adapter, action="view")
         reg.on(self.adapter.change, self.adapter_prompt, [self.adapter, self.system], self.system, action="chat",
                args=(Choice("Adapter", self.attached_names, optional=True), Text("System prompt", 4000)))

@@ -92,8 +92,10 @@ class CompareTab:
         self.reference = gr.Markdown()
         with gr.Row():
             self.use_retrieval = gr.Checkbox(True, label=s["use_retrieval"])
-            self.document = gr.Dropdown(self.services.catalog.ids("documents"), value=SAMPLE_DOCUMENT.name,
-                                        label=s["document"], scale=3)
+            demo = self.policy.is_demo  # the page lists no file of the owner's: a run's own document once picked
+            self.document = gr.Dropdown([] if demo else self.services.catalog.ids("documents"),
+                                        value=None if demo else SAMPLE_DOCUMENT.name, label=s["document"], scale=3,
+                                        allow_custom_value=demo)  # demo: the server checks it is the run's own
             self.top_k = gr.Slider(1, 5, value=2, step=1, label=s["top_k"])
             self.decoding = gr.Radio([s["greedy"], s["sampling"]], value=s["greedy"], label=s["decoding"])
             self.max_new = gr.Slider(16, 1024, value=256, step=16, label=s["max_new_tokens"])
@@ -167,14 +169,17 @@ class CompareTab:
     def _listing(self, lang: str = "en") -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         """The adapters table (headers in `lang`) and the runs that can go on the loaded base, from one scan of runs/.
 
-        In demo mode only the adapters the owner attached are listed, and the base model by name only.
+        In demo mode only the adapters the owner attached are listed, the base model by name only, and not
+        the dataset file each was trained on.
         """
         entries = service.list_adapters(self.manager, self.services.paths.runs_dir)
-        if self.policy.is_demo:
+        demo = self.policy.is_demo
+        if demo:
             entries = [e for e in entries if e.attached]
         yes = text("tables", "yes", lang)
         frame = pd.DataFrame([[e.name, e.status, yes if e.attached else "", _rounded(e.train_loss),
-                               _rounded(e.eval_loss), e.dataset, self._public(e.base_model), self._public(e.problem)]
+                               _rounded(e.eval_loss), "" if demo else e.dataset, self._public(e.base_model),
+                               self._public(e.problem)]
                               for e in entries], columns=[column(c, lang) for c in ADAPTER_COLUMNS])
         return frame, [(e.name, e.name) for e in entries if not e.problem]
 
@@ -220,7 +225,10 @@ class CompareTab:
         folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy)
         rows = service.run_questions(folder, "heldout.jsonl")
         document = self.catalog.document_id(service.source_document(folder))
-        return gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None), document or gr.skip()
+        questions = gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None)
+        if self.policy.is_demo:
+            return questions, gr.update(choices=[document] if document else [], value=document)
+        return questions, document or gr.skip()
 
     def pick_preset(self, text):
         answer = dict(service.PRESET_QUESTIONS).get(text, "")

@@ -8,6 +8,10 @@
 - The login page (served before a login) carries no endpoint list: Gradio embeds its API description
   in every page, the login page included.
 - `/file=<http URL>` is refused: Gradio would fetch the URL from the server.
+- Every other request body is bounded too (an event's inputs: a chat history, a dataset table): at most
+  the upload limit plus 1 MB, 2 MB in demo mode, where only chat and compare are served.
+- A request with two Content-Type or Content-Length headers is refused: the guard and Gradio could read
+  different ones (an upload's type checked on one, stored by the other).
 """
 
 from __future__ import annotations
@@ -60,6 +64,19 @@ def _is_multipart(scope) -> bool:
     return content_type.lower().startswith(b"multipart/")
 
 
+SINGLE_HEADERS = (b"content-type", b"content-length")
+DEMO_BODY_BYTES = 2 * 2**20
+
+
+def _repeated_header(scope) -> str | None:
+    """The name of a header that must come once and comes more often, else None."""
+    names = [name.lower() for name, _ in scope.get("headers") or []]
+    for name in SINGLE_HEADERS:
+        if names.count(name) > 1:
+            return name.decode()
+    return None
+
+
 def _client(scope) -> str:
     client = scope.get("client")
     return client[0] if client else "unknown"
@@ -83,6 +100,25 @@ async def _read_body(receive) -> tuple[bytes, object]:
             break
     body = b"".join(chunks)
     return body, _replaying(body, receive)
+
+
+async def _body_within(scope, receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it is known to be longer than `limit` bytes (by its declared
+    length, or while it arrives) or the client went away."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def _replaying(body: bytes, receive):
@@ -165,6 +201,7 @@ class StudioGuard:
         self.uploads_allowed = uploads_allowed
         self.login_required = login_required
         self.suffixes = tuple(suffixes)
+        self.max_body_bytes = DEMO_BODY_BYTES if not uploads_allowed else max_upload_bytes + 2**20
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -173,6 +210,9 @@ class StudioGuard:
         tail = path.rstrip("/").rsplit("/", 1)[-1]
         if "/file=http:" in path or "/file=https:" in path or "/file=//" in path:
             return await _reply(send, 403, self._say(scope, "guard_no_fetch"))
+        repeated = _repeated_header(scope)
+        if repeated:
+            return await _reply(send, 400, self._say(scope, "guard_repeated_header", header=repeated))
         if method == "POST" and tail == "login":
             return await self._login(scope, receive, send)
         if method == "POST" and tail == "upload":
@@ -181,6 +221,8 @@ class StudioGuard:
             return await _reply(send, 403, self._say(scope, "guard_no_uploads"))
         if method == "GET" and self.login_required and "." not in tail and "gradio_api" not in path:
             return await self._page(scope, receive, send)
+        if method in ("POST", "PUT", "PATCH"):
+            return await self._bounded(scope, receive, send)
         return await self.app(scope, receive, send)
 
     def _say(self, scope, key: str, **values) -> str:
@@ -211,27 +253,24 @@ class StudioGuard:
             elif status.get("code") in (400, 401, 403):
                 self.throttle.failed(key)
 
+    # ----- request bodies ----------------------------------------------------------------------
+    async def _bounded(self, scope, receive, send):
+        """Pass the request on once its body is known to fit max_body_bytes; 413 otherwise."""
+        body = await _body_within(scope, receive, self.max_body_bytes)
+        if body is None:
+            return await _reply(send, 413, self._say(scope, "guard_body_large",
+                                                     size=f"{self.max_body_bytes / 2**20:g}"))
+        await self.app(scope, _replaying(body, receive), send)
+
     # ----- uploads -----------------------------------------------------------------------------
     async def _upload(self, scope, receive, send):
         if not self.uploads_allowed:
             return await _reply(send, 403, self._say(scope, "guard_no_uploads"))
         limit = self.max_upload_bytes + 64 * 1024  # the multipart framing around the file
         headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        body = await _body_within(scope, receive, limit)
+        if body is None:
             return await _reply(send, 413, self._say(scope, "guard_too_large", size=f"{self.max_upload_bytes / 2**20:g}"))
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await _reply(send, 413, self._say(scope, "guard_too_large", size=f"{self.max_upload_bytes / 2**20:g}"))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
         names = upload_names(headers.get(b"content-type", b""), body)
         if names is None or not names or any(PurePath(n).suffix.lower() not in self.suffixes for n in names):
             return await _reply(send, 415, self._say(scope, "guard_file_type", suffixes=", ".join(self.suffixes)))

@@ -141,6 +141,46 @@ class Text:
         return value
 
 
+def _text_size(value, depth: int = 0) -> int:
+    """Characters of every string inside chat messages as the browser sent them (keys included)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 5:
+        raise BadArgument("A chat message is nested too deeply.")
+    if isinstance(value, dict):
+        return sum(_text_size(k, depth + 1) + _text_size(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(item, depth + 1) for item in value)
+    return len(str(value)) if value is not None else 0
+
+
+@dataclass(frozen=True)
+class History:
+    """A chat's earlier turns as the chatbot sends them back: at most `max_messages` messages of the user
+    or the assistant, with at most `max_chars` characters together (the API server's limits), checked
+    before anything renders or tokenizes them or waits for the model."""
+
+    label: str
+    max_messages: int = 200
+    max_chars: int = 100_000
+
+    def check(self, value, ctx):
+        if value in (None, ""):
+            return []
+        if not isinstance(value, list):
+            raise BadArgument(f"{self.label}: a list is needed.")
+        if len(value) > self.max_messages:
+            raise BadArgument(f"{self.label} holds {len(value):,} messages; at most {self.max_messages:,} are accepted.")
+        for message in value:
+            role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+            if role not in ("user", "assistant"):
+                raise BadArgument(f"{self.label}: a message's role must be user or assistant (got {str(role)[:20]}).")
+        total = _text_size(value)
+        if total > self.max_chars:
+            raise BadArgument(f"{self.label} is too long ({total:,} characters; at most {self.max_chars:,}).")
+        return value
+
+
 @dataclass(frozen=True)
 class Upload:
     """A file the browser uploaded (Gradio only passes files from its upload folder): type and size checked."""
