@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from studio.errors import StudioError
-from studio.logs import cut_torn_tail
+from studio.logs import cut_torn_tail, json_line
 from studio.secrets import redact
 
 
@@ -72,7 +72,7 @@ class Job:
             if self.folder is not None:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 with open(self.folder / "events.jsonl", "a", encoding="utf-8") as log:
-                    log.write(json.dumps(event, ensure_ascii=False) + "\n")
+                    log.write(json_line(event))
         return event
 
     def log(self, message: str) -> None:

@@ -8,8 +8,26 @@ starts on a line of its own. Rewrites are atomic: a crash leaves the old log or 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
+
+
+# Characters Python's str.splitlines() (and JavaScript) end a line at, besides "\n" and "\r": written
+# escaped, so a line of JSON stays one line for every reader. JSON allows them raw inside strings.
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085", "\x0b": "\\u000b",
+                "\x0c": "\\u000c", "\x1c": "\\u001c", "\x1d": "\\u001d", "\x1e": "\\u001e"}
+_LINE_BREAK = re.compile("[" + "".join(_LINE_BREAKS) + "]")
+
+
+def json_line(record) -> str:
+    """One JSONL line (with its "\n"): UTF-8 text as it is, every character that could end a line escaped."""
+    return _LINE_BREAK.sub(lambda m: _LINE_BREAKS[m.group(0)], json.dumps(record, ensure_ascii=False)) + "\n"
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at "\n" only ("\r\n" too), never at a line break inside a string."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def read_jsonl_log(path: str | Path) -> tuple[list[dict], str]:
@@ -50,7 +68,7 @@ def rewrite_jsonl_log(path: str | Path, keep: Callable[[dict], bool] = lambda re
     kept = [record for record in records if keep(record)]
     if len(kept) == len(records) and not note:
         return 0, ""
-    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept))
+    write_text_atomic(path, "".join(json_line(record) for record in kept))
     return len(records) - len(kept), note
 
 

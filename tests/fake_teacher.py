@@ -93,7 +93,9 @@ def good_reply(request: dict, extra: int = 0) -> str:
 @dataclass
 class Behaviour:
     """What to do with one call. kind: ok, fenced, prose, truncated, wrong_schema, empty, status, hang,
-    html (a web page with status 200, as a wrong base URL gives), chatty (far more rephrasings than asked)."""
+    html (a web page with status 200, as a wrong base URL gives), chatty (far more rephrasings than asked),
+    parts (the content as a list of text parts), content_dict (the content an object), choices_str
+    (`choices` a string), line_breaks (U+2028 and U+2029 inside the answers' text)."""
 
     kind: str = "ok"
     status: int = 200
@@ -147,7 +149,17 @@ class FakeTeacher(LocalServer):
             text = json.dumps({"question_list": "none", "note": "wrong keys"})
         elif behaviour.kind == "empty":
             text = ""
-        return 200, {}, completion(request, text, finish)
+        elif behaviour.kind == "line_breaks":
+            text = text.replace("。", "。\u2028").replace("？", "？\u2029")
+        payload = completion(request, text, finish)
+        message = payload["choices"][0]["message"]
+        if behaviour.kind == "parts":
+            message["content"] = [{"type": "text", "text": text[:10]}, {"type": "text", "text": text[10:]}]
+        elif behaviour.kind == "content_dict":
+            message["content"] = {"text": text}
+        elif behaviour.kind == "choices_str":
+            payload["choices"] = "oops"
+        return 200, {}, payload
 
     def start(self) -> "FakeTeacher":
         app = FastAPI()

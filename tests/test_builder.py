@@ -127,6 +127,34 @@ def test_rerun_calls_only_what_is_missing(workspace, small_doc, teacher):
     assert changed.result["cached_calls"] == 4
 
 
+def test_replies_of_another_shape_fail_their_call_only_and_the_build_goes_on(workspace, small_doc, teacher):
+    """A content that is an object, or `choices` that is a string, once ended the whole build with an
+    AttributeError and wrote nothing; content given as text parts is text."""
+    teacher.then(Behaviour("parts"), Behaviour("content_dict"), Behaviour("choices_str"))
+    job = build(workspace, small_doc, teacher, concurrency=1, variants=0, retry=RetryPolicy(1, 0.01))
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["failures"] == {"wrong_schema": 2} and job.result["base_pairs"] == 2
+    failures = (Path(job.result["build_dir"]) / "failures.jsonl").read_text(encoding="utf-8")
+    assert "`content` is dict, not text" in failures and "`choices` is str, not a list" in failures
+    assert len(read_dataset(job.result["dataset_path"])) == 2
+
+
+def test_line_breaks_inside_the_teachers_text_keep_every_file_readable(workspace, small_doc, teacher):
+    """json.dumps leaves U+2028 and U+2029 raw, and str.splitlines() breaks lines at them: the dataset and the
+    journal were written, then could not be read back (the next build paid for every call again)."""
+    teacher.then(*[Behaviour("line_breaks")] * 8)
+    first = build(workspace, small_doc, teacher, style="tutorial")
+    assert first.status is JobStatus.DONE, first.error
+    rows = read_dataset(first.result["dataset_path"])
+    assert len(rows) == 16 and any("\u2028" in r["output"] for r in rows)
+    for name in ("dataset_path", "base_path"):
+        text = Path(first.result[name]).read_text(encoding="utf-8")
+        assert len(text.splitlines()) == len(read_dataset(first.result[name]))  # one line a row, for any reader
+    hits = len(teacher.hits)
+    again = build(workspace, small_doc, teacher, style="tutorial")
+    assert len(teacher.hits) == hits and again.result["cached_calls"] == 8  # every call reused from the journal
+
+
 def test_key_is_in_no_file_and_no_log_line(workspace, small_doc, teacher):
     teacher.then(Behaviour("status", 500), Behaviour("status", 401))
     job = build(workspace, small_doc, teacher)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from studio.data.datasets import safe_name, timestamp, write_jsonl_atomic, write_text_atomic
+from studio.logs import json_line, jsonl_lines
 from studio.data import exam as exam_module
 from studio.data import styles
 from studio.data.documents import Section, SplitSettings, document_title, split_sections
@@ -213,7 +214,7 @@ class CallJournal:
         # a line torn by a crash is cut off, so the next record starts on its own line
         self.notes = [note for note in (cut_torn_tail(self.path), cut_torn_tail(self.failures_path)) if note]
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in jsonl_lines(self.path.read_text(encoding="utf-8")):
                 try:
                     record = json.loads(line)
                     self._done[record["key"]] = record["items"]
@@ -233,7 +234,7 @@ class CallJournal:
 
     def _append(self, path: Path, record: dict) -> None:
         with self._lock, open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json_line(record))
             handle.flush()
 
 
@@ -392,8 +393,12 @@ class DatasetBuild:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    if not future.cancelled():
-                        pending |= self._on_finished(job, pool, future.result())
+                    if future.cancelled():
+                        continue
+                    if future.exception() is not None:  # a bug or a reply no check foresaw: this task only
+                        self._task_failed(job, future.exception())
+                        continue
+                    pending |= self._on_finished(job, pool, future.result())
                 if job.cancelled:
                     for future in pending:
                         future.cancel()
@@ -408,6 +413,15 @@ class DatasetBuild:
             raise DataError("Nothing was written: no teacher call produced a usable pair. "
                             f"{self.result.summary()} First failure: {self._first_failure}")
         return asdict(self.result)
+
+    def _task_failed(self, job: Job, exc: BaseException) -> None:
+        """Count a task that raised (its section's or pair's rows are missing) and go on with the others."""
+        message = f"unexpected: {type(exc).__name__}: {exc}"[:300]
+        with self._lock:
+            self._failures["unexpected"] += 1
+            self._first_failure = self._first_failure or message
+        self.journal.record_failure("task", "", "unexpected", message)
+        job.log(f"a teacher task failed: {message}")
 
     def _on_finished(self, job: Job, pool: ThreadPoolExecutor, outcome) -> set[Future]:
         new: set[Future] = set()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from studio.data.documents import decode_document
 from studio.errors import DataError
+from studio.logs import json_line, jsonl_lines
 
 
 def fsync_folder(folder: Path) -> None:
@@ -44,7 +45,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> Path:
-    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text_atomic(path, "".join(json_line(row) for row in rows))
 
 
 def timestamp() -> str:
@@ -117,7 +118,7 @@ def read_dataset(path: str | Path) -> list[dict]:
             raise DataError(f"{path.name}: not valid JSON ({exc.msg} at line {exc.lineno}).") from None
         return [row_from_record(r, f"{path.name}, item {i}") for i, r in enumerate(records, 1)]
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -130,18 +130,51 @@ class OpenAITeacher:
 
 
 def _reply_from(response) -> TeacherReply:
+    """The reply's text and counts. The client builds its objects from whatever JSON came back without
+    checking it, so every field is checked here: a reply of another shape is a `wrong_schema` failure of
+    this call (asked again, then counted), never an error that stops the build."""
     if isinstance(response, (str, bytes)):  # a 200 reply that is not JSON (the client hands back its text)
         raise not_json_error(response if isinstance(response, str) else response.decode("utf-8", "replace"))
-    if not getattr(response, "choices", None):
+    choices = _field(response, "choices")
+    if not choices:
         return TeacherReply("", "empty")
-    choice = response.choices[0]
-    usage = getattr(response, "usage", None)
+    if not isinstance(choices, (list, tuple)):
+        raise _schema_error(f"`choices` is {type(choices).__name__}, not a list")
+    message = _field(choices[0], "message")
+    usage = _field(response, "usage")
     return TeacherReply(
-        text=(choice.message.content or "") if choice.message else "",
-        finish_reason=choice.finish_reason,
-        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        text=_content_text(_field(message, "content")),
+        finish_reason=_field(choices[0], "finish_reason") if isinstance(_field(choices[0], "finish_reason"), str) else None,
+        prompt_tokens=_count(_field(usage, "prompt_tokens")),
+        completion_tokens=_count(_field(usage, "completion_tokens")),
     )
+
+
+def _field(value, name: str):
+    """value.name or value[name] (the client leaves unexpected shapes as plain dicts), else None."""
+    if isinstance(value, dict):
+        return value.get(name)
+    return getattr(value, name, None) if value is not None and not isinstance(value, (str, bytes, list)) else None
+
+
+def _content_text(content) -> str:
+    """A message's content: text, or the text parts of a list of parts; anything else is refused."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(_field(part, "text"), str) for part in content):
+        return "".join(_field(part, "text") for part in content)
+    raise _schema_error(f"the message's `content` is {type(content).__name__}, not text")
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _schema_error(what: str) -> TeacherCallError:
+    return TeacherCallError("wrong_schema", f"wrong_schema: {what} (the reply is not chat-completions JSON)",
+                            retryable=True)
 
 
 # Reasons no retry and no other call can fix: the build stops at the first one instead of asking again.
