@@ -443,6 +443,8 @@ def run_build_dataset(args: argparse.Namespace, services) -> int:
     follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
+    if job.cancelled:
+        return 130
     return 0 if job.result.get("rows") else 1
 
 
@@ -556,8 +558,9 @@ def follow_training(job, request, args: argparse.Namespace) -> int:
     follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
-    print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
-    return 0
+    if job.result:
+        print(f"[done] {job.result.get('status')}: adapter in {job.result.get('run_dir')}", flush=True)
+    return 130 if job.cancelled else 0
 
 
 def run_compare(args: argparse.Namespace, services) -> int:
@@ -599,6 +602,8 @@ def run_compare(args: argparse.Namespace, services) -> int:
     follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
+    if job.cancelled:
+        return 130
     print(format_table(job.result))
     if args.out:
         print(f"[log] report written to {write_report(job.result, Path(args.out))}")
@@ -616,6 +621,8 @@ def run_export(args: argparse.Namespace, services) -> int:
     follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:
         raise StudioError(job.error)
+    if job.cancelled:
+        return 130
     print(job.result["instructions"], flush=True)
     return 0
 

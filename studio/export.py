@@ -85,9 +85,7 @@ def start_export(board: JobBoard, request: ExportRequest) -> Job:
 
 def _check_request(request: ExportRequest) -> dict:
     folder = request.adapter_dir
-    for name in (adapters.CONFIG_FILE, adapters.WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder} is not a complete adapter: {name} is missing.")
+    adapters.require_adapter_files(folder)  # complete, and neither file damaged
     metadata = adapters.read_metadata(folder)
     if not request.base and not metadata.get("base_model"):
         raise StudioError(f"{folder} does not record its base model; give it with --model.")

@@ -8,7 +8,6 @@ results) whether or not a browser is watching. A page that reloads asks for the 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import traceback
@@ -168,14 +167,27 @@ class JobBoard:
         return job
 
 
+INTERRUPTED = "Ctrl-C: stopping. What was made so far is kept; press Ctrl-C again to leave at once."
+
+
 def follow(job: Job, on_event: Callable[[dict], None], poll_s: float = 0.2) -> Job:
-    """Call `on_event` for each event of `job` as it arrives, until the job has ended (for the CLI)."""
-    cursor = 0
+    """Call `on_event` for each event of `job` as it arrives, until the job has ended (for the CLI).
+
+    The first Ctrl-C stops the job the way the page's Stop button does (a run saves its adapter, a build
+    writes the rows made so far) and goes on following it to its end; a second Ctrl-C leaves at once."""
+    cursor, interrupted = 0, False
     while True:
-        running = job.running
-        events, cursor = job.events_since(cursor)
-        for event in events:
-            on_event(event)
-        if not running and not events:
-            return job
-        time.sleep(poll_s)
+        try:
+            running = job.running
+            events, cursor = job.events_since(cursor)
+            for event in events:
+                on_event(event)
+            if not running and not events:
+                return job
+            time.sleep(poll_s)
+        except KeyboardInterrupt:
+            if interrupted or not job.running:
+                raise
+            interrupted = True
+            job.log(INTERRUPTED)
+            job.cancel()

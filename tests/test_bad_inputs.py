@@ -182,6 +182,12 @@ CASES = [
         "c.jsonl", '{"messages": [{"role": "user", "content": "q"}]}')), ("c.jsonl, line 1", "needs a user turn followed by an assistant turn")),
     Case("data-json-array-broken", "datasets", lambda c: c.train(dataset=c.file("a.json", '[{"instruction": "q",')),
          ("a.json: not valid JSON",)),
+    Case("data-system-not-text", "datasets", lambda c: c.train(dataset=c.rows(
+        "s.jsonl", '{"instruction": "q", "output": "a", "system": 5}')),
+         ("s.jsonl, line 1", 'the field "system" has the wrong type: int')),
+    Case("data-messages-image-part", "datasets", lambda c: c.train(dataset=c.rows("p.jsonl", json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "a"}]}))), ("p.jsonl, line 1", "parts that are not text (image_url)")),
     # ----- train arguments -----
     Case("train-max-steps-0", "arguments", lambda c: c.train("--max-steps", "0"), ("--max-steps must be at least 1, not 0",)),
     Case("train-epochs-0", "arguments", lambda c: c.train("--epochs", "0"), ("--epochs must be more than 0",)),
@@ -194,6 +200,8 @@ CASES = [
     Case("train-no-dataset", "arguments", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.model)],
          ("train needs --dataset", "--resume")),
     Case("train-quant-unknown", "arguments", lambda c: c.train("--quant", "3bit"), ("invalid choice: '3bit'",)),
+    Case("train-output-not-empty", "arguments", lambda c: c.train("--output", run_copy(c, lambda r: None)),
+         ("already exists and is not empty", "--resume", "nothing was overwritten")),
     Case("resume-not-a-run", "arguments", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.model),
                                                      "--resume", str(c.tmp)], ("is not a studio run folder",)),
     Case("resume-no-checkpoint", "arguments", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.model),
@@ -212,6 +220,15 @@ CASES = [
         c, lambda r: (r / "adapter_config.json").write_text('{"r": 1', encoding="utf-8"))), ("adapter_config.json is damaged",)),
     Case("adapter-studio-json-damaged", "adapters", lambda c: c.compare(run_copy(
         c, lambda r: (r / "studio.json").write_text("{", encoding="utf-8"))), ("studio.json is damaged",)),
+    Case("adapter-studio-json-not-object", "adapters", lambda c: c.compare(run_copy(
+        c, lambda r: (r / "studio.json").write_text("[]", encoding="utf-8"))),
+         ("studio.json is damaged (a JSON object is needed, it holds list)",)),
+    Case("adapter-weights-damaged", "adapters", lambda c: c.compare(run_copy(
+        c, lambda r: (r / "adapter_model.safetensors").write_bytes(os.urandom(4096)))),
+         ("adapter_model.safetensors is damaged (not a safetensors file",)),
+    Case("export-weights-cut-short", "adapters", lambda c: ["--workdir", str(c.tmp), "export", "--adapter", run_copy(
+        c, lambda r: (r / "adapter_model.safetensors").write_bytes((r / "adapter_model.safetensors").read_bytes()[:-64])),
+        "--out", str(c.tmp / "exported")], ("adapter_model.safetensors is damaged", "it is cut short")),
     Case("adapter-other-base", "adapters", lambda c: c.compare(str(c.trained_run), "--questions", c.rows(
         "q.jsonl", json.dumps(GOOD_ROW)), model=c.other_base),
          ("was made for another base model", "intermediate_size"), before_load=False),
@@ -331,3 +348,18 @@ def test_readme_lists_every_case():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     missing = [case.id for case in CASES if f"| {case.id} |" not in readme]
     assert not missing, missing
+
+
+def test_two_saves_in_one_second_keep_both_files(tmp_path, monkeypatch):
+    """A name made of the second it was saved in: the second save of that second replaced the first."""
+    from studio.data import datasets
+    from studio.train.service import new_run_dir
+
+    monkeypatch.setattr(datasets, "timestamp", lambda: "20261207_120000")
+    first = datasets.save_rows([GOOD_ROW], "mine", tmp_path)
+    second = datasets.save_rows([{**GOOD_ROW, "output": "另一个答案。"}], "mine", tmp_path)
+    assert (first.name, second.name) == ("mine_edited_20261207_120000.jsonl", "mine_edited_20261207_120000-2.jsonl")
+    assert [datasets.read_dataset(p)[0]["output"] for p in (first, second)] == ["灯贝。", "另一个答案。"]
+    run = new_run_dir(tmp_path, "facts")
+    run.mkdir()
+    assert new_run_dir(tmp_path, "facts").name == "facts_20261207_120000-2"

@@ -165,6 +165,25 @@ def test_training_killed_at_random_resumes_to_the_same_run(tiny_model_dir, tmp_p
     assert [e["step"] for e in events if e["type"] == "metric" and "loss" in e] == list(range(1, max_steps + 1))
 
 
+def test_ctrl_c_stops_a_training_run_and_keeps_its_adapter(tiny_model_dir, tmp_path):
+    """Ctrl-C once ended the process while the training thread ran ('terminate called without an active
+    exception'): nothing after the last checkpoint was kept. Now it stops the run as the Stop button does."""
+    dataset = write_dataset(tmp_path / "facts.jsonl")
+    run = tmp_path / "runs" / "interrupted"
+    process = studio_process("--workdir", str(tmp_path), "train", "--model", str(tiny_model_dir), "--dataset",
+                             str(dataset), "--output", str(run), "--max-steps", "400", "--save-every", "100",
+                             "--lr", "5e-3", "--batch-size", "4", "--grad-accum", "1")
+    deadline = time.time() + 240
+    while process.poll() is None and complete_lines(run / "metrics.jsonl") < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 130, output
+    assert "Ctrl-C: stopping" in output and "Traceback" not in output and "terminate called" not in output
+    meta = json.loads((run / "studio.json").read_text(encoding="utf-8"))
+    assert 3 <= meta["steps"] < 400 and (run / "adapter_model.safetensors").is_file()
+
+
 BUILD_DOC = "# 小岛\n\n" + "\n\n".join(f"## 第{i}节\n" + f"第{i}节的事实：灯塔{i}号在岛的{i}号码头旁。" * 6 for i in range(8))
 
 

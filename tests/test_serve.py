@@ -216,3 +216,25 @@ def test_studio_is_its_own_teacher(served, services, workspace, tiny_model_dir):
     assert report.startswith(f"Connected to {tiny_model_dir}")
     reply = teacher.complete([{"role": "user", "content": QUESTION}], 0.0, 8, json_mode=True)
     assert reply.text == _expected(services.manager, [{"role": "user", "content": QUESTION}], tokens=8)
+
+
+def test_fields_of_the_wrong_type_are_400s_that_name_them_and_null_is_openais_default(served, tiny_model_dir):
+    """`stop: 5` and `stream_options: "x"` were 500s; `max_tokens: 0` became 512 and `temperature: null` greedy."""
+    import httpx
+
+    from studio.serve.openai_api import DEFAULT_MAX_TOKENS, ApiError, ChatRequest
+
+    base = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": QUESTION}]}
+    for field, value, words in (("stop", 5, "`stop` must be a string or a list"),
+                                ("stop", ["a"] * 5, "at most 4 strings"),
+                                ("stream_options", "x", "`stream_options` must be an object"),
+                                ("stream", "false", "`stream` must be true or false"),
+                                ("max_tokens", 0, "`max_tokens` must be a number from 1"),
+                                ("max_tokens", 2.5, "`max_tokens` must be a whole number")):
+        with pytest.raises(ApiError, match=words):
+            ChatRequest.parse({**base, field: value})
+        reply = httpx.post(served.base_url + "/chat/completions", json={**base, field: value}, timeout=60)
+        assert reply.status_code == 400 and words in reply.json()["error"]["message"], (field, reply.text)
+    defaults = ChatRequest.parse({**base, "temperature": None, "top_p": None, "max_tokens": None, "stop": None})
+    assert (defaults.temperature, defaults.top_p, defaults.max_tokens, defaults.stop) == (1.0, 1.0, DEFAULT_MAX_TOKENS, ())
+    assert ChatRequest.parse({**base, "max_completion_tokens": 7, "max_tokens": 9}).max_tokens == 7

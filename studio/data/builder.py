@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.data.datasets import safe_name, timestamp, write_jsonl_atomic, write_text_atomic
+from studio.data.datasets import safe_name, stamped, write_jsonl_atomic, write_text_atomic
 from studio.logs import json_line, jsonl_lines
 from studio.data import exam as exam_module
 from studio.data import styles
@@ -520,9 +520,11 @@ class DatasetBuild:
         if not rows:
             job.log("Nothing was written: no call produced a usable pair.")
             return
-        stamp = timestamp()
-        base_path = write_jsonl_atomic(self.data_dir / f"{self.name}_base_{stamp}.jsonl", base_rows)
-        dataset_path = write_jsonl_atomic(self.data_dir / f"{self.name}_dataset_{stamp}.jsonl", rows)
+        base_path, dataset_path = stamped(self.data_dir / f"{self.name}_base_{{stamp}}.jsonl",
+                                          self.data_dir / f"{self.name}_dataset_{{stamp}}.jsonl")
+        stamp = base_path.stem.rsplit("_base_", 1)[1]
+        write_jsonl_atomic(base_path, base_rows)
+        write_jsonl_atomic(dataset_path, rows)
         self.result.base_path, self.result.dataset_path = str(base_path), str(dataset_path)
         if self.settings.exam > 0:
             self._write_exam(job, rows, stamp)

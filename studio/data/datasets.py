@@ -52,6 +52,30 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
 
 
+def stamped(*templates: str | Path, make: bool = True) -> tuple[Path, ...]:
+    """Paths named from `templates` with "{stamp}" replaced by timestamp(), or by timestamp()-2, -3, ...
+    where a path of that stamp exists: two saves in one second never overwrite each other. With `make`,
+    the files are made (empty, exclusively) so that a save running beside this one takes another stamp."""
+    base = timestamp()
+    for n in range(1, 1000):
+        stamp = base if n == 1 else f"{base}-{n}"
+        paths = tuple(Path(str(t).replace("{stamp}", stamp)) for t in templates)
+        if not make:
+            if not any(p.exists() for p in paths):
+                return paths
+            continue
+        made = []
+        try:
+            for path in paths:
+                open(path, "x").close()
+                made.append(path)
+            return paths
+        except FileExistsError:
+            for path in made:
+                path.unlink(missing_ok=True)
+    raise DataError(f"Could not find a free name for {Path(str(templates[0])).name} in {Path(str(templates[0])).parent}.")
+
+
 def safe_name(name: str) -> str:
     cleaned = re.sub(r"[^\w\-]+", "_", name.strip(), flags=re.UNICODE).strip("_")
     return cleaned or "dataset"
@@ -71,7 +95,15 @@ def row_from_record(record, where: str) -> dict:
         instruction = f"{instruction.strip()}\n\n{extra_input.strip()}"
     row = {"instruction": instruction.strip(), "output": output.strip()}
     row.update({k: v for k, v in record.items() if k not in ("instruction", "output", "input")})
+    for key in TEXT_EXTRAS:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise DataError(f"{where}: the field \"{key}\" has the wrong type: {type(row[key]).__name__} "
+                            f"({json.dumps(row[key], ensure_ascii=False)[:40]}), it must be text. Put it in quotes.")
     return row
+
+
+# Optional fields the studio reads as text (a row's own system prompt, its paraphrase group, ...).
+TEXT_EXTRAS = ("system", "group", "kind", "section")
 
 
 def _check_text_field(record: dict, key: str, where: str, alternative: str = "") -> None:
@@ -91,15 +123,30 @@ def _check_text_field(record: dict, key: str, where: str, alternative: str = "")
 def _row_from_messages(messages, where: str) -> dict:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError(f"{where}: \"messages\" must be a list of {{role, content}} objects.")
-    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    assistants = [m.get("content", "") for m in messages if m.get("role") == "assistant"]
-    if not users or not assistants or not str(users[-1]).strip() or not str(assistants[-1]).strip():
+    turns = [(m.get("role"), _message_text(m.get("content"), where)) for m in messages]
+    users = [text for role, text in turns if role == "user"]
+    assistants = [text for role, text in turns if role == "assistant"]
+    if not users or not assistants or not users[-1].strip() or not assistants[-1].strip():
         raise DataError(f"{where}: \"messages\" needs a user turn followed by an assistant turn.")
-    row = {"instruction": str(users[-1]).strip(), "output": str(assistants[-1]).strip()}
-    system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+    row = {"instruction": users[-1].strip(), "output": assistants[-1].strip()}
+    system = next((text for role, text in turns if role == "system"), None)
     if system:
         row["system"] = system
     return row
+
+
+def _message_text(content, where: str) -> str:
+    """A message's content: text, or OpenAI's list of parts whose text parts are joined; nothing else."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        kinds = sorted({str(p.get("type")) for p in content if p.get("type") != "text"})
+        raise DataError(f"{where}: a message has parts that are not text ({', '.join(kinds)[:60]}); "
+                        "only text can be trained on.")
+    raise DataError(f"{where}: a message's \"content\" has the wrong type: {type(content).__name__} "
+                    f"({json.dumps(content, ensure_ascii=False)[:40]}), it must be text.")
 
 
 def read_dataset(path: str | Path) -> list[dict]:
@@ -147,7 +194,18 @@ def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited") 
         clean.append(row_from_record(record, f"row {number}"))
     if not clean:
         raise DataError("There are no rows to save.")
-    return write_jsonl_atomic(Path(data_dir) / f"{safe_name(name)}_{tag}_{timestamp()}.jsonl", clean)
+    path, = stamped(Path(data_dir) / f"{safe_name(name)}_{tag}_{{stamp}}.jsonl")
+    return _write_reserved(path, clean)
+
+
+def _write_reserved(path: Path, rows: list[dict]) -> Path:
+    """Write rows over a file `stamped` made; a failed write leaves no empty file behind."""
+    try:
+        return write_jsonl_atomic(path, rows)
+    except BaseException:
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+        raise
 
 
 def import_dataset(source: str | Path, data_dir: Path) -> tuple[Path, list[dict]]:

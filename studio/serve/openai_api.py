@@ -74,19 +74,21 @@ class ChatRequest:
             raise ApiError(400, "`model` is required: one of the ids GET /v1/models lists.", code="model_required")
         if body.get("n", 1) != 1:
             raise ApiError(400, "Only n=1 is supported.")
-        stop = body.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if isinstance(s, str) and s)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        given = [name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None]
+        max_tokens = body[given[0]] if given else DEFAULT_MAX_TOKENS
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ApiError(400, f"`stream_options` must be an object, not {_shown(options)}.")
         return cls(
             model=model,
             messages=_messages(body.get("messages")),
-            stream=bool(body.get("stream", False)),
-            include_usage=bool((body.get("stream_options") or {}).get("include_usage", False)),
-            max_tokens=_number(max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT, int),
-            temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
-            top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0),
-            repetition_penalty=_number(body.get("repetition_penalty", 1.0), "repetition_penalty", 0.5, 2.0),
-            stop=stop,
+            stream=_flag(body.get("stream"), "stream"),
+            include_usage=_flag((options or {}).get("include_usage"), "stream_options.include_usage"),
+            max_tokens=_number(max_tokens, given[0] if given else "max_tokens", 1, MAX_TOKENS_LIMIT, int),
+            temperature=_number(body.get("temperature"), "temperature", 0.0, 2.0, default=1.0),
+            top_p=_number(body.get("top_p"), "top_p", 0.0, 1.0, default=1.0),
+            repetition_penalty=_number(body.get("repetition_penalty"), "repetition_penalty", 0.5, 2.0, default=1.0),
+            stop=_stop(body.get("stop")),
             seed=None if body.get("seed") is None else _number(body.get("seed"), "seed", 0, 2**63 - 1, int),
         )
 
@@ -96,12 +98,41 @@ class ChatRequest:
         return GenerationSettings(self.max_tokens, self.temperature, self.top_p or 1.0, self.repetition_penalty)
 
 
-def _number(value, name: str, low: float, high: float, kind=float):
+def _number(value, name: str, low: float, high: float, kind=float, default: float | None = None):
+    """A number in [low, high]; null or absent is `default` (OpenAI's own default for the field)."""
     if value is None:
-        value = low
+        value = low if default is None else default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ApiError(400, f"`{name}` must be a number from {low:g} to {high:g}, not {value!r}.")
+        raise ApiError(400, f"`{name}` must be a number from {low:g} to {high:g}, not {_shown(value)}.")
+    if kind is int and value != int(value):
+        raise ApiError(400, f"`{name}` must be a whole number, not {_shown(value)}.")
     return kind(value)
+
+
+def _flag(value, name: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"`{name}` must be true or false, not {_shown(value)}.")
+    return value
+
+
+MAX_STOP = 4
+
+
+def _stop(value) -> tuple[str, ...]:
+    """`stop`: a string or a list of at most four strings, as OpenAI takes it."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if not isinstance(value, list) or len(value) > MAX_STOP or not all(isinstance(s, str) for s in value):
+        raise ApiError(400, f"`stop` must be a string or a list of at most {MAX_STOP} strings, not {_shown(value)}.")
+    return tuple(s for s in value if s)
+
+
+def _shown(value) -> str:
+    return repr(value)[:60]
 
 
 MAX_MESSAGES = 200

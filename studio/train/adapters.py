@@ -66,9 +66,34 @@ def read_metadata(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metadata = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path} is damaged ({exc.msg} at line {exc.lineno}).") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise AdapterError(f"{path} is damaged (not readable as UTF-8 JSON: {type(exc).__name__}).") from None
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"{path} is damaged (a JSON object is needed, it holds {type(metadata).__name__}).")
+    return metadata
+
+
+def _check_weights_header(path: Path) -> None:
+    """A safetensors file starts with an 8-byte length and that many bytes of JSON: a file cut short or
+    overwritten fails here, before any model is loaded for it."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or not 2 <= length <= size - 8:
+                raise ValueError(f"its header claims {length:,} bytes of a {size:,}-byte file")
+            header = json.loads(handle.read(length).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError(f"it is cut short ({size:,} bytes; its tensors need {8 + length + end:,})")
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise AdapterError(f"{path} is damaged (not a safetensors file: {exc}). Train the adapter again or "
+                           "restore the file.") from None
 
 
 def require_adapter_files(folder: Path) -> None:
@@ -83,9 +108,13 @@ def require_adapter_files(folder: Path) -> None:
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if not missing:
         try:
-            json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+            config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterError(f"{folder / CONFIG_FILE} is damaged: {exc}") from None
+        if not isinstance(config, dict) or "peft_type" not in config:
+            raise AdapterError(f"{folder / CONFIG_FILE} is damaged: it has no \"peft_type\", so it is no peft "
+                               "adapter's config.")
+        _check_weights_header(folder / WEIGHTS_FILE)
         read_metadata(folder)
         return
     if (folder / "run.json").is_file():

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from studio.access import AccessPolicy
-from studio.data.datasets import read_dataset, safe_name, timestamp, write_text_atomic
+from studio.data.datasets import read_dataset, safe_name, stamped, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager
@@ -22,7 +22,8 @@ REQUEST_FILE = "run.json"
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
-    return Path(runs_dir) / f"{safe_name(name)}_{timestamp()}"
+    """A run folder's path that nothing has yet (made when the run starts)."""
+    return stamped(Path(runs_dir) / f"{safe_name(name)}_{{stamp}}", make=False)[0]
 
 
 def _save_request(request: RunRequest, loaded=None) -> None:
@@ -84,6 +85,10 @@ def validate_request(request: RunRequest) -> list[dict]:
         raise StudioError(" ".join(problems))
     if request.resume:
         return []
+    run_dir = Path(request.run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise StudioError(f"{run_dir} already exists and is not empty: a new run there would overwrite it. Choose "
+                          f"a new folder, or continue that run with --resume {run_dir} (nothing was overwritten).")
     prepare_request(request)  # an exam is never trained on: refused as a dataset, found and recorded
     rows = read_dataset(request.dataset)
     train_rows, _ = split_heldout(rows, request.train.heldout_per_group, seed=request.train.seed)

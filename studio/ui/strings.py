@@ -301,6 +301,7 @@ EN = {
         "retrying": "{stage} {subject}: {reason}, retrying in {seconds}s",
         "call_failed": "{stage} {subject} failed: {reason}",
         "task_failed": "a teacher task failed: {message}",
+        "interrupted": "Ctrl-C: stopping. What was made so far is kept; press Ctrl-C again to leave at once.",
         "nothing_written_detail": "Nothing was written: no teacher call produced a usable pair. {summary} First "
                                   "failure: {failure}",
         "nothing_written": "Nothing was written: no call produced a usable pair.",
@@ -345,6 +346,14 @@ EN = {
         "adapter_other_base": "The adapter in {folder} was made for another base model ({base}): {differences}. "
                               "Load that base first.",
         "adapter_damaged": "{path} is damaged ({reason} at line {line}).",
+        "adapter_unreadable": "{path} is damaged (not readable as UTF-8 JSON: {kind}).",
+        "adapter_not_object": "{path} is damaged (a JSON object is needed, it holds {kind}).",
+        "weights_damaged": "{path} is damaged (not a safetensors file: {reason}). Train the adapter again or restore "
+                           "the file.",
+        "config_no_peft": '{path} is damaged: it has no "peft_type", so it is no peft adapter\'s config.',
+        "run_dir_taken": "{path} already exists and is not empty: a new run there would overwrite it. Choose a new "
+                         "folder, or continue that run with --resume {again} (nothing was overwritten).",
+        "no_free_name": "Could not find a free name for {name} in {folder}.",
         "adapter_incomplete": "{folder} is not a complete adapter: {name} is missing.",
         "adapter_config_damaged": "{path} is damaged: {error}",
         "attach_failed": "Could not attach {folder}: {error}",
@@ -410,6 +419,8 @@ EN = {
         "exam_saved_dropped": "exam saved: {count} questions, never trained on -> {path} (dropped: {dropped})",
         "field_missing": '{where}: missing the field "{key}"{alternative} (fields found: {found}). Each row needs "instruction" and "output" as text.',
         "field_type": '{where}: the field "{key}" has the wrong type: {kind} ({value}), it must be text. Put it in quotes.',
+        "message_parts": "{where}: a message has parts that are not text ({kinds}); only text can be trained on.",
+        "message_type": '{where}: a message\'s "content" has the wrong type: {kind} ({value}), it must be text.',
         "field_empty": '{where}: the field "{key}" is empty. Fill it in or delete the row.',
         "dataset_dir": "{path} is a directory, not a dataset. Give the path of a .jsonl file.",
         "doc_ambiguous": "{name} is not UTF-8, and its encoding cannot be told for sure: it could be {candidates}, "
@@ -996,6 +1007,7 @@ ZH = {
         "retrying": "{stage} {subject}：{reason}，{seconds} 秒后重试",
         "call_failed": "{stage} {subject} 失败：{reason}",
         "task_failed": "一个教师模型任务失败：{message}",
+        "interrupted": "Ctrl-C：正在停止。已完成的部分会保留；再按一次 Ctrl-C 立即退出。",
         "nothing_written_detail": "没有写出任何内容：没有一次教师调用产生可用的问答对。{summary} 首个失败：{failure}",
         "nothing_written": "没有写出任何内容：没有一次调用产生可用的问答对。",
         "build_summary": "{sections} 个章节 -> {pairs} 个基础问答 -> 写出 {rows} 行。教师调用：新调用 {calls} 次，"
@@ -1035,6 +1047,12 @@ ZH = {
         "load_ready": "就绪",
         "adapter_other_base": "{folder} 中的适配器是为另一个基座模型（{base}）训练的：{differences}。请先加载那个基座。",
         "adapter_damaged": "{path} 已损坏（第 {line} 行，{reason}）。",
+        "adapter_unreadable": "{path} 已损坏（无法按 UTF-8 JSON 读取：{kind}）。",
+        "adapter_not_object": "{path} 已损坏（需要一个 JSON 对象，它却是 {kind}）。",
+        "weights_damaged": "{path} 已损坏（不是 safetensors 文件：{reason}）。请重新训练这个适配器，或恢复该文件。",
+        "config_no_peft": '{path} 已损坏：其中没有 "peft_type"，不是 peft 适配器的配置。',
+        "run_dir_taken": "{path} 已存在且不为空：在那里开始新的训练会覆盖它。请选择一个新文件夹，或用 --resume {again} 继续那次训练（没有覆盖任何东西）。",
+        "no_free_name": "在 {folder} 中找不到 {name} 的可用名称。",
         "adapter_incomplete": "{folder} 不是完整的适配器：缺少 {name}。",
         "adapter_config_damaged": "{path} 已损坏：{error}",
         "attach_failed": "无法挂载 {folder}：{error}",
@@ -1091,6 +1109,8 @@ ZH = {
         "exam_saved_dropped": "测试题已保存：{count} 道，从不用于训练 -> {path}（丢弃：{dropped}）",
         "field_missing": '{where}：缺少字段 "{key}"{alternative}（现有字段：{found}）。每行都需要文本形式的 "instruction" 和 "output"。',
         "field_type": '{where}：字段 "{key}" 的类型不对：{kind}（{value}），它必须是文本。请给它加上引号。',
+        "message_parts": "{where}：消息中有非文本的部分（{kinds}）；只有文本可以用来训练。",
+        "message_type": '{where}：消息的 "content" 类型不对：{kind}（{value}），必须是文本。',
         "field_empty": '{where}：字段 "{key}" 是空的。请填写内容或删除这一行。',
         "dataset_dir": "{path} 是文件夹，不是数据集。请给出 .jsonl 文件的路径。",
         "doc_ambiguous": "{name} 不是 UTF-8，且无法确定它的编码：可能是 {candidates}，它们解出的文字不同。请用编辑器打开，另存为 UTF-8 后重试。",
