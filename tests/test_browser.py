@@ -147,6 +147,9 @@ def test_a_run_of_the_history_opens_in_compare(browser, workspace):
         page.get_by_role("tab", name="Train").click()
         page.get_by_text("Runs history").filter(visible=True).click()
         page.get_by_text("facts_20261130_101500").filter(visible=True).click()
+        # the row's select event fills the run box; Open reads that box, so it waits for the value
+        page.wait_for_function("() => [...document.querySelectorAll('textarea, input')].some("
+                               "i => i.value === 'facts_20261130_101500')")
         page.get_by_role("button", name="Open in Compare").filter(visible=True).click()
         page.get_by_role("tab", name="Compare", selected=True).wait_for()
         page.wait_for_function("() => [...document.querySelectorAll('input')].some("
