@@ -155,6 +155,11 @@ def test_a_message_built_to_make_the_matcher_backtrack_costs_a_bounded_number_of
     assert repeated.match(hostile) is None
     assert _CountingText.finds <= MATCH_STEPS
     assert repeated.match("p, p, p: q") == {"a": "p", "b": "q"}
+    # each line of a text is matched on its own: a text of thousands of short lines cost seconds a call
+    two_lines = translate("Type a question first.\nType a question first.", "zh")
+    assert two_lines.count("\n") == 1 and "Type a question" not in two_lines  # a few lines: each translated
+    many_lines = "\n".join(["Type a question first."] * 3000)
+    assert translate(many_lines, "zh") == many_lines
 
 
 def test_texts_already_on_a_page_translate_back():

@@ -190,6 +190,15 @@ def test_demo_page_lists_none_of_the_owners_files_runs_or_teacher_address(studio
             client = Client(url, verbose=False)
             _, rag, _, retrieved, _ = client.predict("雾灯岛的通用货币是什么？", studio["run"].name, True,
                                                      SAMPLE_DOC.name, 1, "greedy", 16, api_name="/compare")
+            # a refusal reads the same whether the owner has such a run or document or not
+            refusals = []
+            for run_id, document in (("not_attached_run", SAMPLE_DOC.name), ("no_such_run", SAMPLE_DOC.name),
+                                     (studio["run"].name, "private_notes.md"), (studio["run"].name, "nope.md")):
+                with pytest.raises(Exception) as refused:
+                    client.predict("q", run_id, True, document, 1, "greedy", 16, api_name="/compare")
+                refusals.append(str(refused.value).replace(run_id, "X").replace(document, "Y"))
+        assert refusals[0] == refusals[1] and refusals[2] == refusals[3], refusals
+        assert "unknown run 'X'" in refusals[0] and "unknown document 'Y'" in refusals[2]
         full = Services(manager=studio["manager"], paths=studio["paths"], keys=key_routing(owner_url))
         with launched(full) as url:
             owner_config = httpx.get(url + "config").text
@@ -215,6 +224,8 @@ def test_a_hostile_chat_history_is_refused_before_the_model_is_touched(studio):
         }
         big = httpx.post(url + "gradio_api/queue/join", content=b"{" + b" " * (3 * 2**20) + b"}",
                          headers={"content-type": "application/json"}, timeout=60)
+        # 2 MB of empty message parts: Gradio's own shape check of them held the server for 30 s
+        parts = call_by_index(url, chat, ["hi", [{"role": "user", "content": [{}] * 100_000}], "s", "", 16, 0, 1, 1])
         client = Client(url, verbose=False)
         history, _, _ = client.predict("你好", turn, "s", "", 16, 0.0, 1.0, 1.0, api_name="/chat")
     assert "Chat history is too long (" in json.dumps(replies["long"]) and "at most 100,000)" in json.dumps(replies["long"])
@@ -223,6 +234,7 @@ def test_a_hostile_chat_history_is_refused_before_the_model_is_touched(studio):
     with pytest.raises(BadArgument, match="role must be user or assistant"):
         History("Chat history").check([{"role": "system", "content": "x"}], None)
     assert big.status_code == 413 and "larger than 2 MB" in big.text
+    assert parts["status"] == 413 and "more than 20,000 values" in parts["text"]
     assert history[-1]["role"] == "assistant" and busy_before == studio["manager"].status().state
 
 

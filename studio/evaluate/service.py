@@ -106,6 +106,18 @@ def comparable_run(manager: ModelManager, catalog, run_id: str, policy: AccessPo
     return folder
 
 
+def demo_visible_ids(manager: ModelManager, catalog, kind: str) -> list[str]:
+    """The ids of `kind` a demo visitor may name: the runs whose adapter the owner attached and their source
+    documents; nothing else. Any other id is refused as unknown, the same way whether it exists or not."""
+    runs = [run_id for run_id in catalog.ids("runs") if _attached_from(manager, catalog.resolve_run(run_id))]
+    if kind == "runs":
+        return runs
+    if kind == "documents":
+        documents = (catalog.document_id(source_document(catalog.resolve_run(run_id))) for run_id in runs)
+        return [document for document in documents if document]
+    return []
+
+
 def _attached_from(manager: ModelManager, folder: Path) -> str | None:
     """The name under which the adapter of `folder` is attached (any name, e.g. from --attach), or None."""
     wanted = Path(folder).resolve()

@@ -9,7 +9,10 @@
   in every page, the login page included.
 - `/file=<http URL>` is refused: Gradio would fetch the URL from the server.
 - Every other request body is bounded too (an event's inputs: a chat history, a dataset table): at most
-  the upload limit plus 1 MB, 2 MB in demo mode, where only chat and compare are served.
+  the upload limit plus 1 MB, 2 MB in demo mode, where only chat and compare are served. In demo mode a
+  JSON body of more than 20,000 values is refused as well: Gradio checks a chat history's shape before
+  any handler of the studio sees it, and half a million empty message parts in 2 MB held the server
+  for half a minute.
 - A request with two Content-Type or Content-Length headers is refused: the guard and Gradio could read
   different ones (an upload's type checked on one, stored by the other).
 """
@@ -66,6 +69,26 @@ def _is_multipart(scope) -> bool:
 
 SINGLE_HEADERS = (b"content-type", b"content-length")
 DEMO_BODY_BYTES = 2 * 2**20
+DEMO_JSON_VALUES = 20_000
+
+
+def _json_values_over(body: bytes, most: int) -> bool:
+    """Whether a JSON body holds more than `most` values (objects, lists, strings, numbers...); a body that is
+    not JSON is left to the app, which refuses it."""
+    try:
+        stack, count = [json.loads(body)], 0
+    except (ValueError, RecursionError):
+        return False
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > most:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def _repeated_header(scope) -> str | None:
@@ -202,6 +225,7 @@ class StudioGuard:
         self.login_required = login_required
         self.suffixes = tuple(suffixes)
         self.max_body_bytes = DEMO_BODY_BYTES if not uploads_allowed else max_upload_bytes + 2**20
+        self.max_json_values = DEMO_JSON_VALUES if not uploads_allowed else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -260,6 +284,8 @@ class StudioGuard:
         if body is None:
             return await _reply(send, 413, self._say(scope, "guard_body_large",
                                                      size=f"{self.max_body_bytes / 2**20:g}"))
+        if self.max_json_values and _json_values_over(body, self.max_json_values):
+            return await _reply(send, 413, self._say(scope, "guard_json_values", most=f"{self.max_json_values:,}"))
         await self.app(scope, _replaying(body, receive), send)
 
     # ----- uploads -----------------------------------------------------------------------------

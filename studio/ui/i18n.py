@@ -31,6 +31,7 @@ NESTED_ONLY = ("terms", "fields")
 # "status" that must never be translated when they are a whole message or part of one.
 KEYED_ONLY = ("tables",)
 LONGEST_TRANSLATED = 6000  # a chat reply or a prompt preview is never a message of the tables
+MOST_LINES_TRANSLATED = 60  # a text of more lines is no message of the studio's: each line costs a pass
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # Runs in the page before the language switch's handler: remembers the choice, passes the inputs on.
 SET_COOKIE_JS = ("(lang, ...rest) => { if (lang) { document.cookie = '" + COOKIE + "=' + lang + "
@@ -183,7 +184,7 @@ class Translator:
             if match is not None:
                 values = {name: self.translate(value, lang, True, depth + 1) for name, value in match.items()}
                 return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.text(section, key, lang))
-        if "\n" in message and not nested:
+        if "\n" in message and not nested and message.count("\n") < MOST_LINES_TRANSLATED:
             return "\n".join(self.translate(line, lang) for line in message.split("\n"))
         return message
 

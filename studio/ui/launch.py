@@ -25,7 +25,8 @@ def launch_options(services, *, logins: list[tuple[str, str]] | None = None,
                        lang=getattr(services, "lang", None))
     return {
         "auth": logins or None,
-        "show_error": True,
+        "show_error": False,  # the studio's own refusals are gr.Error and show; other errors' text (a
+                              # parser's echo of a hostile input) does not reach the page
         "footer_links": [] if demo else ["api"],
         "max_file_size": max_bytes,
         "app_kwargs": {"middleware": [guard]},

@@ -121,7 +121,7 @@ class Id:
     def check(self, value, ctx):
         if self.optional and value in (None, ""):
             return value
-        if isinstance(value, str) and value in ctx.catalog.ids(self.kind):
+        if isinstance(value, str) and value in ctx.ids(self.kind):
             return value
         raise BadArgument(f"unknown {self.kind.rstrip('s')} '{Path(str(value)[:60]).name}': pick one from the list.")
 
@@ -244,12 +244,24 @@ class Registry:
     catalog: Any
     max_upload_bytes: int = 20 * 2**20
     entries: list[Registered] = field(default_factory=list)
+    # demo mode: the ids of a kind a visitor may name (the attached runs and their documents), so that a
+    # refusal reads the same whether the owner has such a file or not
+    demo_ids: Callable[[str], list[str]] | None = None
     _uploads: dict[str, set[Path]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def for_services(cls, services) -> "Registry":
-        return cls(services.policy, services.catalog, int(services.max_upload_mb * 2**20))
+        from studio.evaluate.service import demo_visible_ids
+
+        registry = cls(services.policy, services.catalog, int(services.max_upload_mb * 2**20))
+        if services.policy.is_demo:
+            registry.demo_ids = lambda kind: demo_visible_ids(services.manager, services.catalog, kind)
+        return registry
+
+    def ids(self, kind: str) -> list[str]:
+        """The ids of `kind` (documents, datasets, runs) an argument may name."""
+        return self.demo_ids(kind) if self.demo_ids is not None else self.catalog.ids(kind)
 
     @property
     def demo(self) -> bool:

@@ -538,6 +538,7 @@ EN = {
         "guard_too_large": "The file is larger than {size} MB.",
         "guard_file_type": "Only {suffixes} files are accepted.",
         "guard_body_large": "The request is larger than {size} MB.",
+        "guard_json_values": "The request holds more than {most} values.",
         "guard_repeated_header": "The request has more than one {header} header.",
     },
     # Table headers, model card rows and plot series the handlers build: by key, never matched as a message.
@@ -1206,6 +1207,7 @@ ZH = {
         "guard_too_large": "文件大于 {size} MB。",
         "guard_file_type": "只接受 {suffixes} 文件。",
         "guard_body_large": "请求大于 {size} MB。",
+        "guard_json_values": "请求中的值超过 {most} 个。",
         "guard_repeated_header": "请求中有不止一个 {header} 头。",
     },
     "tables": {
