@@ -238,3 +238,20 @@ def test_fields_of_the_wrong_type_are_400s_that_name_them_and_null_is_openais_de
     defaults = ChatRequest.parse({**base, "temperature": None, "top_p": None, "max_tokens": None, "stop": None})
     assert (defaults.temperature, defaults.top_p, defaults.max_tokens, defaults.stop) == (1.0, 1.0, DEFAULT_MAX_TOKENS, ())
     assert ChatRequest.parse({**base, "max_completion_tokens": 7, "max_tokens": 9}).max_tokens == 7
+
+
+def test_a_body_over_the_limit_is_413_and_broken_json_400_before_any_model_work(served, tiny_model_dir):
+    import httpx
+
+    from studio.serve.openai_api import MAX_BODY_BYTES
+
+    url = served.base_url + "/chat/completions"
+    padding = " " * (MAX_BODY_BYTES + 1)
+    big = httpx.post(url, content=b'{"model": "x",' + padding.encode() + b'"messages": []}',
+                     headers={"content-type": "application/json"}, timeout=60)
+    chunked = httpx.post(url, content=iter([b'{"model": "x", ', padding.encode(), b"}"]),
+                         headers={"content-type": "application/json"}, timeout=60)
+    broken = httpx.post(url, content=b'{"model": ', headers={"content-type": "application/json"}, timeout=60)
+    for reply in (big, chunked):
+        assert reply.status_code == 413 and "larger than 4 MB" in reply.json()["error"]["message"]
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]

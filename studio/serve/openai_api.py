@@ -31,6 +31,7 @@ from studio.errors import ModelBusyError, ModelNotLoadedError, PermissionDenied,
 RETRY_AFTER_S = 5
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 8192
+MAX_BODY_BYTES = 4 * 2**20  # 100,000 characters of messages are at most about 1 MB of JSON
 ROLES = ("system", "user", "assistant")
 
 
@@ -304,11 +305,7 @@ def mount_openai_routes(fastapi_app, services, api_key: str = "") -> None:
         if (denied := refused(request)) is not None:
             return denied
         try:
-            body = await request.json()
-        except ValueError:
-            return ApiError(400, "The request body is not valid JSON.").response()
-        try:
-            chat = ChatRequest.parse(body)
+            chat = ChatRequest.parse(await _json_body(request))
             lease, adapter = take_model(services, chat)
         except ApiError as exc:
             return exc.response()
@@ -317,6 +314,24 @@ def mount_openai_routes(fastapi_app, services, api_key: str = "") -> None:
         return await asyncio.to_thread(complete, lease, adapter, chat)
 
     fastapi_app.include_router(router)
+
+
+async def _json_body(request: Request):
+    """The request's JSON, read only while it stays within MAX_BODY_BYTES (413 past that)."""
+    too_large = ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON.") from None
 
 
 def authorized(request, api_key: str) -> bool:
