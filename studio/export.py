@@ -112,7 +112,10 @@ def run_export(job: Job, request: ExportRequest, metadata: dict) -> dict:
     try:
         snapshot = _snapshot(request.adapter_dir, staging / ".adapter")
         if request.merge:
-            files = export_merged(job, source, snapshot, staging, metadata)
+            try:
+                files = export_merged(job, source, snapshot, staging, metadata)
+            except AdapterError as exc:  # name the user's folder, not the hidden copy merged from
+                raise AdapterError(str(exc).replace(str(snapshot), str(request.adapter_dir))) from None
             text = merged_instructions(out_dir, name)
         else:
             files = export_adapter(snapshot, staging, base, run_name=request.adapter_dir.name)

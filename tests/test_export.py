@@ -231,3 +231,18 @@ def test_a_merge_that_would_not_fit_in_memory_is_refused_with_both_figures(tiny_
     assert job.status.value == "failed"
     assert "Merging needs about" in job.error and "GiB is free" in job.error and "export the adapter alone" in job.error
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_merge_that_cannot_apply_the_adapter_names_the_users_folder(tiny_model_dir, adapter_run, tmp_path,
+                                                                      monkeypatch):
+    """The merge reads a copy of the run in a hidden staging folder: its error named that copy."""
+    import studio.export as export
+    from studio.errors import AdapterError
+
+    def cannot_apply(job, source, adapter_dir, out_dir, metadata):
+        raise AdapterError(f"Could not apply {adapter_dir} to the base: RuntimeError: size mismatch")
+
+    monkeypatch.setattr(export, "export_merged", cannot_apply)
+    job = _export(adapter_run, tmp_path / "merged", merge=True, base=str(tiny_model_dir))
+    assert job.status.value == "failed"
+    assert f"Could not apply {adapter_run} to the base" in job.error and ".adapter" not in job.error
