@@ -140,11 +140,11 @@ def _reply_from(response) -> TeacherReply:
         return TeacherReply("", "empty")
     if not isinstance(choices, (list, tuple)):
         raise _schema_error(f"`choices` is {type(choices).__name__}, not a list")
-    message = _field(choices[0], "message")
+    message, finish = _field(choices[0], "message"), _field(choices[0], "finish_reason")
     usage = _field(response, "usage")
     return TeacherReply(
         text=_content_text(_field(message, "content")),
-        finish_reason=_field(choices[0], "finish_reason") if isinstance(_field(choices[0], "finish_reason"), str) else None,
+        finish_reason=finish if isinstance(finish, str) else None,
         prompt_tokens=_count(_field(usage, "prompt_tokens")),
         completion_tokens=_count(_field(usage, "completion_tokens")),
     )
