@@ -484,15 +484,13 @@ def checked_train_request(args: argparse.Namespace, runs_dir):
     """The run to start, with its arguments, dataset or run folder checked before the model loads."""
     from pathlib import Path
 
-    from studio.train.job import last_complete_checkpoint
-    from studio.train.service import validate_request
+    from studio.train.service import check_resumable, validate_request
 
     request = train_request(args, None, runs_dir)
     if args.resume:
         if args.dataset:
             print("[log] --dataset is ignored with --resume: the run continues on its own training split.", flush=True)
-        if last_complete_checkpoint(Path(args.resume)) is None:
-            raise StudioError(f"{args.resume} has no complete checkpoint to resume from.")
+        check_resumable(Path(args.resume))
     validate_request(request)
     return request
 

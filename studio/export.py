@@ -65,10 +65,10 @@ class ExportRequest:
 
 
 def export_folder(exports_dir: Path, run_name: str, merge: bool) -> Path:
-    """A new folder for one export of a run: exports/<run>-adapter|merged-<timestamp>."""
-    from studio.data.datasets import timestamp
+    """A new folder for one export of a run: exports/<run>-adapter|merged-<timestamp> (-2, -3... when taken)."""
+    from studio.data.datasets import stamped
 
-    return Path(exports_dir) / f"{run_name}-{'merged' if merge else 'adapter'}-{timestamp()}"
+    return stamped(Path(exports_dir) / f"{run_name}-{'merged' if merge else 'adapter'}-{{stamp}}", make=False)[0]
 
 
 def shown_files(result: dict) -> list[str]:

@@ -116,6 +116,12 @@ def run_copy(c: Ctx, damage: Callable[[Path], None]) -> str:
     return str(target)
 
 
+def stopped(run: Path) -> None:
+    """Make a finished run's copy read as one stopped before its end (so that it may resume)."""
+    meta = json.loads((run / "studio.json").read_text(encoding="utf-8"))
+    (run / "studio.json").write_text(json.dumps({**meta, "status": "stopped at step 1"}), encoding="utf-8")
+
+
 def huge_doc(c: Ctx) -> str:
     return c.file("huge.md", "## 长\n\n" + "".join(f"第{i}号灯塔在第{i}号码头旁边。" for i in range(40_000)))
 
@@ -207,8 +213,11 @@ CASES = [
     Case("resume-no-checkpoint", "arguments", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.model),
                                                          "--resume", run_copy(c, lambda r: shutil.rmtree(r / "checkpoints"))],
          ("has no complete checkpoint to resume from",)),
+    Case("resume-finished-run", "arguments", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.model),
+                                                        "--resume", str(c.trained_run)],
+         ("finished all its", "nothing to resume", "Start a new run")),
     Case("resume-other-base", "adapters", lambda c: ["--workdir", str(c.tmp), "train", "--model", str(c.other_base),
-                                                     "--resume", str(c.trained_run)],
+                                                     "--resume", run_copy(c, stopped)],
          ("was trained on another base", "intermediate_size 128 vs 96", "--model"), before_load=False),
     # ----- adapters (compare) -----
     Case("adapter-missing", "adapters", lambda c: c.compare(str(c.tmp / "runs" / "nothing")), ("Adapter folder not found",)),

@@ -152,6 +152,10 @@ def test_stop_saves_a_usable_adapter_and_resume_continues(manager, dataset, work
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps[:5] == [1, 2, 3, 4, 5] and steps[5] == 6 and max(steps) == 45
     assert json.loads((req.run_dir / "studio.json").read_text())["resumed_from"] == 5
+    adapter = (req.run_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(StudioError, match="finished all its 45 steps: there is nothing to resume"):
+        start_training(board, manager, load_request(req.run_dir))  # it once trained a 46th step over the adapter
+    assert (req.run_dir / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def test_resume_without_checkpoint_is_refused(manager, dataset, workspace):

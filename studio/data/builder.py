@@ -503,13 +503,15 @@ class DatasetBuild:
         self.result.exam_dropped = {k: v for k, v in dropped.items() if v}
         return exam_rows
 
-    def _write_exam(self, job: Job, rows: list[dict], stamp: str) -> None:
+    def _write_exam(self, job: Job, rows: list[dict], path: Path) -> None:
+        """Write the exam over the empty file reserved for it (removed when there is no exam)."""
         exam_rows = self.exam(rows)
         self.result.exam_questions = len(exam_rows)
         if not exam_rows:
+            path.unlink(missing_ok=True)
             job.log(f"No exam was written: no usable exam question (dropped: {self.result.exam_dropped or 'none'}).")
             return
-        path = write_jsonl_atomic(self.data_dir / f"{self.name}_exam_{stamp}.jsonl", exam_rows)
+        write_jsonl_atomic(path, exam_rows)
         self.result.exam_path = str(path)
         job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}"
                 + (f" (dropped: {self.result.exam_dropped})" if self.result.exam_dropped else ""))
@@ -520,14 +522,14 @@ class DatasetBuild:
         if not rows:
             job.log("Nothing was written: no call produced a usable pair.")
             return
-        base_path, dataset_path = stamped(self.data_dir / f"{self.name}_base_{{stamp}}.jsonl",
-                                          self.data_dir / f"{self.name}_dataset_{{stamp}}.jsonl")
-        stamp = base_path.stem.rsplit("_base_", 1)[1]
+        names = ("base", "dataset") + (("exam",) if self.settings.exam > 0 else ())
+        paths = stamped(*(self.data_dir / f"{self.name}_{kind}_{{stamp}}.jsonl" for kind in names))
+        base_path, dataset_path = paths[:2]
         write_jsonl_atomic(base_path, base_rows)
         write_jsonl_atomic(dataset_path, rows)
         self.result.base_path, self.result.dataset_path = str(base_path), str(dataset_path)
         if self.settings.exam > 0:
-            self._write_exam(job, rows, stamp)
+            self._write_exam(job, rows, paths[2])
         write_text_atomic(self.folder / "summary.json", json.dumps(asdict(self.result), ensure_ascii=False, indent=2))
         job.log(f"base saved: {len(base_rows)} -> {base_path}")
         job.log(f"saved: {len(rows)} -> {dataset_path}")

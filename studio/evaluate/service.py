@@ -11,7 +11,7 @@ from studio.access import AccessPolicy
 from studio.data.datasets import read_dataset
 from studio.data.teacher import OpenAITeacher, TeacherConfig
 from studio.errors import AdapterError, StudioError
-from studio.data.datasets import timestamp
+from studio.data.datasets import stamped
 from studio.evaluate.report import ReportRequest, run_report, write_report
 from studio.evaluate.retrieval import SectionRetriever
 from studio.jobs import Job, JobBoard
@@ -199,9 +199,9 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
         raise
     def target(job: Job) -> dict:
         report = run_report(job, lease, request)
-        stamp = timestamp()
-        report["files"] = [str(write_report(report, folder / "reports" / f"report_{stamp}.{suffix}"))
-                           for suffix in ("json", "csv")]
+        (folder / "reports").mkdir(parents=True, exist_ok=True)
+        paths = stamped(*(folder / "reports" / f"report_{{stamp}}.{suffix}" for suffix in ("json", "csv")))
+        report["files"] = [str(write_report(report, path)) for path in paths]
         job.log(f"Report saved: {', '.join(report['files'])}")
         return report
 

@@ -120,9 +120,23 @@ def check_can_start(board: JobBoard, request: RunRequest) -> None:
     current = board.latest(JOB_KIND)
     if current is not None and current.running:
         raise StudioError(f"A training run is already going ({current.name}). Stop it or wait for it to finish.")
-    if request.resume and last_complete_checkpoint(request.run_dir) is None:
-        raise StudioError(f"{request.run_dir} has no complete checkpoint to resume from.")
+    if request.resume:
+        check_resumable(Path(request.run_dir))
     validate_request(request)
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse to resume a run without a checkpoint, or one that finished (resuming would train past its
+    end and rewrite the adapter the owner kept); a stopped or killed run resumes."""
+    if last_complete_checkpoint(run_dir) is None:
+        raise StudioError(f"{run_dir} has no complete checkpoint to resume from.")
+    try:
+        metadata = adapters.read_metadata(run_dir)
+    except StudioError:
+        return  # a damaged studio.json: the run's own checkpoint decides
+    if metadata.get("status") == "completed":
+        raise StudioError(f"{run_dir.name} finished all its {metadata.get('steps', '?')} steps: there is nothing to "
+                          "resume, and its adapter stays as it is. Start a new run to train more.")
 
 
 def start_training(board: JobBoard, manager: ModelManager, request: RunRequest, extra_callbacks: tuple = (), *,

@@ -354,6 +354,8 @@ EN = {
         "run_dir_taken": "{path} already exists and is not empty: a new run there would overwrite it. Choose a new "
                          "folder, or continue that run with --resume {again} (nothing was overwritten).",
         "no_free_name": "Could not find a free name for {name} in {folder}.",
+        "run_finished": "{run} finished all its {steps} steps: there is nothing to resume, and its adapter stays as "
+                        "it is. Start a new run to train more.",
         "adapter_incomplete": "{folder} is not a complete adapter: {name} is missing.",
         "adapter_config_damaged": "{path} is damaged: {error}",
         "attach_failed": "Could not attach {folder}: {error}",
@@ -1054,6 +1056,7 @@ ZH = {
         "config_no_peft": '{path} 已损坏：其中没有 "peft_type"，不是 peft 适配器的配置。',
         "run_dir_taken": "{path} 已存在且不为空：在那里开始新的训练会覆盖它。请选择一个新文件夹，或用 --resume {again} 继续那次训练（没有覆盖任何东西）。",
         "no_free_name": "在 {folder} 中找不到 {name} 的可用名称。",
+        "run_finished": "{run} 已完成全部 {steps} 步：没有可继续的训练，它的适配器保持不变。如需继续训练，请开始一次新的训练。",
         "adapter_incomplete": "{folder} 不是完整的适配器：缺少 {name}。",
         "adapter_config_damaged": "{path} 已损坏：{error}",
         "attach_failed": "无法挂载 {folder}：{error}",
