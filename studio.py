@@ -338,6 +338,10 @@ def run_ui(args: argparse.Namespace, services) -> int:
         server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
         **launch_options(services, logins=read_logins(args)),
     )
+    if args.share and not getattr(app, "share_url", None):
+        message = (f"No share link could be made (no internet, or Gradio's tunnel file could not be fetched: "
+                   f"see Gradio's lines above to install it by hand). The studio runs on {app.local_url} only.")
+        print(in_language(message, message_language(args)), file=sys.stderr, flush=True)
     if args.api:
         from studio.serve import mount_openai_routes
 

@@ -326,15 +326,18 @@ def test_share_without_login_prints_what_demo_mode_allows(tmp_path, tiny_model_d
                              "--workdir", str(tmp_path), "--model", str(tiny_model_dir)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
-        line = ""
+        lines = []
         deadline = time.time() + 120
-        while time.time() < deadline and "WARNING" not in line:
-            line = proc.stderr.readline()
+        while time.time() < deadline and not any(w in "".join(lines) for w in ("No share link", "public URL")):
+            lines.append(proc.stderr.readline())
     finally:
         proc.terminate()
         proc.wait(30)
-    assert "WARNING" in line and "without a login" in line and "chat with the base model" in line
-    assert "refused" in line
+    line = next(line for line in lines if "WARNING" in line)
+    assert "without a login" in line and "chat with the base model" in line and "refused" in line
+    # without internet (as here) Gradio cannot fetch its tunnel: the studio says so and where it runs
+    said = "".join(lines)
+    assert "public URL" in said or ("No share link could be made" in said and "runs on http://127.0.0.1:" in said)
 
 
 # ----- keys go only where the owner said -------------------------------------------------------------

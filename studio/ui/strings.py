@@ -302,6 +302,8 @@ EN = {
         "call_failed": "{stage} {subject} failed: {reason}",
         "task_failed": "a teacher task failed: {message}",
         "interrupted": "Ctrl-C: stopping. What was made so far is kept; press Ctrl-C again to leave at once.",
+        "no_share_link": "No share link could be made (no internet, or Gradio's tunnel file could not be fetched: see "
+                         "Gradio's lines above to install it by hand). The studio runs on {url} only.",
         "nothing_written_detail": "Nothing was written: no teacher call produced a usable pair. {summary} First "
                                   "failure: {failure}",
         "nothing_written": "Nothing was written: no call produced a usable pair.",
@@ -1011,6 +1013,7 @@ ZH = {
         "call_failed": "{stage} {subject} 失败：{reason}",
         "task_failed": "一个教师模型任务失败：{message}",
         "interrupted": "Ctrl-C：正在停止。已完成的部分会保留；再按一次 Ctrl-C 立即退出。",
+        "no_share_link": "无法创建分享链接（没有网络，或无法下载 Gradio 的隧道文件：请按上方 Gradio 的提示手动安装）。工作室只在 {url} 上运行。",
         "nothing_written_detail": "没有写出任何内容：没有一次教师调用产生可用的问答对。{summary} 首个失败：{failure}",
         "nothing_written": "没有写出任何内容：没有一次调用产生可用的问答对。",
         "build_summary": "{sections} 个章节 -> {pairs} 个基础问答 -> 写出 {rows} 行。教师调用：新调用 {calls} 次，"
