@@ -279,3 +279,24 @@ def test_the_cost_is_known_before_the_build_and_matches_it(workspace, small_doc,
     paragraph = "".join(f"第{i}号灯塔在第{i}号码头旁边。" for i in range(30_000))
     huge = estimate_cost("## 长\n\n" + paragraph, settings)
     assert huge.calls > 300 and f"{len(paragraph):,} characters long" in huge.describe()
+
+
+def test_a_task_that_raises_is_counted_and_its_message_keeps_no_key(workspace, small_doc, teacher, monkeypatch):
+    """A failure no check foresaw fails its own section only, and what it says is redacted like the rest."""
+    import studio.data.builder as builder_module
+
+    real_parse, calls = builder_module.parse_pairs, []
+
+    def parse_failing_once(text, finish):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(f"client said Authorization: Bearer {KEY}")
+        return real_parse(text, finish)
+
+    monkeypatch.setattr(builder_module, "parse_pairs", parse_failing_once)
+    job = build(workspace, small_doc, teacher, concurrency=1, variants=0)
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["failures"] == {"unexpected": 1} and job.result["base_pairs"] == 3
+    failures = (Path(job.result["build_dir"]) / "failures.jsonl").read_text(encoding="utf-8")
+    assert "RuntimeError: client said" in failures and KEY not in failures
+    assert KEY not in every_file_text(workspace.data_dir)

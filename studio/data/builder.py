@@ -22,6 +22,7 @@ from pathlib import Path
 
 from studio.data.datasets import safe_name, stamped, write_jsonl_atomic, write_text_atomic
 from studio.logs import json_line, jsonl_lines
+from studio.secrets import redact
 from studio.data import exam as exam_module
 from studio.data import styles
 from studio.data.documents import Section, SplitSettings, document_title, split_sections
@@ -416,7 +417,7 @@ class DatasetBuild:
 
     def _task_failed(self, job: Job, exc: BaseException) -> None:
         """Count a task that raised (its section's or pair's rows are missing) and go on with the others."""
-        message = f"unexpected: {type(exc).__name__}: {exc}"[:300]
+        message = redact(f"unexpected: {type(exc).__name__}: {exc}", getattr(self.teacher, "secrets", ()))[:300]
         with self._lock:
             self._failures["unexpected"] += 1
             self._first_failure = self._first_failure or message
