@@ -27,6 +27,7 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from studio.errors import ModelBusyError, ModelNotLoadedError, PermissionDenied, StudioError
+from studio.http_body import body_within
 
 RETRY_AFTER_S = 5
 DEFAULT_MAX_TOKENS = 512
@@ -318,18 +319,11 @@ def mount_openai_routes(fastapi_app, services, api_key: str = "") -> None:
 
 async def _json_body(request: Request):
     """The request's JSON, read only while it stays within MAX_BODY_BYTES (413 past that)."""
-    too_large = ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
+    body = await body_within(request.scope, request.receive, MAX_BODY_BYTES)
+    if body is None:
+        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.")
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON.") from None
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from studio.catalog import UPLOAD_SUFFIXES
+from studio.http_body import body_within
 from studio.ui.i18n import COOKIE, pick_language, text
 
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
@@ -123,25 +124,6 @@ async def _read_body(receive) -> tuple[bytes, object]:
             break
     body = b"".join(chunks)
     return body, _replaying(body, receive)
-
-
-async def _body_within(scope, receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it is known to be longer than `limit` bytes (by its declared
-    length, or while it arrives) or the client went away."""
-    declared = dict(scope.get("headers") or []).get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 def _replaying(body: bytes, receive):
@@ -280,7 +262,7 @@ class StudioGuard:
     # ----- request bodies ----------------------------------------------------------------------
     async def _bounded(self, scope, receive, send):
         """Pass the request on once its body is known to fit max_body_bytes; 413 otherwise."""
-        body = await _body_within(scope, receive, self.max_body_bytes)
+        body = await body_within(scope, receive, self.max_body_bytes)
         if body is None:
             return await _reply(send, 413, self._say(scope, "guard_body_large",
                                                      size=f"{self.max_body_bytes / 2**20:g}"))
@@ -294,7 +276,7 @@ class StudioGuard:
             return await _reply(send, 403, self._say(scope, "guard_no_uploads"))
         limit = self.max_upload_bytes + 64 * 1024  # the multipart framing around the file
         headers = dict(scope.get("headers") or [])
-        body = await _body_within(scope, receive, limit)
+        body = await body_within(scope, receive, limit)
         if body is None:
             return await _reply(send, 413, self._say(scope, "guard_too_large", size=f"{self.max_upload_bytes / 2**20:g}"))
         names = upload_names(headers.get(b"content-type", b""), body)
