@@ -28,7 +28,7 @@ from studio.model.decoding import DECODE_MODES  # noqa: E402
 from studio.model.loading import QUANT_CHOICES  # noqa: E402
 from studio.model.manager import DEFAULT_DECODE_MODE  # noqa: E402
 from studio.train.settings import PRESETS  # noqa: E402
-from studio.services import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, PROJECT_ROOT, StudioPaths  # noqa: E402
+from studio.config import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, PROJECT_ROOT, StudioPaths  # noqa: E402
 
 ASSETS = PROJECT_ROOT / "assets"
 
@@ -274,9 +274,10 @@ def build_services(args: argparse.Namespace):
     from pathlib import Path
 
     from studio.catalog import Catalog
+    from studio.config import SAMPLE_DOCUMENT
     from studio.data.teacher import key_routing
     from studio.model.manager import ModelManager
-    from studio.services import SAMPLE_DOCUMENT, Services
+    from studio.services import Services
 
     paths = StudioPaths(Path(args.workdir) / "data", Path(args.workdir) / "runs") if args.workdir else StudioPaths()
     paths = paths.ensure()

@@ -26,7 +26,7 @@ from studio.data.service import start_build  # noqa: E402
 from studio.data.teacher import TeacherConfig  # noqa: E402
 from studio.jobs import JobBoard  # noqa: E402
 from studio.model.manager import ModelManager  # noqa: E402
-from studio.services import StudioPaths  # noqa: E402
+from studio.config import StudioPaths  # noqa: E402
 
 
 def document(sections: int = 20) -> str:

@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def workspace(tmp_path) -> "object":
-    from studio.services import StudioPaths
+    from studio.config import StudioPaths
 
     return StudioPaths(tmp_path / "data", tmp_path / "runs").ensure()
 

@@ -191,7 +191,7 @@ from studio.data.service import start_build
 from studio.data.teacher import TeacherConfig
 from studio.jobs import JobBoard
 from studio.model.manager import ModelManager
-from studio.services import StudioPaths
+from studio.config import StudioPaths
 paths = StudioPaths(Path({str(workspace.data_dir)!r}), Path({str(workspace.runs_dir)!r}))
 settings = BuildSettings(variants=3, per_section="1", concurrency=1)
 start_build(JobBoard(), ModelManager(), paths, {str(small_doc)!r}, settings, TeacherConfig({teacher.base_url!r}, "teacher-x", "k"))

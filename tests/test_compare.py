@@ -25,7 +25,8 @@ from studio.jobs import JobBoard, JobStatus
 from studio.model.generation import GenerationSettings, build_messages
 from studio.model.loading import ModelSpec
 from studio.model.manager import ModelManager, ModelState
-from studio.services import Services, StudioPaths
+from studio.config import StudioPaths
+from studio.services import Services
 from studio.train.job import RunRequest
 from studio.train.service import new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings

@@ -28,7 +28,7 @@ from studio.evaluate.report import BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL, form
 from studio.jobs import JobBoard, JobStatus
 from studio.model.generation import GenerationSettings
 from studio.model.manager import ModelManager
-from studio.services import StudioPaths
+from studio.config import StudioPaths
 from studio.train.job import RunRequest
 from studio.train.service import load_request, new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings

@@ -31,7 +31,8 @@ from studio.jobs import JobBoard, JobStatus
 from studio.model.generation import GenerationSettings
 from studio.model.loading import ModelSpec
 from studio.model.manager import ModelManager
-from studio.services import PROJECT_ROOT, Services, StudioPaths
+from studio.config import PROJECT_ROOT, StudioPaths
+from studio.services import Services
 from studio.train.job import RunRequest
 from studio.train.service import new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings

@@ -11,7 +11,7 @@ from studio.data.teacher import LocalTeacher, OpenAITeacher, TeacherConfig
 from studio.errors import DataError
 from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager
-from studio.services import StudioPaths
+from studio.config import StudioPaths
 
 JOB_KIND = "dataset"
 

@@ -10,7 +10,8 @@ from studio.access import page_model_source
 from studio.model.card import ModelCard, human_bytes, human_count
 from studio.model.generation import GenerationSettings, StopSignals, build_messages
 from studio.model.loading import QUANT_CHOICES, ModelSpec
-from studio.services import MODEL_PRESETS, Services
+from studio.config import MODEL_PRESETS
+from studio.services import Services
 from studio.train.adapters import read_metadata
 from studio.ui.i18n import text, translate
 from studio.ui.registry import Choice, History, Num, Text, page_language

@@ -14,7 +14,8 @@ from studio.evaluate import service
 from studio.evaluate.report import table_rows
 from studio.evaluate.retrieval import SectionRetriever, retrieval_messages
 from studio.model.generation import GenerationSettings, build_messages
-from studio.services import SAMPLE_DOCUMENT, Services
+from studio.config import SAMPLE_DOCUMENT
+from studio.services import Services
 from studio.train import adapters
 from studio.ui.common import job_panel, localized_frame
 from studio.ui.history_panel import HistoryPanel

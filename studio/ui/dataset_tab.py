@@ -14,7 +14,8 @@ from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.styles import DEFAULT_STYLE, STYLES
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
-from studio.services import SAMPLE_DOCUMENT, Services
+from studio.config import SAMPLE_DOCUMENT
+from studio.services import Services
 from studio.ui.common import job_panel
 from studio.ui.i18n import column, text
 from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload, page_language

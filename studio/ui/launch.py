@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.middleware import Middleware
 
 from studio.access import DEMO_SUMMARY, is_loopback
-from studio.services import PROJECT_ROOT
+from studio.config import PROJECT_ROOT
 from studio.ui.guard import LoginThrottle, StudioGuard
 
 CSS = PROJECT_ROOT / "assets" / "studio.css"
