@@ -569,7 +569,7 @@ def follow_training(job, request, args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace, services) -> int:
     from pathlib import Path
 
-    from studio.data.datasets import read_dataset
+    from studio.data.records import read_dataset
     from studio.data.documents import read_document
     from studio.data.teacher import TeacherConfig
     from studio.evaluate.report import format_table, write_report

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import ROOT, versions, gpu_slug  # noqa: F401  (sets sys.path)
 
-from studio.data.datasets import read_dataset  # noqa: E402
+from studio.data.records import read_dataset  # noqa: E402
 from studio.evaluate import service as evaluate  # noqa: E402
 from studio.evaluate.report import BASE, RETRIEVAL, TUNED, TUNED_RETRIEVAL  # noqa: E402
 from studio.jobs import JobBoard, JobStatus  # noqa: E402

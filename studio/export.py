@@ -66,7 +66,7 @@ class ExportRequest:
 
 def export_folder(exports_dir: Path, run_name: str, merge: bool) -> Path:
     """A new folder for one export of a run: exports/<run>-adapter|merged-<timestamp> (-2, -3... when taken)."""
-    from studio.data.datasets import stamped
+    from studio.data.records import stamped
 
     return stamped(Path(exports_dir) / f"{run_name}-{'merged' if merge else 'adapter'}-{{stamp}}", make=False)[0]
 
@@ -150,7 +150,7 @@ def _snapshot(adapter_dir: Path, into: Path) -> Path:
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     """Flush the staged files to disk, then rename the folder to `out_dir` (an empty one is replaced)."""
-    from studio.data.datasets import fsync_folder
+    from studio.data.records import fsync_folder
 
     fsync_folder(staging)
     if out_dir.is_dir() and not any(out_dir.iterdir()):

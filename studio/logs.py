@@ -59,7 +59,7 @@ def read_jsonl_log(path: str | Path) -> tuple[list[dict], str]:
 
 def rewrite_jsonl_log(path: str | Path, keep: Callable[[dict], bool] = lambda record: True) -> tuple[int, str]:
     """Atomically rewrite a log with only the well-formed records `keep` accepts; (records dropped, note)."""
-    from studio.data.datasets import write_text_atomic
+    from studio.data.records import write_text_atomic
 
     path = Path(path)
     if not path.is_file():

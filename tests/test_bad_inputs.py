@@ -361,14 +361,14 @@ def test_readme_lists_every_case():
 
 def test_two_saves_in_one_second_keep_both_files(tmp_path, monkeypatch):
     """A name made of the second it was saved in: the second save of that second replaced the first."""
-    from studio.data import datasets
+    from studio.data import records
     from studio.train.service import new_run_dir
 
-    monkeypatch.setattr(datasets, "timestamp", lambda: "20261207_120000")
-    first = datasets.save_rows([GOOD_ROW], "mine", tmp_path)
-    second = datasets.save_rows([{**GOOD_ROW, "output": "另一个答案。"}], "mine", tmp_path)
+    monkeypatch.setattr(records, "timestamp", lambda: "20261207_120000")
+    first = records.save_rows([GOOD_ROW], "mine", tmp_path)
+    second = records.save_rows([{**GOOD_ROW, "output": "另一个答案。"}], "mine", tmp_path)
     assert (first.name, second.name) == ("mine_edited_20261207_120000.jsonl", "mine_edited_20261207_120000-2.jsonl")
-    assert [datasets.read_dataset(p)[0]["output"] for p in (first, second)] == ["灯贝。", "另一个答案。"]
+    assert [records.read_dataset(p)[0]["output"] for p in (first, second)] == ["灯贝。", "另一个答案。"]
     run = new_run_dir(tmp_path, "facts")
     run.mkdir()
     assert new_run_dir(tmp_path, "facts").name == "facts_20261207_120000-2"

@@ -12,7 +12,7 @@ import pytest
 
 from fake_teacher import Behaviour, FakeTeacher
 from studio.data.builder import BuildSettings
-from studio.data.datasets import read_dataset
+from studio.data.records import read_dataset
 from studio.data.service import start_build
 from studio.data.teacher import RetryPolicy, TeacherConfig
 from studio.jobs import JobBoard, JobStatus

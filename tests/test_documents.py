@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from studio.data.datasets import read_dataset, write_jsonl_atomic
+from studio.data.records import read_dataset, write_jsonl_atomic
 from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.normalize import dedup_key, normalize_question
 from studio.errors import DataError

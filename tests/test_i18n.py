@@ -76,7 +76,7 @@ def test_address_beats_flag_beats_switch_beats_browser():
 # ----- real messages of the services --------------------------------------------------------------
 def _real_errors(tmp_path):
     from studio.access import AccessPolicy
-    from studio.data.datasets import read_dataset
+    from studio.data.records import read_dataset
     from studio.errors import StudioError
     from studio.model.manager import ModelManager
 

@@ -13,7 +13,7 @@ import pytest
 
 from fake_teacher import Behaviour, FakeTeacher
 from studio.data.builder import BuildSettings
-from studio.data.datasets import read_dataset
+from studio.data.records import read_dataset
 from studio.data.documents import split_sections
 from studio.data.exam import exam_beside, exam_rows, parse_exam
 from studio.data.normalize import dedup_key

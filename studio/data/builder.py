@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studio.data.datasets import safe_name, stamped, write_jsonl_atomic, write_text_atomic
+from studio.data.records import safe_name, stamped, write_jsonl_atomic, write_text_atomic
 from studio.logs import json_line, jsonl_lines
 from studio.secrets import redact
 from studio.data import exam as exam_module

@@ -144,6 +144,6 @@ def exam_beside(dataset: str | Path) -> Path | None:
 
 def read_exam(path: str | Path) -> list[dict]:
     """An exam's rows; any rows file works (keys optional), errors name the file and line."""
-    from studio.data.datasets import read_dataset
+    from studio.data.records import read_dataset
 
     return read_dataset(path)

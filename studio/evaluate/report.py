@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.data.datasets import write_text_atomic
+from studio.data.records import write_text_atomic
 from studio.evaluate.judge import judge
 from studio.evaluate.knowledge import annotate, question_fields
 from studio.evaluate.retrieval import SectionRetriever, retrieval_messages

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.access import AccessPolicy
-from studio.data.datasets import read_dataset
+from studio.data.records import read_dataset
 from studio.data.teacher import OpenAITeacher, TeacherConfig
 from studio.errors import AdapterError, StudioError
-from studio.data.datasets import stamped
+from studio.data.records import stamped
 from studio.evaluate.report import ReportRequest, run_report, write_report
 from studio.evaluate.retrieval import SectionRetriever
 from studio.jobs import Job, JobBoard

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.data.datasets import safe_name, write_text_atomic
+from studio.data.records import safe_name, write_text_atomic
 from studio.errors import StudioError
 from studio.train.adapters import METADATA_FILE, read_metadata
 

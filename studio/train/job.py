@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.data.datasets import read_dataset, write_jsonl_atomic, write_text_atomic
+from studio.data.records import read_dataset, write_jsonl_atomic, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job
 from studio.logs import read_jsonl_log, rewrite_jsonl_log

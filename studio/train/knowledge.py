@@ -14,7 +14,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from studio.data.datasets import read_dataset
+from studio.data.records import read_dataset
 from studio.data.documents import read_document
 from studio.data.exam import exam_beside, without_exam_rows
 from studio.data.normalize import dedup_key

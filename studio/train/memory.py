@@ -276,7 +276,7 @@ def estimate_peak(model, settings: TrainSettings, lengths: list[int], lora: Lora
 
 def estimate_for_dataset(loaded, dataset, system: str, settings: TrainSettings, lora: LoraSettings) -> Estimate:
     """The estimate for training `loaded` on a dataset file (what the Train tab and the CLI show)."""
-    from studio.data.datasets import read_dataset
+    from studio.data.records import read_dataset
 
     lengths = dataset_lengths(loaded.tokenizer, read_dataset(dataset), system, settings.max_length)
     return estimate_peak(loaded.model, settings, lengths, lora)

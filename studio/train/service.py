@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from studio.access import AccessPolicy
-from studio.data.datasets import read_dataset, safe_name, stamped, write_text_atomic
+from studio.data.records import read_dataset, safe_name, stamped, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager

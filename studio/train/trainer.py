@@ -18,7 +18,7 @@ from typing import Iterator
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from studio.data.datasets import fsync_folder
+from studio.data.records import fsync_folder
 from studio.model.attention import packed_row_attention, without_cudnn_attention
 from studio.train import adapters
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.data.datasets import read_dataset
+from studio.data.records import read_dataset
 from studio.data.teacher import TeacherConfig
 from studio.errors import StudioError
 from studio.evaluate import service

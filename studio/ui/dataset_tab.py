@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.data import datasets
+from studio.data import records
 from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
                                  validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
@@ -260,25 +260,25 @@ class DatasetTab:
         path = job.result.get("dataset_path") if job is not None else None
         if not path:
             return gr.skip(), gr.skip()
-        return _rows_frame(datasets.read_dataset(path), page_language()), gr.update(choices=self._datasets(),
+        return _rows_frame(records.read_dataset(path), page_language()), gr.update(choices=self._datasets(),
                                                                    value=self.services.catalog.dataset_id(path))
 
     # ----- the result table --------------------------------------------------------------------
     def open_dataset(self, dataset_id):
-        rows = datasets.read_dataset(self.services.catalog.resolve_dataset(dataset_id))
+        rows = records.read_dataset(self.services.catalog.resolve_dataset(dataset_id))
         return _rows_frame(rows, page_language()), self.s["opened"].format(rows=len(rows), path=dataset_id), Path(dataset_id).stem
 
     def import_rows(self, path):
         if not path:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        saved, rows = datasets.import_dataset(path, self.services.paths.data_dir)
+        saved, rows = records.import_dataset(path, self.services.paths.data_dir)
         message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved.name)
         return _rows_frame(rows, page_language()), message, gr.update(choices=self._datasets(), value=saved.name), saved.stem
 
     def save(self, frame, save_as):
         frame = frame.rename(columns=_field) if isinstance(frame, pd.DataFrame) else None
         rows = frame.to_dict(orient="records") if frame is not None else []
-        path = datasets.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
+        path = records.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
         count = sum(1 for _ in open(path, encoding="utf-8"))
         return self.s["saved"].format(rows=count, path=path.name), gr.update(choices=self._datasets(), value=path.name)
 

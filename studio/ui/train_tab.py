@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.data import datasets
+from studio.data import records
 from studio.errors import StudioError
 from studio.model.card import human_count, lora_target_names, parameter_counts
 from studio.services import Services
@@ -198,7 +198,7 @@ class TrainTab:
 
     # ----- before training ---------------------------------------------------------------------
     def show_guard(self, dataset_id, prompt, per_group):
-        rows = datasets.read_dataset(self.catalog.resolve_dataset(dataset_id))
+        rows = records.read_dataset(self.catalog.resolve_dataset(dataset_id))
         train_rows, held = split_heldout(rows, int(per_group or 0))
         groups = len({row.get("group") for row in held})
         split = (f"**{self.s['split']}:** {len(rows)} rows → {len(train_rows)} for training, {len(held)} held out "
@@ -251,7 +251,7 @@ class TrainTab:
         """The document for document rows: the one picked, else the dataset's source if it is a studio document."""
         if document_id:
             return self.catalog.resolve_document(document_id)
-        source = next((row.get("source") for row in datasets.read_dataset(dataset) if row.get("source")), None)
+        source = next((row.get("source") for row in records.read_dataset(dataset) if row.get("source")), None)
         source_id = self.catalog.document_id(source)
         if not source_id:
             raise StudioError(self.s["no_document"])
