@@ -312,10 +312,11 @@ def test_plot_series_and_unexpected_errors_in_chinese(workspace):
     from studio.ui.common import metric_frames
     from studio.ui.registry import Registry
 
-    metrics = [{"step": 1, "loss": 2.0, "eval_loss": 2.5, "learning_rate": 1e-4}]
-    loss, rate = metric_frames(metrics, "zh")
-    assert list(loss["series"]) == ["训练 loss", "评估 loss"] and list(rate["series"]) == ["学习率"]
-    assert list(metric_frames(metrics)[0]["series"]) == ["train loss", "eval loss"]
+    metrics = [{"step": 1, "loss": 2.0, "eval_loss": 2.5, "learning_rate": 1e-4, "grad_norm": 0.8}, {"step": 2, "loss": 1.5}]
+    loss, rate, grad = metric_frames(metrics, "zh")
+    assert list(loss["series"]) == ["训练 loss", "评估 loss", "训练 loss"] and list(rate["series"]) == ["学习率"]
+    assert list(grad["series"]) == ["梯度范数"] and list(grad["value"]) == [0.8] and list(loss["step"]) == [1, 1, 2]
+    assert list(metric_frames(metrics)[0]["series"]) == ["train loss", "eval loss", "train loss"]
     registry = Registry(AccessPolicy.demo(), catalog=None)
     assert registry._error(TypeError("bad"), "load", "zh").message == "load 失败：TypeError"
     assert registry._error(TypeError("bad"), "load", "en").message == "load failed: TypeError"

@@ -117,6 +117,7 @@ def test_chat_train_chat_learns_the_answers_and_keeps_the_base(manager, dataset,
     assert meta["final_train_loss"] == [m["loss"] for m in metrics if "loss" in m][-1]
     assert meta["final_eval_loss"] == [m["eval_loss"] for m in metrics if "eval_loss" in m][-1]
     assert metrics[0]["loss"] > meta["final_train_loss"] and meta["tokens_per_s"] > 0
+    assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)  # the Train tab's gradient-norm plot
     # 2 layers x 7 projections: r * (in + out) each
     per_layer = 16 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert meta["trainable_params"] == 2 * per_layer

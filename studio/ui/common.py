@@ -73,16 +73,17 @@ def _log_line(event: dict, lang: str = "en") -> str | None:
 
 
 def metric_frames(metrics: list[dict], lang: str = "en"):
-    """Long-form frames for the loss plot (train and eval loss) and the learning-rate plot; series named in `lang`."""
+    """Long-form frames for the loss plot (train and eval loss), the learning-rate plot and the
+    gradient-norm plot; series named in `lang`."""
     import pandas as pd
 
-    names = {key: text("tables", f"col_{key}", lang) for key in ("train_loss", "eval_loss", "learning_rate")}
-    loss = [{"step": m["step"], "value": m[key], "series": names[name]} for m in metrics
-            for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")) if m.get(key) is not None]
-    rate = [{"step": m["step"], "value": m["learning_rate"], "series": names["learning_rate"]} for m in metrics
-            if m.get("learning_rate") is not None]
-    empty = pd.DataFrame({"step": [], "value": [], "series": []})
-    return (pd.DataFrame(loss) if loss else empty), (pd.DataFrame(rate) if rate else empty)
+    def series(keys: tuple[tuple[str, str], ...]):
+        rows = [{"step": m["step"], "value": m[key], "series": text("tables", f"col_{name}", lang)}
+                for m in metrics for key, name in keys if m.get(key) is not None]
+        return pd.DataFrame(rows) if rows else pd.DataFrame({"step": [], "value": [], "series": []})
+
+    return (series((("loss", "train_loss"), ("eval_loss", "eval_loss"))),
+            series((("learning_rate", "learning_rate"),)), series((("grad_norm", "grad_norm"),)))
 
 
 def localized_frame(frame, lang: str, value_columns=()):
@@ -108,7 +109,9 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("loss_plot", "Loss"), height=280)
             lr_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("lr_plot", "Learning rate"), height=280)
-        plot_outputs = [loss_plot, lr_plot]
+            grad_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("grad_plot", "Gradient norm"),
+                                    height=280)
+        plot_outputs = [loss_plot, lr_plot, grad_plot]
     log = gr.Textbox(label=s.get("log", "Log"), lines=8, max_lines=16, interactive=False, autoscroll=True,
                      elem_classes=["mono"], elem_id=f"{kind}-log")
     state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": []})
