@@ -337,7 +337,7 @@ def run_ui(args: argparse.Namespace, services) -> int:
     api_key = check_api_flags(args)
     app.queue(default_concurrency_limit=8).launch(
         server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
-        **launch_options(services, logins=read_logins(args)),
+        **launch_options(services, logins=read_logins(args), host=args.host, share=args.share),
     )
     if args.share and not getattr(app, "share_url", None):
         message = (f"No share link could be made (no internet, or Gradio's tunnel file could not be fetched: "
@@ -635,9 +635,12 @@ def run_serve(args: argparse.Namespace, services) -> int:
     from studio.serve import attach_named_adapters, create_api_app, run_server, server_key
 
     key = server_key(args.serve_key_env)
+    if not key and not is_loopback(args.host):
+        raise StudioError(f"serve --host {args.host} without --api-key-env would answer anyone who reaches this "
+                          "machine. Add --api-key-env VAR (the bearer key clients must send), or serve on 127.0.0.1.")
     services.manager.load(ModelSpec(args.model, args.quant), progress=load_progress_printer(args))
     names = attach_named_adapters(services.manager, args.adapter)
-    app = create_api_app(services, api_key=key)
+    app = create_api_app(services, api_key=key, local_only=is_loopback(args.host))
     print(f"[serve] OpenAI-compatible API on http://{args.host}:{args.port}/v1 ; models: "
           f"{', '.join([args.model, *names])}" + ("; bearer key required" if key else ""), flush=True)
     run_server(app, args.host, args.port)

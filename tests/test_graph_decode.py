@@ -121,6 +121,25 @@ def test_sampling_gives_tokens_of_the_vocabulary(manager):
     assert 1 <= len(row) <= 12 and all(0 <= token < len(loaded.tokenizer) for token in row)
 
 
+def test_a_tiny_temperature_is_greedy_and_a_broken_row_never_reaches_the_sampler(manager):
+    """temperature 1e-300 (a demo visitor's or an API client's value) overflowed the logits to inf; on a GPU
+    the sampler's assert on the NaN probabilities then broke every later generation of the process."""
+    import torch
+
+    from studio.model.graph_decode import _sample
+
+    loaded = manager.require_loaded()
+    prompt = prompt_for(loaded, "介绍雾灯岛")
+    tiny = GenerationSettings(max_new_tokens=10, temperature=1e-300, top_p=0.9, repetition_penalty=1.0)
+    assert not tiny.sampling and tiny.generate_kwargs()["do_sample"] is False
+    greedy = reference(loaded, prompt, GenerationSettings.greedy(10))
+    assert decode(GraphDecoder(False), loaded, [prompt], tiny)[0] == greedy
+    assert GenerationSettings(temperature=0.01).sampling and GenerationSettings(temperature=0.7).sampling
+    scores = torch.tensor([[0.0, 5.0, 1.0], [float("nan"), 2.0, 3.0], [float("inf"), float("inf"), 0.0]])
+    drawn = _sample(torch, scores)
+    assert drawn[1].item() == 2 and drawn[2].item() in (0, 1) and 0 <= drawn[0].item() <= 2
+
+
 def test_stop_event_ends_after_the_current_token(manager):
     loaded = manager.require_loaded()
     stop = threading.Event()

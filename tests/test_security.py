@@ -23,6 +23,7 @@ from conftest import SAMPLE_DOC
 from fake_teacher import FakeTeacher
 from studio.access import ACTIONS, DEMO_ACTIONS, AccessPolicy, policy_for_launch
 from studio.catalog import Catalog, UnknownItem
+from studio.config import PROJECT_ROOT, StudioPaths
 from studio.data.documents import SplitSettings, _cut_long, _hard_wrap
 from studio.data.teacher import TeacherConfig, key_routing
 from studio.errors import DataError, PermissionDenied
@@ -31,11 +32,12 @@ from studio.jobs import JobBoard, JobStatus
 from studio.model.generation import GenerationSettings
 from studio.model.loading import ModelSpec
 from studio.model.manager import ModelManager
-from studio.config import PROJECT_ROOT, StudioPaths
 from studio.services import Services
 from studio.train.job import RunRequest
 from studio.train.service import new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings
+from studio.ui.guard import StudioGuard
+from studio.ui.launch import launch_options
 from studio.ui.registry import BadArgument, History
 from test_training import FAST, SYSTEM, write_dataset
 from uihelpers import launched
@@ -248,6 +250,47 @@ def test_two_content_type_headers_are_refused(workspace):
         one = httpx.post(url + "gradio_api/upload", content=inner, headers={"content-type": headers[0][1]})
     assert reply.status_code == 400 and "more than one content-type header" in reply.text
     assert one.status_code == 415  # the same body with one header: refused for its type, as before
+
+
+def test_a_local_studio_refuses_what_another_sites_page_makes_the_browser_send(workspace, tmp_path):
+    """DNS rebinding (a page's own name resolving to 127.0.0.1) read the owner's datasets through the default
+    loopback studio, which has no login; a page on another local origin could call it across origins."""
+    (workspace.data_dir / "owner_facts.jsonl").write_text('{"instruction": "q", "output": "OWNERSECRET"}\n', "utf-8")
+    with launched(Services(manager=ModelManager(), paths=workspace)) as url:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        rebound = httpx.get(url + "config", headers={"host": f"rebind.attacker.example:{port}"})
+        rebound_zh = httpx.get(url + "config", headers={"host": "evil.example", "accept-language": "zh-CN"})
+        foreign = httpx.post(url + "gradio_api/queue/join", json={}, headers={"origin": "http://localhost:3000"})
+        other_port = httpx.get(url + "config", headers={"origin": "http://127.0.0.1:1"})
+        own = httpx.get(url + "config", headers={"origin": url.rstrip("/")})
+        by_name = httpx.get(url.replace("127.0.0.1", "localhost") + "config")
+        program = httpx.get(url + "config")
+    assert rebound.status_code == 403 and "127.0.0.1 or localhost only, not at rebind.attacker.example" in rebound.text
+    assert "OWNERSECRET" not in rebound.text and "owner_facts" not in rebound.text
+    assert rebound_zh.status_code == 403 and "只在 127.0.0.1 或 localhost 上应答" in rebound_zh.json()["detail"]
+    assert foreign.status_code == 403 and "another site's page (http://localhost:3000)" in foreign.text
+    assert other_port.status_code == 403
+    assert own.status_code == by_name.status_code == program.status_code == 200 and "owner_facts" in program.text
+    guard = StudioGuard(app=None, local_only=False)  # --host or --share: a login or demo mode instead
+    assert guard.local_only is False and launch_options(Services(manager=ModelManager(), paths=workspace),
+                                                        host="0.0.0.0")["app_kwargs"]["middleware"][0].kwargs["local_only"] is False
+
+
+def test_a_body_that_stops_arriving_is_given_up_and_json_values_are_counted_without_parsing():
+    import asyncio
+
+    from studio.http_body import SlowBody, body_within, json_values_over
+
+    async def trickle():
+        await asyncio.sleep(3600)
+
+    with pytest.raises(SlowBody, match="stopped arriving"):
+        asyncio.run(body_within({"headers": []}, trickle, 1000, idle_s=0.05))
+    flood = b"[" + b",".join([b"[]"] * 30_000) + b"]"
+    text = json.dumps({"data": ["a, b, c, " * 20_000]}).encode()  # commas inside a string are not values
+    assert json_values_over(flood, 20_000) and not json_values_over(text, 20_000)
+    assert json_values_over(json.dumps(list(range(20_000))).encode(), 20_000)  # 20,001 values with the list
+    assert not json_values_over(json.dumps(list(range(19_999))).encode(), 20_000)
 
 
 # ----- the login -------------------------------------------------------------------------------------

@@ -255,3 +255,64 @@ def test_a_body_over_the_limit_is_413_and_broken_json_400_before_any_model_work(
     for reply in (big, chunked):
         assert reply.status_code == 413 and "larger than 4 MB" in reply.json()["error"]["message"]
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_a_request_another_sites_page_could_send_is_refused(services, tiny_model_dir):
+    """text/plain needs no preflight, so any web page could start generations on a keyless local API; on
+    loopback a foreign Host (DNS rebinding) or Origin is refused too."""
+    import httpx
+
+    from studio.serve import create_api_app
+
+    body = json.dumps({"model": str(tiny_model_dir), "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    with Server(create_api_app(services, local_only=True)) as server:
+        url = server.base_url + "/chat/completions"
+        plain = httpx.post(url, content=body, headers={"content-type": "text/plain", "origin": server.base_url[:-3]})
+        rebound = httpx.get(server.base_url + "/models", headers={"host": f"rebind.example:{server.port}"})
+        foreign = httpx.post(url, content=body, headers={"content-type": "application/json",
+                                                          "origin": "https://evil.example"})
+        flood = httpx.post(url, content=b"[" + b",".join([b"[]"] * 30_000) + b"]",
+                           headers={"content-type": "application/json"})
+        fine = httpx.post(url, content=body, headers={"content-type": "application/json; charset=utf-8"}, timeout=60)
+    assert plain.status_code == 415 and "Content-Type: application/json (got text/plain)" in plain.text
+    assert rebound.status_code == 403 and "127.0.0.1 or localhost only, not at rebind.example" in rebound.text
+    assert foreign.status_code == 403 and "another site's page (https://evil.example)" in foreign.text
+    assert flood.status_code == 413 and "more than 20,000 JSON values" in flood.text
+    assert fine.status_code == 200 and fine.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_an_abandoned_request_frees_the_model_at_once(services, tiny_model_dir):
+    """A client that asked for 8,192 tokens without streaming and went away kept the model busy until the end."""
+    import socket
+
+    from studio.serve import create_api_app
+
+    body = json.dumps({"model": str(tiny_model_dir), "max_tokens": 8192, "temperature": 0,
+                       "messages": [{"role": "user", "content": QUESTION}]}).encode()
+    with Server(create_api_app(services)) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.time() + 30
+            while services.manager.status().state.value != "busy" and time.time() < deadline:
+                time.sleep(0.02)
+            assert services.manager.status().state.value == "busy"
+        left = time.time()
+        while services.manager.status().state.value == "busy" and time.time() < left + 30:
+            time.sleep(0.05)
+        assert services.manager.status().state.value == "ready" and time.time() - left < 5
+
+
+def test_serve_on_another_interface_needs_a_key(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "studio.py"), "--workdir", str(tmp_path), "serve", "--model",
+                             "unused", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 2 and "serve --host 0.0.0.0 without --api-key-env would answer anyone" in result.stderr
+    result = subprocess.run([sys.executable, str(root / "studio.py"), "--workdir", str(tmp_path), "--lang", "zh", "serve",
+                             "--model", "unused", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+                            cwd=root)
+    assert result.returncode == 2 and "会应答任何能访问本机的人" in result.stderr

@@ -12,12 +12,19 @@ import threading
 from dataclasses import dataclass, field
 
 
+# Below this temperature a reply is decoded greedily, its limit as the temperature goes to 0. Dividing the
+# logits by a smaller one (1e-39, say) overflows them to inf, the probabilities become NaN, and on a GPU the
+# sampler's device-side assert then breaks every later generation of the process.
+MIN_SAMPLING_TEMPERATURE = 0.01
+
+
 @dataclass
 class GenerationSettings:
     """How replies are sampled. temperature 0 means greedy decoding (the same answer every time)."""
 
     max_new_tokens: int = field(default=256, metadata={"help": "Longest reply, in tokens."})
-    temperature: float = field(default=0.7, metadata={"help": "0 = greedy; higher = more varied."})
+    temperature: float = field(default=0.7, metadata={
+        "help": f"0 = greedy (so is anything below {MIN_SAMPLING_TEMPERATURE}); higher = more varied."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this much probability."})
     repetition_penalty: float = field(default=1.05, metadata={"help": "Above 1 discourages repeating tokens."})
 
@@ -30,9 +37,14 @@ class GenerationSettings:
         """The tutorial's evaluation settings."""
         return cls(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
 
+    @property
+    def sampling(self) -> bool:
+        """Whether replies are sampled; False means greedy."""
+        return bool(self.temperature) and float(self.temperature) >= MIN_SAMPLING_TEMPERATURE
+
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": int(self.max_new_tokens), "repetition_penalty": float(self.repetition_penalty)}
-        if self.temperature and self.temperature > 0:
+        if self.sampling:
             kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p))
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

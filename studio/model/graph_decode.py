@@ -670,7 +670,7 @@ def _token_chooser(settings) -> Callable:
     processors = LogitsProcessorList()
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(float(settings.repetition_penalty)))
-    sampling = bool(settings.temperature and settings.temperature > 0)
+    sampling = settings.sampling
     if sampling:
         processors.append(TemperatureLogitsWarper(float(settings.temperature)))
         if settings.top_p < 1.0:
@@ -679,10 +679,22 @@ def _token_chooser(settings) -> Callable:
     def choose(history, logits):
         scores = processors(history, logits) if processors else logits
         if sampling:
-            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            return _sample(torch, scores)
         return scores.argmax(dim=-1)
 
     return choose
+
+
+def _sample(torch, scores):
+    """One token a row drawn from softmax(scores). A row whose probabilities are not a distribution (NaN
+    logits, say from an adapter that diverged) takes its largest score instead: on a GPU, multinomial's
+    device-side assert on such a row would break every later generation of the process."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    total = probs.sum(dim=-1, keepdim=True)
+    usable = torch.isfinite(total) & (total > 0)
+    probs = torch.where(usable, torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0), 1.0)
+    drawn = torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.where(usable.squeeze(1), drawn, torch.nan_to_num(scores, nan=float("-inf")).argmax(dim=-1))
 
 
 def _forward(model, cache, **kwargs):

@@ -27,12 +27,15 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from studio.errors import ModelBusyError, ModelNotLoadedError, PermissionDenied, StudioError
-from studio.http_body import body_within
+from studio.http_body import SlowBody, body_within, json_values_over
+from studio.http_origin import local_request_problem
 
 RETRY_AFTER_S = 5
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS_LIMIT = 8192
 MAX_BODY_BYTES = 4 * 2**20  # 100,000 characters of messages are at most about 1 MB of JSON
+MAX_JSON_VALUES = 20_000  # 200 messages are about 1,000 values
+DISCONNECT_POLL_S = 0.5
 ROLES = ("system", "user", "assistant")
 
 
@@ -312,16 +315,37 @@ def mount_openai_routes(fastapi_app, services, api_key: str = "") -> None:
             return exc.response()
         if chat.stream:
             return stream_response(lease, adapter, chat)
-        return await asyncio.to_thread(complete, lease, adapter, chat)
+        return await _complete_while_connected(request, lease, adapter, chat)
 
     fastapi_app.include_router(router)
 
 
+async def _complete_while_connected(request: Request, lease, adapter: str | None, chat: "ChatRequest"):
+    """`complete` in a worker thread, stopped at the next token once the client has gone away: an abandoned
+    request of 8,192 tokens would otherwise keep the model from everyone else until it ends."""
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(complete, lease, adapter, chat, stop))
+    while not work.done():
+        await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+        if not work.done() and await request.is_disconnected():
+            stop.set()
+    return work.result()
+
+
 async def _json_body(request: Request):
-    """The request's JSON, read only while it stays within MAX_BODY_BYTES (413 past that)."""
-    body = await body_within(request.scope, request.receive, MAX_BODY_BYTES)
+    """The request's JSON: sent as application/json (a page of another site can send text/plain without
+    asking first), read only while it stays within MAX_BODY_BYTES (413 past that) and MAX_JSON_VALUES."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Send the request as JSON with Content-Type: application/json (got {kind[:60] or 'none'}).")
+    try:
+        body = await body_within(request.scope, request.receive, MAX_BODY_BYTES)
+    except SlowBody:
+        raise ApiError(408, "The request body stopped arriving; send it again.") from None
     if body is None:
         raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MB.")
+    if json_values_over(body, MAX_JSON_VALUES):
+        raise ApiError(413, f"The request body holds more than {MAX_JSON_VALUES:,} JSON values.")
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -340,13 +364,13 @@ def _completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def complete(lease, adapter: str | None, request: ChatRequest):
-    """The whole reply as one chat.completion object (the lease is released here)."""
+def complete(lease, adapter: str | None, request: ChatRequest, stop: threading.Event | None = None):
+    """The whole reply as one chat.completion object (the lease is released here); `stop` ends it early."""
     from fastapi.responses import JSONResponse
 
     try:
         text, stopped = "", False
-        for text, stopped in generate(lease, adapter, request, threading.Event()):
+        for text, stopped in generate(lease, adapter, request, stop or threading.Event()):
             pass
         messages = with_system_prompt(lease.loaded, adapter, request.messages)
         counts = usage(lease.loaded, messages, text, request.max_tokens)
@@ -440,12 +464,32 @@ def attach_named_adapters(manager, specs: list[str]) -> list[str]:
     return names
 
 
-def create_api_app(services, api_key: str = ""):
-    """A FastAPI app with the OpenAI-compatible routes only (for `studio.py serve`)."""
+class LocalOnly:
+    """ASGI middleware of a server on loopback: refuses what another site's page made the browser send
+    (see studio/http_origin.py), in OpenAI's error shape."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        problem = local_request_problem(scope) if scope["type"] == "http" else None
+        if problem is None:
+            return await self.app(scope, receive, send)
+        key, values = problem
+        message = (f"This server answers at 127.0.0.1 or localhost only, not at {values['host']}."
+                   if key == "guard_foreign_host" else f"A request from another site's page ({values['origin']}) is refused.")
+        await ApiError(403, message, code="forbidden").response()(scope, receive, send)
+
+
+def create_api_app(services, api_key: str = "", local_only: bool = False):
+    """A FastAPI app with the OpenAI-compatible routes only (for `studio.py serve`); `local_only` for a
+    server on loopback."""
     from fastapi import FastAPI
 
     app = FastAPI(title="QLoRA Studio API", docs_url=None, redoc_url=None)
     mount_openai_routes(app, services, api_key)
+    if local_only:
+        app.add_middleware(LocalOnly)
     return app
 
 

@@ -15,6 +15,10 @@
   for half a minute.
 - A request with two Content-Type or Content-Length headers is refused: the guard and Gradio could read
   different ones (an upload's type checked on one, stored by the other).
+- A body that stops arriving is refused (408), so slow clients cannot hold connections open for ever
+  (`studio/http_body.py`).
+- Served on loopback without a share link, a request another site's page made the browser send (a
+  foreign Host: DNS rebinding; a foreign Origin) is refused (`studio/http_origin.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from studio.catalog import UPLOAD_SUFFIXES
-from studio.http_body import body_within
+from studio.http_body import SlowBody, body_within, json_values_over
+from studio.http_origin import local_request_problem
 from studio.ui.i18n import COOKIE, pick_language, text
 
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
@@ -73,25 +78,6 @@ DEMO_BODY_BYTES = 2 * 2**20
 DEMO_JSON_VALUES = 20_000
 
 
-def _json_values_over(body: bytes, most: int) -> bool:
-    """Whether a JSON body holds more than `most` values (objects, lists, strings, numbers...); a body that is
-    not JSON is left to the app, which refuses it."""
-    try:
-        stack, count = [json.loads(body)], 0
-    except (ValueError, RecursionError):
-        return False
-    while stack:
-        value = stack.pop()
-        count += 1
-        if count > most:
-            return True
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return False
-
-
 def _repeated_header(scope) -> str | None:
     """The name of a header that must come once and comes more often, else None."""
     names = [name.lower() for name, _ in scope.get("headers") or []]
@@ -107,23 +93,6 @@ def _client(scope) -> str:
 
 
 MAX_LOGIN_BODY = 64 * 1024
-
-
-async def _read_body(receive) -> tuple[bytes, object]:
-    """The whole request body (at most MAX_LOGIN_BODY bytes kept), and a `receive` that replays it."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size <= MAX_LOGIN_BODY:
-            chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    body = b"".join(chunks)
-    return body, _replaying(body, receive)
 
 
 def _replaying(body: bytes, receive):
@@ -198,8 +167,9 @@ class StudioGuard:
 
     def __init__(self, app, throttle: LoginThrottle | None = None, max_upload_bytes: int = 20 * 2**20,
                  uploads_allowed: bool = True, login_required: bool = False, suffixes=UPLOAD_SUFFIXES,
-                 lang: str | None = None):
+                 lang: str | None = None, local_only: bool = False):
         self.app = app
+        self.local_only = local_only  # served on loopback without a share link: refuse other sites' requests
         self.lang = lang  # --lang, when the owner forced one
         self.throttle = throttle or LoginThrottle()
         self.max_upload_bytes = max_upload_bytes
@@ -210,8 +180,25 @@ class StudioGuard:
         self.max_json_values = DEMO_JSON_VALUES if not uploads_allowed else None
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if self.local_only and (problem := local_request_problem(scope)) is not None:
+            return await self._refuse_foreign(scope, send, problem)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        try:
+            return await self._route(scope, receive, send)
+        except SlowBody:
+            return await _reply(send, 408, self._say(scope, "guard_slow_body"))
+
+    async def _refuse_foreign(self, scope, send, problem: tuple[str, dict]):
+        """A request a page of another site made the browser send (see studio/http_origin.py)."""
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        key, values = problem
+        return await _reply(send, 403, self._say(scope, key, **values))
+
+    async def _route(self, scope, receive, send):
         path, method = scope.get("path", ""), scope.get("method", "GET")
         tail = path.rstrip("/").rsplit("/", 1)[-1]
         if "/file=http:" in path or "/file=https:" in path or "/file=//" in path:
@@ -239,7 +226,10 @@ class StudioGuard:
     async def _login(self, scope, receive, send):
         """Throttle by client address and by user name: an address that changes (a forged X-Forwarded-For)
         still meets the user name's lock."""
-        body, receive = await _read_body(receive)
+        body = await body_within(scope, receive, MAX_LOGIN_BODY)
+        if body is None:
+            return await _reply(send, 413, self._say(scope, "guard_body_large", size=f"{MAX_LOGIN_BODY / 2**20:g}"))
+        receive = _replaying(body, receive)
         keys = [f"address {_client(scope)}", f"user {_login_user(body)}"]
         wait = max(self.throttle.wait_s(key) for key in keys)
         if wait > 0:
@@ -266,7 +256,7 @@ class StudioGuard:
         if body is None:
             return await _reply(send, 413, self._say(scope, "guard_body_large",
                                                      size=f"{self.max_body_bytes / 2**20:g}"))
-        if self.max_json_values and _json_values_over(body, self.max_json_values):
+        if self.max_json_values and json_values_over(body, self.max_json_values):
             return await _reply(send, 413, self._say(scope, "guard_json_values", most=f"{self.max_json_values:,}"))
         await self.app(scope, _replaying(body, receive), send)
 

@@ -16,13 +16,14 @@ CSS = PROJECT_ROOT / "assets" / "studio.css"
 
 
 def launch_options(services, *, logins: list[tuple[str, str]] | None = None,
-                   throttle: LoginThrottle | None = None) -> dict:
-    """Keyword arguments for `app.launch(...)` under this studio's access policy."""
+                   throttle: LoginThrottle | None = None, host: str = "127.0.0.1", share: bool = False) -> dict:
+    """Keyword arguments for `app.launch(...)` under this studio's access policy, for a page served on
+    `host` (with a public share link when `share`)."""
     demo = services.policy.is_demo
     max_bytes = int(services.max_upload_mb * 2**20)
     guard = Middleware(StudioGuard, throttle=throttle or LoginThrottle(), max_upload_bytes=max_bytes,
                        uploads_allowed=services.policy.allows("upload"), login_required=bool(logins),
-                       lang=getattr(services, "lang", None))
+                       lang=getattr(services, "lang", None), local_only=is_loopback(host) and not share)
     return {
         "auth": logins or None,
         "show_error": False,  # the studio's own refusals are gr.Error and show; other errors' text (a

@@ -545,6 +545,17 @@ EN = {
         "guard_body_large": "The request is larger than {size} MB.",
         "guard_json_values": "The request holds more than {most} values.",
         "guard_repeated_header": "The request has more than one {header} header.",
+        "guard_slow_body": "The request's body stopped arriving; send it again.",
+        "guard_foreign_host": "This studio answers at 127.0.0.1 or localhost only, not at {host}. Open it at "
+                              "http://127.0.0.1 and its port; to reach it from elsewhere, serve it with --host "
+                              "and a login (--auth).",
+        "guard_foreign_origin": "A request from another site's page ({origin}) is refused: open the studio's "
+                                "own page.",
+        "serve_needs_key": "serve --host {host} without --api-key-env would answer anyone who reaches this "
+                           "machine. Add --api-key-env VAR (the bearer key clients must send), or serve on "
+                           "127.0.0.1.",
+        "api_needs_key": "--api without --api-key-env would answer anyone who reaches this server: the API does "
+                         "not go through the page's login. Add --api-key-env VAR (the bearer key clients must send).",
     },
     # Table headers, model card rows and plot series the handlers build: by key, never matched as a message.
     "tables": {
@@ -1218,6 +1229,14 @@ ZH = {
         "guard_body_large": "请求大于 {size} MB。",
         "guard_json_values": "请求中的值超过 {most} 个。",
         "guard_repeated_header": "请求中有不止一个 {header} 头。",
+        "guard_slow_body": "请求内容中途停止传输，请重新发送。",
+        "guard_foreign_host": "本工作室只在 127.0.0.1 或 localhost 上应答，不在 {host} 上。请用 http://127.0.0.1 "
+                              "加端口打开；如需从其他地方访问，请用 --host 并设置登录（--auth）。",
+        "guard_foreign_origin": "来自其他网站页面（{origin}）的请求已被拒绝：请打开工作室自己的页面。",
+        "serve_needs_key": "serve --host {host} 不加 --api-key-env 会应答任何能访问本机的人。请添加 --api-key-env "
+                           "VAR（客户端必须发送的 Bearer 密钥），或在 127.0.0.1 上提供服务。",
+        "api_needs_key": "--api 不加 --api-key-env 会应答任何能访问本服务的人：API 不经过页面登录。请添加 "
+                         "--api-key-env VAR（客户端必须发送的 Bearer 密钥）。",
     },
     "tables": {
         "card_model": "模型",
