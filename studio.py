@@ -11,6 +11,7 @@ Arguments are parsed here, the services are built once here, and handed to the U
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -316,9 +317,26 @@ def read_logins(args: argparse.Namespace) -> list[tuple[str, str]]:
     return logins
 
 
+def raise_open_file_limit(most: int = 65536) -> None:
+    """Let the server hold as many connections as the system allows (up to `most`): the HTTP server has no
+    timeout for a request's headers, and with the common limit of 1,024 open files about a thousand
+    unfinished requests made the page unreachable for everyone else."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = most if hard == resource.RLIM_INFINITY else min(hard, most)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def run_ui(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.ui.app import build_app
+
+    raise_open_file_limit()
 
     if args.attach and not args.load:
         raise StudioError("--attach needs --load: adapters are attached to the model loaded at start.")
@@ -634,6 +652,7 @@ def run_serve(args: argparse.Namespace, services) -> int:
     from studio.model.loading import ModelSpec
     from studio.serve import attach_named_adapters, create_api_app, run_server, server_key
 
+    raise_open_file_limit()
     key = server_key(args.serve_key_env)
     if not key and not is_loopback(args.host):
         raise StudioError(f"serve --host {args.host} without --api-key-env would answer anyone who reaches this "

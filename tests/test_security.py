@@ -265,19 +265,36 @@ def test_a_local_studio_refuses_what_another_sites_page_makes_the_browser_send(w
         own = httpx.get(url + "config", headers={"origin": url.rstrip("/")})
         by_name = httpx.get(url.replace("127.0.0.1", "localhost") + "config")
         program = httpx.get(url + "config")
+        framed = httpx.get(url, headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate",
+                                         "sec-fetch-dest": "iframe"})
+        followed_link = httpx.get(url, headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate",
+                                                "sec-fetch-dest": "document"})
+        no_host = _raw_reply(int(port), b"GET /config HTTP/1.0\r\n\r\n")
     assert rebound.status_code == 403 and "127.0.0.1 or localhost only, not at rebind.attacker.example" in rebound.text
     assert "OWNERSECRET" not in rebound.text and "owner_facts" not in rebound.text
     assert rebound_zh.status_code == 403 and "只在 127.0.0.1 或 localhost 上应答" in rebound_zh.json()["detail"]
     assert foreign.status_code == 403 and "another site's page (http://localhost:3000)" in foreign.text
     assert other_port.status_code == 403
     assert own.status_code == by_name.status_code == program.status_code == 200 and "owner_facts" in program.text
+    assert framed.status_code == 403 and followed_link.status_code == 200 and no_host.startswith(b"HTTP/1.1 403")
+    assert followed_link.headers["x-frame-options"] == "SAMEORIGIN"  # no other site may frame the page
+    assert "frame-ancestors 'self'" in followed_link.headers["content-security-policy"]
     guard = StudioGuard(app=None, local_only=False)  # --host or --share: a login or demo mode instead
     assert guard.local_only is False and launch_options(Services(manager=ModelManager(), paths=workspace),
                                                         host="0.0.0.0")["app_kwargs"]["middleware"][0].kwargs["local_only"] is False
 
 
+def _raw_reply(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        return sock.recv(4096)
+
+
 def test_a_body_that_stops_arriving_is_given_up_and_json_values_are_counted_without_parsing():
     import asyncio
+    import threading
 
     from studio.http_body import SlowBody, body_within, json_values_over
 
@@ -291,6 +308,13 @@ def test_a_body_that_stops_arriving_is_given_up_and_json_values_are_counted_with
     assert json_values_over(flood, 20_000) and not json_values_over(text, 20_000)
     assert json_values_over(json.dumps(list(range(20_000))).encode(), 20_000)  # 20,001 values with the list
     assert not json_values_over(json.dumps(list(range(19_999))).encode(), 20_000)
+    # unclosed strings of escaped quotes: the string pattern rescanned from every quote (quadratic; a 140 KB body
+    # held the event loop 28 s, this one would hold it for minutes); linear now, well within the join below
+    hostile, answers = b"[" * 20_001 + b'"' + b'\\"' * 200_000, []
+    counting = threading.Thread(target=lambda: answers.append(json_values_over(hostile, 20_000)), daemon=True)
+    counting.start()
+    counting.join(30)
+    assert answers == [True]
 
 
 # ----- the login -------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@
 - A body that stops arriving is refused (408), so slow clients cannot hold connections open for ever
   (`studio/http_body.py`).
 - Served on loopback without a share link, a request another site's page made the browser send (a
-  foreign Host: DNS rebinding; a foreign Origin) is refused (`studio/http_origin.py`).
+  foreign Host: DNS rebinding; a foreign Origin; an embedding page's Sec-Fetch-Site) is refused
+  (`studio/http_origin.py`), and every response forbids other sites' frames.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import PurePath
 
 from studio.catalog import UPLOAD_SUFFIXES
 from studio.http_body import SlowBody, body_within, json_values_over
-from studio.http_origin import local_request_problem
+from studio.http_origin import FRAME_HEADERS, local_request_problem
 from studio.ui.i18n import COOKIE, pick_language, text
 
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
@@ -85,6 +86,17 @@ def _repeated_header(scope) -> str | None:
         if names.count(name) > 1:
             return name.decode()
     return None
+
+
+def _with_frame_headers(send):
+    """`send` that marks every response as not to be shown inside another site's frame (clickjacking)."""
+    async def framed(message):
+        if message["type"] == "http.response.start":
+            kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in dict(FRAME_HEADERS)]
+            message = {**message, "headers": kept + FRAME_HEADERS}
+        await send(message)
+
+    return framed
 
 
 def _client(scope) -> str:
@@ -186,6 +198,7 @@ class StudioGuard:
             return await self._refuse_foreign(scope, send, problem)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = _with_frame_headers(send)
         try:
             return await self._route(scope, receive, send)
         except SlowBody:
