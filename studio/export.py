@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import zipfile
@@ -210,7 +211,8 @@ def adapter_instructions(out_dir: Path, base: str, name: str, metadata: dict) ->
         f"  then ask for model {name!r} at http://127.0.0.1:8000/v1/chat/completions",
         "Load it with transformers + peft:",
         f"  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(folder)!r})",
-        "Ollama cannot load a Qwen2 LoRA adapter by itself: export with --merge for Ollama.",
+        "Ollama cannot load a Qwen2 LoRA adapter by itself: for Ollama, export again merged (the Compare tab's "
+        "merge box, or --merge on the command line).",
     ]
     if system:
         lines.append(f"The adapter was trained with this system prompt; send it as the system message: {system}")
@@ -312,9 +314,16 @@ def ollama_modelfile(system_prompt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ollama_tag(name: str) -> str:
+    """A model name Ollama accepts (lowercase ASCII letters, digits, '.', '-', '_'), made from a run's name,
+    which is often Chinese: '雾灯岛-长跑_20261207_134435' -> 'studio-20261207_134435'."""
+    tag = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9._-]+", "-", name.lower())).strip("-._")
+    return tag if re.search(r"[a-z]", tag) else f"studio-{tag}".rstrip("-")
+
+
 def merged_instructions(out_dir: Path, name: str) -> str:
     folder = out_dir.resolve()
-    tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower())
+    tag = ollama_tag(name)
     return "\n".join([
         f"Merged bf16 model exported to {folder} (safetensors, tokenizer, chat template, Modelfile)",
         "",

@@ -372,3 +372,18 @@ def test_two_saves_in_one_second_keep_both_files(tmp_path, monkeypatch):
     run = new_run_dir(tmp_path, "facts")
     run.mkdir()
     assert new_run_dir(tmp_path, "facts").name == "facts_20261207_120000-2"
+
+
+def test_clearing_a_rows_instruction_in_the_preview_deletes_that_row(tmp_path):
+    """The preview's hint says so; the save refused the row as missing its instruction instead."""
+    import pytest
+
+    from studio.data import records
+    from studio.errors import DataError
+
+    rows = [GOOD_ROW, {**GOOD_ROW, "instruction": "", "output": "留下的答案"}, {**GOOD_ROW, "instruction": None},
+            {**GOOD_ROW, "instruction": float("nan")}, {**GOOD_ROW, "instruction": "第二问", "output": "第二答"}]
+    saved = records.save_rows(rows, "edited", tmp_path)
+    assert [r["instruction"] for r in records.read_dataset(saved)] == [GOOD_ROW["instruction"], "第二问"]
+    with pytest.raises(DataError, match="row 2"):  # an answer cleared while its question stays: named, not dropped
+        records.save_rows([GOOD_ROW, {**GOOD_ROW, "output": ""}], "edited", tmp_path)

@@ -246,3 +246,13 @@ def test_a_merge_that_cannot_apply_the_adapter_names_the_users_folder(tiny_model
     job = _export(adapter_run, tmp_path / "merged", merge=True, base=str(tiny_model_dir))
     assert job.status.value == "failed"
     assert f"Could not apply {adapter_run} to the base" in job.error and ".adapter" not in job.error
+
+
+def test_the_ollama_command_names_the_model_as_ollama_accepts(tmp_path):
+    """Run names are often Chinese; Ollama takes lowercase ASCII letters, digits, '.', '-' and '_' only."""
+    from studio.export import merged_instructions, ollama_tag
+
+    assert ollama_tag("雾灯岛-长跑_20261207_134435") == "studio-20261207_134435"
+    assert ollama_tag("Lighthouse Run_2") == "lighthouse-run_2" and ollama_tag("灯") == "studio"
+    text = merged_instructions(tmp_path, "雾灯岛-长跑_20261207_134435")
+    assert "ollama create studio-20261207_134435 -f Modelfile && ollama run studio-20261207_134435" in text

@@ -444,3 +444,20 @@ def test_the_training_speed_notes_reach_a_chinese_page_in_chinese():
         english_left = re.sub(r"RuntimeError|Liger|liger-kernel|torch\.compile|bf16|GiB|4-bit|bitsandbytes|C compiler|"
                               r"no|found|CUDA|GPU", "", chinese)
         assert HAN.search(chinese) and not re.search(r"[A-Za-z]{3,}", english_left), (note, chinese)
+
+
+def test_the_report_question_set_keeps_its_value_on_a_chinese_page(workspace, monkeypatch):
+    """The handler that picks the default question set returned the radio's English label, which the Chinese
+    page's translation of outputs turned into a value the radio did not have: the report then failed."""
+    import studio.ui.registry as registry
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+    from studio.ui.strings import strings
+
+    app = build_app(Services(manager=ModelManager(), paths=workspace))
+    monkeypatch.setattr(registry, "handler_language", lambda request=None: "zh")
+    _, source = _registered(app, "pick_exam")(None)
+    radio = next(b for b in app.blocks.values() if getattr(b, "label", None) == strings("compare")["report_source"])
+    assert [value for _, value in radio.choices] == ["exam", "heldout", "upload"]
+    assert source["value"] == "heldout" and radio.value == "heldout"

@@ -373,7 +373,7 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         meta = json.loads((run / "studio.json").read_text(encoding="utf-8"))
         assert meta["exam"] == built.result["exam_path"] and meta["document"] == str(Path(doc).resolve())
         assert meta["document_rows"] == 4
-        client.predict(run.name, "exam of the run (never trained on)", None, True, Path(doc).name, 1, "greedy", 16, "", "", "",
+        client.predict(run.name, "exam", None, True, Path(doc).name, 1, "greedy", 16, "", "", "",
                        api_name="/run_report")
         report = services.jobs.wait(services.jobs.latest("report"), 300)
         assert report.status is JobStatus.DONE, report.error

@@ -46,6 +46,11 @@ def test_model_card_facts(manager, tiny_model_dir):
     embeddings = 2 * config.vocab_size * 64
     norms = 2 * 2 * 64 + 64
     assert card.total_params == 2 * per_layer_linear + embeddings + norms
+    from studio.ui.chat_tab import card_markdown
+
+    # every row of the page's card keeps two cells: the "|" of <|endoftext|> is escaped
+    rows = [line for line in card_markdown(card).splitlines()[2:]]
+    assert all(line.replace("\\|", "").count("|") == 3 for line in rows) and "<\\|endoftext\\|>" in rows[-2]
 
 
 def test_prompt_is_the_exact_chatml_string(manager):

@@ -15,7 +15,7 @@ from studio.model.manager import ModelState
 from studio.train.formatting import IGNORE, format_example, supervised_text, template_guard
 from studio.train.job import RunRequest, last_complete_checkpoint
 from studio.train.service import load_request, new_run_dir, start_training
-from studio.train.settings import LoraSettings, TrainSettings
+from studio.train.settings import ALL_PROJECTIONS, LoraSettings, TrainSettings
 from studio.train.split import split_heldout
 
 SYSTEM = "你是《雾灯岛》领域助手，回答准确、简明。"
@@ -98,6 +98,10 @@ def test_chat_train_chat_learns_the_answers_and_keeps_the_base(manager, dataset,
     assert not greedy(manager, question).startswith(answer)
     assert greedy(manager, question) == before  # the base is byte-identical with the adapter disabled
     assert manager.status().adapters == (adapter,)
+    from studio.model.card import lora_target_names
+
+    # the Train tab's targets for the next run: each projection by its name, not peft's base_layer inside it
+    assert lora_target_names(manager.require_loaded().model) == list(ALL_PROJECTIONS)
     # the run folder
     run_dir = Path(job.result["run_dir"])
     for name in ("adapter_config.json", "adapter_model.safetensors", "studio.json", "metrics.jsonl", "loss.png",

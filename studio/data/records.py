@@ -188,14 +188,19 @@ def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited") 
     """Validate `rows` and write them as a new dataset file `<name>_<tag>_<timestamp>.jsonl`."""
     clean = []
     for number, row in enumerate(rows, 1):
-        if not str(row.get("instruction", "")).strip() and not str(row.get("output", "")).strip():
-            continue  # an emptied row is a deleted row
+        if not _cell_text(row.get("instruction")):
+            continue  # a row whose instruction was cleared is a deleted row (the preview's hint says so)
         record = {k: v for k, v in row.items() if v is not None and v == v and v != ""}  # drop NaN and blanks
         clean.append(row_from_record(record, f"row {number}"))
     if not clean:
         raise DataError("There are no rows to save.")
     path, = stamped(Path(data_dir) / f"{safe_name(name)}_{tag}_{{stamp}}.jsonl")
     return _write_reserved(path, clean)
+
+
+def _cell_text(value) -> str:
+    """A table cell as text: '' for an empty cell (None or a table's NaN), never "None" or "nan"."""
+    return "" if value is None or value != value else str(value).strip()
 
 
 def _write_reserved(path: Path, rows: list[dict]) -> Path:

@@ -56,13 +56,14 @@ def _is_linear(module) -> bool:
 
 
 def lora_target_names(model) -> list[str]:
-    """Short names of the linear layers LoRA can wrap (the output head excluded), in model order."""
+    """Short names of the linear layers LoRA can wrap (the output head excluded), in model order; a layer
+    that already holds an adapter is named as itself, not as its `base_layer`."""
     names: list[str] = []
     output = base_of(model).get_output_embeddings()
     for full_name, module in base_of(model).named_modules():
         if module is output or "lora_" in full_name or not _is_linear(module):
             continue
-        short = full_name.rsplit(".", 1)[-1]
+        short = full_name.removesuffix(".base_layer").rsplit(".", 1)[-1]
         if short not in names:
             names.append(short)
     return names

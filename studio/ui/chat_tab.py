@@ -33,7 +33,9 @@ def card_markdown(card: ModelCard, lang: str = "en") -> str:
         ("card_tokens", f"`{(pad, eos, pad_id, eos_id)}`"),
         ("card_adapters", ", ".join(card.adapters) or text("terms", "none", lang)),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {text('tables', k, lang)} | {v} |" for k, v in rows)
+    # a "|" inside a value (Qwen's <|endoftext|>) ends a Markdown table cell unless escaped, even in code
+    return "| | |\n|---|---|\n" + "\n".join(f"| {text('tables', k, lang)} | {v.replace('|', chr(92) + '|')} |"
+                                             for k, v in rows)
 
 
 class ChatTab:

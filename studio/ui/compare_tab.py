@@ -26,6 +26,7 @@ from studio.ui.strings import strings
 ADAPTER_COLUMNS = ["name", "status", "attached", "train loss", "eval loss", "dataset", "base", "problem"]
 SUMMARY_COLUMNS = ["column", "char_f1", "rouge_l", "judge_mean", "improved", "worse"]
 QUESTION_COLUMNS = ["#", "question", "reference", "column", "answer", "char_f1", "rouge_l", "judge", "judge_reason"]
+REPORT_SOURCES = ("exam", "heldout", "upload")  # the report's question sets: the radio's values, its labels in the tables
 
 
 def _rounded(value):
@@ -105,7 +106,7 @@ class CompareTab:
         s = self.s
         with gr.Accordion(s["report"], open=True):
             with gr.Row():
-                self.report_source = gr.Radio([s["source_exam"], s["source_heldout"], s["source_upload"]], value=s["source_heldout"],
+                self.report_source = gr.Radio([(s[f"source_{name}"], name) for name in REPORT_SOURCES], value="heldout",
                                               label=s["report_source"])
                 self.upload = gr.File(label=s["upload"], file_types=[".jsonl", ".json"], type="filepath")
             with gr.Accordion(s["judge"], open=False):
@@ -157,10 +158,9 @@ class CompareTab:
         reg.on(self.compare_btn.click, self.compare, [self.question, self.run_pick] + generation,
                [self.base_out, self.rag_out, self.tuned_out, self.retrieved, self.both_out], action="compare",
                name="compare", args=(Text("Question", 4000), run) + gen_args, generated=True)
-        sources = (self.s["source_exam"], self.s["source_heldout"], self.s["source_upload"])
         reg.on(self.report_btn.click, self.report, [self.run_pick, self.report_source, self.upload] + generation +
                [self.judge_url, self.judge_model, self.judge_key], self.panel.message, action="write_reports",
-               name="run_report", args=(run, Choice("Questions", sources),
+               name="run_report", args=(run, Choice("Questions", REPORT_SOURCES),
                                         Upload("Questions file", (".jsonl", ".json"))) + gen_args +
                (Text("Judge URL", 500), Text("Judge model", 200), Text("Judge key", 500)))
         self.panel.wire(reg, "write_reports", self.on_report,
@@ -250,7 +250,7 @@ class CompareTab:
         folder = service.comparable_run(self.manager, self.catalog, run_id, self.policy) if run_id else None
         rows = service.run_exam(folder) if folder else []
         choices = gr.update(choices=[(r["instruction"], i) for i, r in enumerate(rows)], value=None)
-        return choices, self.s["source_exam"] if rows else self.s["source_heldout"]
+        return choices, gr.update(value="exam" if rows else "heldout")  # a value, not a label to translate
 
     def pick_exam_question(self, index, run_id):
         if index is None or not run_id:
@@ -312,9 +312,9 @@ class CompareTab:
 
     def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
         """The chosen question set: the run's exam, its held-out phrasings, or an uploaded file."""
-        if source == self.s["source_upload"] and upload_path:
+        if source == "upload" and upload_path:
             return read_dataset(upload_path), "uploaded"
-        if source == self.s["source_exam"]:
+        if source == "exam":
             exam = service.run_exam(folder)
             if not exam:
                 raise StudioError(self.s["no_exam"])
