@@ -57,6 +57,8 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         assert "<|im_start|>user\n我该怎么成为守灯人？<|im_end|>" in preview
         page.screenshot(path="/tmp/chat.png", full_page=True)
         page.get_by_text("Ready: ").wait_for()
+        page.reload()  # a reloaded page shows the loaded model, not "No model loaded"
+        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4bit) on cpu."), services)
 
 
 def test_training_progress_survives_a_reload(page, services, workspace):
@@ -80,6 +82,16 @@ def test_training_progress_survives_a_reload(page, services, workspace):
                 "() => document.querySelector('#train-log textarea').value.includes('ready to chat')")
             assert "15 rows: 12 for training" in page.locator("#train-log textarea").input_value()
             page.reload()
+        # a dataset written and a run trained after the page was made are listed without a click on Refresh
+        later = write_dataset(workspace.data_dir / "later.jsonl")
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_label("Dataset (JSONL in data/)").click()
+        page.get_by_role("option", name=later.name).wait_for()
+        page.keyboard.press("Escape")
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_label("Run / adapter").click()
+        page.get_by_role("option", name=job.result["run_dir"].rsplit("/", 1)[-1]).wait_for()
 
 
 @pytest.fixture()

@@ -43,7 +43,7 @@ def build_app(services: Services) -> gr.Blocks:
                                     elem_id="language", container=False)
             model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
         with gr.Tabs() as tabs:
-            build_chat_tab(services, stops)
+            chat = build_chat_tab(services, stops)
             # a demo page has no Dataset or Train tab: none of their events is served there, and their lists
             # would show the owner's documents, datasets, runs and teacher address
             full = not services.policy.is_demo
@@ -58,6 +58,11 @@ def build_app(services: Services) -> gr.Blocks:
         for tab in (dataset, compare):
             if tab:
                 tab.wire_language(language)
+        for tab in (train, compare):
+            if tab:
+                tab.wire_fresh_lists(app.load, tabs.select)
+        registry.on(app.load, chat.current_model, None, chat.load_outputs, action="view", scrub=True,
+                    show_progress="hidden")
 
         def stop_on_close(request: gr.Request):
             stops.stop(request.session_hash or "")

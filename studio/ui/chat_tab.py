@@ -94,6 +94,7 @@ class ChatTab:
     def _wire(self) -> None:
         reg = self.registry
         load_outputs = [self.load_status, self.card_md, self.card_tree, self.card_template, self.adapter]
+        self.load_outputs = load_outputs
         chat_inputs = [self.message, self.chatbot, self.system, self.adapter, self.max_new, self.temperature,
                        self.top_p, self.rep]
         chat_args = (Text("Message", 8000), History("Chat history"), Text("System prompt", 4000),
@@ -131,6 +132,15 @@ class ChatTab:
                                    (self.services.default_model, *MODEL_PRESETS))  # the owner's choices
         self.manager.load(ModelSpec(source, quant),
                           progress=lambda fraction, message: progress(fraction, desc=translate(message, lang)))
+        return self._shown_model(lang)
+
+    def current_model(self):
+        """What a page opened (or reloaded) after the model was loaded shows: the model, not 'no model'."""
+        if self.manager.loaded_or_none() is None:
+            return (gr.skip(),) * 5
+        return self._shown_model(page_language())
+
+    def _shown_model(self, lang: str):
         card = self.manager.card()
         return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card, lang),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))

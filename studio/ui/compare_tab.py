@@ -191,6 +191,15 @@ class CompareTab:
         frame, choices = self._listing(page_language())
         return frame, gr.update(choices=choices)
 
+    def wire_fresh_lists(self, *triggers) -> None:
+        """Fill the run list again on each trigger (the page's load, a tab switch), so a run trained since the
+        page was made can be picked without a click on Refresh."""
+        for trigger in triggers:
+            self.registry.on(trigger, self.run_choices, None, self.run_pick, action="view", show_progress="hidden")
+
+    def run_choices(self):
+        return gr.update(choices=self._listing()[1])
+
     def attach(self, run_id):
         name = service.attach_run(self.manager, self.catalog.resolve_run(run_id), policy=self.policy)
         return (self.s["attached"].format(name=name),) + self.refresh()

@@ -187,6 +187,13 @@ class TrainTab:
     def _runs(self) -> list[str]:
         return [p.name for p in list_runs(self.services.paths.runs_dir)]
 
+    def wire_fresh_lists(self, *triggers) -> None:
+        """Fill the dataset, target and run lists again on each trigger (the page's load, a tab switch): a
+        dataset built or a run trained since the page was made is then listed without a click on Refresh."""
+        for trigger in triggers:
+            self.registry.on(trigger, self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick],
+                             action="read_files", show_progress="hidden")
+
     def refresh_lists(self):
         model = self.manager.require_loaded().model if self.manager.is_loaded else None
         targets = lora_target_names(model) if model is not None else list(ALL_PROJECTIONS)
