@@ -461,3 +461,19 @@ def test_the_report_question_set_keeps_its_value_on_a_chinese_page(workspace, mo
     radio = next(b for b in app.blocks.values() if getattr(b, "label", None) == strings("compare")["report_source"])
     assert [value for _, value in radio.choices] == ["exam", "heldout", "upload"]
     assert source["value"] == "heldout" and radio.value == "heldout"
+
+
+def test_the_template_guard_and_the_split_read_in_chinese():
+    from studio.train.formatting import GUARD_WORDS, guard_html
+    from studio.ui.i18n import translate
+    from studio.ui.strings import strings
+
+    guard = {"matches": True, "supervised_tokens": 14, "total_tokens": 59, "prompt_part": "<|im_start|>user\n问",
+             "supervised_text": "答", "training_text": "<|im_start|>user\n问答", "inference_prompt": "<|im_start|>user\n问"}
+    words = strings("train", "zh")
+    chinese = guard_html(guard, {key: words[key] for key in GUARD_WORDS})
+    assert "训练提示与推理提示完全一致" in chinese and "loss 只算 59 个 token 中的 14 个" in chinese
+    assert "训练字符串" in chinese and "推理提示" in chinese and "Training string" not in chinese
+    assert "✅ the training prompt is exactly the inference prompt" in guard_html(guard)  # English by default
+    split = f"**{strings('train')['split']}:** 675 rows → 630 for training, 45 held out (45 groups)."
+    assert translate(split, "zh") == "**划分：** 共 675 行 → 630 行用于训练，45 行留出（45 组）。"

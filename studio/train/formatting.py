@@ -81,14 +81,24 @@ def template_guard(tokenizer, system: str, instruction: str, output: str, max_le
     }
 
 
-def guard_html(guard: dict) -> str:
+GUARD_WORDS = {  # the page passes its own language's words (studio/ui/strings.py, the train tab's guard_*)
+    "guard_match": "✅ the training prompt is exactly the inference prompt",
+    "guard_mismatch": "❌ the training prompt differs from the inference prompt: answers will drift",
+    "guard_loss": "loss on {supervised} of {total} tokens (highlighted)",
+    "guard_training": "Training string",
+    "guard_inference": "Inference prompt",
+}
+
+
+def guard_html(guard: dict, words: dict | None = None) -> str:
     """The guard as HTML: the training string with the supervised span highlighted, and the inference prompt."""
+    words = {**GUARD_WORDS, **(words or {})}
     esc = lambda text: html.escape(text).replace("\n", "↵<br>")  # noqa: E731
-    verdict = ("✅ the training prompt is exactly the inference prompt" if guard["matches"]
-               else "❌ the training prompt differs from the inference prompt: answers will drift")
+    verdict = words["guard_match"] if guard["matches"] else words["guard_mismatch"]
+    loss = words["guard_loss"].format(supervised=guard["supervised_tokens"], total=guard["total_tokens"])
     training = esc(guard["prompt_part"]) + f"<mark class='supervised'>{esc(guard['supervised_text'])}</mark>" + \
         esc(guard["training_text"][len(guard["prompt_part"]) + len(guard["supervised_text"]):])
-    return (f"<p><b>{verdict}</b> · loss on {guard['supervised_tokens']} of {guard['total_tokens']} tokens "
-            f"(highlighted)</p><div style='display:flex;gap:12px'>"
-            f"<div style='flex:1'><b>Training string</b><pre style='white-space:pre-wrap'>{training}</pre></div>"
-            f"<div style='flex:1'><b>Inference prompt</b><pre style='white-space:pre-wrap'>{esc(guard['inference_prompt'])}</pre></div></div>")
+    return (f"<p><b>{verdict}</b> · {loss}</p><div style='display:flex;gap:12px'>"
+            f"<div style='flex:1'><b>{words['guard_training']}</b><pre style='white-space:pre-wrap'>{training}</pre></div>"
+            f"<div style='flex:1'><b>{words['guard_inference']}</b>"
+            f"<pre style='white-space:pre-wrap'>{esc(guard['inference_prompt'])}</pre></div></div>")

@@ -12,7 +12,7 @@ from studio.errors import StudioError
 from studio.model.card import human_count, lora_target_names, parameter_counts
 from studio.services import Services
 from studio.train.estimate import lora_param_count
-from studio.train.formatting import guard_html, template_guard
+from studio.train.formatting import GUARD_WORDS, guard_html, template_guard
 from studio.train.job import RunRequest
 from studio.train.memory import estimate_for_dataset, free_gpu_gib
 from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
@@ -215,7 +215,8 @@ class TrainTab:
         first = train_rows[0]
         guard = template_guard(self.manager.require_loaded().tokenizer, first.get("system") or prompt,
                                first["instruction"], first["output"])
-        return split, guard_html(guard)
+        words = strings("train", page_language())
+        return split, guard_html(guard, {key: words[key] for key in GUARD_WORDS})
 
     def guard_on_load(self, path, prompt, per_group):
         return self.show_guard(path, prompt, per_group) if path else ("", "")
