@@ -444,7 +444,7 @@ def test_judge_url_typed_in_the_page_gets_no_server_key(studio, capture, monkeyp
     services = Services(manager=studio["manager"], paths=studio["paths"], keys=key_routing("http://owner.invalid/v1"))
     with launched(services) as url:
         client = Client(url, verbose=False)
-        client.predict(studio["run"].name, "held-out questions of the run", None, False, SAMPLE_DOC.name, 1, "greedy", 16, capture.base_url,
+        client.predict(studio["run"].name, "heldout", None, False, SAMPLE_DOC.name, 1, "greedy", 16, capture.base_url,
                        "judge", "", api_name="/run_report")
         job = services.jobs.wait(services.jobs.latest("report"), 300)
     assert job.status is JobStatus.DONE, job.error

@@ -53,7 +53,7 @@ def build_app(services: Services) -> gr.Blocks:
         timer = gr.Timer(2.0)
         registry.on(timer.tick, lambda lang: translate(services.manager.status().describe(), lang or "en"), language,
                     model_status, action="view", args=(LANGUAGE,), scrub=True, show_progress="hidden", queue=False)
-        _wire_language(app, services, registry, language)
+        relabelled = _wire_language(app, services, registry, language)
         wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language)
         for tab in (dataset, compare):
             if tab:
@@ -61,7 +61,8 @@ def build_app(services: Services) -> gr.Blocks:
         for tab in (train, compare):
             if tab:
                 tab.wire_fresh_lists(app.load, tabs.select)
-        registry.on(app.load, chat.current_model, None, chat.load_outputs, action="view", scrub=True,
+        # after the load's relabelling, which writes back the status texts it read when the page opened
+        registry.on(relabelled.then, chat.current_model, None, chat.load_outputs, action="view", scrub=True,
                     show_progress="hidden")
 
         def stop_on_close(request: gr.Request):
@@ -71,8 +72,9 @@ def build_app(services: Services) -> gr.Blocks:
     return app
 
 
-def _wire_language(app: gr.Blocks, services: Services, registry: Registry, language: gr.Radio) -> None:
-    """Pick the page's language on load; the switch re-labels every component and remembers the choice."""
+def _wire_language(app: gr.Blocks, services: Services, registry: Registry, language: gr.Radio):
+    """Pick the page's language on load; the switch re-labels every component and remembers the choice.
+    Returns the load's relabelling event, for what must show after it."""
     labels = LabelRegistry.collect(app)
 
     def initial(request: gr.Request):
@@ -84,7 +86,8 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
     inputs = [language] + labels.markdown
     specs = (LANGUAGE,) + (Text("Shown text", 100_000),) * len(labels.markdown)
     loaded = registry.on(app.load, initial, None, language, action="view", queue=False)
-    registry.on(loaded.then, relabel, inputs, labels.outputs, action="view", args=specs, js=SET_COOKIE_JS,
-                show_progress="hidden")
+    relabelled = registry.on(loaded.then, relabel, inputs, labels.outputs, action="view", args=specs,
+                             js=SET_COOKIE_JS, show_progress="hidden")
     registry.on(language.input, relabel, inputs, labels.outputs, action="view", args=specs, js=SET_COOKIE_JS,
                 show_progress="hidden")
+    return relabelled
