@@ -117,10 +117,18 @@ def test_out_of_memory_drops_the_trainer_before_memory_is_freed(manager, tmp_pat
 
 # ----- real processes killed with SIGKILL -----------------------------------------------------------
 
+def _as_from_a_terminal() -> None:
+    """The child takes Ctrl-C as a terminal's process does, whatever the test runner's thread blocked or ignored
+    (a SIGINT sent to a child started from such a thread was once lost, and its run trained to the end)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def studio_process(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "studio.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def kill_when(process: subprocess.Popen, ready, extra_delay: float, timeout: float = 240) -> None:
