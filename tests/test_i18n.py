@@ -477,3 +477,18 @@ def test_the_template_guard_and_the_split_read_in_chinese():
     assert "✅ the training prompt is exactly the inference prompt" in guard_html(guard)  # English by default
     split = f"**{strings('train')['split']}:** 675 rows → 630 for training, 45 held out (45 groups)."
     assert translate(split, "zh") == "**划分：** 共 675 行 → 630 行用于训练，45 行留出（45 组）。"
+
+
+def test_a_failed_teacher_test_says_what_to_check_in_the_page_language():
+    """'connection: Connection error.' alone told a user nothing to do."""
+    from studio.data.teacher import OpenAITeacher, TeacherCallError, TeacherConfig, check_connection
+    from studio.ui.i18n import translate
+    from uihelpers import free_port
+
+    teacher = OpenAITeacher(TeacherConfig(f"http://127.0.0.1:{free_port()}/v1", "m", "k", 5))
+    with pytest.raises(TeacherCallError) as caught:
+        check_connection(teacher)
+    message = str(caught.value)
+    assert caught.value.reason == "connection" and message.endswith("Check the base URL and that the server is running "
+                                                                   "(local servers answer under /v1).")
+    assert "请检查 base URL 以及服务是否在运行" in translate(message, "zh")

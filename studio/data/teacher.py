@@ -266,8 +266,23 @@ def call_with_retries(attempt: Callable[[], object], policy: RetryPolicy, cancel
     raise last
 
 
+CONNECTION_HINTS = {  # what to do about a failed test call, by its reason
+    "connection": "Check the base URL and that the server is running (local servers answer under /v1).",
+    "timeout": "The server did not answer in time: check that it is running, or raise the timeout.",
+    "http_401": "Check the API key.",
+    "http_403": "Check the API key and that it may use this model.",
+    "http_404": "Check that the base URL ends in /v1 and that the model name exists there.",
+}
+
+
 def check_connection(teacher: Teacher) -> str:
-    """A one-token round trip; returns a short report or raises TeacherCallError."""
+    """A one-token round trip; returns a short report or raises TeacherCallError that says what to check."""
     started = time.time()
-    reply = teacher.complete([{"role": "user", "content": "Reply with the single word OK."}], 0.0, 8, False)
+    try:
+        reply = teacher.complete([{"role": "user", "content": "Reply with the single word OK."}], 0.0, 8, False)
+    except TeacherCallError as exc:
+        hint = CONNECTION_HINTS.get(exc.reason)
+        if hint is None:
+            raise
+        raise TeacherCallError(exc.reason, f"{exc} {hint}", exc.retryable, exc.retry_after) from None
     return f"Connected to {teacher.label} in {time.time() - started:.1f}s; it replied {reply.text.strip()[:40]!r}."

@@ -552,6 +552,11 @@ EN = {
         "guard_repeated_header": "The request has more than one {header} header.",
         "guard_slow_body": "The request's body stopped arriving; send it again.",
         "split_shown": "**Split:** {rows} rows → {train} for training, {held} held out ({groups} groups).",
+        "hint_connection": "{error} Check the base URL and that the server is running (local servers answer under /v1).",
+        "hint_timeout": "{error} The server did not answer in time: check that it is running, or raise the timeout.",
+        "hint_401": "{error} Check the API key.",
+        "hint_403": "{error} Check the API key and that it may use this model.",
+        "hint_404": "{error} Check that the base URL ends in /v1 and that the model name exists there.",
         "guard_foreign_host": "This studio answers at 127.0.0.1 or localhost only, not at {host}. Open it at "
                               "http://127.0.0.1 and its port; to reach it from elsewhere, serve it with --host "
                               "and a login (--auth).",
@@ -1242,6 +1247,11 @@ ZH = {
         "guard_repeated_header": "请求中有不止一个 {header} 头。",
         "guard_slow_body": "请求内容中途停止传输，请重新发送。",
         "split_shown": "**划分：** 共 {rows} 行 → {train} 行用于训练，{held} 行留出（{groups} 组）。",
+        "hint_connection": "{error} 请检查 base URL 以及服务是否在运行（本地服务的地址以 /v1 结尾）。",
+        "hint_timeout": "{error} 服务没有按时应答：请检查它是否在运行，或调大超时时间。",
+        "hint_401": "{error} 请检查 API 密钥。",
+        "hint_403": "{error} 请检查 API 密钥，以及它是否有权使用该模型。",
+        "hint_404": "{error} 请检查 base URL 是否以 /v1 结尾，以及该模型名是否存在。",
         "guard_foreign_host": "本工作室只在 127.0.0.1 或 localhost 上应答，不在 {host} 上。请用 http://127.0.0.1 "
                               "加端口打开；如需从其他地方访问，请用 --host 并设置登录（--auth）。",
         "guard_foreign_origin": "来自其他网站页面（{origin}）的请求已被拒绝：请打开工作室自己的页面。",
