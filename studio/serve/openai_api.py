@@ -325,11 +325,14 @@ async def _complete_while_connected(request: Request, lease, adapter: str | None
     request of 8,192 tokens would otherwise keep the model from everyone else until it ends."""
     stop = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(complete, lease, adapter, chat, stop))
-    while not work.done():
-        await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-        if not work.done() and await request.is_disconnected():
-            stop.set()
-    return work.result()
+    try:
+        while not work.done():
+            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                stop.set()
+        return work.result()
+    finally:
+        stop.set()  # the request's task cancelled (server shutting down): the worker stops at the next token
 
 
 async def _json_body(request: Request):

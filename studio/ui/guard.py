@@ -88,11 +88,14 @@ def _repeated_header(scope) -> str | None:
     return None
 
 
+_FRAME_HEADER_NAMES = frozenset(name for name, _ in FRAME_HEADERS)
+
+
 def _with_frame_headers(send):
     """`send` that marks every response as not to be shown inside another site's frame (clickjacking)."""
     async def framed(message):
         if message["type"] == "http.response.start":
-            kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in dict(FRAME_HEADERS)]
+            kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _FRAME_HEADER_NAMES]
             message = {**message, "headers": kept + FRAME_HEADERS}
         await send(message)
 
