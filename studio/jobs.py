@@ -77,6 +77,12 @@ class Job:
     def log(self, message: str) -> None:
         self.emit("log", message)
 
+    def replay(self, events: list[dict]) -> None:
+        """Show viewers events of an earlier session of this job's folder (a resumed run's curves so far):
+        in memory only, since its events.jsonl holds them already."""
+        with self._lock:
+            self._events.extend({"t": round(time.time(), 3), "message": "", **event} for event in events)
+
     def events_since(self, cursor: int) -> tuple[list[dict], int]:
         with self._lock:
             events = self._events[cursor:]

@@ -81,6 +81,10 @@ def test_training_progress_survives_a_reload(page, services, workspace):
             page.wait_for_function(
                 "() => document.querySelector('#train-log textarea').value.includes('ready to chat')")
             assert "15 rows: 12 for training" in page.locator("#train-log textarea").input_value()
+            # the form shows the run's settings, not the defaults (learning rate 1e-3, batch 1, 4 epochs)
+            for label, value in (("Learning rate", "0.005"), ("Batch size", "4"), ("Epochs", "15")):
+                number = page.get_by_role("spinbutton", name=label, exact=True)
+                page.wait_for_function("([el, v]) => el.value === v", arg=[number.element_handle(), value])
             page.reload()
         # a dataset written and a run trained after the page was made are listed without a click on Refresh
         later = write_dataset(workspace.data_dir / "later.jsonl")

@@ -256,3 +256,26 @@ def test_the_ollama_command_names_the_model_as_ollama_accepts(tmp_path):
     assert ollama_tag("Lighthouse Run_2") == "lighthouse-run_2" and ollama_tag("灯") == "studio"
     text = merged_instructions(tmp_path, "雾灯岛-长跑_20261207_134435")
     assert "ollama create studio-20261207_134435 -f Modelfile && ollama run studio-20261207_134435" in text
+
+
+def test_the_export_instructions_read_in_chinese_on_a_chinese_page_with_the_commands_unchanged(tmp_path):
+    """Each prose line of both instruction texts is in the tables; the command lines are left as they are."""
+    import re
+
+    from studio.export import adapter_instructions, merged_instructions
+    from studio.ui.i18n import translate
+
+    (tmp_path / "run.zip").write_bytes(b"")
+    texts = [adapter_instructions(tmp_path, "Qwen/Qwen2.5-7B-Instruct", "灯塔", {"system_prompt": SYSTEM}),
+             adapter_instructions(tmp_path / "none", "/models/q", "run_1", {}),
+             merged_instructions(tmp_path, "灯塔_1")]
+    for text in texts:
+        shown = translate(f"```\n{text}\n```", "zh").split("\n")[1:-1]
+        for english, chinese in zip(text.split("\n"), shown, strict=True):
+            if english.startswith("  ") and "then ask for model" not in english:  # a command
+                assert chinese == english
+            elif english:
+                assert re.search(r"[\u4e00-\u9fff]", chinese) and not re.search(r"\b(it|the|with)\b", chinese), chinese
+    first, second = (translate(f"```\n{text}\n```", "zh") for text in texts[:2])  # as the Compare tab shows them
+    assert "（可下载的 zip：" in first and "请把它作为 system 消息发送：" + SYSTEM in first
+    assert "  然后在 http://127.0.0.1:8000/v1/chat/completions 请求模型 'run_1'" in second

@@ -156,6 +156,13 @@ def test_stop_saves_a_usable_adapter_and_resume_continues(manager, dataset, work
     metrics = [json.loads(l) for l in (req.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps[:5] == [1, 2, 3, 4, 5] and steps[5] == 6 and max(steps) == 45
+    # a page watching the resumed job draws the whole run: the kept records first (not written twice), then the new
+    shown = [e for e in resumed.events_since(0)[0] if e["type"] == "metric" and "loss" in e]
+    assert [e["step"] for e in shown] == steps and [e.get("earlier", False) for e in shown[4:6]] == [True, False]
+    from studio.ui.common import metric_frames
+    assert list(metric_frames(shown)[0].query("series == 'train loss'")["step"]) == steps
+    on_disk = [json.loads(l) for l in (req.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in on_disk if e["type"] == "metric" and "loss" in e] == steps
     assert json.loads((req.run_dir / "studio.json").read_text())["resumed_from"] == 5
     adapter = (req.run_dir / "adapter_model.safetensors").read_bytes()
     with pytest.raises(StudioError, match="finished all its 45 steps: there is nothing to resume"):

@@ -271,6 +271,8 @@ class TrainingRun:
         if dropped or events_dropped:
             job.log(f"Resuming from {checkpoint.name}: {dropped} metric records after step {step} were removed; "
                     "those steps are trained again.")
+        earlier, _ = read_jsonl_log(self.metrics_path)
+        job.replay([{"type": "metric", "earlier": True, **record} for record in earlier])  # the curves go on
         self.previous_seconds = _previous_seconds(checkpoint, self.run_dir)
         return checkpoint
 

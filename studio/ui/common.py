@@ -56,7 +56,10 @@ def progress_html(job, lang: str = "en") -> str:
     fraction = done / total if total else (1.0 if not job.running else 0.0)
     colour = {"failed": "#d9534f", "cancelled": "#999"}.get(job.status.value, "#2f9e44")
     status = text("status", f"job_{job.status.value}", lang)
-    message = html.escape(translate(latest.get("message", ""), lang) or status)
+    message = latest.get("message", "")
+    if not job.running and "eta" in latest:  # an ended run: the step it reached, no time still to go
+        message = f"step {done}/{total} · epoch {latest.get('epoch') or 0:.2f}"
+    message = html.escape(translate(message, lang) or status)
     return (f"<div class='job-progress'><div style='background:#eee;border-radius:4px;height:14px'>"
             f"<div style='width:{fraction:.1%};background:{colour};height:14px;border-radius:4px'></div></div>"
             f"<div>{html.escape(job.name)} · {html.escape(status)} · {message} · {job.elapsed:.0f}s</div></div>")
@@ -106,11 +109,12 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
     progress = gr.HTML()
     plot_outputs = []
     if plots:
+        # no fixed height: a height cuts the loss plot's legend off; the one-series plots need no legend
+        axes = dict(x="step", y="value", x_title=s.get("plot_step", "Step"), y_title=" ")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("loss_plot", "Loss"), height=280)
-            lr_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("lr_plot", "Learning rate"), height=280)
-            grad_plot = gr.LinePlot(x="step", y="value", color="series", label=s.get("grad_plot", "Gradient norm"),
-                                    height=280)
+            loss_plot = gr.LinePlot(color="series", color_title=" ", label=s.get("loss_plot", "Loss"), **axes)
+            lr_plot = gr.LinePlot(label=s.get("lr_plot", "Learning rate"), **axes)
+            grad_plot = gr.LinePlot(label=s.get("grad_plot", "Gradient norm"), **axes)
         plot_outputs = [loss_plot, lr_plot, grad_plot]
     log = gr.Textbox(label=s.get("log", "Log"), lines=8, max_lines=16, interactive=False, autoscroll=True,
                      elem_classes=["mono"], elem_id=f"{kind}-log")

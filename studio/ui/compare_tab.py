@@ -46,9 +46,13 @@ class CompareTab:
 
     # ----- layout ------------------------------------------------------------------------------
     def _layout(self) -> None:
+        """The comparison first (the run, the question, the columns), then the report; the adapters' table,
+        attach, detach, delete and export below them, folded; the run history last."""
         gr.Markdown(self.s["intro"])
-        self._adapter_controls()
-        self.history = HistoryPanel(self.services, api=True)
+        frame, choices = self._listing()
+        with gr.Row():
+            self.run_pick = gr.Dropdown(choices, label=self.s["run"], scale=4, allow_custom_value=True)
+            self.refresh_btn = gr.Button(self.s["refresh"], size="sm", scale=1)
         self._question_controls()
         self.compare_btn = gr.Button(self.s["compare"], variant="primary")
         with gr.Row():
@@ -59,15 +63,15 @@ class CompareTab:
         with gr.Accordion(self.s["retrieved"], open=False):
             self.retrieved = gr.Markdown()
         self._report_controls()
+        self._adapter_controls(frame)
+        self.history = HistoryPanel(self.services, api=True)
 
-    def _adapter_controls(self) -> None:
+    def _adapter_controls(self, frame) -> None:
+        """The loaded base's adapters, and what can be done with the picked run: attach, detach, delete, export."""
         s = self.s
-        with gr.Accordion(s["adapters"], open=True):
-            frame, choices = self._listing()
+        with gr.Accordion(s["adapters"], open=False):
             self.adapters_table = gr.Dataframe(frame, interactive=False, max_height=240)
             with gr.Row():
-                self.run_pick = gr.Dropdown(choices, label=s["run"], scale=4, allow_custom_value=True)
-                self.refresh_btn = gr.Button(s["refresh"], size="sm")
                 self.attach_btn = gr.Button(s["attach"], size="sm")
                 self.detach_btn = gr.Button(s["detach"], size="sm")
                 self.confirm = gr.Checkbox(False, label=s["confirm"])

@@ -234,7 +234,7 @@ def column(name: str, lang: str) -> str:
 
 
 # ----- the page's components --------------------------------------------------------------------
-TEXT_PROPS = ("label", "info", "placeholder")
+TEXT_PROPS = ("label", "info", "placeholder", "x_title")  # x_title: the training plots' axis
 CHOICE_TYPES = ("Radio", "CheckboxGroup")  # components whose choice labels are static
 
 

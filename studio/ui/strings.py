@@ -153,6 +153,7 @@ EN = {
         "log": "Training log",
         "loss_plot": "Loss",
         "lr_plot": "Learning rate",
+        "plot_step": "Optimizer step",
         "guard_match": "✅ the training prompt is exactly the inference prompt",
         "guard_mismatch": "❌ the training prompt differs from the inference prompt: answers will drift",
         "guard_loss": "loss on {supervised} of {total} tokens (highlighted)",
@@ -402,6 +403,7 @@ EN = {
         "training_start": "Training {name}: {steps} optimizer steps.",
         "training_resumed": "Training {name}: {steps} optimizer steps, resumed at step {step}.",
         "train_progress": "step {done}/{total} · epoch {epoch} · {elapsed}s elapsed · ETA {eta}s · {speed} tokens/s",
+        "train_progress_ended": "step {done}/{total} · epoch {epoch}",
         "stop_requested": "Stop requested: stopping after step {step}.",
         "adapter_saved": "Adapter {name} saved to {folder} ({status}); it is attached and ready to chat.",
         "nan_loss": "Training stopped: the loss became {value} at step {step}. Lower the learning rate (it was {lr}) "
@@ -486,6 +488,20 @@ EN = {
         "export_other_base": "The adapter in {folder} was made for another base model ({base}): {differences}. "
                              "Export it with that base.",
         "export_apply_failed": "Could not apply {folder} to the base: {kind}: {error}",
+        # the export's instructions, a line each (the commands between them stay as they are)
+        "howto_adapter_zip": "Adapter exported to {folder} (zip to download: {archive})",
+        "howto_adapter": "Adapter exported to {folder}",
+        "howto_vllm_lora": "Serve it with vLLM (the base plus this adapter under its own model name):",
+        "howto_vllm_ask": "  then ask for model {name} at {url}",
+        "howto_peft": "Load it with transformers + peft:",
+        "howto_no_ollama": "Ollama cannot load a Qwen2 LoRA adapter by itself: for Ollama, export again merged "
+                           "(the Compare tab's merge box, or --merge on the command line).",
+        "howto_system": "The adapter was trained with this system prompt; send it as the system message: {system}",
+        "howto_merged": "Merged bf16 model exported to {folder} (safetensors, tokenizer, chat template, Modelfile)",
+        "howto_vllm": "Serve it with vLLM:",
+        "howto_ollama": "Import it into Ollama (the Modelfile beside the weights holds Qwen2.5's chat template and "
+                        "the system prompt):",
+        "howto_transformers": "Load it with plain transformers:",
         "hub_not_cached": "Model {quoted} is not in the local cache and {reason}. Download it on a connected "
                           "machine with: hf download {name}{mirror}; or enter the path of a local model folder.",
         "hub_download_failed": "Could not download {quoted} from {endpoint}: {kind}: {error}. Check the id, or "
@@ -895,6 +911,7 @@ ZH = {
         "log": "训练日志",
         "loss_plot": "Loss",
         "lr_plot": "学习率",
+        "plot_step": "优化步数",
         "guard_match": "✅ 训练提示与推理提示完全一致",
         "guard_mismatch": "❌ 训练提示与推理提示不一致：回答会跑偏",
         "guard_loss": "loss 只算 {total} 个 token 中的 {supervised} 个（高亮部分）",
@@ -1123,6 +1140,7 @@ ZH = {
         "training_start": "训练 {name}：共 {steps} 个优化步。",
         "training_resumed": "训练 {name}：共 {steps} 个优化步，从第 {step} 步继续。",
         "train_progress": "第 {done}/{total} 步 · 第 {epoch} 轮 · 已用 {elapsed} 秒 · 预计还需 {eta} 秒 · {speed} token/秒",
+        "train_progress_ended": "第 {done}/{total} 步 · 第 {epoch} 轮",
         "stop_requested": "已请求停止：将在第 {step} 步后停止。",
         "adapter_saved": "适配器 {name} 已保存到 {folder}（{status}）；已挂载，可以对话。",
         "nan_loss": "训练已停止：第 {step} 步的 loss 变成了 {value}。请降低学习率（当前为 {lr}）后重新训练。",
@@ -1192,6 +1210,18 @@ ZH = {
         "export_inside": "请导出到运行文件夹（{folder}）之外的文件夹，而不是它里面。",
         "export_other_base": "{folder} 中的适配器是为另一个基座模型（{base}）训练的：{differences}。请用那个基座导出。",
         "export_apply_failed": "无法把 {folder} 应用到基座上：{kind}：{error}",
+        "howto_adapter_zip": "适配器已导出到 {folder}（可下载的 zip：{archive}）",
+        "howto_adapter": "适配器已导出到 {folder}",
+        "howto_vllm_lora": "用 vLLM 提供服务（基座加上这个适配器，以它自己的模型名）：",
+        "howto_vllm_ask": "  然后在 {url} 请求模型 {name}",
+        "howto_peft": "用 transformers + peft 加载：",
+        "howto_no_ollama": "Ollama 不能单独加载 Qwen2 的 LoRA 适配器：要用 Ollama，请以合并方式重新导出"
+                           "（对比页的合并选项，或命令行的 --merge）。",
+        "howto_system": "适配器训练时使用了这个系统提示词；请把它作为 system 消息发送：{system}",
+        "howto_merged": "合并后的 bf16 模型已导出到 {folder}（safetensors、分词器、对话模板、Modelfile）",
+        "howto_vllm": "用 vLLM 提供服务：",
+        "howto_ollama": "导入 Ollama（权重旁的 Modelfile 含有 Qwen2.5 的对话模板和系统提示词）：",
+        "howto_transformers": "用普通 transformers 加载：",
         "hub_not_cached": "模型 {quoted} 不在本地缓存中，且{reason}。请在能联网的机器上下载：hf download {name}{mirror}；或输入本地模型文件夹的路径。",
         "hub_download_failed": "无法从 {endpoint} 下载 {quoted}：{kind}：{error}。请检查 ID，或用以下命令下载：hf download {name}",
         "modelscope_id": "ModelScope ID 的格式应为 modelscope:Qwen/Qwen2.5-7B-Instruct，而不是 {value}。",

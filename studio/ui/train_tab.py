@@ -179,6 +179,14 @@ class TrainTab:
         reg.on(self.resume_btn.click, self.resume, self.resume_pick, self.panel.message, action="train",
                name="resume_training", args=(Id("Run", "runs"),))
         self.panel.wire(reg, "train", self.on_finished, [self.result_md, self.loss_png, self.resume_pick])
+        reg.on(self.app.load, self.form_of_latest_run, None, self.form_fields, action="read_files",
+               show_progress="hidden")
+
+    @property
+    def form_fields(self) -> list:
+        """The form's fields that a run's request fills, in `form_of_latest_run`'s order."""
+        return [self.dataset, self.system, self.targets, self.r, self.alpha, self.dropout, self.document_rows,
+                self.document_file] + self.settings
 
     # ----- lists -------------------------------------------------------------------------------
     def _datasets(self) -> list[str]:
@@ -264,6 +272,22 @@ class TrainTab:
         if not source_id:
             raise StudioError(self.s["no_document"])
         return self.catalog.resolve_document(source_id)
+
+    def form_of_latest_run(self):
+        """A reloaded page's form shows the settings of the run this studio trained last (the one going on, or
+        the last one started), not the defaults: a page that reloads mid-run sees what is being trained."""
+        job = self.board.latest(JOB_KIND)
+        try:
+            request = load_request(job.folder) if job is not None and job.folder is not None else None
+        except (OSError, ValueError, StudioError):  # its request file is gone or damaged: keep the defaults
+            request = None
+        if request is None:
+            return (gr.skip(),) * len(self.form_fields)
+        lora, settings = request.lora, request.train
+        document = self.catalog.document_id(request.document) if request.document else None
+        return (self.catalog.dataset_id(request.dataset) or gr.skip(), request.system_prompt, list(lora.targets),
+                lora.r, lora.alpha, lora.dropout, request.document is not None, document,
+                *(getattr(settings, name) for name in SETTING_FIELDS))
 
     def stop(self):
         return self.s["stopping"] if stop_training(self.board, policy=self.policy) else self.s["not_running"]
