@@ -170,3 +170,22 @@ def test_a_run_of_the_history_opens_in_compare(browser, workspace):
         page.get_by_role("tab", name="Compare", selected=True).wait_for()
         page.wait_for_function("() => [...document.querySelectorAll('input')].some("
                                "i => i.value.endsWith('facts_20261130_101500'))")
+
+
+def test_the_provider_box_follows_the_base_url(page, workspace):
+    """A base URL typed by hand shows as the custom choice (the box never names a service the URL is not); a
+    preset picked fills both boxes; a preset's URL typed by hand names that preset again."""
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        page.goto(url)
+        page.get_by_role("tab", name="Dataset Builder").click()
+        provider, base_url = page.get_by_label("Provider preset"), page.get_by_label("Base URL (OpenAI-compatible)")
+        base_url.fill("http://10.0.0.5:9000/v1")
+        page.wait_for_function("el => el.value === 'Other (the base URL below)'", arg=provider.element_handle())
+        provider.click()
+        page.get_by_role("option", name="DeepSeek").click()
+        page.wait_for_function("el => el.value === 'https://api.deepseek.com/v1'", arg=base_url.element_handle())
+        assert page.get_by_label("Teacher model id").input_value() == "deepseek-chat"
+        base_url.fill("http://127.0.0.1:11434/v1/")
+        page.wait_for_function("el => el.value === 'Ollama (local)'", arg=provider.element_handle())
+        assert base_url.input_value() == "http://127.0.0.1:11434/v1/"  # the custom text is kept as typed

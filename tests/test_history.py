@@ -30,7 +30,7 @@ def make_run(runs: Path, name: str, status: str | None = None, events: list[dict
         (folder / "studio.json").write_text(json.dumps({
             "name": name, "status": status, "base_model": "Qwen/Qwen2.5-7B-Instruct", "dataset": request["dataset"],
             "split": {"train_rows": 12, "heldout_rows": 3}, "final_train_loss": 0.123456, "final_eval_loss": 0.5,
-            "created": "2026-11-30 10:15:00"}), encoding="utf-8")
+            "created": "2026-11-30 10:15:00", "exam_questions": 8 if name == "done_1" else 0}), encoding="utf-8")
     if events:
         (folder / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
     if report is not None:
@@ -76,7 +76,9 @@ def test_history_table_speaks_both_languages(runs):
     english, chinese = history_frame(records, "en"), history_frame(records, "zh")
     assert list(english.columns)[:2] == ["run", "date"] and list(chinese.columns)[:2] == ["运行", "日期"]
     row = chinese[chinese["运行"] == "done_1"].iloc[0]
-    assert row["状态"] == "完成" and row["测试题"] == "3 道留出题"
+    assert row["状态"] == "完成" and row["未训练的题"] == "测试题 8 道 · 留出问法 3 条"
+    assert chinese[chinese["运行"] == "stopped_2"].iloc[0]["未训练的题"] == "留出问法 3 条"  # a run without an exam
+    assert english[english["run"] == "done_1"].iloc[0]["questions kept out"] == "exam 8 · 3 held-out phrasings"
     assert row["最近报告"] == "微调后 F1 0.8，基座 0.1；3 题变好，0 题变差"
     assert english[english["run"] == "done_1"].iloc[0]["train loss"] == 0.1235
 

@@ -253,6 +253,11 @@ def test_report_offers_the_exam_first_with_four_columns_and_key_facts(knowledge_
     assert [s["section"] for s in report["sections"]] == ["第0节", "第1节", "第2节"]
     assert all(s["questions"] == 1 and TUNED in s for s in report["sections"])
     assert set(report["recitation"]) >= {"training_char_f1", "heldout_char_f1", "exam_char_f1"}
+    # the progress counts the 3 exam questions, then each recitation set apart; the bar covers all of them
+    progress = [e for e in job.events_since(0)[0] if e["type"] == "progress"]
+    assert [e["message"] for e in progress[:3]] == ["1/3 questions", "2/3 questions", "3/3 questions"]
+    assert progress[3]["message"].startswith("recitation check: 1/") and progress[-1]["done"] == progress[-1]["total"]
+    assert progress[2]["total"] == progress[-1]["total"] > 3
     assert report["keys_note"] == ""
     assert "key hit" in format_table(report) and "per section" in format_table(report)
     csv_header = Path(report["files"][1]).read_text(encoding="utf-8").splitlines()[0]

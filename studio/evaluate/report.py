@@ -82,7 +82,8 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
                 entry.update(judge_score=verdict.score, judge_reason=verdict.reason)
             row["columns"][column] = entry
         rows.append(row)
-        job.emit("progress", f"{index}/{total} questions", done=index, total=total)
+        # the message counts the questions asked; the bar (done/total) the recitation check's answers too
+        job.emit("progress", f"{index}/{len(request.questions)} questions", done=index, total=total)
     recitation = _recitation(job, lease, request, rows, total)
     knowledge = annotate(rows)
     summary = summarize(rows)
@@ -101,13 +102,13 @@ def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict]
     means = {}
     for name, items in {"training": request.training_sample, **request.comparison_sets}.items():
         scores = []
-        for item in items:
+        for checked, item in enumerate(items, 1):
             job.check_cancelled()
             messages = build_messages(request.system_prompt, [], item["instruction"])
             answer = reply_text(lease.loaded, messages, request.settings, adapter=request.adapter)
             scores.append(char_f1(answer, item["output"]))
             done += 1
-            job.emit("progress", f"{done}/{total} questions ({name} phrasings)", done=done, total=total)
+            job.emit("progress", f"recitation check: {checked}/{len(items)} {name} phrasings", done=done, total=total)
         if scores:
             means[name] = sum(scores) / len(scores)
     means[request.question_set] = sum(r["columns"][TUNED]["char_f1"] for r in rows) / len(rows)

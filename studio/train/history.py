@@ -33,7 +33,8 @@ class RunRecord:
     date: str
     base_model: str = ""
     dataset: str = ""
-    heldout: int | None = None
+    heldout: int | None = None  # held-out phrasings of trained facts (the split)
+    exam: int | None = None  # exam questions, never trained on (from the dataset build)
     settings: str = ""
     train_loss: float | None = None
     eval_loss: float | None = None
@@ -133,7 +134,7 @@ def read_run(folder: Path, running: bool = False) -> RunRecord:
         name=folder.name, folder=str(folder), date=_date(folder, metadata),
         base_model=str(metadata.get("base_model", "")),
         dataset=Path(str(metadata.get("dataset") or request.get("dataset") or "")).name,
-        heldout=split.get("heldout_rows"), settings=describe_settings(request, metadata),
+        heldout=split.get("heldout_rows"), exam=metadata.get("exam_questions") or None, settings=describe_settings(request, metadata),
         train_loss=metadata.get("final_train_loss"), eval_loss=metadata.get("final_eval_loss"),
         status=run_status(folder, metadata, running), report=latest_report(folder))
 

@@ -17,14 +17,27 @@ from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, Te
 from studio.config import SAMPLE_DOCUMENT
 from studio.services import Services
 from studio.ui.common import job_panel
-from studio.ui.i18n import column, text
+from studio.ui.i18n import FIXED_CHOICES, column, text
 from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload, page_language
 from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
 SECTION_COLUMNS = ["#", "heading", "chars", "first line"]
 LEVELS = {"##": 2, "###": 3}
+CUSTOM_PROVIDER = "custom"  # the provider box's choice for a base URL that is no preset's
 CONFIRM_ABOVE_CALLS = 200  # a build that makes more teacher calls starts on a second click, after its cost is shown
+
+
+def preset_of(provider: str):
+    """A preset's base URL and suggested model; the custom choice keeps what the boxes hold."""
+    return PROVIDER_PRESETS.get(provider) or (gr.skip(), gr.skip())
+
+
+def provider_of(base_url: str) -> str:
+    """The preset whose base URL this is (a trailing slash aside), else the custom choice: the provider box
+    never names a service that the URL box does not point at."""
+    wanted = (base_url or "").strip().rstrip("/")
+    return next((name for name, (url, _) in PROVIDER_PRESETS.items() if url == wanted), CUSTOM_PROVIDER)
 
 
 def _split_settings(min_chars, max_chars, levels) -> SplitSettings:
@@ -99,7 +112,8 @@ class DatasetTab:
     def _teacher_controls(self) -> None:
         s = self.s
         self.use_local = gr.Checkbox(False, label=s["use_local"])
-        self.provider = gr.Dropdown(list(PROVIDER_PRESETS), value="SiliconFlow", label=s["provider"])
+        self.provider = gr.Dropdown([(name, name) for name in PROVIDER_PRESETS] + [(s["provider_custom"], CUSTOM_PROVIDER)],
+                                    value="SiliconFlow", label=s["provider"], elem_classes=[FIXED_CHOICES])
         self.base_url = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][0], label=s["base_url"])
         self.teacher_model = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][1], label=s["teacher_model"])
         self.api_key = gr.Textbox("", label=s["api_key"], type="password", placeholder=s["api_key_placeholder"])
@@ -156,8 +170,11 @@ class DatasetTab:
         preview_outputs = [self.preview, self.result_msg, self.save_name]
         if self.services.keys.owner_base_url:
             self.base_url.value = self.services.keys.owner_base_url
-        reg.on(self.provider.change, lambda choice: PROVIDER_PRESETS[choice], self.provider,
-               [self.base_url, self.teacher_model], action="build_dataset", args=(Choice("Provider", tuple(PROVIDER_PRESETS)),))
+            self.provider.value = provider_of(self.base_url.value)
+        reg.on(self.provider.change, preset_of, self.provider, [self.base_url, self.teacher_model], action="build_dataset",
+               args=(Choice("Provider", tuple(PROVIDER_PRESETS) + (CUSTOM_PROVIDER,)),))
+        reg.on(self.base_url.change, provider_of, self.base_url, self.provider, action="build_dataset",
+               args=(Text("Base URL", 500),), show_progress="hidden")
         reg.on(self.split_btn.click, self.split, split_inputs, split_outputs, action="read_files", name="split",
                args=split_args)
         reg.on(self.upload.change, self.split, split_inputs, split_outputs, action=("read_files", "upload"),

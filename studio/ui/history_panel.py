@@ -33,7 +33,8 @@ def history_frame(records: list[history.RunRecord], lang: str = "en") -> pd.Data
     """The history as a table with headers, statuses and summaries in `lang`; the first column is the run's name."""
     rows = []
     for r in records:
-        exam = text("history", "heldout_exam", lang).format(count=r.heldout) if r.heldout is not None else ""
+        exam = " · ".join(text("history", key, lang).format(count=count) for key, count in
+                          (("exam_count", r.exam), ("heldout_exam", r.heldout)) if count is not None)
         rows.append([r.name, r.date, r.base_model, r.dataset, exam, r.settings, _rounded(r.train_loss),
                      _rounded(r.eval_loss), _report_text(r.report, lang), text("history", f"status_{r.status}", lang)])
     return pd.DataFrame(rows, columns=[text("history", f"col_{c}", lang) for c in COLUMNS])
