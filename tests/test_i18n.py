@@ -492,3 +492,17 @@ def test_a_failed_teacher_test_says_what_to_check_in_the_page_language():
     assert caught.value.reason == "connection" and message.endswith("Check the base URL and that the server is running "
                                                                    "(local servers answer under /v1).")
     assert "请检查 base URL 以及服务是否在运行" in translate(message, "zh")
+
+
+@pytest.mark.parametrize("exam, cancelled", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_build_summary_reads_in_chinese_with_and_without_an_exam_or_a_cancel(exam, cancelled):
+    """The summary's optional sentences (an exam, a cancel) each had to be in a template: with an exam it was
+    English on a Chinese page."""
+    from studio.data.builder import BuildResult
+
+    result = BuildResult(sections=19, base_pairs=45, rows=675, calls=83, failures={"timeout": 2},
+                         exam_questions=38, exam_path="/d/exam.jsonl" if exam else "", cancelled=cancelled)
+    shown = translate(result.summary(), "zh")
+    assert shown.startswith("19 个章节 -> 45 个基础问答 -> 写出 675 行。") and "timeout: 2" in shown
+    assert ("测试题：38 道，从不用于训练。" in shown) == exam and shown.endswith("已取消：结果不完整。") == cancelled
+    assert not re.search(r"\b(Exam|questions|Cancelled|partial)\b", shown), shown

@@ -21,6 +21,7 @@ from studio.data.parsing import parse_variants
 from studio.data.service import start_build
 from studio.data.teacher import RetryPolicy, TeacherConfig
 from studio.errors import DataError
+from studio.ui.i18n import translate
 from studio.evaluate import service
 from studio.evaluate.keys import clean_keys, key_hit, normalize_key
 from studio.evaluate.knowledge import NO_KEYS_NOTE, annotate
@@ -88,6 +89,9 @@ def test_facts_build_writes_short_pairs_reworded_answers_and_an_exam(workspace, 
     trained = {dedup_key(r["instruction"]) for r in rows}
     assert not any(dedup_key(r["instruction"]) in trained for r in exam)
     assert result["exam_dropped"] == {"rephrasing": 4, "no_keys": 4}
+    saved = next(e["message"] for e in job.events_since(0)[0] if e["message"].startswith("exam saved"))
+    assert saved.endswith("(dropped: 4 too close to a training question, 4 without key facts found in the section)")
+    assert translate(saved, "zh").endswith("（丢弃：4 道与训练问题过于相近，4 道在章节中找不到关键事实）")
     assert not any(r["kind"] == "exam" for r in rows)
     # the exam prompt showed the teacher the section's training questions
     exam_calls = [h for h in teacher.hits if '{"exam"' in h["messages"][0]["content"]]

@@ -508,14 +508,16 @@ class DatasetBuild:
         """Write the exam over the empty file reserved for it (removed when there is no exam)."""
         exam_rows = self.exam(rows)
         self.result.exam_questions = len(exam_rows)
+        dropped = self.result.exam_dropped
+        why = (f"dropped: {dropped.get('rephrasing', 0)} too close to a training question, {dropped.get('no_keys', 0)} "
+               "without key facts found in the section")
         if not exam_rows:
             path.unlink(missing_ok=True)
-            job.log(f"No exam was written: no usable exam question (dropped: {self.result.exam_dropped or 'none'}).")
+            job.log(f"No exam was written: no usable exam question ({why}).")
             return
         write_jsonl_atomic(path, exam_rows)
         self.result.exam_path = str(path)
-        job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}"
-                + (f" (dropped: {self.result.exam_dropped})" if self.result.exam_dropped else ""))
+        job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}" + (f" ({why})" if dropped else ""))
 
     def _write_outputs(self, job: Job) -> None:
         base_rows, rows = self.rows()

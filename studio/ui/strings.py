@@ -323,6 +323,14 @@ EN = {
                                    "{calls} made, {cached} reused from the journal, {retries} retries. Failed calls "
                                    "by reason: {failures}. Tokens: {prompt} prompt + {completion} completion. "
                                    "Cancelled: partial result.",
+        "build_summary_exam": "{sections} sections -> {pairs} base pairs -> {rows} rows written. Teacher calls: {calls} "
+                              "made, {cached} reused from the journal, {retries} retries. Failed calls by reason: "
+                              "{failures}. Tokens: {prompt} prompt + {completion} completion. Exam: {exam} questions, "
+                              "never trained on.",
+        "build_summary_exam_cancelled": "{sections} sections -> {pairs} base pairs -> {rows} rows written. Teacher "
+                                        "calls: {calls} made, {cached} reused from the journal, {retries} retries. "
+                                        "Failed calls by reason: {failures}. Tokens: {prompt} prompt + {completion} "
+                                        "completion. Exam: {exam} questions, never trained on. Cancelled: partial result.",
         "connected": "Connected to {teacher} in {seconds}s; it replied {reply}.",
         "teacher_needs": "The teacher needs a base URL and a model id.",
         "row_not_object": "{where}: expected a JSON object, got {kind}.",
@@ -428,9 +436,11 @@ EN = {
                       "{paraphrases} for rephrasings{exam}), about {chars} characters sent.{warnings}",
         "teacher_unusable": "The build stopped: the teacher cannot be used: {reason} Calls already answered are "
                             "kept in the journal; fix this and build again.",
-        "no_exam_written": "No exam was written: no usable exam question (dropped: {dropped}).",
+        "no_exam_written": "No exam was written: no usable exam question (dropped: {close} too close to a training "
+                           "question, {nokeys} without key facts found in the section).",
         "exam_saved": "exam saved: {count} questions, never trained on -> {path}",
-        "exam_saved_dropped": "exam saved: {count} questions, never trained on -> {path} (dropped: {dropped})",
+        "exam_saved_dropped": "exam saved: {count} questions, never trained on -> {path} (dropped: {close} too close "
+                              "to a training question, {nokeys} without key facts found in the section)",
         "field_missing": '{where}: missing the field "{key}"{alternative} (fields found: {found}). Each row needs "instruction" and "output" as text.',
         "field_type": '{where}: the field "{key}" has the wrong type: {kind} ({value}), it must be text. Put it in quotes.',
         "message_parts": "{where}: a message has parts that are not text ({kinds}); only text can be trained on.",
@@ -1073,6 +1083,13 @@ ZH = {
         "build_summary_cancelled": "{sections} 个章节 -> {pairs} 个基础问答 -> 写出 {rows} 行。教师调用：新调用 {calls} "
                                    "次，从日志复用 {cached} 次，重试 {retries} 次。按原因统计的失败：{failures}。"
                                    "Token：提示 {prompt} + 生成 {completion}。已取消：结果不完整。",
+        "build_summary_exam": "{sections} 个章节 -> {pairs} 个基础问答 -> 写出 {rows} 行。教师调用：新调用 {calls} 次，"
+                              "从日志复用 {cached} 次，重试 {retries} 次。按原因统计的失败：{failures}。"
+                              "Token：提示 {prompt} + 生成 {completion}。测试题：{exam} 道，从不用于训练。",
+        "build_summary_exam_cancelled": "{sections} 个章节 -> {pairs} 个基础问答 -> 写出 {rows} 行。教师调用：新调用 "
+                                        "{calls} 次，从日志复用 {cached} 次，重试 {retries} 次。按原因统计的失败：{failures}。"
+                                        "Token：提示 {prompt} + 生成 {completion}。测试题：{exam} 道，从不用于训练。"
+                                        "已取消：结果不完整。",
         "connected": "已连接 {teacher}，用时 {seconds} 秒；回复为 {reply}。",
         "teacher_needs": "教师模型需要 Base URL 和模型 ID。",
         "row_not_object": "{where}：应为 JSON 对象，实际是 {kind}。",
@@ -1163,9 +1180,10 @@ ZH = {
         "build_cost": "不计重试的开销：{sections} 个章节 -> {calls} 次教师调用（{pairs} 次用于提问，{paraphrases} 次用于改写{exam}），约发送 "
                       "{chars} 个字符。{warnings}",
         "teacher_unusable": "构建已停止：教师模型无法使用：{reason} 已得到回答的调用保存在日志中；解决后再次构建即可。",
-        "no_exam_written": "没有写出测试题：没有可用的测试题（丢弃：{dropped}）。",
+        "no_exam_written": "没有写出测试题：没有可用的测试题（丢弃：{close} 道与训练问题过于相近，{nokeys} 道在章节中找不到关键事实）。",
         "exam_saved": "测试题已保存：{count} 道，从不用于训练 -> {path}",
-        "exam_saved_dropped": "测试题已保存：{count} 道，从不用于训练 -> {path}（丢弃：{dropped}）",
+        "exam_saved_dropped": "测试题已保存：{count} 道，从不用于训练 -> {path}（丢弃：{close} 道与训练问题过于相近，"
+                              "{nokeys} 道在章节中找不到关键事实）",
         "field_missing": '{where}：缺少字段 "{key}"{alternative}（现有字段：{found}）。每行都需要文本形式的 "instruction" 和 "output"。',
         "field_type": '{where}：字段 "{key}" 的类型不对：{kind}（{value}），它必须是文本。请给它加上引号。',
         "message_parts": "{where}：消息中有非文本的部分（{kinds}）；只有文本可以用来训练。",
