@@ -402,19 +402,20 @@ def test_the_dataset_preview_shows_chinese_headers_and_saves_the_english_fields(
     from studio.services import Services
     from studio.ui.app import build_app
 
-    rows = [{"instruction": "货币是什么？", "output": "潮印。", "group": "g1"}]
+    rows = [{"instruction": "货币是什么？", "output": "潮印。", "group": "g1", "source": "/docs/island.md"}]
     (workspace.data_dir / "demo.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                    encoding="utf-8")
     app = build_app(Services(manager=ModelManager(), paths=workspace))
     monkeypatch.setattr(dataset_tab, "page_language", lambda: "zh")
     frame, _, _ = _registered(app, "open_dataset")("demo.jsonl")
-    assert list(frame.columns)[:5] == ["问题 instruction", "回答 output", "组 group", "类型 kind", "章节"]
+    assert list(frame.columns) == ["问题 instruction", "回答 output", "组 group", "类型 kind", "章节", "来源 source"]
     assert list(frame["问题 instruction"]) == ["货币是什么？"]  # the data itself is untouched
     frame.loc[0, "回答 output"] = "潮印，岛上的货币。"  # an edit on the Chinese page
     _registered(app, "save")(frame, "edited")
     saved = sorted(workspace.data_dir.glob("edited_*.jsonl"))[-1]
     row = json.loads(saved.read_text(encoding="utf-8").splitlines()[0])
     assert row["instruction"] == "货币是什么？" and row["output"] == "潮印，岛上的货币。" and row["group"] == "g1"
+    assert row["source"] == "/docs/island.md"  # an extra field keeps its English name in the file
     english = dataset_tab.DatasetTab.preview_in(frame, "en")  # the switch: headers change, the edit stays
     assert list(english.columns)[:2] == ["instruction", "output"] and english.loc[0, "output"] == "潮印，岛上的货币。"
 

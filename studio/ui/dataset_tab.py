@@ -22,6 +22,7 @@ from studio.ui.registry import ANY, Choice, Id, Num, NumOrWord, Text, Upload, pa
 from studio.ui.strings import strings
 
 PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
+HEADED_FIELDS = PREVIEW_COLUMNS + ["source", "reworded"]  # fields whose header the page shows in its language
 SECTION_COLUMNS = ["#", "heading", "chars", "first line"]
 LEVELS = {"##": 2, "###": 3}
 CUSTOM_PROVIDER = "custom"  # the provider box's choice for a base URL that is no preset's
@@ -58,12 +59,12 @@ def _rows_frame(rows: list[dict], lang: str = "en") -> pd.DataFrame:
 def _with_headers(frame: pd.DataFrame, lang: str) -> pd.DataFrame:
     """`frame` with the dataset fields' headers in `lang` (headers in either language are understood)."""
     return frame.rename(columns=lambda header: text("tables", f"col_data_{_field(header)}", lang)
-                        if _field(header) in PREVIEW_COLUMNS else header)
+                        if _field(header) in HEADED_FIELDS else header)
 
 
 def _field(header) -> str:
     """The dataset field a preview header stands for, whatever the language it is shown in."""
-    for name in PREVIEW_COLUMNS:
+    for name in HEADED_FIELDS:
         if header in (text("tables", f"col_data_{name}", lang) for lang in ("en", "zh")):
             return name
     return str(header)
