@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (preset: 1)")
     train.add_argument("--grad-accum", type=int, default=None, help="forward passes per optimizer step (preset: 8)")
     train.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (preset: 50; 0 = never)")
+    train.add_argument("--early-stop", type=int, default=None, metavar="N",
+                       help="stop when the held-out eval loss (once an epoch) has not improved for N evaluations in a "
+                            "row, and keep the adapter of the best one (default 0: off)")
     train.add_argument("--compile-layers", action="store_true",
                        help="torch.compile the decoder layers (GPU): about 1.7x the steps/s after a compile at the start "
                             "of the run (1-2 min the first time on a machine, about 10 s later); for long runs")
@@ -532,6 +535,7 @@ def train_request(args: argparse.Namespace, loaded, runs_dir, run_dir=None):
         raise StudioError("train needs --dataset (a JSONL file), or --resume RUN_DIR to continue a stopped run.")
     overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "learning_rate": args.lr,
                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "save_every": args.save_every,
+                 "early_stop_patience": args.early_stop,
                  "compile_layers": True if args.compile_layers else None,
                  "cuda_graphs": False if args.no_cuda_graphs else None}
     settings = replace(preset(args.preset), **{k: v for k, v in overrides.items() if v is not None})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from studio.errors import ModelBusyError, StudioError
@@ -168,6 +169,45 @@ def test_stop_saves_a_usable_adapter_and_resume_continues(manager, dataset, work
     with pytest.raises(StudioError, match="finished all its 45 steps: there is nothing to resume"):
         start_training(board, manager, load_request(req.run_dir))  # it once trained a 46th step over the adapter
     assert (req.run_dir / "adapter_model.safetensors").read_bytes() == adapter
+
+
+class WeightsAtEachEvaluation(TrainerCallback):
+    def __init__(self):
+        self.at: dict[int, dict] = {}
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_early_stop_ends_the_run_and_keeps_the_adapter_of_the_best_evaluation(manager, dataset, workspace):
+    """A learning rate too high for the tiny model: the eval loss rises after the first epoch (3 steps)."""
+    from safetensors.torch import load_file
+
+    board, seen = JobBoard(), WeightsAtEachEvaluation()
+    req = request(dataset, workspace, learning_rate=0.05, early_stop_patience=2)
+    job = board.wait(start_training(board, manager, req, extra_callbacks=(seen,)), 300)
+    assert job.status is JobStatus.DONE, job.error
+    evals = [e["eval_loss"] for e in job.events_since(0)[0] if e["type"] == "metric" and "eval_loss" in e]
+    assert len(evals) == 3 and evals[0] < min(evals[1:])  # the best first, then two evaluations without a new best
+    meta = json.loads((req.run_dir / "studio.json").read_text(encoding="utf-8"))
+    assert meta["steps"] == 9 and meta["status"] == "completed"
+    assert meta["early_stop"] == {"patience": 2, "best_step": 3, "best_eval_loss": evals[0], "stopped_at": 9}
+    assert meta["final_eval_loss"] == evals[0]
+    logged = [e["message"] for e in job.events_since(0)[0] if e["type"] == "log"]
+    assert any(m.startswith("Early stop at step 9: the eval loss has not improved for 2 evaluations") for m in logged)
+    assert any(m.startswith("The adapter of step 3 is kept") for m in logged)
+    saved, name = load_file(str(req.run_dir / "adapter_model.safetensors")), job.result["adapter"]
+    best, last = seen.at[3], seen.at[9]
+    assert len(saved) == len(best) > 0
+    for key, value in best.items():
+        assert torch.equal(saved[key.replace(f".{name}.", ".")], value), key  # the adapter saved is step 3's
+    assert any(not torch.equal(best[key], last[key]) for key in best)  # which differs from the last step's
+    assert greedy(manager, FACTS[0][0], adapter=name)  # and it is attached and answers
+
+
+def test_early_stop_needs_held_out_phrasings(manager, dataset, workspace):
+    with pytest.raises(StudioError, match="--early-stop watches the held-out eval loss"):
+        start_training(JobBoard(), manager, request(dataset, workspace, early_stop_patience=1, heldout_per_group=0))
 
 
 def test_resume_without_checkpoint_is_refused(manager, dataset, workspace):

@@ -68,13 +68,14 @@ def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir), "--dataset", str(dataset),
          "--output", str(out), "--max-steps", "6", "--lr", "5e-3", "--batch-size", "2", "--grad-accum", "2",
-         "--targets", "peft-default", "--lora-r", "4", "--system", SYSTEM],
+         "--targets", "peft-default", "--lora-r", "4", "--system", SYSTEM, "--early-stop", "3"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[done] completed" in result.stdout and "step 6/6" in result.stdout
     meta = json.loads((out / "studio.json").read_text(encoding="utf-8"))
     assert meta["source_document"] == "/docs/island.md"  # what the Compare tab retrieves from
     assert meta["steps"] == 6 and meta["lora"]["targets"] == ["q_proj", "v_proj"] and meta["lora"]["alpha"] == 8
+    assert meta["training"]["early_stop_patience"] == 3 and meta["early_stop"]["patience"] == 3
     assert (out / "adapter_model.safetensors").is_file()
     bad = subprocess.run([sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir),
                           "--dataset", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300)

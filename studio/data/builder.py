@@ -509,15 +509,19 @@ class DatasetBuild:
         exam_rows = self.exam(rows)
         self.result.exam_questions = len(exam_rows)
         dropped = self.result.exam_dropped
-        why = (f"dropped: {dropped.get('rephrasing', 0)} too close to a training question, {dropped.get('no_keys', 0)} "
-               "without key facts found in the section")
+        close, keyless = dropped.get("rephrasing", 0), dropped.get("no_keys", 0)
         if not exam_rows:
             path.unlink(missing_ok=True)
-            job.log(f"No exam was written: no usable exam question ({why}).")
+            job.log(f"No exam was written: no usable exam question (dropped: {close} too close to a training question, "
+                    f"{keyless} without key facts found in the section).")
             return
         write_jsonl_atomic(path, exam_rows)
         self.result.exam_path = str(path)
-        job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}" + (f" ({why})" if dropped else ""))
+        if dropped:
+            job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path} (dropped: {close} too close "
+                    f"to a training question, {keyless} without key facts found in the section)")
+        else:
+            job.log(f"exam saved: {len(exam_rows)} questions, never trained on -> {path}")
 
     def _write_outputs(self, job: Job) -> None:
         base_rows, rows = self.rows()

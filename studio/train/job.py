@@ -281,12 +281,32 @@ class TrainingRun:
 
         collator = make_collator(self.request.train, self.loaded.tokenizer)
         tracker = ProgressTracker(self, job, collator)
+        early = self._early_stop(job, eval_set)
+        callbacks = (tracker, *((early,) if early else ()), *self.extra_callbacks)
         trainer = build_trainer(model, self.request.train, self.loaded.device, self.run_dir / "checkpoints", self.name,
-                                train_set, eval_set, collator, (tracker, *self.extra_callbacks))
+                                train_set, eval_set, collator, callbacks)
         tracker.trainer = trainer
         trainer.seconds_before, trainer.session_started = self.previous_seconds, self.session_started
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        return tracker.outcome(trainer)
+        outcome = tracker.outcome(trainer)
+        if early is not None:
+            if early.restore_best():
+                outcome["eval_loss"] = early.best_loss  # the kept adapter's
+            outcome["early_stop"] = early.summary()
+        return outcome
+
+    def _early_stop(self, job: Job, eval_set):
+        """The early stop the settings ask for, or None (off, or no held-out rows to measure)."""
+        from studio.train.early_stop import EarlyStop
+
+        patience = self.request.train.early_stop_patience
+        if not patience:
+            return None
+        if not len(eval_set):
+            job.log("Early stop is off for this run: no held-out rows to measure the eval loss on (groups of 4+ "
+                    "phrasings give one).")
+            return None
+        return EarlyStop(job, patience)
 
     def _back_to_inference(self, model) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -359,6 +379,7 @@ class TrainingRun:
             "duration_s": round(seconds + self.previous_seconds, 2),
             "tokens_per_s": outcome["tokens_per_s"],
             "resumed_from": outcome.get("resumed_from"),
+            "early_stop": outcome.get("early_stop"),
             "device": self.loaded.device,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }

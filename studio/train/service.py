@@ -70,6 +70,9 @@ def settings_problems(request: RunRequest) -> list[str]:
         (t.max_length >= 16, f"The max length must be at least 16 tokens, not {t.max_length}."),
         (t.heldout_per_group >= 0, f"Held-out phrasings per group cannot be negative ({t.heldout_per_group})."),
         (t.logging_steps >= 1, f"Log every N steps needs N of at least 1, not {t.logging_steps}."),
+        (t.early_stop_patience >= 0, f"--early-stop must be 0 (off) or more evaluations, not {t.early_stop_patience}."),
+        (not t.early_stop_patience or t.heldout_per_group >= 1,
+         "--early-stop watches the held-out eval loss: keep at least 1 held-out phrasing per group."),
         (lora.r >= 1, f"--lora-r must be at least 1, not {lora.r}."),
         (bool(lora.targets), "--targets names no layer: give all, peft-default or a comma list such as q_proj,v_proj."),
     )

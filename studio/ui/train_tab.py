@@ -26,7 +26,8 @@ from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing",
-                  "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers", "cuda_graphs")
+                  "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers", "cuda_graphs",
+                  "early_stop_patience")
 SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
 # Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
@@ -34,7 +35,8 @@ SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num
                  Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
                  Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True),
                  Flag("Gradient checkpointing"), Flag("Packing"), Num("Checkpointed share", 0, 1),
-                 Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"), Flag("CUDA graphs"))
+                 Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"), Flag("CUDA graphs"),
+                 Num("Early stop", 0, 100, True))
 RANK = Num("LoRA rank", 1, 512, True)
 
 
@@ -123,6 +125,8 @@ class TrainTab:
                 seed = gr.Number(d.seed, label=s["seed"], precision=0)
                 checkpointing = gr.Checkbox(d.gradient_checkpointing, label=s["checkpointing"])
                 packing = gr.Checkbox(d.packing, label=s["packing"])
+            early_stop = gr.Number(d.early_stop_patience, label=s["early_stop"], info=s["early_stop_info"], precision=0,
+                                   minimum=0)
             speed = self._speed_switches(d)
             with gr.Row():
                 self.document_rows = gr.Checkbox(False, label=s["document_rows"])
@@ -131,7 +135,7 @@ class TrainTab:
             self.estimate_btn = gr.Button(s["estimate"], size="sm")
             self.estimate_md = gr.Markdown()
         self.settings = [lr, epochs, max_steps, batch, accum, warmup, max_length, save_every, self.heldout, seed,
-                         checkpointing, packing, *speed]
+                         checkpointing, packing, *speed, early_stop]
 
     def _speed_switches(self, d: TrainSettings) -> list:
         """The presets' speed switches (GPU only; each keeps the loss), in SETTING_FIELDS order."""
