@@ -407,7 +407,8 @@ def test_the_dataset_preview_shows_chinese_headers_and_saves_the_english_fields(
                                                    encoding="utf-8")
     app = build_app(Services(manager=ModelManager(), paths=workspace))
     monkeypatch.setattr(dataset_tab, "page_language", lambda: "zh")
-    frame, _, _ = _registered(app, "open_dataset")("demo.jsonl")
+    frame, _, _, source = _registered(app, "open_dataset")("demo.jsonl")
+    assert source == "demo.jsonl"  # the preview remembers what it shows (an exam beside it goes with a saved copy)
     assert list(frame.columns) == ["问题 instruction", "回答 output", "组 group", "类型 kind", "章节", "来源 source"]
     assert list(frame["问题 instruction"]) == ["货币是什么？"]  # the data itself is untouched
     frame.loc[0, "回答 output"] = "潮印，岛上的货币。"  # an edit on the Chinese page

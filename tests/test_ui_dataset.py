@@ -14,6 +14,7 @@ from gradio_client import Client, handle_file
 
 from fake_teacher import Behaviour, FakeTeacher
 from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT
+from studio.data.exam import exam_beside
 from studio.data.teacher import key_routing
 from studio.model.manager import ModelManager
 from studio.services import Services
@@ -42,7 +43,7 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
         started = client.predict(None, SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,
                                  "teacher-x", "", "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT,
-                                 0.2, 600, 3, 10, "tutorial", 0, api_name="/build_dataset")
+                                 0.2, 600, 3, 10, "tutorial", 1, api_name="/build_dataset")
         assert started == "Build started: wudeng."
         job = services.jobs.wait(services.jobs.latest("dataset"), 60)
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
@@ -54,9 +55,14 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         data[0][1] = "改过的答案"
         data[1][0] = data[1][1] = ""
         saved, _ = client.predict({"headers": frame["headers"], "data": data}, "edited", api_name="/save_dataset")
-        path = workspace.data_dir / saved.split(" to ")[1].rstrip(".")
+        path = workspace.data_dir / saved.split(" to ")[1].split(",")[0]
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == 59 and rows[0]["output"] == "改过的答案" and rows[0]["group"] == "s00-q1"
+        # the build's exam goes with the edited copy, under the name a run finds it by (it was lost before)
+        exam_copy = exam_beside(path)
+        assert exam_copy is not None and f"with a copy of its exam beside it ({exam_copy.name})" in saved
+        assert exam_copy.read_bytes() == Path(job.result["exam_path"]).read_bytes()
+        assert path.name.startswith("edited_dataset_") and exam_copy.name.startswith("edited_exam_")
         config = urllib.request.urlopen(url + "config").read().decode("utf-8")
         assert KEY not in config
     written = "".join(p.read_text(encoding="utf-8", errors="replace") for p in workspace.data_dir.rglob("*") if p.is_file())

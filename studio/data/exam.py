@@ -129,7 +129,7 @@ def without_exam_rows(rows: list[dict], where: str) -> tuple[list[dict], int]:
     return kept, len(rows) - len(kept)
 
 
-_STAMPED = re.compile(r"^(?P<name>.+)_(?:dataset|base)_(?P<stamp>\d{8}_\d{6})$")
+_STAMPED = re.compile(r"^(?P<name>.+)_(?:dataset|base)_(?P<stamp>\d{8}_\d{6}(?:-\d+)?)$")  # -2: a second save that second
 
 
 def exam_beside(dataset: str | Path) -> Path | None:

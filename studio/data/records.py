@@ -184,8 +184,12 @@ def list_datasets(data_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited") -> Path:
-    """Validate `rows` and write them as a new dataset file `<name>_<tag>_<timestamp>.jsonl`."""
+def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited", exam: Path | None = None) -> Path:
+    """Validate `rows` and write them as a new dataset file `<name>_<tag>_<timestamp>.jsonl`.
+
+    With `exam` (the exam of the dataset the rows were edited from) the file is `<name>_dataset_<timestamp>.jsonl`
+    with a copy of the exam beside it as `<name>_exam_<timestamp>.jsonl`, so a run on the edited rows still has
+    its exam kept out of training and offered for the report."""
     clean = []
     for number, row in enumerate(rows, 1):
         if not _cell_text(row.get("instruction")):
@@ -194,7 +198,12 @@ def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited") 
         clean.append(row_from_record(record, f"row {number}"))
     if not clean:
         raise DataError("There are no rows to save.")
-    path, = stamped(Path(data_dir) / f"{safe_name(name)}_{tag}_{{stamp}}.jsonl")
+    if exam is None:
+        path, = stamped(Path(data_dir) / f"{safe_name(name)}_{tag}_{{stamp}}.jsonl")
+        return _write_reserved(path, clean)
+    exam_rows = read_dataset(exam)
+    path, exam_copy = stamped(*(Path(data_dir) / f"{safe_name(name)}_{kind}_{{stamp}}.jsonl" for kind in ("dataset", "exam")))
+    _write_reserved(exam_copy, exam_rows)
     return _write_reserved(path, clean)
 
 

@@ -11,6 +11,7 @@ from studio.data import records
 from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
                                  validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
+from studio.data.exam import exam_beside
 from studio.data.styles import DEFAULT_STYLE, STYLES
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
@@ -143,6 +144,7 @@ class DatasetTab:
                 self.open_btn = gr.Button(s["open"], scale=1)
                 self.import_file = gr.File(label=s["import"], file_types=[".jsonl", ".json"], type="filepath", scale=3)
             self.preview = gr.Dataframe(_rows_frame([]), label=s["preview"], interactive=True, wrap=True, max_height=480)
+            self.preview_source = gr.State(None)  # the dataset the preview shows (its exam goes with a saved copy)
             with gr.Row():
                 self.save_name = gr.Textbox(label=s["save_name"], scale=3)
                 self.save_btn = gr.Button(s["save"], scale=1)
@@ -192,14 +194,15 @@ class DatasetTab:
             reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants, self.style, self.exam],
                    self.cost, action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
-        reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs, action="read_files",
-               name="open_dataset", args=(Id("Dataset", "datasets"),))
+        reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs + [self.preview_source],
+               action="read_files", name="open_dataset", args=(Id("Dataset", "datasets"),))
         reg.on(self.import_file.upload, self.import_rows, self.import_file,
-               preview_outputs[:2] + [self.dataset_pick, self.save_name], action=("upload", "edit_dataset"),
-               name="import_dataset", args=(Upload("Dataset file", (".jsonl", ".json")),))
-        reg.on(self.save_btn.click, self.save, [self.preview, self.save_name], [self.result_msg, self.dataset_pick],
-               action="edit_dataset", name="save_dataset", args=(ANY, Text("Save as", 200)))
-        self.panel.wire(reg, "build_dataset", self.on_finished, [self.preview, self.dataset_pick])
+               preview_outputs[:2] + [self.dataset_pick, self.save_name, self.preview_source],
+               action=("upload", "edit_dataset"), name="import_dataset", args=(Upload("Dataset file", (".jsonl", ".json")),))
+        reg.on(self.save_btn.click, self.save, [self.preview, self.save_name, self.preview_source],
+               [self.result_msg, self.dataset_pick], action="edit_dataset", name="save_dataset",
+               args=(ANY, Text("Save as", 200), Id("Dataset", "datasets", optional=True)))
+        self.panel.wire(reg, "build_dataset", self.on_finished, [self.preview, self.dataset_pick, self.preview_source])
 
     def _datasets(self) -> list[str]:
         return self.services.catalog.ids("datasets")
@@ -277,28 +280,35 @@ class DatasetTab:
     def on_finished(self, job):
         path = job.result.get("dataset_path") if job is not None else None
         if not path:
-            return gr.skip(), gr.skip()
-        return _rows_frame(records.read_dataset(path), page_language()), gr.update(choices=self._datasets(),
-                                                                   value=self.services.catalog.dataset_id(path))
+            return gr.skip(), gr.skip(), gr.skip()
+        dataset_id = self.services.catalog.dataset_id(path)
+        return (_rows_frame(records.read_dataset(path), page_language()),
+                gr.update(choices=self._datasets(), value=dataset_id), dataset_id)
 
     # ----- the result table --------------------------------------------------------------------
     def open_dataset(self, dataset_id):
         rows = records.read_dataset(self.services.catalog.resolve_dataset(dataset_id))
-        return _rows_frame(rows, page_language()), self.s["opened"].format(rows=len(rows), path=dataset_id), Path(dataset_id).stem
+        return (_rows_frame(rows, page_language()), self.s["opened"].format(rows=len(rows), path=dataset_id),
+                Path(dataset_id).stem, dataset_id)
 
     def import_rows(self, path):
         if not path:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         saved, rows = records.import_dataset(path, self.services.paths.data_dir)
         message = self.s["imported"].format(rows=len(rows), source=Path(path).name, path=saved.name)
-        return _rows_frame(rows, page_language()), message, gr.update(choices=self._datasets(), value=saved.name), saved.stem
+        return (_rows_frame(rows, page_language()), message, gr.update(choices=self._datasets(), value=saved.name),
+                saved.stem, saved.name)
 
-    def save(self, frame, save_as):
+    def save(self, frame, save_as, source_id=None):
+        """The preview's rows as a new dataset file; the exam of the dataset it shows goes with them."""
         frame = frame.rename(columns=_field) if isinstance(frame, pd.DataFrame) else None
         rows = frame.to_dict(orient="records") if frame is not None else []
-        path = records.save_rows(rows, save_as or "dataset", self.services.paths.data_dir)
+        exam = exam_beside(self.services.catalog.resolve_dataset(source_id)) if source_id else None
+        path = records.save_rows(rows, save_as or "dataset", self.services.paths.data_dir, exam=exam)
         count = sum(1 for _ in open(path, encoding="utf-8"))
-        return self.s["saved"].format(rows=count, path=path.name), gr.update(choices=self._datasets(), value=path.name)
+        message = (self.s["saved_with_exam"].format(rows=count, path=path.name, exam=exam_beside(path).name) if exam
+                   else self.s["saved"].format(rows=count, path=path.name))
+        return message, gr.update(choices=self._datasets(), value=path.name)
 
 
 def build_dataset_tab(services: Services, app: gr.Blocks) -> DatasetTab:
