@@ -508,3 +508,30 @@ def test_the_build_summary_reads_in_chinese_with_and_without_an_exam_or_a_cancel
     assert shown.startswith("19 个章节 -> 45 个基础问答 -> 写出 675 行。") and "timeout: 2" in shown
     assert ("测试题：38 道，从不用于训练。" in shown) == exam and shown.endswith("已取消：结果不完整。") == cancelled
     assert not re.search(r"\b(Exam|questions|Cancelled|partial)\b", shown), shown
+
+
+def test_report_warnings_key_note_and_adapter_status_read_in_chinese(workspace):
+    """Two recitation warnings (joined, no template matched them) and the no-keys note; a run's status word."""
+    import json
+
+    from studio.evaluate.knowledge import NO_KEYS_NOTE
+    from studio.evaluate.report import recitation_warnings
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.app import build_app
+
+    warnings = recitation_warnings({"training": 0.9, "heldout": 0.3, "exam": 0.05})
+    assert len(warnings) == 2
+    report = {**FAKE_REPORT, "warning": " ".join(warnings), "warnings": warnings, "keys_note": NO_KEYS_NOTE}
+    for name, status in (("done_run", "completed"), ("stopped_run", "stopped at step 5")):
+        (workspace.runs_dir / name).mkdir()
+        (workspace.runs_dir / name / "studio.json").write_text(json.dumps({"status": status}), encoding="utf-8")
+    services = Services(manager=ModelManager(), paths=workspace)
+    job = services.jobs.wait(services.jobs.start("report", "report demo", lambda job: report))
+    tab = _registered(build_app(services), "tables").__wrapped__.__self__
+    shown = tab.on_report(job, "zh")[0].split("\n\n")
+    assert len(shown) == 3 and all(part.startswith("⚠️ ") for part in shown[:2])
+    assert all(HAN.search(part) and not re.search(r"\b(phrasings|score|keys list|Build)\b", part) for part in shown), shown
+    adapters = tab.tables("zh")[0]
+    assert sorted(adapters["状态"]) == ["停止于第 5 步", "已完成"]
+    assert sorted(tab.tables("en")[0]["status"]) == ["completed", "stopped at step 5"]

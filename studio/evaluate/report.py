@@ -91,7 +91,7 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
         summary[column].update(extra)
     return {"adapter": request.adapter, "question_set": request.question_set, "rows": rows, "summary": summary,
             "sections": knowledge["sections"], "keys_note": knowledge["note"], "recitation": recitation,
-            "warning": recitation.get("warning", "")}
+            "warning": recitation.get("warning", ""), "warnings": recitation.get("warnings", [])}
 
 
 def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict], total: int) -> dict:
@@ -115,7 +115,7 @@ def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict]
     result = {f"{name}_char_f1": round(value, 4) for name, value in means.items()}
     warnings = recitation_warnings(means)
     if warnings:
-        result["warning"] = " ".join(warnings)
+        result["warning"], result["warnings"] = " ".join(warnings), warnings
     return result
 
 

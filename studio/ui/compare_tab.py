@@ -19,7 +19,7 @@ from studio.services import Services
 from studio.train import adapters
 from studio.ui.common import job_panel, localized_frame
 from studio.ui.history_panel import HistoryPanel
-from studio.ui.i18n import column, text
+from studio.ui.i18n import column, text, translate, translator
 from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload, page_language
 from studio.ui.strings import strings
 
@@ -122,7 +122,9 @@ class CompareTab:
             self.panel = job_panel(self.board, service.JOB_KIND, s)
             self.warning = gr.Markdown()
             self.summary = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label=s["summary"], interactive=False)
-            self.chart = gr.BarPlot(x="column", y="score", color="metric", label=s["chart"], height=260)
+            # no fixed height (it cut the legend off), no axis titles (the label says what the bars are)
+            self.chart = gr.BarPlot(x="column", y="score", color="metric", label=s["chart"], x_title=" ", y_title=" ",
+                                    color_title=" ")
             self.sections_table = gr.Dataframe(pd.DataFrame(columns=["section", "questions"]), label=s["per_section"],
                                                interactive=False)
             self.per_question = gr.Dataframe(pd.DataFrame(columns=QUESTION_COLUMNS), label=s["per_question"],
@@ -182,7 +184,7 @@ class CompareTab:
         if demo:
             entries = [e for e in entries if e.attached]
         yes = text("tables", "yes", lang)
-        frame = pd.DataFrame([[e.name, e.status, yes if e.attached else "", _rounded(e.train_loss),
+        frame = pd.DataFrame([[e.name, translator().translate(e.status, lang, True), yes if e.attached else "", _rounded(e.train_loss),
                                _rounded(e.eval_loss), "" if demo else e.dataset, self._public(e.base_model),
                                self._public(e.problem)]
                               for e in entries], columns=[column(c, lang) for c in ADAPTER_COLUMNS])
@@ -369,8 +371,9 @@ class CompareTab:
         summary = pd.DataFrame([{"column": c, **v} for c, v in result["summary"].items()])
         chart = pd.DataFrame([{"column": column(c, lang), "metric": column(m, lang), "score": v[m]}
                               for c, v in result["summary"].items() for m in ("char_f1", "rouge_l")])
-        warning = f"⚠️ {result['warning']}" if result.get("warning") else ""
-        warning = "\n\n".join(part for part in (warning, result.get("keys_note", "")) if part)
+        warnings = result.get("warnings") or ([result["warning"]] if result.get("warning") else [])
+        notes = [f"⚠️ {translate(text, lang)}" for text in warnings] + [translate(result.get("keys_note", ""), lang)]
+        warning = "\n\n".join(note for note in notes if note)  # each sentence matched alone: joined, none matched
         questions = localized_frame(pd.DataFrame(table_rows(result)), lang, ("column", "best"))
         return (warning, localized_frame(summary, lang, ("column",)), chart, questions, result.get("files", []),
                 self._sections_frame(job, lang))

@@ -473,6 +473,11 @@ EN = {
         "unknown_style": "Unknown dataset style {style}; choose one of {choices}.",
         "attempts_min": "Attempts per teacher call must be at least 1, not {value}.",
         "report_progress_set": "recitation check: {done}/{total} {name} phrasings",
+        "no_keys_note": "These questions carry no key facts (\"keys\"), so the report has no key-fact hit rate: "
+                        "character F1 and ROUGE-L only. Build an exam in the Dataset tab, or add a \"keys\" list "
+                        "(the short strings a right answer must contain) to each row of an imported file.",
+        "partly_keyed_note": "{missing} of {total} questions carry no key facts (\"keys\"); the key-fact rates count "
+                             "the others only.",
         "report_progress_heldout": "recitation check: {done}/{total} heldout phrasings",
         "report_progress_exam": "recitation check: {done}/{total} exam phrasings",
         "recitation_exam_heldout": "Held-out phrasings score {seen} character F1 but the exam (questions never "
@@ -1224,6 +1229,9 @@ ZH = {
         "unknown_style": "未知的数据集风格 {style}；可选：{choices}。",
         "attempts_min": "每次教师调用的尝试次数至少为 1，而不是 {value}。",
         "report_progress_set": "背诵检查：{name}问法 {done}/{total}",
+        "no_keys_note": "这些问题没有关键事实（\"keys\"），所以报告没有关键事实命中率，只有字符 F1 和 ROUGE-L。"
+                        "请在数据集构建页生成测试题，或在导入文件的每一行加上 \"keys\" 列表（正确答案必须包含的短字符串）。",
+        "partly_keyed_note": "{total} 个问题中有 {missing} 个没有关键事实（\"keys\"）；关键事实的比率只统计其余的问题。",
         "report_progress_heldout": "背诵检查：留出问法 {done}/{total}",
         "report_progress_exam": "背诵检查：测试题 {done}/{total}",
         "recitation_exam_heldout": "留出问法的字符 F1 为 {seen}，测试题（从未训练过的问题）只有 {exam}：适配器可能在背诵训练过的答案，而不是掌握了知识。请查看关键事实命中率；"
