@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import sys
 from pathlib import Path
 
@@ -363,3 +364,25 @@ def test_a_report_holds_the_model_between_its_columns(trained):
     assert job.status is JobStatus.DONE, job.error
     assert len(probe.answers) >= 2 * 2 * len(job.result["rows"])  # two generations per question at least
     assert all(answer.startswith("The model is busy (scoring") for answer in probe.answers), probe.answers
+
+
+def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
+    """The Compare tab's Stop report: the job ends cancelled after its current answer, nothing is saved, the
+    model answers again; with no report running it says so."""
+    from studio.services import Services
+    from studio.ui.app import build_app
+
+    manager, run = trained["manager"], trained["run"]
+    services = Services(manager=manager, paths=trained["paths"])
+    stop = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "stop_report")
+    assert stop() == "No report is running."
+    reports_before = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
+    job = service.start_report(services.jobs, manager, run, None, str(SAMPLE_DOC), GenerationSettings.greedy(64))
+    while job.running and not job.latest("progress"):
+        time.sleep(0.05)  # one answer in at least
+    assert stop() == "The report stops after the current answer; nothing of it is saved."
+    services.jobs.wait(job, 300)
+    assert job.status is JobStatus.CANCELLED
+    after = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
+    assert after == reports_before
+    assert manager.chat(build_messages(SYSTEM, [], FACTS[0][0]), GenerationSettings.greedy(4))  # the lease was let go

@@ -370,6 +370,10 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         assert any("事实问答" in h["messages"][0]["content"] for h in teacher.hits)
         dataset = built.result["dataset_path"]
         settings = [5e-3, 1, 4, 4, 1, 0.03, 512, 0, 1, 42, False, False]
+        from studio.ui.app import build_app  # the Train tab does not offer the exam; the server refuses it too
+        lists = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "refresh_lists")
+        offered = lists()[0]["choices"]
+        assert Path(dataset).name in str(offered) and Path(built.result["exam_path"]).name not in str(offered)
         with pytest.raises(Exception, match="is an exam"):  # the exam is never trained on
             client.predict(Path(built.result["exam_path"]).name, "exam-run", SYSTEM, ["q_proj"], 8, 16, 0.05, False, None,
                            *settings, api_name="/start_training")

@@ -248,3 +248,9 @@ def test_out_of_memory_ends_the_job_and_the_model_still_chats(manager, dataset, 
     assert job.error.startswith("Out of GPU memory") and "batch size (now 4)" in job.error
     assert manager.status().state is ModelState.READY
     assert greedy(manager, question) == before
+
+
+def test_a_run_named_after_a_dataset_gets_one_timestamp(workspace):
+    folder = new_run_dir(workspace.runs_dir, "wudeng_lighthouse_dataset_20261207_154723")
+    assert folder.name.startswith("wudeng_lighthouse_dataset_2") and folder.name.count("_2026") == 1
+    assert new_run_dir(workspace.runs_dir, "灯塔").name.startswith("灯塔_")

@@ -54,7 +54,8 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         data = frame["data"]
         data[0][1] = "改过的答案"
         data[1][0] = data[1][1] = ""
-        saved, _ = client.predict({"headers": frame["headers"], "data": data}, "edited", api_name="/save_dataset")
+        saved, _, shown = client.predict({"headers": frame["headers"], "data": data}, "edited", api_name="/save_dataset")
+        assert len(shown["data"]) == 59 and shown["data"][0][1] == "改过的答案"  # the preview shows the file as saved
         path = workspace.data_dir / saved.split(" to ")[1].split(",")[0]
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == 59 and rows[0]["output"] == "改过的答案" and rows[0]["group"] == "s00-q1"
@@ -63,6 +64,9 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         assert exam_copy is not None and f"with a copy of its exam beside it ({exam_copy.name})" in saved
         assert exam_copy.read_bytes() == Path(job.result["exam_path"]).read_bytes()
         assert path.name.startswith("edited_dataset_") and exam_copy.name.startswith("edited_exam_")
+        # saved again under the name the page suggests (the file's stem): no second tag or timestamp in the name
+        again, _, _ = client.predict(shown, path.stem, api_name="/save_dataset")
+        assert again.split(" to ")[1].split(",")[0].count("_dataset_") == 1
         config = urllib.request.urlopen(url + "config").read().decode("utf-8")
         assert KEY not in config
     written = "".join(p.read_text(encoding="utf-8", errors="replace") for p in workspace.data_dir.rglob("*") if p.is_file())
@@ -107,3 +111,21 @@ def test_cli_build_dataset_writes_files_and_fails_when_nothing_is_written(tmp_pa
     failed = subprocess.run(base + ["--name", "other", "--attempts", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert failed.returncode != 0
     assert "Nothing was written" in failed.stderr and "http_403: 19" in failed.stderr
+
+
+def test_the_prompt_boxes_show_what_the_build_sends(workspace):
+    """The facts style sends its own prompts (in the document's language); the boxes showed the tutorial's."""
+    from studio.data.styles import FACTS_PAIR_PROMPT, FACTS_VARIANT_PROMPT
+    from studio.ui.app import build_app
+
+    english = workspace.data_dir / "manual.md"
+    english.write_text("# Manual\n\n## Setup\n\n" + "Plug the lamp in and press the red button twice. " * 5, encoding="utf-8")
+    app = build_app(Services(manager=ModelManager(), paths=workspace))
+    shown = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "prompts_sent")
+    tutorial = (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT)
+    assert shown(None, SAMPLE_DOC.name, "facts", *tutorial) == (FACTS_PAIR_PROMPT["zh"], FACTS_VARIANT_PROMPT["zh"])
+    assert shown(None, "manual.md", "facts", *tutorial) == (FACTS_PAIR_PROMPT["en"], FACTS_VARIANT_PROMPT["en"])
+    assert shown(None, "manual.md", "tutorial", FACTS_PAIR_PROMPT["zh"], FACTS_VARIANT_PROMPT["zh"]) == tutorial
+    edited, kept = shown(None, SAMPLE_DOC.name, "facts", "my own prompt for {n} pairs", DEFAULT_PARAPHRASE_PROMPT)
+    assert edited.get("__type__") == "update" and "value" not in edited  # the user's text stays
+    assert kept == FACTS_VARIANT_PROMPT["zh"]

@@ -132,6 +132,12 @@ def without_exam_rows(rows: list[dict], where: str) -> tuple[list[dict], int]:
 _STAMPED = re.compile(r"^(?P<name>.+)_(?:dataset|base)_(?P<stamp>\d{8}_\d{6}(?:-\d+)?)$")  # -2: a second save that second
 
 
+def is_exam_file(name: str) -> bool:
+    """Whether a file's name is an exam's as a build writes it (`<name>_exam_<timestamp>.jsonl`): never a
+    training dataset, so the Train tab does not offer it."""
+    return bool(re.search(r"_exam_\d{8}_\d{6}(?:-\d+)?\.jsonl$", str(name)))
+
+
 def exam_beside(dataset: str | Path) -> Path | None:
     """The exam written by the same build as `dataset` (`<name>_exam_<same timestamp>.jsonl`), if any."""
     dataset = Path(dataset)

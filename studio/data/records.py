@@ -198,11 +198,13 @@ def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited", 
         clean.append(row_from_record(record, f"row {number}"))
     if not clean:
         raise DataError("There are no rows to save.")
+    # the name without a timestamp or tag of its own (a preview's name is the file's stem: no 'x_edited_edited_...')
+    name = re.sub(r"(?:_(?:edited|dataset|base|imported))?(?:_\d{8}_\d{6}(?:-\d+)?)?$", "", safe_name(name)) or "dataset"
     if exam is None:
-        path, = stamped(Path(data_dir) / f"{safe_name(name)}_{tag}_{{stamp}}.jsonl")
+        path, = stamped(Path(data_dir) / f"{name}_{tag}_{{stamp}}.jsonl")
         return _write_reserved(path, clean)
     exam_rows = read_dataset(exam)
-    path, exam_copy = stamped(*(Path(data_dir) / f"{safe_name(name)}_{kind}_{{stamp}}.jsonl" for kind in ("dataset", "exam")))
+    path, exam_copy = stamped(*(Path(data_dir) / f"{name}_{kind}_{{stamp}}.jsonl" for kind in ("dataset", "exam")))
     _write_reserved(exam_copy, exam_rows)
     return _write_reserved(path, clean)
 

@@ -351,7 +351,7 @@ class TrainingRun:
         job.log(f"Adapter {self.name} saved to {self.run_dir} ({status}); it is attached and ready to chat.")
         return {"run_dir": str(self.run_dir), "adapter": self.name, "status": status,
                 "final_train_loss": metadata["final_train_loss"], "final_eval_loss": metadata["final_eval_loss"],
-                "steps": outcome["step"]}
+                "steps": outcome["step"], "max_steps": outcome["max_steps"]}
 
     def _metadata(self, outcome: dict, n_train: int, n_heldout: int, seconds: float, status: str) -> dict:
         from studio.model.card import parameter_counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,8 +23,10 @@ REQUEST_FILE = "run.json"
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
-    """A run folder's path that nothing has yet (made when the run starts)."""
-    return stamped(Path(runs_dir) / f"{safe_name(name)}_{{stamp}}", make=False)[0]
+    """A run folder's path that nothing has yet (made when the run starts): the name and a timestamp, the
+    name's own timestamp dropped (a dataset's stem has one: 'island_dataset_20261207_154723' -> 'island_dataset_<now>')."""
+    name = re.sub(r"_\d{8}_\d{6}(?:-\d+)?$", "", safe_name(name)) or "run"
+    return stamped(Path(runs_dir) / f"{name}_{{stamp}}", make=False)[0]
 
 
 def _save_request(request: RunRequest, loaded=None) -> None:

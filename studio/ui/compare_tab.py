@@ -70,6 +70,7 @@ class CompareTab:
         """The loaded base's adapters, and what can be done with the picked run: attach, detach, delete, export."""
         s = self.s
         with gr.Accordion(s["adapters"], open=False):
+            gr.Markdown(s["adapters_hint"])
             self.adapters_table = gr.Dataframe(frame, interactive=False, max_height=240)
             with gr.Row():
                 self.attach_btn = gr.Button(s["attach"], size="sm")
@@ -118,7 +119,9 @@ class CompareTab:
                     self.judge_url = gr.Textbox("", label=s["judge_url"])
                     self.judge_model = gr.Textbox("", label=s["judge_model"])
                     self.judge_key = gr.Textbox("", label=s["judge_key"], type="password")
-            self.report_btn = gr.Button(s["run_report"], variant="primary")
+            with gr.Row():
+                self.report_btn = gr.Button(s["run_report"], variant="primary", scale=3)
+                self.stop_report_btn = gr.Button(s["stop_report"], variant="stop", scale=1)
             self.panel = job_panel(self.board, service.JOB_KIND, s)
             self.warning = gr.Markdown()
             self.summary = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label=s["summary"], interactive=False)
@@ -169,6 +172,8 @@ class CompareTab:
                name="run_report", args=(run, Choice("Questions", REPORT_SOURCES),
                                         Upload("Questions file", (".jsonl", ".json"))) + gen_args +
                (Text("Judge URL", 500), Text("Judge model", 200), Text("Judge key", 500)))
+        reg.on(self.stop_report_btn.click, self.stop_report, None, self.panel.message, action="write_reports",
+               name="stop_report")
         self.panel.wire(reg, "write_reports", self.on_report,
                         [self.warning, self.summary, self.chart, self.per_question, self.exports, self.sections_table])
 
@@ -361,6 +366,14 @@ class CompareTab:
                          action="view", args=(Choice("Language", ("en", "zh"), optional=True),), scrub=True,
                          show_progress="hidden")
 
+    def stop_report(self):
+        """Stop the running report after its current answer (what it scored so far is not saved)."""
+        job = self.board.latest(service.JOB_KIND)
+        if job is None or not job.running:
+            return self.s["no_report"]
+        job.cancel()
+        return self.s["report_stopping"]
+
     def on_report(self, job, lang: str | None = None):
         """The report's tables as the page shows them: headers, column and metric names in the page's language."""
         if job is None or not job.result.get("rows"):
@@ -369,8 +382,11 @@ class CompareTab:
         lang = lang or page_language()
         result = job.result
         summary = pd.DataFrame([{"column": c, **v} for c, v in result["summary"].items()])
-        chart = pd.DataFrame([{"column": column(c, lang), "metric": column(m, lang), "score": v[m]}
-                              for c, v in result["summary"].items() for m in ("char_f1", "rouge_l")])
+        # one metric, one bar a column (two metrics stacked read as their sum): the key facts' hit rate where the
+        # questions carry keys, else character F1; the legend names it
+        metric = "key_hit" if any(v.get("key_hit") is not None for v in result["summary"].values()) else "char_f1"
+        chart = pd.DataFrame([{"column": column(c, lang), "metric": column(metric, lang), "score": v[metric]}
+                              for c, v in result["summary"].items() if v.get(metric) is not None])
         warnings = result.get("warnings") or ([result["warning"]] if result.get("warning") else [])
         notes = [f"⚠️ {translate(text, lang)}" for text in warnings] + [translate(result.get("keys_note", ""), lang)]
         warning = "\n\n".join(note for note in notes if note)  # each sentence matched alone: joined, none matched

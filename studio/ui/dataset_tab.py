@@ -12,7 +12,7 @@ from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT,
                                  validate_settings)
 from studio.data.documents import SplitSettings, read_document, split_sections
 from studio.data.exam import exam_beside
-from studio.data.styles import DEFAULT_STYLE, STYLES
+from studio.data.styles import DEFAULT_STYLE, FACTS_PAIR_PROMPT, FACTS_VARIANT_PROMPT, STYLES, document_language
 from studio.data.service import JOB_KIND, start_build
 from studio.data.teacher import PROVIDER_PRESETS, OpenAITeacher, RetryPolicy, TeacherConfig, check_connection
 from studio.config import SAMPLE_DOCUMENT
@@ -26,6 +26,9 @@ PREVIEW_COLUMNS = ["instruction", "output", "group", "kind", "section"]
 HEADED_FIELDS = PREVIEW_COLUMNS + ["source", "reworded"]  # fields whose header the page shows in its language
 SECTION_COLUMNS = ["#", "heading", "chars", "first line"]
 LEVELS = {"##": 2, "###": 3}
+# every prompt the boxes show by default (stage 1, stage 2): a box holding one of them was not edited
+DEFAULT_PROMPTS = tuple({text.strip() for text in texts} for texts in (
+    (DEFAULT_PAIR_PROMPT, *FACTS_PAIR_PROMPT.values()), (DEFAULT_PARAPHRASE_PROMPT, *FACTS_VARIANT_PROMPT.values())))
 CUSTOM_PROVIDER = "custom"  # the provider box's choice for a base URL that is no preset's
 CONFIRM_ABOVE_CALLS = 200  # a build that makes more teacher calls starts on a second click, after its cost is shown
 
@@ -194,13 +197,18 @@ class DatasetTab:
             reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants, self.style, self.exam],
                    self.cost, action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
+        for trigger in (self.style.change, self.upload.change, self.doc_path.change, self.app.load):
+            reg.on(trigger, self.prompts_sent, split_inputs[:2] + [self.style, self.system_prompt, self.paraphrase_prompt],
+                   [self.system_prompt, self.paraphrase_prompt], action="read_files", show_progress="hidden",
+                   args=split_args[:2] + (Choice("Style", tuple(STYLES)), Text("System prompt"), Text("Paraphrase prompt")))
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs + [self.preview_source],
                action="read_files", name="open_dataset", args=(Id("Dataset", "datasets"),))
         reg.on(self.import_file.upload, self.import_rows, self.import_file,
                preview_outputs[:2] + [self.dataset_pick, self.save_name, self.preview_source],
                action=("upload", "edit_dataset"), name="import_dataset", args=(Upload("Dataset file", (".jsonl", ".json")),))
         reg.on(self.save_btn.click, self.save, [self.preview, self.save_name, self.preview_source],
-               [self.result_msg, self.dataset_pick], action="edit_dataset", name="save_dataset",
+               [self.result_msg, self.dataset_pick, self.preview, self.preview_source], action="edit_dataset",
+               name="save_dataset",
                args=(ANY, Text("Save as", 200), Id("Dataset", "datasets", optional=True)))
         self.panel.wire(reg, "build_dataset", self.on_finished, [self.preview, self.dataset_pick, self.preview_source])
 
@@ -211,6 +219,17 @@ class DatasetTab:
         """The uploaded file, or a catalog document by id (the sample when none is picked)."""
         return Path(upload_path) if upload_path else self.services.catalog.resolve_document(
             document_id or SAMPLE_DOCUMENT.name)
+
+    def prompts_sent(self, upload_path, document_id, style, pair_now, variants_now):
+        """The two prompt boxes show what the build will send for the style and the document's language (the facts
+        style has its own prompts, in Chinese or English); a box the user edited keeps the user's text."""
+        if style == "facts":
+            lang = document_language(read_document(self._document(upload_path, document_id)))
+            wanted = (FACTS_PAIR_PROMPT[lang], FACTS_VARIANT_PROMPT[lang])
+        else:
+            wanted = (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT)
+        return tuple(new if (now or "").strip() in known else gr.skip()
+                     for new, now, known in zip(wanted, (pair_now, variants_now), DEFAULT_PROMPTS))
 
     def _teacher(self, url, model, key, seconds) -> TeacherConfig:
         """The environment key goes only to the URL the owner configured; a typed URL gets the typed key."""
@@ -308,7 +327,9 @@ class DatasetTab:
         count = sum(1 for _ in open(path, encoding="utf-8"))
         message = (self.s["saved_with_exam"].format(rows=count, path=path.name, exam=exam_beside(path).name) if exam
                    else self.s["saved"].format(rows=count, path=path.name))
-        return message, gr.update(choices=self._datasets(), value=path.name)
+        saved = records.read_dataset(path)  # the preview shows the file as saved: deleted rows gone
+        return (message, gr.update(choices=self._datasets(), value=path.name), _rows_frame(saved, page_language()),
+                path.name)
 
 
 def build_dataset_tab(services: Services, app: gr.Blocks) -> DatasetTab:

@@ -174,6 +174,7 @@ EN = {
                  "system prompt (the adapter's), same generation settings. Greedy decoding by default, so a "
                  "difference is the adapter's.",
         "adapters": "Adapters of the loaded base",
+        "adapters_hint": "Attach, detach, delete and export act on the run picked at the top of the tab.",
         "run": "Run / adapter",
         "refresh": "Refresh",
         "attach": "Attach",
@@ -215,6 +216,9 @@ EN = {
         "judge_model": "Judge model id",
         "judge_key": "Judge API key (empty = STUDIO_TEACHER_API_KEY / OPENAI_API_KEY)",
         "run_report": "Run report",
+        "stop_report": "Stop report",
+        "report_stopping": "The report stops after the current answer; nothing of it is saved.",
+        "no_report": "No report is running.",
         "log": "Report log",
         "summary": "Summary per column",
         "per_question": "Per question",
@@ -495,8 +499,8 @@ EN = {
         "heldout_missing": "Held-out question {index} is not in {run}.",
         "exam_question_missing": "Exam question {index} is not in {run}.",
         "demo_retrieval": "In demo mode the retrieval column reads only the run's own source document.",
-        "train_result": "**{adapter}**: {status} after {steps} steps · train loss {train_loss} · eval loss "
-                        "{eval_loss} · folder `{folder}`",
+        "train_result": "**{adapter}**: {status} after {steps} of {max_steps} steps · train loss {train_loss} · eval "
+                        "loss {eval_loss} · folder `{folder}`",
         "export_base": "Base model: {name}",
         "exported_to": "Exported to {folder}",
         "export_load_log": "Loading the base in bf16 on the CPU (its original weights, not a 4-bit copy)",
@@ -960,6 +964,7 @@ ZH = {
         "intro": "同一个问题分别问基座模型（真正关闭适配器）、在提示词中加入源文档最相关章节的基座模型（检索增强），"
                  "以及微调后的适配器：使用相同的系统提示词（适配器的）和相同的生成参数。默认贪心解码，所以差异来自适配器。",
         "adapters": "已加载基座的适配器",
+        "adapters_hint": "挂载、卸下、删除和导出作用于本页顶部选中的运行。",
         "run": "运行 / 适配器",
         "refresh": "刷新",
         "attach": "挂载",
@@ -1001,6 +1006,9 @@ ZH = {
         "judge_model": "评委模型 ID",
         "judge_key": "评委 API Key（留空 = STUDIO_TEACHER_API_KEY / OPENAI_API_KEY）",
         "run_report": "生成报告",
+        "stop_report": "停止报告",
+        "report_stopping": "报告将在当前回答后停止；不会保存任何结果。",
+        "no_report": "当前没有正在生成的报告。",
         "log": "报告日志",
         "summary": "各列汇总",
         "per_question": "逐题结果",
@@ -1111,7 +1119,7 @@ ZH = {
                                         "{calls} 次，从日志复用 {cached} 次，重试 {retries} 次。按原因统计的失败：{failures}。"
                                         "Token：提示 {prompt} + 生成 {completion}。测试题：{exam} 道，从不用于训练。"
                                         "已取消：结果不完整。",
-        "connected": "已连接 {teacher}，用时 {seconds} 秒；回复为 {reply}。",
+        "connected": "已连接 `{teacher}`，用时 {seconds} 秒；回复为 {reply}。",  # a code span: no link over the comma
         "teacher_needs": "教师模型需要 Base URL 和模型 ID。",
         "row_not_object": "{where}：应为 JSON 对象，实际是 {kind}。",
         "row_no_instruction": "{where}：缺少非空的 \"instruction\"（或 \"messages\"）。",
@@ -1243,8 +1251,8 @@ ZH = {
         "heldout_missing": "留出问题 {index} 不在 {run} 中。",
         "exam_question_missing": "测试题 {index} 不在 {run} 中。",
         "demo_retrieval": "演示模式下，检索列只读取该运行自己的源文档。",
-        "train_result": "**{adapter}**：{status}，共 {steps} 步 · 训练 loss {train_loss} · 评估 loss {eval_loss} · 文件夹 "
-                        "`{folder}`",
+        "train_result": "**{adapter}**：{status}，完成 {steps}/{max_steps} 步 · 训练 loss {train_loss} · 评估 loss "
+                        "{eval_loss} · 文件夹 `{folder}`",
         "export_base": "基座模型：{name}",
         "exported_to": "已导出到 {folder}",
         "export_load_log": "正在 CPU 上以 bf16 加载基座（原始权重，而非 4-bit 副本）",

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.data import records
+from studio.data.exam import is_exam_file
 from studio.errors import StudioError
 from studio.model.card import human_count, lora_target_names, parameter_counts
 from studio.services import Services
@@ -194,7 +195,8 @@ class TrainTab:
 
     # ----- lists -------------------------------------------------------------------------------
     def _datasets(self) -> list[str]:
-        return self.services.catalog.ids("datasets")
+        """The datasets to train on: an exam is never one (it stays listed in the Dataset tab to open)."""
+        return [name for name in self.services.catalog.ids("datasets") if not is_exam_file(name)]
 
     def _runs(self) -> list[str]:
         return [p.name for p in list_runs(self.services.paths.runs_dir)]
@@ -309,7 +311,8 @@ class TrainTab:
             return outcome, None, gr.update(choices=self._runs())
         result = job.result
         png = Path(result.get("run_dir", "")) / "loss.png"
-        text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} steps · "
+        text = (f"**{result.get('adapter')}**: {result.get('status')} after {result.get('steps')} of "
+                f"{result.get('max_steps')} steps · "
                 f"train loss {_fmt(result.get('final_train_loss'))} · eval loss {_fmt(result.get('final_eval_loss'))} · "
                 f"folder `{result.get('run_dir')}`")
         return text, str(png) if png.exists() else None, gr.update(choices=self._runs())
