@@ -186,6 +186,9 @@ def test_the_provider_box_follows_the_base_url(page, workspace):
         page.get_by_role("option", name="DeepSeek").click()
         page.wait_for_function("el => el.value === 'https://api.deepseek.com/v1'", arg=base_url.element_handle())
         assert page.get_by_label("Teacher model id").input_value() == "deepseek-chat"
+        page.get_by_label("Teacher model id").fill("qwen2.5:72b")
         base_url.fill("http://127.0.0.1:11434/v1/")
         page.wait_for_function("el => el.value === 'Ollama (local)'", arg=provider.element_handle())
-        assert base_url.input_value() == "http://127.0.0.1:11434/v1/"  # the custom text is kept as typed
+        page.wait_for_timeout(1000)  # a preset's fill would land by now
+        assert base_url.input_value() == "http://127.0.0.1:11434/v1/"  # the text is kept as typed,
+        assert page.get_by_label("Teacher model id").input_value() == "qwen2.5:72b"  # and the model typed beside it

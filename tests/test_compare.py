@@ -386,3 +386,15 @@ def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
     after = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
     assert after == reports_before
     assert manager.chat(build_messages(SYSTEM, [], FACTS[0][0]), GenerationSettings.greedy(4))  # the lease was let go
+
+
+def test_a_retrieved_section_shows_its_heading_once():
+    from studio.evaluate.retrieval import SectionRetriever
+    from studio.ui.compare_tab import _retrieved
+
+    hit = SectionRetriever.from_document(SAMPLE_DOC).search("守灯人每天做什么？", 1)[0]
+    shown = _retrieved(hit)
+    body = shown.split("\n\n", 1)[1]
+    assert shown.startswith(f"**{hit.section.heading}** · BM25 ") and "(score" not in shown
+    assert hit.section.text.lstrip().startswith("#") and not body.lstrip().startswith("#")  # the heading line once
+    assert body.strip() and body.strip() in hit.section.text

@@ -657,7 +657,9 @@ def test_graphed_steps_train_as_the_eager_ones_and_are_undone(manager, tmp_path,
     assert all(c["segments"] == 9 for c in captured)  # 8 rows and 1 padding segment
     assert trainer.graphed.replayed_passes == 5  # the first pass runs eagerly (warm-up)
     assert trainer.graphed.casts is not None  # the adapter's weights were cast, and their gradients gathered, in one go
-    assert losses == pytest.approx(reference, rel=1e-4)
+    # the padded bucket sums in fp32 in another order: after 6 optimizer steps the losses drift about 1e-4 apart
+    # (1.04e-4 on one CPU, under 1e-4 on another); a replay that lost its gradients is off by percents
+    assert losses == pytest.approx(reference, rel=3e-4)
     assert losses[-1] != losses[1]  # the adapter learned: the optimizer got each replay's gradients
     assert "Chunked loss on: the logits are computed a chunk at a time and never kept whole." in job.lines
     note = next(line for line in job.lines if line.startswith("CUDA graphs on: forward, loss and backward of the 2-layer"))

@@ -123,7 +123,9 @@ class ChatTab:
         return list(self.manager.status().adapters)
 
     def adapter_choices(self) -> list[tuple[str, str]]:
-        return [(self.s["adapter_base"], "")] + [(name, name) for name in self.manager.status().adapters]
+        """The base (no adapter) and each attached adapter; the base's label in the page's language."""
+        base = text("chat", "adapter_base", page_language())
+        return [(base, "")] + [(name, name) for name in self.manager.status().adapters]
 
     # ----- the model ---------------------------------------------------------------------------
     def load(self, name, quant, progress=gr.Progress()):

@@ -307,7 +307,7 @@ class CompareTab:
         hits_md, extra = "", {}
         if document is not None:
             hits = SectionRetriever.from_document(document).search(text, int(k))
-            hits_md = "\n\n".join(f"**{h.section.heading}** (score {h.score:.2f})\n\n{h.section.text}" for h in hits)
+            hits_md = "\n\n".join(_retrieved(h) for h in hits)
             with_context = retrieval_messages(system, text, hits)
             extra["retrieval"] = (with_context, None)
             extra["both"] = (with_context, name)  # the fine-tuned adapter with the same sections
@@ -393,6 +393,16 @@ class CompareTab:
         questions = localized_frame(pd.DataFrame(table_rows(result)), lang, ("column", "best"))
         return (warning, localized_frame(summary, lang, ("column",)), chart, questions, result.get("files", []),
                 self._sections_frame(job, lang))
+
+
+def _retrieved(hit) -> str:
+    """A retrieved section as the page lists it: its heading and BM25 score once, then its text (whose own
+    heading line is dropped: it was shown twice)."""
+    lines = hit.section.text.strip().split("\n")
+    if lines and lines[0].lstrip("#").strip() == hit.section.heading.strip():
+        lines = lines[1:]
+    body = "\n".join(lines).strip()
+    return f"**{hit.section.heading}** · BM25 {hit.score:.2f}\n\n{body}"
 
 
 def build_compare_tab(services: Services, app: gr.Blocks) -> CompareTab:

@@ -177,7 +177,9 @@ class DatasetTab:
         if self.services.keys.owner_base_url:
             self.base_url.value = self.services.keys.owner_base_url
             self.provider.value = provider_of(self.base_url.value)
-        reg.on(self.provider.change, preset_of, self.provider, [self.base_url, self.teacher_model], action="build_dataset",
+        # a preset picked by the user fills both boxes; the box set from a typed URL (below) must not overwrite the
+        # model typed beside it: .input, not .change
+        reg.on(self.provider.input, preset_of, self.provider, [self.base_url, self.teacher_model], action="build_dataset",
                args=(Choice("Provider", tuple(PROVIDER_PRESETS) + (CUSTOM_PROVIDER,)),))
         reg.on(self.base_url.change, provider_of, self.base_url, self.provider, action="build_dataset",
                args=(Text("Base URL", 500),), show_progress="hidden")
