@@ -39,6 +39,10 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         client = Client(url, verbose=False)
         connected = client.predict(teacher.base_url, "teacher-x", "", 5, api_name="/test_teacher")
         assert connected.startswith(f"Connected to teacher-x @ {teacher.base_url}")
+        failed = client.submit("http://127.0.0.1:9/v1", "teacher-x", "", 2, api_name="/test_teacher")
+        with pytest.raises(Exception, match="connection"):
+            failed.result()
+        assert failed.outputs()[:1] == [""]  # the earlier "Connected" is cleared, not left above the error
         message, table = client.predict(None, SAMPLE_DOC.name, 100, 3000, ["##", "###"], api_name="/split")
         assert message.startswith("19 sections") and table["data"][2][1] == "守灯人"
         started = client.predict(None, SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url,

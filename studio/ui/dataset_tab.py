@@ -263,8 +263,11 @@ class DatasetTab:
         return _with_headers(frame, lang or "en") if isinstance(frame, pd.DataFrame) else gr.skip()
 
     def test(self, url, model, key, seconds):
+        """Ask the teacher one small question. The last result is cleared first: a failed test shows its error,
+        not the "Connected" of an earlier one under it."""
         self.policy.require("outbound")
-        return check_connection(OpenAITeacher(self._teacher(url, model, key, seconds)))
+        yield ""
+        yield check_connection(OpenAITeacher(self._teacher(url, model, key, seconds)))
 
     # ----- the build job -----------------------------------------------------------------------
     def show_cost(self, upload_path, document_id, low, high, levels, per, n_variants, style=DEFAULT_STYLE, exam=0):
