@@ -18,6 +18,7 @@ from pathlib import Path
 
 from studio.data.normalize import dedup_key, normalize_question
 from studio.data.parsing import ANSWER_KEYS, QUESTION_KEYS, Parsed, _inner_objects, _parsed, json_values, strip_fences
+from studio.data.records import STAMP
 from studio.errors import DataError
 from studio.evaluate.keys import clean_keys
 from studio.evaluate.scoring import char_f1
@@ -129,13 +130,13 @@ def without_exam_rows(rows: list[dict], where: str) -> tuple[list[dict], int]:
     return kept, len(rows) - len(kept)
 
 
-_STAMPED = re.compile(r"^(?P<name>.+)_(?:dataset|base)_(?P<stamp>\d{8}_\d{6}(?:-\d+)?)$")  # -2: a second save that second
+_STAMPED = re.compile(rf"^(?P<name>.+)_(?:dataset|base)_(?P<stamp>{STAMP})$")
 
 
 def is_exam_file(name: str) -> bool:
     """Whether a file's name is an exam's as a build writes it (`<name>_exam_<timestamp>.jsonl`): never a
     training dataset, so the Train tab does not offer it."""
-    return bool(re.search(r"_exam_\d{8}_\d{6}(?:-\d+)?\.jsonl$", str(name)))
+    return bool(re.search(rf"_exam_{STAMP}\.jsonl$", str(name)))
 
 
 def exam_beside(dataset: str | Path) -> Path | None:

@@ -52,6 +52,11 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
 
 
+# a file or folder name's timestamp as `stamped` writes it: 20261207_154723, or 20261207_154723-2 for a second save
+# in the same second
+STAMP = r"\d{8}_\d{6}(?:-\d+)?"
+
+
 def stamped(*templates: str | Path, make: bool = True) -> tuple[Path, ...]:
     """Paths named from `templates` with "{stamp}" replaced by timestamp(), or by timestamp()-2, -3, ...
     where a path of that stamp exists: two saves in one second never overwrite each other. With `make`,
@@ -199,7 +204,7 @@ def save_rows(rows: list[dict], name: str, data_dir: Path, tag: str = "edited", 
     if not clean:
         raise DataError("There are no rows to save.")
     # the name without a timestamp or tag of its own (a preview's name is the file's stem: no 'x_edited_edited_...')
-    name = re.sub(r"(?:_(?:edited|dataset|base|imported))?(?:_\d{8}_\d{6}(?:-\d+)?)?$", "", safe_name(name)) or "dataset"
+    name = re.sub(rf"(?:_(?:edited|dataset|base|imported))?(?:_{STAMP})?$", "", safe_name(name)) or "dataset"
     if exam is None:
         path, = stamped(Path(data_dir) / f"{name}_{tag}_{{stamp}}.jsonl")
         return _write_reserved(path, clean)

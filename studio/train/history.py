@@ -134,7 +134,8 @@ def read_run(folder: Path, running: bool = False) -> RunRecord:
         name=folder.name, folder=str(folder), date=_date(folder, metadata),
         base_model=str(metadata.get("base_model", "")),
         dataset=Path(str(metadata.get("dataset") or request.get("dataset") or "")).name,
-        heldout=split.get("heldout_rows"), exam=metadata.get("exam_questions") or None, settings=describe_settings(request, metadata),
+        heldout=split.get("heldout_rows"), exam=metadata.get("exam_questions") or None,
+        settings=describe_settings(request, metadata),
         train_loss=metadata.get("final_train_loss"), eval_loss=metadata.get("final_eval_loss"),
         status=run_status(folder, metadata, running), report=latest_report(folder))
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from studio.access import AccessPolicy
-from studio.data.records import read_dataset, safe_name, stamped, write_text_atomic
+from studio.data.records import STAMP, read_dataset, safe_name, stamped, write_text_atomic
 from studio.errors import DataError, StudioError
 from studio.jobs import Job, JobBoard
 from studio.model.manager import ModelManager
@@ -25,7 +25,7 @@ REQUEST_FILE = "run.json"
 def new_run_dir(runs_dir: Path, name: str) -> Path:
     """A run folder's path that nothing has yet (made when the run starts): the name and a timestamp, the
     name's own timestamp dropped (a dataset's stem has one: 'island_dataset_20261207_154723' -> 'island_dataset_<now>')."""
-    name = re.sub(r"_\d{8}_\d{6}(?:-\d+)?$", "", safe_name(name)) or "run"
+    name = re.sub(rf"_{STAMP}$", "", safe_name(name)) or "run"
     return stamped(Path(runs_dir) / f"{name}_{{stamp}}", make=False)[0]
 
 

@@ -19,7 +19,7 @@ from studio.services import Services
 from studio.train import adapters
 from studio.ui.common import job_panel, localized_frame
 from studio.ui.history_panel import HistoryPanel
-from studio.ui.i18n import column, text, translate, translator
+from studio.ui.i18n import column, term, text, translate
 from studio.ui.registry import ANY, Choice, Id, Num, Text, Upload, page_language
 from studio.ui.strings import strings
 
@@ -189,7 +189,7 @@ class CompareTab:
         if demo:
             entries = [e for e in entries if e.attached]
         yes = text("tables", "yes", lang)
-        frame = pd.DataFrame([[e.name, translator().translate(e.status, lang, True), yes if e.attached else "", _rounded(e.train_loss),
+        frame = pd.DataFrame([[e.name, term(e.status, lang), yes if e.attached else "", _rounded(e.train_loss),
                                _rounded(e.eval_loss), "" if demo else e.dataset, self._public(e.base_model),
                                self._public(e.problem)]
                               for e in entries], columns=[column(c, lang) for c in ADAPTER_COLUMNS])

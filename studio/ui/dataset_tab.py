@@ -117,8 +117,8 @@ class DatasetTab:
     def _teacher_controls(self) -> None:
         s = self.s
         self.use_local = gr.Checkbox(False, label=s["use_local"])
-        self.provider = gr.Dropdown([(name, name) for name in PROVIDER_PRESETS] + [(s["provider_custom"], CUSTOM_PROVIDER)],
-                                    value="SiliconFlow", label=s["provider"], elem_classes=[FIXED_CHOICES])
+        choices = [(name, name) for name in PROVIDER_PRESETS] + [(s["provider_custom"], CUSTOM_PROVIDER)]
+        self.provider = gr.Dropdown(choices, value="SiliconFlow", label=s["provider"], elem_classes=[FIXED_CHOICES])
         self.base_url = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][0], label=s["base_url"])
         self.teacher_model = gr.Textbox(PROVIDER_PRESETS["SiliconFlow"][1], label=s["teacher_model"])
         self.api_key = gr.Textbox("", label=s["api_key"], type="password", placeholder=s["api_key_placeholder"])
@@ -179,8 +179,8 @@ class DatasetTab:
             self.provider.value = provider_of(self.base_url.value)
         # a preset picked by the user fills both boxes; the box set from a typed URL (below) must not overwrite the
         # model typed beside it: .input, not .change
-        reg.on(self.provider.input, preset_of, self.provider, [self.base_url, self.teacher_model], action="build_dataset",
-               args=(Choice("Provider", tuple(PROVIDER_PRESETS) + (CUSTOM_PROVIDER,)),))
+        reg.on(self.provider.input, preset_of, self.provider, [self.base_url, self.teacher_model],
+               action="build_dataset", args=(Choice("Provider", tuple(PROVIDER_PRESETS) + (CUSTOM_PROVIDER,)),))
         reg.on(self.base_url.change, provider_of, self.base_url, self.provider, action="build_dataset",
                args=(Text("Base URL", 500),), show_progress="hidden")
         reg.on(self.split_btn.click, self.split, split_inputs, split_outputs, action="read_files", name="split",
@@ -199,15 +199,17 @@ class DatasetTab:
             reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants, self.style, self.exam],
                    self.cost, action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
+        prompts = [self.system_prompt, self.paraphrase_prompt]
+        prompt_args = split_args[:2] + (Choice("Style", tuple(STYLES)), Text("System prompt"), Text("Paraphrase prompt"))
         for trigger in (self.style.change, self.upload.change, self.doc_path.change, self.app.load):
-            reg.on(trigger, self.prompts_sent, split_inputs[:2] + [self.style, self.system_prompt, self.paraphrase_prompt],
-                   [self.system_prompt, self.paraphrase_prompt], action="read_files", show_progress="hidden",
-                   args=split_args[:2] + (Choice("Style", tuple(STYLES)), Text("System prompt"), Text("Paraphrase prompt")))
+            reg.on(trigger, self.prompts_sent, split_inputs[:2] + [self.style] + prompts, prompts, action="read_files",
+                   show_progress="hidden", args=prompt_args)
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs + [self.preview_source],
                action="read_files", name="open_dataset", args=(Id("Dataset", "datasets"),))
         reg.on(self.import_file.upload, self.import_rows, self.import_file,
                preview_outputs[:2] + [self.dataset_pick, self.save_name, self.preview_source],
-               action=("upload", "edit_dataset"), name="import_dataset", args=(Upload("Dataset file", (".jsonl", ".json")),))
+               action=("upload", "edit_dataset"), name="import_dataset",
+               args=(Upload("Dataset file", (".jsonl", ".json")),))
         reg.on(self.save_btn.click, self.save, [self.preview, self.save_name, self.preview_source],
                [self.result_msg, self.dataset_pick, self.preview, self.preview_source], action="edit_dataset",
                name="save_dataset",

@@ -214,6 +214,12 @@ def text(section: str, key: str, lang: str) -> str:
     return translator().text(section, key, lang)
 
 
+def term(word: str, lang: str) -> str:
+    """A word of the tables' terms (a run's status such as "completed" or "stopped at step 5", an activity) in
+    `lang`: terms are translated only as parts of messages, so a table cell that is one asks for it here."""
+    return translator().translate(word, lang, nested=True)
+
+
 def translate_outputs(value, lang: str):
     """A handler's return value with every plain string translated (tuples and lists walked, one level)."""
     if lang == DEFAULT:
