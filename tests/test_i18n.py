@@ -536,3 +536,37 @@ def test_report_warnings_key_note_and_adapter_status_read_in_chinese(workspace):
     adapters = tab.tables("zh")[0]
     assert sorted(adapters["状态"]) == ["停止于第 5 步", "已完成"]
     assert sorted(tab.tables("en")[0]["status"]) == ["completed", "stopped at step 5"]
+
+
+def test_an_ended_job_panel_follows_the_language_switch():
+    """The job panel of an ended job re-renders in the page's new language (its log, progress and plot series),
+    where it used to keep the old language: an ended job sends no new events to poll."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from studio.jobs import JobBoard
+    from studio.ui.common import job_panel
+
+    board = JobBoard()
+
+    def target(job):
+        job.emit("metric", step=1, loss=2.0)
+        return {}
+
+    with gr.Blocks():
+        panel = job_panel(board, "train", strings("train"), plots=True)
+    board.wait(board.start("train", "run-1", target), 10)
+
+    def page(lang):
+        return SimpleNamespace(headers={"accept-language": lang}, cookies={}, query_params={})
+
+    first = panel.poll(None, page("en"))
+    progress, log, view, _, loss = first[:5]
+    assert "done" in progress and log.endswith("] done") and list(loss["series"]) == ["train loss"]
+    view = panel.poll(view, page("en"))[2]  # the poll that marks the job finished
+    quiet = panel.poll(view, page("en"))
+    assert all(out.get("__type__") == "update" and "value" not in out for out in quiet[:2])  # nothing new
+    progress, log, view, _, loss = panel.poll(view, page("zh-CN"))[:5]
+    assert "完成" in progress and log.endswith("] 完成") and list(loss["series"]) == ["训练 loss"]
+    assert panel.poll(view, page("zh-CN"))[1].get("__type__") == "update"  # and quiet again

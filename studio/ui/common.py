@@ -132,7 +132,9 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         if job is None:
             return (gr.skip(), gr.skip(), view, gr.skip()) + skips
         if view.get("job") != job.id:
-            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": []}
+            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": [], "lang": lang}
+        if view.get("lang") != lang:  # the page's language changed: the whole log, progress and plots again in it
+            view = {**view, "lang": lang, "cursor": 0, "lines": [], "metrics": []}
         running = job.running
         events, cursor = job.events_since(view["cursor"])
         lines = (view["lines"] + [line for line in (_log_line(e, lang) for e in events) if line])[-LOG_LINES:]
