@@ -398,3 +398,29 @@ def test_a_retrieved_section_shows_its_heading_once():
     assert shown.startswith(f"**{hit.section.heading}** · BM25 ") and "(score" not in shown
     assert hit.section.text.lstrip().startswith("#") and not body.lstrip().startswith("#")  # the heading line once
     assert body.strip() and body.strip() in hit.section.text
+
+
+def test_a_reloaded_page_picks_the_reported_run_else_the_newest(trained):
+    """The run picker is empty on a new page: it is filled with the run of the report the tab shows, else with
+    the newest run; a picked run stays picked."""
+    from studio.ui.app import build_app
+
+    manager, run = trained["manager"], trained["run"]
+
+    def choices_of(services):
+        return next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "run_choices")
+
+    reported = Services(manager=manager, paths=trained["paths"])
+    job = reported.jobs.wait(service.start_report(reported.jobs, manager, run, None, None,
+                                                  GenerationSettings.greedy(4)), 300)
+    assert job.status is JobStatus.DONE, job.error
+    newer = run.parent / f"{run.name}_copy"
+    shutil.copytree(run, newer)
+    os.utime(newer, (time.time() + 60, time.time() + 60))
+    try:
+        assert choices_of(reported)(None)["value"] == run.name
+        assert choices_of(Services(manager=manager, paths=trained["paths"]))(None)["value"] == newer.name
+        kept = choices_of(reported)(newer.name)
+        assert "value" not in kept and (newer.name, newer.name) in kept["choices"]
+    finally:
+        shutil.rmtree(newer)
