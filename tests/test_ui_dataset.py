@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ui-key-never-on-disk-0123456789"
 
 
+def _handler(services, name):
+    """The function a page's event `name` runs, as the app registers it for `services`."""
+    from studio.ui.app import build_app
+
+    return next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
 @pytest.fixture()
 def teacher():
     server = FakeTeacher().start()
@@ -52,6 +59,12 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         job = services.jobs.wait(services.jobs.latest("dataset"), 60)
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
         assert teacher.auth_headers[-1] == f"Bearer {KEY}"  # the key came from the environment, for the owner's URL
+        # a reloaded page's form shows this build's settings (never a key); a studio with no build keeps the defaults
+        form = _handler(services, "form_of_latest_build")()
+        assert form == (SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", 10,
+                        "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, "tutorial", 1)
+        fresh = _handler(Services(manager=ModelManager(), paths=workspace), "form_of_latest_build")()
+        assert all(value.get("__type__") == "update" and "value" not in value for value in fresh)
         frame, opened, stem = client.predict(Path(job.result["dataset_path"]).name, api_name="/open_dataset")
         assert opened.startswith("60 rows") and frame["headers"][:4] == ["instruction", "output", "group", "kind"]
         # edit: change one answer, delete one row, save as a new file

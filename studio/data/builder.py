@@ -543,6 +543,9 @@ class DatasetBuild:
 
     def _manifest(self) -> dict:
         settings = asdict(self.settings)
-        return {"name": self.name, "title": self.title, "teacher": self.teacher_id, "settings": settings,
+        config = getattr(self.teacher, "config", None)  # a remote teacher's place, for the form to show again
+        place = {"base_url": config.base_url, "model": config.model, "timeout_s": config.timeout_s} if config else {}
+        return {"name": self.name, "title": self.title, "teacher": self.teacher_id, "teacher_place": place,
+                "source": self.source, "settings": settings,
                 "sections": [{"index": s.index, "heading": s.heading, "chars": s.chars, "sha256": s.content_hash}
                              for s in self.sections]}

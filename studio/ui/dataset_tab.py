@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gradio as gr
@@ -161,7 +162,7 @@ class DatasetTab:
                       Num("Shortest section", 0, 1_000_000, True), Num("Maximum section length", 200, 1_000_000, True),
                       Choice("Heading levels", tuple(LEVELS), many=True))
         split_outputs = [self.split_msg, self.sections]
-        self.split_inputs, self.split_args = split_inputs, split_args
+        self.split_inputs, self.split_args, self.split_outputs = split_inputs, split_args, split_outputs
         build_inputs = split_inputs[:2] + [self.name] + split_inputs[2:] + [
             self.use_local, self.base_url, self.teacher_model, self.api_key, self.per_section, self.variants,
             self.concurrency, self.system_prompt, self.paraphrase_prompt, self.temperature, self.max_tokens,
@@ -187,23 +188,24 @@ class DatasetTab:
                args=split_args)
         reg.on(self.upload.change, self.split, split_inputs, split_outputs, action=("read_files", "upload"),
                args=split_args)
-        reg.on(self.app.load, self.split, split_inputs, split_outputs, action="read_files", args=split_args)
+        reg.on(self.doc_path.input, self.split, split_inputs, split_outputs, action="read_files", args=split_args)
         reg.on(self.test_btn.click, self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout],
                self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
         reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
                action="build_dataset", name="build_dataset", args=build_args + (ANY,))
         cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True)) + \
             knowledge_args
+        self.cost_events = (split_inputs + [self.per_section, self.variants, self.style, self.exam], self.cost, cost_args)
         for trigger in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
-                        self.style.change, self.exam.change, self.app.load):
-            reg.on(trigger, self.show_cost, split_inputs + [self.per_section, self.variants, self.style, self.exam],
-                   self.cost, action="read_files", args=cost_args)
+                        self.style.change, self.exam.change, self.doc_path.input):
+            reg.on(trigger, self.show_cost, *self.cost_events[:2], action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
         prompts = [self.system_prompt, self.paraphrase_prompt]
         prompt_args = split_args[:2] + (Choice("Style", tuple(STYLES)), Text("System prompt"), Text("Paraphrase prompt"))
-        for trigger in (self.style.change, self.upload.change, self.doc_path.change, self.app.load):
-            reg.on(trigger, self.prompts_sent, split_inputs[:2] + [self.style] + prompts, prompts, action="read_files",
-                   show_progress="hidden", args=prompt_args)
+        self.prompt_events = (split_inputs[:2] + [self.style] + prompts, prompts, prompt_args)
+        for trigger in (self.style.change, self.upload.change, self.doc_path.change):
+            reg.on(trigger, self.prompts_sent, *self.prompt_events[:2], action="read_files", show_progress="hidden",
+                   args=prompt_args)
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs + [self.preview_source],
                action="read_files", name="open_dataset", args=(Id("Dataset", "datasets"),))
         reg.on(self.import_file.upload, self.import_rows, self.import_file,
@@ -215,6 +217,46 @@ class DatasetTab:
                name="save_dataset",
                args=(ANY, Text("Save as", 200), Id("Dataset", "datasets", optional=True)))
         self.panel.wire(reg, "build_dataset", self.on_finished, [self.preview, self.dataset_pick, self.preview_source])
+        self._wire_page_load()
+
+    def _wire_page_load(self) -> None:
+        """On load: the form as the last build had it, then its document's sections, the prompts the build sends
+        and its cost, each read from the filled form."""
+        reg = self.registry
+        filled = reg.on(self.app.load, self.form_of_latest_build, None, self.form_fields, action="read_files",
+                        show_progress="hidden")
+        reg.on(filled.then, self.split, self.split_inputs, self.split_outputs, action="read_files", args=self.split_args)
+        for handler, (inputs, outputs, args) in ((self.prompts_sent, self.prompt_events),
+                                                 (self.show_cost, self.cost_events)):
+            reg.on(filled.then, handler, inputs, outputs, action="read_files", show_progress="hidden", args=args)
+
+    @property
+    def form_fields(self) -> list:
+        """The form's fields that a build's manifest fills, in `form_of_latest_build`'s order."""
+        return [self.doc_path, self.name, self.min_chars, self.max_chars, self.levels, self.use_local, self.base_url,
+                self.teacher_model, self.timeout, self.per_section, self.variants, self.concurrency, self.system_prompt,
+                self.paraphrase_prompt, self.temperature, self.max_tokens, self.attempts, self.style, self.exam]
+
+    def form_of_latest_build(self):
+        """A reloaded page's form shows the settings of the build this studio ran last (the one going on, or the
+        last one started), not the defaults; the API key is never among them."""
+        job = self.board.latest(JOB_KIND)
+        try:
+            manifest = json.loads((job.folder / "build.json").read_text(encoding="utf-8")) if job and job.folder else None
+            settings = manifest["settings"] if manifest else None
+        except (OSError, ValueError, KeyError, TypeError):  # the manifest is not written yet, gone or damaged
+            settings = None
+        if not settings:
+            return (gr.skip(),) * len(self.form_fields)
+        split, place = settings.get("split", {}), manifest.get("teacher_place") or {}
+        levels = [mark for mark, level in LEVELS.items() if level in split.get("levels", ())]
+        document = self.services.catalog.document_id(manifest.get("source"))
+        return (document or gr.skip(), manifest.get("name", ""), split.get("min_chars"), split.get("max_chars"), levels,
+                not place, place.get("base_url", gr.skip()), place.get("model", gr.skip()),
+                place.get("timeout_s", gr.skip()), settings.get("per_section"), settings.get("variants"),
+                settings.get("concurrency"), settings.get("system_prompt"), settings.get("paraphrase_prompt"),
+                settings.get("temperature"), settings.get("max_tokens"), settings.get("retry", {}).get("max_attempts"),
+                settings.get("style"), settings.get("exam"))
 
     def _datasets(self) -> list[str]:
         return self.services.catalog.ids("datasets")
