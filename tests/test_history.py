@@ -77,6 +77,8 @@ def test_history_table_speaks_both_languages(runs):
     assert list(english.columns)[:2] == ["run", "date"] and list(chinese.columns)[:2] == ["运行", "日期"]
     row = chinese[chinese["运行"] == "done_1"].iloc[0]
     assert row["状态"] == "完成" and row["未训练的题"] == "测试题 8 道 · 留出问法 3 条"
+    assert row["设置"] == "秩 16 · 学习率 0.001 · 4 轮 · 批次 1×8"
+    assert english[english["run"] == "done_1"].iloc[0]["settings"] == "r 16 · lr 0.001 · 4 ep · batch 1×8"
     assert chinese[chinese["运行"] == "stopped_2"].iloc[0]["未训练的题"] == "留出问法 3 条"  # a run without an exam
     assert english[english["run"] == "done_1"].iloc[0]["questions kept out"] == "exam 8 · 3 held-out phrasings"
     assert row["最近报告"] == "微调后 F1 0.8，基座 0.1；3 题变好，0 题变差"

@@ -36,6 +36,7 @@ class RunRecord:
     heldout: int | None = None  # held-out phrasings of trained facts (the split)
     exam: int | None = None  # exam questions, never trained on (from the dataset build)
     settings: str = ""
+    setting_parts: list = field(default_factory=list)  # what `settings` says, for a page in another language
     train_loss: float | None = None
     eval_loss: float | None = None
     status: str = "incomplete"
@@ -84,21 +85,31 @@ def run_status(folder: Path, metadata: dict, running: bool = False) -> str:
     return "failed" if _last_job_status(folder) == "failed" else "incomplete"
 
 
-def describe_settings(request: dict, metadata: dict) -> str:
-    """A short line of the settings that decide a run: rank, learning rate, length, batch."""
+SETTING_TEXTS = {"rank": "r {r}", "lr": "lr {lr}", "steps": "{steps} steps", "epochs": "{epochs} ep",
+                 "batch": "batch {size}×{accum}"}  # the page shows them in its language (the history table's set_*)
+
+
+def setting_parts(request: dict, metadata: dict) -> list[tuple[str, dict]]:
+    """The settings that decide a run, each as (SETTING_TEXTS key, its values): rank, learning rate, length,
+    batch."""
     lora = request.get("lora") or metadata.get("lora") or {}
     train = request.get("train") or metadata.get("training") or {}
-    parts = [f"r {lora['r']}"] if "r" in lora else []
+    parts = [("rank", {"r": lora["r"]})] if "r" in lora else []
     if isinstance(train.get("learning_rate"), (int, float)):
-        parts.append(f"lr {train['learning_rate']:g}")
+        parts.append(("lr", {"lr": f"{train['learning_rate']:g}"}))
     steps, epochs = train.get("max_steps"), train.get("epochs")
     if isinstance(steps, int) and steps > 0:
-        parts.append(f"{steps} steps")
+        parts.append(("steps", {"steps": steps}))
     elif isinstance(epochs, (int, float)):
-        parts.append(f"{epochs:g} ep")
+        parts.append(("epochs", {"epochs": f"{epochs:g}"}))
     if "batch_size" in train:
-        parts.append(f"batch {train['batch_size']}×{train.get('grad_accum', 1)}")
-    return " · ".join(parts)
+        parts.append(("batch", {"size": train["batch_size"], "accum": train.get("grad_accum", 1)}))
+    return parts
+
+
+def describe_settings(parts: list[tuple[str, dict]], texts: dict[str, str] = SETTING_TEXTS) -> str:
+    """The settings as one short line, e.g. "r 16 · lr 0.0002 · 3 ep · batch 4×2", in the words of `texts`."""
+    return " · ".join(texts[key].format(**values) for key, values in parts)
 
 
 def latest_report(folder: Path) -> dict:
@@ -129,13 +140,13 @@ def read_run(folder: Path, running: bool = False) -> RunRecord:
         metadata = read_metadata(folder)
     except StudioError:  # a damaged studio.json: the run is still listed, as incomplete
         metadata = {}
-    split = metadata.get("split") or {}
+    split, parts = metadata.get("split") or {}, setting_parts(request, metadata)
     return RunRecord(
         name=folder.name, folder=str(folder), date=_date(folder, metadata),
         base_model=str(metadata.get("base_model", "")),
         dataset=Path(str(metadata.get("dataset") or request.get("dataset") or "")).name,
         heldout=split.get("heldout_rows"), exam=metadata.get("exam_questions") or None,
-        settings=describe_settings(request, metadata),
+        settings=describe_settings(parts), setting_parts=parts,
         train_loss=metadata.get("final_train_loss"), eval_loss=metadata.get("final_eval_loss"),
         status=run_status(folder, metadata, running), report=latest_report(folder))
 

@@ -35,7 +35,9 @@ def history_frame(records: list[history.RunRecord], lang: str = "en") -> pd.Data
     for r in records:
         exam = " · ".join(text("history", key, lang).format(count=count) for key, count in
                           (("exam_count", r.exam), ("heldout_exam", r.heldout)) if count is not None)
-        rows.append([r.name, r.date, r.base_model, r.dataset, exam, r.settings, _rounded(r.train_loss),
+        settings = history.describe_settings(r.setting_parts, {key: text("history", f"set_{key}", lang)
+                                                               for key in history.SETTING_TEXTS})
+        rows.append([r.name, r.date, r.base_model, r.dataset, exam, settings, _rounded(r.train_loss),
                      _rounded(r.eval_loss), _report_text(r.report, lang), text("history", f"status_{r.status}", lang)])
     return pd.DataFrame(rows, columns=[text("history", f"col_{c}", lang) for c in COLUMNS])
 
