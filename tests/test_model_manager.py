@@ -49,8 +49,11 @@ def test_model_card_facts(manager, tiny_model_dir):
     from studio.ui.chat_tab import card_markdown
 
     # every row of the page's card keeps two cells: the "|" of <|endoftext|> is escaped
-    rows = [line for line in card_markdown(card).splitlines()[2:]]
-    assert all(line.replace("\\|", "").count("|") == 3 for line in rows) and "<\\|endoftext\\|>" in rows[-2]
+    lines = card_markdown(card).splitlines()
+    rows = lines[2:]
+    assert all(line.replace("\\|", "").count("|") == 3 for line in rows) and "<\\|endoftext\\|>" in rows[-3]
+    assert lines[0] == "| Item | Value |" and card_markdown(card, "zh").splitlines()[0] == "| 项目 | 值 |"
+    assert rows[-3] == f"| Padding token (id) | `<\\|endoftext\\|>` ({card.pad_token_id}) |"
 
 
 def test_prompt_is_the_exact_chatml_string(manager):

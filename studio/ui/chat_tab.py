@@ -30,12 +30,21 @@ def card_markdown(card: ModelCard, lang: str = "en") -> str:
         ("card_params", f"{human_count(card.total_params)} / {human_count(card.trainable_params)}"),
         ("card_memory", human_bytes(card.memory_bytes)),
         ("card_vocab", str(card.vocab_size)),
-        ("card_tokens", f"`{(pad, eos, pad_id, eos_id)}`"),
+        ("card_pad", _token(pad, pad_id, lang)),
+        ("card_eos", _token(eos, eos_id, lang)),
         ("card_adapters", ", ".join(card.adapters) or text("terms", "none", lang)),
     ]
     # a "|" inside a value (Qwen's <|endoftext|>) ends a Markdown table cell unless escaped, even in code
-    return "| | |\n|---|---|\n" + "\n".join(f"| {text('tables', k, lang)} | {v.replace('|', chr(92) + '|')} |"
+    head = f"| {text('tables', 'card_item', lang)} | {text('tables', 'card_value', lang)} |\n|---|---|\n"
+    return head + "\n".join(f"| {text('tables', k, lang)} | {v.replace('|', chr(92) + '|')} |"
                                              for k, v in rows)
+
+
+def _token(token: str | None, token_id: int | None, lang: str) -> str:
+    """A special token as the card shows it: the token in code, its id beside it."""
+    if token is None:
+        return text("terms", "none", lang)
+    return f"`{token}` ({token_id})"
 
 
 class ChatTab:
