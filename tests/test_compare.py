@@ -92,6 +92,12 @@ def test_report_scores_the_adapter_above_the_base(trained):
     assert row["columns"][TUNED]["char_f1"] == round(char_f1(row["columns"][TUNED]["answer"], row["reference"]), 4)
     assert row["columns"][TUNED]["judge_reason"] == "基本一致"
     assert "training_char_f1" in report["recitation"]
+    logged = [e["message"] for e in job.events_since(0)[0] if e["type"] == "log"]
+    tuned, base = (f"{row['columns'][c]['char_f1']:.2f}" for c in (TUNED, BASE))
+    assert logged[0] == f"Question 1/3: fine-tuned character F1 {tuned}, base {base} · {row['question']}"
+    training = report["recitation"]["training_char_f1"]
+    assert any(line.startswith(f"Recitation check, training phrasings: fine-tuned character F1 {training:.2f} over ")
+               for line in logged), logged
     json_file, csv_file = (Path(p) for p in report["files"])
     saved = json.loads(json_file.read_text(encoding="utf-8"))
     assert saved["rows"][0]["question"] == row["question"]

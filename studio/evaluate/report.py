@@ -82,6 +82,7 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
                 entry.update(judge_score=verdict.score, judge_reason=verdict.reason)
             row["columns"][column] = entry
         rows.append(row)
+        job.log(_scored_line(index, len(request.questions), row["columns"], question))
         # the message counts the questions asked; the bar (done/total) the recitation check's answers too
         job.emit("progress", f"{index}/{len(request.questions)} questions", done=index, total=total)
     recitation = _recitation(job, lease, request, rows, total)
@@ -92,6 +93,14 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
     return {"adapter": request.adapter, "question_set": request.question_set, "rows": rows, "summary": summary,
             "sections": knowledge["sections"], "keys_note": knowledge["note"], "recitation": recitation,
             "warning": recitation.get("warning", ""), "warnings": recitation.get("warnings", [])}
+
+
+def _scored_line(index: int, total: int, columns: dict, question: str) -> str:
+    """The log's line for one scored question: the fine-tuned and base columns' character F1, the question."""
+    short = " ".join(question.split())
+    short = short if len(short) <= 60 else short[:59] + "…"
+    return (f"Question {index}/{total}: fine-tuned character F1 {columns[TUNED]['char_f1']:.2f}, "
+            f"base {columns[BASE]['char_f1']:.2f} · {short}")
 
 
 def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict], total: int) -> dict:
@@ -111,6 +120,8 @@ def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict]
             job.emit("progress", f"recitation check: {checked}/{len(items)} {name} phrasings", done=done, total=total)
         if scores:
             means[name] = sum(scores) / len(scores)
+            job.log(f"Recitation check, {name} phrasings: fine-tuned character F1 {means[name]:.2f} "
+                    f"over {len(scores)}")
     means[request.question_set] = sum(r["columns"][TUNED]["char_f1"] for r in rows) / len(rows)
     result = {f"{name}_char_f1": round(value, 4) for name, value in means.items()}
     warnings = recitation_warnings(means)

@@ -309,6 +309,11 @@ EN = {
         "no_questions": "No questions: {name} has no held-out rows; upload a JSONL of instruction/output rows.",
         "report_saved": "Report saved: {files}",
         "report_progress": "{done}/{total} questions",
+        "report_scored": "Question {index}/{total}: fine-tuned character F1 {tuned}, base {base} · {question}",
+        "report_recited": "Recitation check, {name} phrasings: fine-tuned character F1 {score} over {count}",
+        "report_recited_training": "Recitation check, training phrasings: fine-tuned character F1 {score} over {count}",
+        "report_recited_heldout": "Recitation check, heldout phrasings: fine-tuned character F1 {score} over {count}",
+        "report_recited_exam": "Recitation check, exam phrasings: fine-tuned character F1 {score} over {count}",
         "report_progress_training": "recitation check: {done}/{total} training phrasings",
         "recitation": "Training phrasings score {train} character F1 but held-out phrasings only {heldout}: the "
                       "adapter may be reciting the training questions rather than knowing the facts. Add more varied "
@@ -1106,6 +1111,11 @@ ZH = {
         "no_questions": "没有问题：{name} 没有留出的问题；请上传 instruction/output 格式的 JSONL。",
         "report_saved": "报告已保存：{files}",
         "report_progress": "{done}/{total} 个问题",
+        "report_scored": "第 {index}/{total} 题：微调后字符 F1 {tuned}，基座 {base} · {question}",
+        "report_recited": "背诵检查，{name} 问法：微调后字符 F1 {score}（{count} 条）",
+        "report_recited_training": "背诵检查，训练问法：微调后字符 F1 {score}（{count} 条）",
+        "report_recited_heldout": "背诵检查，留出问法：微调后字符 F1 {score}（{count} 条）",
+        "report_recited_exam": "背诵检查，测试题：微调后字符 F1 {score}（{count} 条）",
         "report_progress_training": "背诵检查：训练问法 {done}/{total}",
         "recitation": "训练问法的字符 F1 为 {train}，留出问法只有 {heldout}：适配器可能在背诵训练问题，而不是掌握了知识。"
                       "请增加更多样的问法，或减少训练轮数。",
