@@ -115,6 +115,9 @@ def test_recitation_warning_when_training_phrasings_score_far_higher():
         def emit(self, *args, **kwargs):
             pass
 
+        def log(self, message):
+            pass
+
     rows = [{"columns": {TUNED: {"char_f1": 0.1}}}]
     request = report_module.ReportRequest("a", [{}], "", training_sample=[{"instruction": "q", "output": "答案"}])
     original = report_module.reply_text
