@@ -70,19 +70,19 @@ def test_training_progress_survives_a_reload(page, services, workspace):
 
     dataset = write_dataset(workspace.data_dir / "facts.jsonl")
     with launched(services) as url:
-        request = RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(learning_rate=5e-3, epochs=15.0,
+        request = RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(learning_rate=5e-3, epochs=3.0,
                              batch_size=4, grad_accum=1, save_every=0), new_run_dir(workspace.runs_dir, "facts"))
         job = start_training(services.jobs, services.manager, request)  # started without any page open
         services.jobs.wait(job, 300)
         for _ in range(2):  # the first visit, then a reload: both replay the job's whole log
             page.goto(url)
             page.get_by_role("tab", name="Train").click()
-            page.get_by_text(f"{job.name} · done · step 45/45").wait_for()
+            page.get_by_text(f"{job.name} · done · step 9/9").wait_for()
             page.wait_for_function(
                 "() => document.querySelector('#train-log textarea').value.includes('ready to chat')")
             assert "15 rows: 12 for training" in page.locator("#train-log textarea").input_value()
             # the form shows the run's settings, not the defaults (learning rate 1e-3, batch 1, 4 epochs)
-            for label, value in (("Learning rate", "0.005"), ("Batch size", "4"), ("Epochs", "15")):
+            for label, value in (("Learning rate", "0.005"), ("Batch size", "4"), ("Epochs", "3")):
                 number = page.get_by_role("spinbutton", name=label, exact=True)
                 page.wait_for_function("([el, v]) => el.value === v", arg=[number.element_handle(), value])
             page.reload()
