@@ -641,7 +641,9 @@ def run_export(args: argparse.Namespace, services) -> int:
     from studio.export import ExportRequest, start_export
     from studio.jobs import JobStatus, follow
 
-    request = ExportRequest(Path(args.adapter), Path(args.out), args.merge, args.model, args.name)
+    lang = message_language(args)
+    request = ExportRequest(Path(args.adapter), Path(args.out), args.merge, args.model, args.name,
+                            wording=lambda line: in_language(line, lang))
     job = start_export(services.jobs, request)
     follow(job, event_printer(args))
     if job.status is JobStatus.FAILED:

@@ -24,6 +24,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from studio.errors import AdapterError, StudioError
 from studio.jobs import Job, JobBoard
@@ -60,6 +61,9 @@ class ExportRequest:
     merge: bool = field(default=False, metadata={"help": "Merge into a bf16 copy of the base."})
     base: str | None = field(default=None, metadata={"help": "Base hub id / folder; default: the run's recorded base."})
     name: str | None = field(default=None, metadata={"help": "Model name in the printed commands."})
+    wording: Callable[[str], str] | None = field(default=None, metadata={
+        "help": "Puts each line of the instructions (HOW_TO_USE.txt, the result's text) in the user's language; "
+                "None: English. Commands and paths stay as they are."})
 
     def __post_init__(self) -> None:
         self.adapter_dir, self.out_dir = Path(self.adapter_dir), Path(self.out_dir)
@@ -121,6 +125,8 @@ def run_export(job: Job, request: ExportRequest, metadata: dict) -> dict:
         else:
             files = export_adapter(snapshot, staging, base, run_name=request.adapter_dir.name)
             text = adapter_instructions(out_dir, base, name, metadata)
+        if request.wording is not None:
+            text = "\n".join(request.wording(line) for line in text.split("\n"))
         shutil.rmtree(staging / ".adapter")
         (staging / INSTRUCTIONS_FILE).write_text(text + "\n", encoding="utf-8")
         job.check_cancelled()

@@ -179,12 +179,16 @@ def test_compare_tab_export_button(services, adapter_run, tmp_path):
     run = services.paths.runs_dir / adapter_run.name
     shutil.copytree(adapter_run, run)
     with launched(services) as url:
-        message, files = Client(url, verbose=False).predict(run.name, False, api_name="/export_adapter")
+        client = Client(url, verbose=False, headers={"Accept-Language": "zh-CN,zh;q=0.9"})  # a Chinese page
+        message, files = client.predict(run.name, False, api_name="/export_adapter")
     assert "--enable-lora --lora-modules" in message
     assert sorted(Path(f["path"] if isinstance(f, dict) else f).name for f in files) == \
         sorted([f"{run.name}-adapter.zip", "HOW_TO_USE.txt"])
     exported = next((services.paths.runs_dir.parent / "exports").glob(f"{run.name}-adapter-*"))
     assert (exported / "adapter" / "adapter_model.safetensors").is_file()
+    # the file beside it reads like the page: Chinese prose, the commands as they are
+    howto = (exported / "HOW_TO_USE.txt").read_text(encoding="utf-8").split("\n")
+    assert howto[0].startswith("适配器已导出到 ") and any(line.startswith("  vllm serve ") for line in howto), howto
 
 
 def test_a_failed_merge_leaves_no_folder_and_the_run_may_go_while_it_exports(tiny_model_dir, adapter_run, tmp_path,
