@@ -243,7 +243,8 @@ class CompareTab:
         folder = self.catalog.resolve_run(run_id)
         out = export_folder(self.services.paths.runs_dir.parent / "exports", folder.name, bool(merge))
         lang = page_language()  # HOW_TO_USE.txt in the page's language
-        job = start_export(self.board, ExportRequest(folder, out, bool(merge), wording=lambda line: translate(line, lang)))
+        request = ExportRequest(folder, out, bool(merge), wording=lambda line: translate(line, lang))
+        job = start_export(self.board, request)
         yield self.s["export_started"].format(name=folder.name, folder=out), gr.skip()
         self.board.wait(job)
         if job.error:

@@ -128,7 +128,8 @@ class DatasetTab:
         self.per_section = gr.Textbox("auto", label=s["per_section"])
         self.variants = gr.Slider(0, 30, value=14, step=1, label=s["variants"])
         with gr.Row():
-            self.style = gr.Radio([(s[f"style_{name}"], name) for name in STYLES], value=DEFAULT_STYLE, label=s["style"], info=s["style_info"])
+            self.style = gr.Radio([(s[f"style_{name}"], name) for name in STYLES], value=DEFAULT_STYLE,
+                                  label=s["style"], info=s["style_info"])
             self.exam = gr.Number(0, label=s["exam"], precision=0, minimum=0)
         self.concurrency = gr.Slider(1, 32, value=8, step=1, label=s["concurrency"])
         with gr.Accordion(s["advanced"], open=False):
