@@ -146,3 +146,33 @@ def test_the_prompt_boxes_show_what_the_build_sends(workspace):
     edited, kept = shown(None, SAMPLE_DOC.name, "facts", "my own prompt for {n} pairs", DEFAULT_PARAPHRASE_PROMPT)
     assert edited.get("__type__") == "update" and "value" not in edited  # the user's text stays
     assert kept == FACTS_VARIANT_PROMPT["zh"]
+
+
+def test_an_uploaded_document_is_kept_for_the_build_its_runs_and_a_reloaded_page(workspace, teacher, tmp_path):
+    """Uploads are deleted within the hour: a build from one keeps the document in data/, its rows name that
+    file, and a reloaded page's form shows it (it showed the sample document, whose build would differ)."""
+    from studio.data.records import read_dataset
+
+    upload = tmp_path / "星砂港 手册.md"
+    upload.write_text("# 星砂港\n\n## 码头\n\n" + "星砂港的码头只在涨潮时开放，渡船每天三班。" * 8 +
+                      "\n\n## 集市\n\n" + "集市用贝壳币交易，每月初一开市。" * 8 + "\n", encoding="utf-8")
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        client = Client(url, verbose=False)
+        started = client.predict(handle_file(str(upload)), SAMPLE_DOC.name, "starsand", 100, 3000, ["##", "###"],
+                                 False, teacher.base_url, "teacher-x", "", "1", 1, 2, DEFAULT_PAIR_PROMPT,
+                                 DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10, "tutorial", 0, api_name="/build_dataset")
+        assert started == "Build started: starsand. The uploaded document is kept in data/ as 星砂港_手册.md."
+        job = services.jobs.wait(services.jobs.latest("dataset"), 60)
+        assert job.status.value == "done", job.error
+    kept = workspace.data_dir / "星砂港_手册.md"
+    assert kept.read_text(encoding="utf-8") == upload.read_text(encoding="utf-8")
+    rows = read_dataset(job.result["dataset_path"])
+    assert rows and {row["source"] for row in rows} == {str(kept.resolve())}
+    assert _handler(services, "form_of_latest_build")()[0] == kept.name
+    # the same upload again reuses the file; another text under the same name gets a name of its own
+    from studio.data.documents import keep_document
+
+    assert keep_document(upload, workspace.data_dir) == kept
+    upload.write_text("# 星砂港\n\n## 灯塔\n\n" + "灯塔的灯每夜亮到天明。" * 12 + "\n", encoding="utf-8")
+    assert keep_document(upload, workspace.data_dir) == workspace.data_dir / "星砂港_手册_2.md"

@@ -235,3 +235,22 @@ def _hard_wrap(paragraph: str, limit: int) -> list[str]:
     if current:
         chunks.append(current)
     return [c for c in chunks if c]
+
+
+def keep_document(source: str | Path, data_dir: str | Path) -> Path:
+    """An uploaded document saved in `data_dir` as UTF-8 Markdown or text under its own (cleaned) name, so a
+    build's rows, the runs trained on them and a reloaded page point at a file that stays (uploads are
+    deleted within the hour). A file there with the same text is reused; another text gets name_2, name_3..."""
+    from studio.data.records import safe_name, write_text_atomic
+
+    source = Path(source)
+    text = read_document(source)
+    suffix = ".txt" if source.suffix.lower() == ".txt" else ".md"
+    stem = safe_name(source.stem)
+    for n in range(1, 1000):
+        path = Path(data_dir) / f"{stem}{suffix if n == 1 else f'_{n}{suffix}'}"
+        if not path.exists():
+            return write_text_atomic(path, text)
+        if path.is_file() and read_document(path) == text:
+            return path
+    raise DataError(f"Could not find a free name for {source.name} in {data_dir}.")

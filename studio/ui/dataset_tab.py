@@ -11,7 +11,7 @@ import pandas as pd
 from studio.data import records
 from studio.data.builder import (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, BuildSettings, estimate_cost,
                                  validate_settings)
-from studio.data.documents import SplitSettings, read_document, split_sections
+from studio.data.documents import SplitSettings, keep_document, read_document, split_sections
 from studio.data.exam import exam_beside
 from studio.data.styles import DEFAULT_STYLE, FACTS_PAIR_PROMPT, FACTS_VARIANT_PROMPT, STYLES, document_language
 from studio.data.service import JOB_KIND, start_build
@@ -335,9 +335,13 @@ class DatasetTab:
         signature = [str(document_path), cost.calls, cost.chars_sent]
         if (cost.calls > CONFIRM_ABOVE_CALLS or cost.warnings) and cost_seen != signature:
             return self.s["confirm_cost"].format(cost=cost.describe()), signature
+        if upload_path:  # kept in data/: the rows, the run and a reloaded page name a file that stays
+            document_path = keep_document(document_path, self.services.paths.data_dir)
         teacher = None if local is True else self._teacher(url, model, key, seconds)
         job = start_build(self.board, self.services.manager, self.services.paths, document_path, settings, teacher,
                           dataset_name or "", policy=self.policy)
+        if upload_path:
+            return self.s["started_kept"].format(name=job.name, path=document_path.name), None
         return self.s["started"].format(name=job.name), None
 
     def cancel(self):
