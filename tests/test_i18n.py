@@ -556,17 +556,18 @@ def test_an_ended_job_panel_follows_the_language_switch():
 
     with gr.Blocks():
         panel = job_panel(board, "train", strings("train"), plots=True)
-    board.wait(board.start("train", "run-1", target), 10)
+    board.wait(board.start("train", "report run-1", target), 10)  # a report job's name, as the service gives it
 
     def page(lang):
         return SimpleNamespace(headers={"accept-language": lang}, cookies={}, query_params={})
 
     first = panel.poll(None, page("en"))
     progress, log, view, _, loss = first[:5]
-    assert "done" in progress and log.endswith("] done") and list(loss["series"]) == ["train loss"]
+    assert "report run-1 · done" in progress and log.endswith("] done") and list(loss["series"]) == ["train loss"]
     view = panel.poll(view, page("en"))[2]  # the poll that marks the job finished
     quiet = panel.poll(view, page("en"))
     assert all(out.get("__type__") == "update" and "value" not in out for out in quiet[:2])  # nothing new
     progress, log, view, _, loss = panel.poll(view, page("zh-CN"))[:5]
     assert "完成" in progress and log.endswith("] 完成") and list(loss["series"]) == ["训练 loss"]
+    assert "报告 run-1 · 完成" in progress
     assert panel.poll(view, page("zh-CN"))[1].get("__type__") == "update"  # and quiet again

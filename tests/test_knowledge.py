@@ -392,3 +392,9 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         assert report.status is JobStatus.DONE, report.error
         assert report.result["question_set"] == "exam" and len(report.result["rows"]) == 4
         assert report.result["summary"][TUNED_RETRIEVAL]["key_hit"] is not None
+        # an exam question picked in Compare shows its reference and key facts, in the page's words
+        pick = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "pick_exam_question")
+        exam_row = report.result["rows"][0]
+        question, reference = pick(0, run.name)
+        assert question == exam_row["question"] and reference.startswith(f"**Reference answer:** {exam_row['reference']}")
+        assert reference.endswith(" · key facts: " + ", ".join(exam_row["keys"])), reference

@@ -62,7 +62,7 @@ def progress_html(job, lang: str = "en") -> str:
     message = html.escape(translate(message, lang) or status)
     return (f"<div class='job-progress'><div style='background:#eee;border-radius:4px;height:14px'>"
             f"<div style='width:{fraction:.1%};background:{colour};height:14px;border-radius:4px'></div></div>"
-            f"<div>{html.escape(job.name)} · {html.escape(status)} · {message} · {job.elapsed:.0f}s</div></div>")
+            f"<div>{html.escape(translate(job.name, lang))} · {html.escape(status)} · {message} · {job.elapsed:.0f}s</div></div>")
 
 
 def _log_line(event: dict, lang: str = "en") -> str | None:

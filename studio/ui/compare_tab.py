@@ -265,7 +265,7 @@ class CompareTab:
 
     def pick_preset(self, text):
         answer = dict(service.PRESET_QUESTIONS).get(text, "")
-        return text, f"**{self.s['reference']}:** {answer}" if answer else ""
+        return text, self.s["reference_line"].format(answer=answer) if answer else ""
 
     def pick_heldout(self, index, run_id):
         if index is None or not run_id:
@@ -275,7 +275,7 @@ class CompareTab:
         if not 0 <= int(index) < len(rows):
             raise StudioError(f"Held-out question {index} is not in {run_id}.")
         row = rows[int(index)]
-        return row["instruction"], f"**{self.s['reference']}:** {row['output']}"
+        return row["instruction"], self.s["reference_line"].format(answer=row["output"])
 
     def pick_exam(self, run_id):
         """The run's exam questions, and the exam as the report's default questions when there is one."""
@@ -291,8 +291,10 @@ class CompareTab:
         if not 0 <= int(index) < len(rows):
             raise StudioError(f"Exam question {index} is not in {run_id}.")
         row = rows[int(index)]
-        keys = f" · keys: {', '.join(row['keys'])}" if row.get("keys") else ""
-        return row["instruction"], f"**{self.s['reference']}:** {row['output']}{keys}"
+        if row.get("keys"):
+            return row["instruction"], self.s["reference_keys_line"].format(answer=row["output"],
+                                                                          keys=", ".join(row["keys"]))
+        return row["instruction"], self.s["reference_line"].format(answer=row["output"])
 
     def _settings(self, mode: str, tokens) -> GenerationSettings:
         if mode == self.s["sampling"]:
@@ -340,7 +342,7 @@ class CompareTab:
                                    self._retrieval_document(folder, retrieval_on, document_id),
                                    self._settings(mode, tokens), judge, int(k), question_set=question_set,
                                    policy=self.policy)
-        return self.s["started"].format(name=job.name)
+        return self.s["started"].format(name=folder.name)
 
     def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
         """The chosen question set: the run's exam, its held-out phrasings, or an uploaded file."""
