@@ -78,6 +78,9 @@ def test_history_table_speaks_both_languages(runs):
     row = chinese[chinese["运行"] == "done_1"].iloc[0]
     assert row["状态"] == "完成" and row["未训练的题"] == "测试题 8 道 · 留出问法 3 条"
     assert row["设置"] == "秩 16 · 学习率 0.001 · 4 轮 · 批次 1×8"
+    from studio.ui.history_panel import WIDTHS
+
+    assert len(WIDTHS) == len(chinese.columns) and list(chinese.columns)[2:5] == ["状态", "训练 loss", "评估 loss"]
     assert english[english["run"] == "done_1"].iloc[0]["settings"] == "r 16 · lr 0.001 · 4 ep · batch 1×8"
     assert chinese[chinese["运行"] == "stopped_2"].iloc[0]["未训练的题"] == "留出问法 3 条"  # a run without an exam
     assert english[english["run"] == "done_1"].iloc[0]["questions kept out"] == "exam 8 · 3 held-out phrasings"

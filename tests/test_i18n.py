@@ -296,7 +296,12 @@ def test_report_and_adapter_tables_show_chinese_headers_and_keep_english_data_ke
     assert list(adapters.columns) == ["名称", "状态", "已挂载", "训练 loss", "评估 loss", "数据集", "基座", "问题说明"]
     assert list(summary.columns)[:4] == ["列", "字符 F1", "ROUGE-L 分数", "评委均分"]
     assert list(summary["列"]) == ["基座", "微调"]
-    assert list(questions.columns)[:6] == ["序号", "问题", "参考答案", "列", "回答", "字符 F1"]
+    # the page's order: the scores beside the column's name, the long texts after them
+    assert list(questions.columns)[:9] == ["序号", "问题", "列", "关键事实命中率", "字符 F1", "ROUGE-L 分数", "评委分", "回答",
+                                          "参考答案"]
+    from studio.ui.compare_tab import QUESTION_WIDTHS
+
+    assert len(QUESTION_WIDTHS) == len(questions.columns)  # a width for each column the table shows
     assert list(questions["列"]) == ["基座", "微调"] and list(questions["最佳列"]) == ["微调", "微调"]
     assert list(questions["问题"]) == ["货币是什么？"] * 2  # the data itself is untouched
     assert list(chart["metric"]) == ["字符 F1"] * 2 and list(chart["column"]) == ["基座", "微调"]  # one bar a column

@@ -25,7 +25,11 @@ from studio.ui.strings import strings
 
 ADAPTER_COLUMNS = ["name", "status", "attached", "train loss", "eval loss", "dataset", "base", "problem"]
 SUMMARY_COLUMNS = ["column", "char_f1", "rouge_l", "judge_mean", "improved", "worse"]
-QUESTION_COLUMNS = ["#", "question", "reference", "column", "answer", "char_f1", "rouge_l", "judge", "judge_reason"]
+# the per-question table as the page shows it: the scores beside the column's name, the long texts after them, each
+# column a width (the answer took the whole width and pushed the scores out of sight); the CSV keeps its own order
+QUESTION_COLUMNS = ["#", "question", "column", "key_hit", "char_f1", "rouge_l", "judge", "answer", "reference",
+                    "judge_reason", "section", "confused_with", "best"]
+QUESTION_WIDTHS = [44, 220, 130, 90, 80, 80, 70, 320, 240, 200, 120, 140, 130]
 REPORT_SOURCES = ("exam", "heldout", "upload")  # the report's question sets: the radio's values, its labels in the tables
 
 
@@ -131,7 +135,8 @@ class CompareTab:
             self.sections_table = gr.Dataframe(pd.DataFrame(columns=["section", "questions"]), label=s["per_section"],
                                                interactive=False)
             self.per_question = gr.Dataframe(pd.DataFrame(columns=QUESTION_COLUMNS), label=s["per_question"],
-                                             interactive=False, wrap=True, max_height=420)
+                                             interactive=False, wrap=True, max_height=420,
+                                             column_widths=QUESTION_WIDTHS)
             self.exports = gr.File(label=s["exports"], file_count="multiple")
 
     # ----- wiring ------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ class CompareTab:
         warnings = result.get("warnings") or ([result["warning"]] if result.get("warning") else [])
         notes = [f"⚠️ {translate(text, lang)}" for text in warnings] + [translate(result.get("keys_note", ""), lang)]
         warning = "\n\n".join(note for note in notes if note)  # each sentence matched alone: joined, none matched
-        questions = localized_frame(pd.DataFrame(table_rows(result)), lang, ("column", "best"))
+        questions = localized_frame(pd.DataFrame(table_rows(result), columns=QUESTION_COLUMNS), lang, ("column", "best"))
         return (warning, localized_frame(summary, lang, ("column",)), chart, questions, result.get("files", []),
                 self._sections_frame(job, lang))
 

@@ -14,7 +14,10 @@ from studio.ui.i18n import text
 from studio.ui.registry import ANY, Choice, Id, Text
 from studio.ui.strings import strings
 
-COLUMNS = ("run", "date", "base", "dataset", "exam", "settings", "train_loss", "eval_loss", "report", "status")
+# what tells runs apart first (status, losses, report), what made them after; each column a width, so that none is
+# squeezed to one character a line
+COLUMNS = ("run", "date", "status", "train_loss", "eval_loss", "report", "settings", "dataset", "exam", "base")
+WIDTHS = (220, 130, 80, 90, 90, 260, 230, 200, 170, 200)
 
 
 def _rounded(value):
@@ -37,8 +40,8 @@ def history_frame(records: list[history.RunRecord], lang: str = "en") -> pd.Data
                           (("exam_count", r.exam), ("heldout_exam", r.heldout)) if count is not None)
         settings = history.describe_settings(r.setting_parts, {key: text("history", f"set_{key}", lang)
                                                                for key in history.SETTING_TEXTS})
-        rows.append([r.name, r.date, r.base_model, r.dataset, exam, settings, _rounded(r.train_loss),
-                     _rounded(r.eval_loss), _report_text(r.report, lang), text("history", f"status_{r.status}", lang)])
+        rows.append([r.name, r.date, text("history", f"status_{r.status}", lang), _rounded(r.train_loss),
+                     _rounded(r.eval_loss), _report_text(r.report, lang), settings, r.dataset, exam, r.base_model])
     return pd.DataFrame(rows, columns=[text("history", f"col_{c}", lang) for c in COLUMNS])
 
 
@@ -55,7 +58,8 @@ class HistoryPanel:
         s = self.s
         with gr.Accordion(s["title"], open=False):
             gr.Markdown(s["intro"])
-            self.table = gr.Dataframe(self.frame("en"), interactive=False, wrap=True, max_height=320)
+            self.table = gr.Dataframe(self.frame("en"), interactive=False, wrap=True, max_height=320,
+                                      column_widths=list(WIDTHS))
             with gr.Row():
                 self.run = gr.Textbox(label=s["run"], scale=3)
                 self.open_btn = gr.Button(s["open"], variant="primary", size="sm")
