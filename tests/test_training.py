@@ -254,3 +254,21 @@ def test_a_run_named_after_a_dataset_gets_one_timestamp(workspace):
     folder = new_run_dir(workspace.runs_dir, "wudeng_lighthouse_dataset_20261207_154723")
     assert folder.name.startswith("wudeng_lighthouse_dataset_2") and folder.name.count("_2026") == 1
     assert new_run_dir(workspace.runs_dir, "灯塔").name.startswith("灯塔_")
+
+
+def test_the_loss_png_names_only_the_curves_it_draws(tmp_path):
+    """A run without held-out phrasings has no eval loss: its plot's legend names the train loss alone."""
+    from PIL import Image
+
+    from studio.train.plot import render_loss_png
+
+    def legend_colours(metrics):
+        image = Image.open(render_loss_png(metrics, tmp_path / "loss.png")).convert("RGB")
+        band = [image.getpixel((x, y)) for x in range(60, 400) for y in range(4, 26)]  # above the plot area
+        bluish = any(b > 120 and r < 110 for r, g, b in band)  # the train loss's colour, antialiased
+        reddish = any(r > 150 and g < 110 and b < 110 for r, g, b in band)  # the eval loss's
+        return {name for name, seen in (("train", bluish), ("eval", reddish)) if seen}
+
+    train_only = [{"step": s, "loss": 2.0 / s} for s in range(1, 6)]
+    assert legend_colours(train_only) == {"train"}
+    assert legend_colours(train_only + [{"step": 5, "eval_loss": 0.9}]) == {"train", "eval"}

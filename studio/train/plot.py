@@ -34,7 +34,8 @@ def render_loss_png(metrics: list[dict], path: Path, size: tuple[int, int] = (80
         draw.text((5, top), f"{high:.3f}", fill="black")
         draw.text((5, height - bottom - 10), f"{low:.3f}", fill="black")
         draw.text((width - right - 60, height - bottom + 8), f"step {last}", fill="black")
-    for i, (key, colour, label) in enumerate(SERIES):
+    drawn = [(colour, label) for key, colour, label in SERIES if points[key]]  # no legend for a series not drawn
+    for i, (colour, label) in enumerate(drawn):
         draw.text((left + 10 + 120 * i, 8), label, fill=colour)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -89,7 +89,7 @@ class TrainTab:
         self.panel = job_panel(self.board, JOB_KIND, s, plots=True)
         with gr.Accordion(s["result"], open=True):
             self.result_md = gr.Markdown()
-            self.loss_png = gr.Image(type="filepath", label="loss.png", height=300)
+            self.loss_png = gr.Image(type="filepath", label=s["loss_png"], height=300)
         self.history = HistoryPanel(self.services)
 
     def _lora_controls(self) -> None:
