@@ -374,6 +374,9 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         lists = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "refresh_lists")
         offered = lists()[0]["choices"]
         assert Path(dataset).name in str(offered) and Path(built.result["exam_path"]).name not in str(offered)
+        # an empty dataset box (the page was made before the build) gets the newest dataset, never the exam;
+        # a picked one stays
+        assert lists(None)[0]["value"] == Path(dataset).name and "value" not in lists("other.jsonl")[0]
         with pytest.raises(Exception, match="is an exam"):  # the exam is never trained on
             client.predict(Path(built.result["exam_path"]).name, "exam-run", SYSTEM, ["q_proj"], 8, 16, 0.05, False, None,
                            *settings, api_name="/start_training")

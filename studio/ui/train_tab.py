@@ -205,13 +205,18 @@ class TrainTab:
         """Fill the dataset, target and run lists again on each trigger (the page's load, a tab switch): a
         dataset built or a run trained since the page was made is then listed without a click on Refresh."""
         for trigger in triggers:
-            self.registry.on(trigger, self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick],
-                             action="read_files", show_progress="hidden")
+            self.registry.on(trigger, self.refresh_lists, self.dataset, [self.dataset, self.targets, self.resume_pick],
+                             action="read_files", args=(Id("Dataset", "datasets", optional=True),),
+                             show_progress="hidden")
 
-    def refresh_lists(self):
+    def refresh_lists(self, current=None):
+        """The lists again; an empty dataset box (no dataset when the page was made) gets the newest dataset."""
         model = self.manager.require_loaded().model if self.manager.is_loaded else None
         targets = lora_target_names(model) if model is not None else list(ALL_PROJECTIONS)
-        return gr.update(choices=self._datasets()), gr.update(choices=targets), gr.update(choices=self._runs())
+        datasets = self._datasets()
+        dataset = gr.update(choices=datasets) if current or not datasets else gr.update(choices=datasets,
+                                                                                        value=datasets[0])
+        return dataset, gr.update(choices=targets), gr.update(choices=self._runs())
 
     def apply_preset(self, name):
         chosen = asdict(preset(name))
