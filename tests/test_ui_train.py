@@ -80,3 +80,27 @@ def test_cli_train_writes_the_run_folder(tiny_model_dir, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "studio.py"), "train", "--model", str(tiny_model_dir),
                           "--dataset", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Dataset not found" in bad.stderr
+
+
+def test_the_trainable_share_is_the_new_adapters_whatever_is_attached(tiny_model_dir):
+    """The share beside the LoRA settings is the new adapter's parameters over the base's plus its own, as peft's
+    print_trainable_parameters gives it; an attached adapter's parameters changed it (17.0% became 14.6%)."""
+    from studio.model.card import build_card
+    from studio.model.loading import ModelSpec
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.train.estimate import lora_param_count
+    from studio.ui.app import build_app
+    from test_compare import _attach_random_adapter
+
+    manager = ModelManager()
+    manager.load(ModelSpec(str(tiny_model_dir)))
+    shown = next(f.fn for f in build_app(Services(manager=manager)).fns.values()
+                 if getattr(f.fn, "__name__", "") == "count_trainable")
+    loaded = manager.require_loaded()
+    count = lora_param_count(loaded.model, ["q_proj", "v_proj"], 8)
+    base = build_card(loaded.model, loaded.tokenizer, "tiny", "none", "cpu").total_params
+    before = shown(["q_proj", "v_proj"], 8)
+    assert f"({count / (base + count):.3%} of base and adapter together" in before, before
+    _attach_random_adapter(manager, "other", ["q_proj", "k_proj", "v_proj", "o_proj"], seed=1)
+    assert shown(["q_proj", "v_proj"], 8) == before

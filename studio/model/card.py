@@ -99,6 +99,11 @@ def parameter_counts(model) -> tuple[int, int]:
     return total, trainable
 
 
+def base_parameter_count(model) -> int:
+    """The base model's parameters (4-bit weights at their full shape), without any attached adapter's."""
+    return sum(logical_numel(param) for name, param in base_of(model).named_parameters() if "lora_" not in name)
+
+
 def memory_in_use(model) -> int:
     try:
         return int(base_of(model).get_memory_footprint())

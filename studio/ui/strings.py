@@ -120,7 +120,7 @@ EN = {
         "targets": "Target modules (found in the loaded model)",
         "peft_default": "peft default for this model type",
         "all_targets": "All linear projections",
-        "trainable": "Trainable parameters: **{count}** ({share} of the base).",
+        "trainable": "Trainable parameters: **{count}** ({share} of base and adapter together, as peft counts).",
         "training": "Training",
         "preset": "Preset",
         "preset_tutorial": PRESETS["tutorial"][0],  # the presets' labels, as the dropdown shows them
@@ -930,7 +930,7 @@ ZH = {
         "targets": "目标模块（从已加载模型中找到）",
         "peft_default": "该模型类型的 peft 默认值",
         "all_targets": "全部线性投影层",
-        "trainable": "可训练参数：**{count}**（占基座的 {share}）。",
+        "trainable": "可训练参数：**{count}**（占基座与适配器合计的 {share}，与 peft 的统计一致）。",
         "training": "训练参数",
         "preset": "预设",
         "preset_tutorial": "教程配方：学习率 1e-3，4 个 epoch，batch 1 × 梯度累积 8，线性调度，3% 预热，梯度检查点",

@@ -10,7 +10,7 @@ import gradio as gr
 from studio.data import records
 from studio.data.exam import is_exam_file
 from studio.errors import StudioError
-from studio.model.card import human_count, lora_target_names, parameter_counts
+from studio.model.card import base_parameter_count, human_count, lora_target_names
 from studio.services import Services
 from studio.train.estimate import lora_param_count
 from studio.train.formatting import GUARD_WORDS, guard_html, template_guard
@@ -245,8 +245,8 @@ class TrainTab:
             return ""
         model = self.manager.require_loaded().model
         count = lora_param_count(model, chosen, int(rank or 0))
-        total = parameter_counts(model)[0]
-        return self.s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / max(total, 1):.3%}")
+        total = base_parameter_count(model) + count  # as peft's print_trainable_parameters: the new adapter's share
+        return self.s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / total:.3%}")
 
     def peft_default(self):
         if not self.manager.is_loaded:
