@@ -107,9 +107,10 @@ class CompareTab:
             self.document = gr.Dropdown([] if demo else self.services.catalog.ids("documents"),
                                         value=None if demo else SAMPLE_DOCUMENT.name, label=s["document"], scale=3,
                                         allow_custom_value=demo)  # demo: the server checks it is the run's own
-            self.top_k = gr.Slider(1, 5, value=2, step=1, label=s["top_k"])
-            self.decoding = gr.Radio([s["greedy"], s["sampling"]], value=s["greedy"], label=s["decoding"])
-            self.max_new = gr.Slider(16, 1024, value=256, step=16, label=s["max_new_tokens"])
+            self.top_k = gr.Slider(1, 5, value=2, step=1, label=s["top_k"], scale=2)
+        with gr.Row():  # a row of their own: beside the retrieval controls their labels wrapped to three lines
+            self.decoding = gr.Radio([s["greedy"], s["sampling"]], value=s["greedy"], label=s["decoding"], scale=3)
+            self.max_new = gr.Slider(16, 1024, value=256, step=16, label=s["max_new_tokens"], scale=2)
 
     def _report_controls(self) -> None:
         s = self.s
