@@ -41,7 +41,8 @@ def build_app(services: Services) -> gr.Blocks:
             with gr.Column(scale=1, min_width=180):
                 language = gr.Radio(LANGUAGE_CHOICES, value=None, label=strings("header")["language"],
                                     elem_id="language", container=False)
-            model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
+        # a line of its own: beside the title it wrapped to four lines and split the adapter's name
+        model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
         with gr.Tabs() as tabs:
             chat = build_chat_tab(services, stops)
             # a demo page has no Dataset or Train tab: none of their events is served there, and their lists
