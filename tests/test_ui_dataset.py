@@ -176,3 +176,16 @@ def test_an_uploaded_document_is_kept_for_the_build_its_runs_and_a_reloaded_page
     assert keep_document(upload, workspace.data_dir) == kept
     upload.write_text("# 星砂港\n\n## 灯塔\n\n" + "灯塔的灯每夜亮到天明。" * 12 + "\n", encoding="utf-8")
     assert keep_document(upload, workspace.data_dir) == workspace.data_dir / "星砂港_手册_2.md"
+
+
+def test_an_upload_with_no_section_is_named_and_not_kept(workspace, teacher, tmp_path):
+    upload = tmp_path / "short.md"
+    upload.write_text("# Short\n\n## One\n\nToo short to be a section.\n", encoding="utf-8")
+    services = Services(manager=ModelManager(), paths=workspace)
+    with launched(services) as url:
+        with pytest.raises(Exception, match="No section of at least 100 characters was found in short.md"):
+            Client(url, verbose=False).predict(handle_file(str(upload)), SAMPLE_DOC.name, "mydata", 100, 3000,
+                                               ["##", "###"], False, teacher.base_url, "teacher-x", "", "1", 1, 2,
+                                               DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10,
+                                               "tutorial", 0, api_name="/build_dataset")
+    assert not (workspace.data_dir / "short.md").exists() and teacher.hits == []

@@ -264,7 +264,8 @@ class DatasetBuild:
         styles.check_style(settings.style)
         self._exam_items: dict[int, list[dict]] = {}
         if not self.sections:
-            raise DataError(f"No section of at least {settings.split.min_chars} characters was found in {name}. "
+            where = Path(source).name if source else name  # the document's file, not the dataset's name
+            raise DataError(f"No section of at least {settings.split.min_chars} characters was found in {where}. "
                             "Lower the minimum length or check the headings.")
         self.journal = CallJournal(self.folder)
         self.result = BuildResult(sections=len(self.sections), build_dir=str(self.folder))

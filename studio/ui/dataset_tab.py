@@ -335,12 +335,13 @@ class DatasetTab:
         signature = [str(document_path), cost.calls, cost.chars_sent]
         if (cost.calls > CONFIRM_ABOVE_CALLS or cost.warnings) and cost_seen != signature:
             return self.s["confirm_cost"].format(cost=cost.describe()), signature
-        if upload_path:  # kept in data/: the rows, the run and a reloaded page name a file that stays
+        kept = bool(upload_path) and bool(split_sections(read_document(document_path), settings.split))
+        if kept:  # in data/, where the rows, the runs and a reloaded page find it (uploads are deleted)
             document_path = keep_document(document_path, self.services.paths.data_dir)
         teacher = None if local is True else self._teacher(url, model, key, seconds)
         job = start_build(self.board, self.services.manager, self.services.paths, document_path, settings, teacher,
                           dataset_name or "", policy=self.policy)
-        if upload_path:
+        if kept:
             return self.s["started_kept"].format(name=job.name, path=document_path.name), None
         return self.s["started"].format(name=job.name), None
 
