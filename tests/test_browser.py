@@ -86,6 +86,13 @@ def test_training_progress_survives_a_reload(page, services, workspace):
                 number = page.get_by_role("spinbutton", name=label, exact=True)
                 page.wait_for_function("([el, v]) => el.value === v", arg=[number.element_handle(), value])
             page.reload()
+        # the template guard follows the language switch (it kept the language it was drawn in)
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_text("the training prompt is exactly the inference prompt").wait_for()
+        page.get_by_text("中文", exact=True).click()
+        page.get_by_text("训练提示与推理提示完全一致").wait_for()
+        page.get_by_text("English", exact=True).click()
+        page.get_by_text("the training prompt is exactly the inference prompt").wait_for()
         # a dataset written and a run trained after the page was made are listed without a click on Refresh
         later = write_dataset(workspace.data_dir / "later.jsonl")
         page.goto(url)

@@ -54,7 +54,9 @@ def build_app(services: Services) -> gr.Blocks:
         timer = gr.Timer(2.0)
         registry.on(timer.tick, lambda lang: translate(services.manager.status().describe(), lang or "en"), language,
                     model_status, action="view", args=(LANGUAGE,), scrub=True, show_progress="hidden", queue=False)
-        relabelled = _wire_language(app, services, registry, language)
+        relabelled, switched = _wire_language(app, services, registry, language)
+        if train:
+            train.wire_language_switch(switched)
         wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language)
         for tab in (dataset, compare):
             if tab:
@@ -75,7 +77,8 @@ def build_app(services: Services) -> gr.Blocks:
 
 def _wire_language(app: gr.Blocks, services: Services, registry: Registry, language: gr.Radio):
     """Pick the page's language on load; the switch re-labels every component and remembers the choice.
-    Returns the load's relabelling event, for what must show after it."""
+    Returns the load's relabelling event and the switch's, for what must show after them (the switch's cookie
+    is set by then, so a handler chained after it answers in the new language)."""
     labels = LabelRegistry.collect(app)
 
     def initial(request: gr.Request):
@@ -89,6 +92,6 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
     loaded = registry.on(app.load, initial, None, language, action="view", queue=False)
     relabelled = registry.on(loaded.then, relabel, inputs, labels.outputs, action="view", args=specs,
                              js=SET_COOKIE_JS, show_progress="hidden")
-    registry.on(language.input, relabel, inputs, labels.outputs, action="view", args=specs, js=SET_COOKIE_JS,
-                show_progress="hidden")
-    return relabelled
+    switched = registry.on(language.input, relabel, inputs, labels.outputs, action="view", args=specs,
+                           js=SET_COOKIE_JS, show_progress="hidden")
+    return relabelled, switched

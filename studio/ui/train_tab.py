@@ -164,8 +164,9 @@ class TrainTab:
         reg.on(self.guard_btn.click, self.show_guard, guard_inputs, guard_outputs, action="read_files",
                name="template_guard", args=guard_args)
         reg.on(self.dataset.change, self.show_guard, guard_inputs, guard_outputs, action="read_files", args=guard_args)
+        self.guard_events = (guard_inputs, guard_outputs, (Id("Dataset", "datasets", optional=True),) + guard_args[1:])
         reg.on(self.app.load, self.guard_on_load, guard_inputs, guard_outputs, action="read_files",
-               args=(Id("Dataset", "datasets", optional=True),) + guard_args[1:])
+               args=self.guard_events[2])
         for trigger in (self.targets.change, self.r.change, self.app.load):
             reg.on(trigger, self.count_trainable, [self.targets, self.r], self.trainable, action="train",
                    args=(ANY, Num("LoRA rank", 0, 512, True, optional=True)))
@@ -236,6 +237,12 @@ class TrainTab:
                                first["instruction"], first["output"])
         words = strings("train", page_language())
         return split, guard_html(guard, {key: words[key] for key in GUARD_WORDS})
+
+    def wire_language_switch(self, switched) -> None:
+        """The template guard again after the language switch: its words are the page's."""
+        inputs, outputs, args = self.guard_events
+        self.registry.on(switched.then, self.guard_on_load, inputs, outputs, action="read_files", args=args,
+                         show_progress="hidden")
 
     def guard_on_load(self, path, prompt, per_group):
         return self.show_guard(path, prompt, per_group) if path else ("", "")
