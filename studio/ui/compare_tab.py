@@ -344,10 +344,9 @@ class CompareTab:
         judge = None
         if url and url.strip():
             judge = TeacherConfig(url.strip(), model.strip(), self.services.keys.key_for(url, key))
-        job = service.start_report(self.board, self.manager, folder, questions,
-                                   self._retrieval_document(folder, retrieval_on, document_id),
-                                   self._settings(mode, tokens), judge, int(k), question_set=question_set,
-                                   policy=self.policy)
+        service.start_report(self.board, self.manager, folder, questions,
+                             self._retrieval_document(folder, retrieval_on, document_id),
+                             self._settings(mode, tokens), judge, int(k), question_set=question_set, policy=self.policy)
         return self.s["started"].format(name=folder.name)
 
     def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
