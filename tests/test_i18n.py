@@ -576,3 +576,19 @@ def test_an_ended_job_panel_follows_the_language_switch():
     assert "完成" in progress and log.endswith("] 完成") and list(loss["series"]) == ["训练 loss"]
     assert "报告 run-1 · 完成" in progress
     assert panel.poll(view, page("zh-CN"))[1].get("__type__") == "update"  # and quiet again
+
+
+def test_the_preset_box_names_a_preset_and_the_line_under_it_says_what_it_sets(workspace):
+    """A preset's whole description was cut off in the dropdown: the box shows its short name, the line under it
+    the description, in the page's language."""
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.train.settings import PRESETS
+    from studio.ui.app import build_app
+
+    app = build_app(Services(manager=ModelManager(), paths=workspace))
+    box = next(block for block in app.blocks.values() if getattr(block, "label", None) == "Preset")
+    assert [label for label, _ in box.choices] == ["Tutorial recipe", "Fast (large GPU)", "24 GB card"]
+    assert [translate(label, "zh") for label, _ in box.choices] == ["教程配方", "快速（大显存 GPU）", "24 GB 显卡"]
+    describe = _registered(app, "describe_preset")
+    assert describe("fast") == PRESETS["fast"][0] and translate(describe("fast"), "zh").startswith("快速（大显存 GPU）：")

@@ -123,7 +123,10 @@ EN = {
         "trainable": "Trainable parameters: **{count}** ({share} of base and adapter together, as peft counts).",
         "training": "Training",
         "preset": "Preset",
-        "preset_tutorial": PRESETS["tutorial"][0],  # the presets' labels, as the dropdown shows them
+        "preset_name_tutorial": "Tutorial recipe",  # the presets' names, as the dropdown shows them
+        "preset_name_fast": "Fast (large GPU)",
+        "preset_name_gpu24": "24 GB card",
+        "preset_tutorial": PRESETS["tutorial"][0],  # what each preset sets, shown under the dropdown
         "preset_fast": PRESETS["fast"][0],
         "preset_gpu24": PRESETS["gpu24"][0],
         "lr": "Learning rate",
@@ -933,6 +936,9 @@ ZH = {
         "trainable": "可训练参数：**{count}**（占基座与适配器合计的 {share}，与 peft 的统计一致）。",
         "training": "训练参数",
         "preset": "预设",
+        "preset_name_tutorial": "教程配方",
+        "preset_name_fast": "快速（大显存 GPU）",
+        "preset_name_gpu24": "24 GB 显卡",
         "preset_tutorial": "教程配方：学习率 1e-3，4 个 epoch，batch 1 × 梯度累积 8，线性调度，3% 预热，梯度检查点",
         "preset_fast": "快速（大显存 GPU）：每步同样的 8 条序列打包成一次无填充的前向，不做梯度检查点，训练时使用 Liger 融合算子、"
                        "基座的 bf16 副本，并用 CUDA graph 重放每次前向、损失与反向",

@@ -108,8 +108,10 @@ class TrainTab:
     def _training_controls(self) -> None:
         s, d = self.s, TrainSettings()
         with gr.Accordion(s["training"], open=True):
-            self.preset = gr.Dropdown([(label, key) for key, (label, _) in PRESETS.items()], value="tutorial",
+            # short names in the box (a preset's whole description was cut there), the description under it
+            self.preset = gr.Dropdown([(s[f"preset_name_{key}"], key) for key in PRESETS], value="tutorial",
                                       label=s["preset"], elem_classes=[FIXED_CHOICES])  # relabelled in Chinese
+            self.preset_note = gr.Markdown(s["preset_tutorial"])
             with gr.Row():
                 lr = gr.Number(d.learning_rate, label=s["lr"])
                 epochs = gr.Number(d.epochs, label=s["epochs"])
@@ -159,6 +161,8 @@ class TrainTab:
         lora_args = (ANY, RANK, Num("LoRA alpha", 1, 4096, True), Num("LoRA dropout", 0, 0.9))
         reg.on(self.preset.change, self.apply_preset, self.preset, self.settings, action="train",
                args=(Choice("Preset", tuple(PRESETS)),))
+        reg.on(self.preset.change, self.describe_preset, self.preset, self.preset_note, action="view",
+               args=(Choice("Preset", tuple(PRESETS)),), show_progress="hidden")
         reg.on(self.refresh.click, self.refresh_lists, None, [self.dataset, self.targets, self.resume_pick],
                action="read_files")
         reg.on(self.guard_btn.click, self.show_guard, guard_inputs, guard_outputs, action="read_files",
@@ -218,6 +222,10 @@ class TrainTab:
         dataset = gr.update(choices=datasets) if current or not datasets else gr.update(choices=datasets,
                                                                                         value=datasets[0])
         return dataset, gr.update(choices=targets), gr.update(choices=self._runs())
+
+    def describe_preset(self, name):
+        """What the picked preset sets (the page's registry puts it in the page's language)."""
+        return self.s[f"preset_{name}"]
 
     def apply_preset(self, name):
         chosen = asdict(preset(name))
