@@ -33,7 +33,7 @@ from studio.train.service import new_run_dir, start_training
 from studio.train.settings import LoraSettings, TrainSettings
 from conftest import SAMPLE_DOC
 from test_training import FACTS, FAST, SYSTEM, write_dataset
-from uihelpers import launched
+from uihelpers import handler, launched
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -379,11 +379,10 @@ def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
     """The Compare tab's Stop report: the job ends cancelled after its current answer, nothing is saved, the
     model answers again; with no report running it says so."""
     from studio.services import Services
-    from studio.ui.app import build_app
 
     manager, run = trained["manager"], trained["run"]
     services = Services(manager=manager, paths=trained["paths"])
-    stop = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "stop_report")
+    stop = handler(services, "stop_report")
     assert stop() == "No report is running."
     reports_before = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
     job = service.start_report(services.jobs, manager, run, None, str(SAMPLE_DOC), GenerationSettings.greedy(64))
@@ -412,12 +411,10 @@ def test_a_retrieved_section_shows_its_heading_once():
 def test_a_reloaded_page_picks_the_reported_run_else_the_newest(trained):
     """The run picker is empty on a new page: it is filled with the run of the report the tab shows, else with
     the newest run; a picked run stays picked."""
-    from studio.ui.app import build_app
-
     manager, run = trained["manager"], trained["run"]
 
     def choices_of(services):
-        return next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "run_choices")
+        return handler(services, "run_choices")
 
     reported = Services(manager=manager, paths=trained["paths"])
     job = reported.jobs.wait(service.start_report(reported.jobs, manager, run, None, None,

@@ -12,6 +12,7 @@ import pytest
 from studio.ui.i18n import (MATCH_STEPS, LabelRegistry, Template, from_accept_language, pick_language, retranslate,
                              translate, translator)
 from studio.ui.strings import EN, LANGUAGES, ZH, strings
+from uihelpers import handler
 
 ROOT = Path(__file__).resolve().parent.parent
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -279,10 +280,6 @@ FAKE_REPORT = {
 }
 
 
-def _registered(app, name):
-    return next(block_fn.fn for block_fn in app.fns.values() if getattr(block_fn.fn, "__name__", "") == name)
-
-
 def test_report_and_adapter_tables_show_chinese_headers_and_keep_english_data_keys(workspace):
     from studio.evaluate.report import table_rows
     from studio.model.manager import ModelManager
@@ -291,7 +288,7 @@ def test_report_and_adapter_tables_show_chinese_headers_and_keep_english_data_ke
 
     services = Services(manager=ModelManager(), paths=workspace)
     services.jobs.wait(services.jobs.start("report", "report demo", lambda job: FAKE_REPORT))
-    tables = _registered(build_app(services), "tables")
+    tables = handler(build_app(services), "tables")
     adapters, summary, chart, questions, sections = tables("zh")
     assert list(adapters.columns) == ["名称", "状态", "已挂载", "训练 loss", "评估 loss", "数据集", "基座", "问题说明"]
     assert list(summary.columns)[:4] == ["列", "字符 F1", "ROUGE-L 分数", "评委均分"]
@@ -413,12 +410,12 @@ def test_the_dataset_preview_shows_chinese_headers_and_saves_the_english_fields(
                                                    encoding="utf-8")
     app = build_app(Services(manager=ModelManager(), paths=workspace))
     monkeypatch.setattr(dataset_tab, "page_language", lambda: "zh")
-    frame, _, _, source = _registered(app, "open_dataset")("demo.jsonl")
+    frame, _, _, source = handler(app, "open_dataset")("demo.jsonl")
     assert source == "demo.jsonl"  # the preview remembers what it shows (an exam beside it goes with a saved copy)
     assert list(frame.columns) == ["问题 instruction", "回答 output", "组 group", "类型 kind", "章节", "来源 source"]
     assert list(frame["问题 instruction"]) == ["货币是什么？"]  # the data itself is untouched
     frame.loc[0, "回答 output"] = "潮印，岛上的货币。"  # an edit on the Chinese page
-    _registered(app, "save")(frame, "edited")
+    handler(app, "save")(frame, "edited")
     saved = sorted(workspace.data_dir.glob("edited_*.jsonl"))[-1]
     row = json.loads(saved.read_text(encoding="utf-8").splitlines()[0])
     assert row["instruction"] == "货币是什么？" and row["output"] == "潮印，岛上的货币。" and row["group"] == "g1"
@@ -465,7 +462,7 @@ def test_the_report_question_set_keeps_its_value_on_a_chinese_page(workspace, mo
 
     app = build_app(Services(manager=ModelManager(), paths=workspace))
     monkeypatch.setattr(registry, "handler_language", lambda request=None: "zh")
-    _, source = _registered(app, "pick_exam")(None)
+    _, source = handler(app, "pick_exam")(None)
     radio = next(b for b in app.blocks.values() if getattr(b, "label", None) == strings("compare")["report_source"])
     assert [value for _, value in radio.choices] == ["exam", "heldout", "upload"]
     assert source["value"] == "heldout" and radio.value == "heldout"
@@ -534,7 +531,7 @@ def test_report_warnings_key_note_and_adapter_status_read_in_chinese(workspace):
         (workspace.runs_dir / name / "studio.json").write_text(json.dumps({"status": status}), encoding="utf-8")
     services = Services(manager=ModelManager(), paths=workspace)
     job = services.jobs.wait(services.jobs.start("report", "report demo", lambda job: report))
-    tab = _registered(build_app(services), "tables").__wrapped__.__self__
+    tab = handler(build_app(services), "tables").__wrapped__.__self__
     shown = tab.on_report(job, "zh")[0].split("\n\n")
     assert len(shown) == 3 and all(part.startswith("⚠️ ") for part in shown[:2])
     assert all(HAN.search(part) and not re.search(r"\b(phrasings|score|keys list|Build)\b", part) for part in shown), shown
@@ -590,5 +587,5 @@ def test_the_preset_box_names_a_preset_and_the_line_under_it_says_what_it_sets(w
     box = next(block for block in app.blocks.values() if getattr(block, "label", None) == "Preset")
     assert [label for label, _ in box.choices] == ["Tutorial recipe", "Fast (large GPU)", "24 GB card"]
     assert [translate(label, "zh") for label, _ in box.choices] == ["教程配方", "快速（大显存 GPU）", "24 GB 显卡"]
-    describe = _registered(app, "describe_preset")
+    describe = handler(app, "describe_preset")
     assert describe("fast") == PRESETS["fast"][0] and translate(describe("fast"), "zh").startswith("快速（大显存 GPU）：")

@@ -355,7 +355,7 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
 
     from studio.data.builder import DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT
     from studio.services import Services
-    from uihelpers import launched
+    from uihelpers import handler, launched
 
     monkeypatch.setenv("STUDIO_TEACHER_API_KEY", KEY)
     services = Services(manager=knowledge_run["manager"], paths=knowledge_run["paths"])
@@ -370,8 +370,8 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         assert any("事实问答" in h["messages"][0]["content"] for h in teacher.hits)
         dataset = built.result["dataset_path"]
         settings = [5e-3, 1, 4, 4, 1, 0.03, 512, 0, 1, 42, False, False]
-        from studio.ui.app import build_app  # the Train tab does not offer the exam; the server refuses it too
-        lists = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "refresh_lists")
+        # the Train tab does not offer the exam; the server refuses it too
+        lists = handler(services, "refresh_lists")
         offered = lists()[0]["choices"]
         assert Path(dataset).name in str(offered) and Path(built.result["exam_path"]).name not in str(offered)
         # an empty dataset box (the page was made before the build) gets the newest dataset, never the exam;
@@ -396,7 +396,7 @@ def test_tabs_build_an_exam_train_with_document_rows_and_report_on_the_exam(know
         assert report.result["question_set"] == "exam" and len(report.result["rows"]) == 4
         assert report.result["summary"][TUNED_RETRIEVAL]["key_hit"] is not None
         # an exam question picked in Compare shows its reference and key facts, in the page's words
-        pick = next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == "pick_exam_question")
+        pick = handler(services, "pick_exam_question")
         exam_row = report.result["rows"][0]
         question, reference = pick(0, run.name)
         assert question == exam_row["question"] and reference.startswith(f"**Reference answer:** {exam_row['reference']}")

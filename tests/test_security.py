@@ -41,7 +41,7 @@ from studio.ui.guard import StudioGuard
 from studio.ui.launch import launch_options
 from studio.ui.registry import BadArgument, History
 from test_training import FAST, SYSTEM, write_dataset
-from uihelpers import launched
+from uihelpers import handler, launched
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-server-env-key-0123456789abcdef"
@@ -649,7 +649,6 @@ def test_signed_in_visitors_load_hub_ids_and_the_owners_models_never_other_serve
     from studio.errors import PermissionDenied
     from studio.model.manager import ModelManager
     from studio.services import Services
-    from studio.ui.app import build_app
     from studio.ui.i18n import translate
 
     monkeypatch.chdir(tmp_path)
@@ -672,7 +671,7 @@ def test_signed_in_visitors_load_hub_ids_and_the_owners_models_never_other_serve
     # through the page's own handler: the manager is never asked to look at the folder
     manager = ModelManager()
     services = Services(manager=manager, policy=signed_in, default_model=str(tiny_model_dir))
-    load = next(fn.fn for fn in build_app(services).fns.values() if getattr(fn.fn, "__name__", "") == "load")
+    load = handler(services, "load")
     monkeypatch.setattr(manager, "load", lambda spec, progress=None: pytest.fail(f"loaded {spec}"))
     import gradio as gr
 

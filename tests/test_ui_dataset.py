@@ -18,18 +18,11 @@ from studio.data.exam import exam_beside
 from studio.data.teacher import key_routing
 from studio.model.manager import ModelManager
 from studio.services import Services
-from uihelpers import launched
+from uihelpers import handler, launched
 from conftest import SAMPLE_DOC
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-ui-key-never-on-disk-0123456789"
-
-
-def _handler(services, name):
-    """The function a page's event `name` runs, as the app registers it for `services`."""
-    from studio.ui.app import build_app
-
-    return next(f.fn for f in build_app(services).fns.values() if getattr(f.fn, "__name__", "") == name)
 
 
 @pytest.fixture()
@@ -60,10 +53,10 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         assert job.result["rows"] == 60 and job.result["base_pairs"] == 20
         assert teacher.auth_headers[-1] == f"Bearer {KEY}"  # the key came from the environment, for the owner's URL
         # a reloaded page's form shows this build's settings (never a key); a studio with no build keeps the defaults
-        form = _handler(services, "form_of_latest_build")()
+        form = handler(services, "form_of_latest_build")()
         assert form == (SAMPLE_DOC.name, "wudeng", 100, 3000, ["##", "###"], False, teacher.base_url, "teacher-x", 10,
                         "auto", 2, 8, DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, "tutorial", 1)
-        fresh = _handler(Services(manager=ModelManager(), paths=workspace), "form_of_latest_build")()
+        fresh = handler(Services(manager=ModelManager(), paths=workspace), "form_of_latest_build")()
         assert all(value.get("__type__") == "update" and "value" not in value for value in fresh)
         frame, opened, stem = client.predict(Path(job.result["dataset_path"]).name, api_name="/open_dataset")
         assert opened.startswith("60 rows") and frame["headers"][:4] == ["instruction", "output", "group", "kind"]
@@ -138,7 +131,7 @@ def test_the_prompt_boxes_show_what_the_build_sends(workspace):
     english = workspace.data_dir / "manual.md"
     english.write_text("# Manual\n\n## Setup\n\n" + "Plug the lamp in and press the red button twice. " * 5, encoding="utf-8")
     app = build_app(Services(manager=ModelManager(), paths=workspace))
-    shown = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "prompts_sent")
+    shown = handler(app, "prompts_sent")
     tutorial = (DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT)
     assert shown(None, SAMPLE_DOC.name, "facts", *tutorial) == (FACTS_PAIR_PROMPT["zh"], FACTS_VARIANT_PROMPT["zh"])
     assert shown(None, "manual.md", "facts", *tutorial) == (FACTS_PAIR_PROMPT["en"], FACTS_VARIANT_PROMPT["en"])
@@ -169,7 +162,7 @@ def test_an_uploaded_document_is_kept_for_the_build_its_runs_and_a_reloaded_page
     assert kept.read_text(encoding="utf-8") == upload.read_text(encoding="utf-8")
     rows = read_dataset(job.result["dataset_path"])
     assert rows and {row["source"] for row in rows} == {str(kept.resolve())}
-    assert _handler(services, "form_of_latest_build")()[0] == kept.name
+    assert handler(services, "form_of_latest_build")()[0] == kept.name
     # the same upload again reuses the file; another text under the same name gets a name of its own
     from studio.data.documents import keep_document
 

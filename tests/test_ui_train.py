@@ -13,7 +13,7 @@ from gradio_client import Client
 
 from studio.jobs import JobStatus
 from test_training import SYSTEM, write_dataset
-from uihelpers import launched
+from uihelpers import handler, launched
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,13 +90,11 @@ def test_the_trainable_share_is_the_new_adapters_whatever_is_attached(tiny_model
     from studio.model.manager import ModelManager
     from studio.services import Services
     from studio.train.estimate import lora_param_count
-    from studio.ui.app import build_app
     from test_compare import _attach_random_adapter
 
     manager = ModelManager()
     manager.load(ModelSpec(str(tiny_model_dir)))
-    shown = next(f.fn for f in build_app(Services(manager=manager)).fns.values()
-                 if getattr(f.fn, "__name__", "") == "count_trainable")
+    shown = handler(Services(manager=manager), "count_trainable")
     loaded = manager.require_loaded()
     count = lora_param_count(loaded.model, ["q_proj", "v_proj"], 8)
     base = build_card(loaded.model, loaded.tokenizer, "tiny", "none", "cpu").total_params

@@ -25,3 +25,12 @@ def launched(services, logins=None, throttle=None):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def handler(app_or_services, name: str):
+    """The function the page's event `name` runs, as the app registers it (behind its permission and argument
+    checks); an app, or the services to build one for."""
+    from studio.ui.app import build_app
+
+    app = app_or_services if hasattr(app_or_services, "fns") else build_app(app_or_services)
+    return next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == name)
