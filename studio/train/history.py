@@ -35,12 +35,16 @@ class RunRecord:
     dataset: str = ""
     heldout: int | None = None  # held-out phrasings of trained facts (the split)
     exam: int | None = None  # exam questions, never trained on (from the dataset build)
-    settings: str = ""
-    setting_parts: list = field(default_factory=list)  # what `settings` says, for a page in another language
+    setting_parts: list = field(default_factory=list)  # (SETTING_TEXTS key, values): rank, lr, length, batch
     train_loss: float | None = None
     eval_loss: float | None = None
     status: str = "incomplete"
     report: dict = field(default_factory=dict)  # tuned/base character F1, improved, worse, questions
+
+    @property
+    def settings(self) -> str:
+        """The settings as one English line ("r 16 · lr 0.001 · 4 ep · batch 1×8")."""
+        return describe_settings(self.setting_parts)
 
 
 def _read_json(path: Path) -> dict:
@@ -140,13 +144,13 @@ def read_run(folder: Path, running: bool = False) -> RunRecord:
         metadata = read_metadata(folder)
     except StudioError:  # a damaged studio.json: the run is still listed, as incomplete
         metadata = {}
-    split, parts = metadata.get("split") or {}, setting_parts(request, metadata)
+    split = metadata.get("split") or {}
     return RunRecord(
         name=folder.name, folder=str(folder), date=_date(folder, metadata),
         base_model=str(metadata.get("base_model", "")),
         dataset=Path(str(metadata.get("dataset") or request.get("dataset") or "")).name,
         heldout=split.get("heldout_rows"), exam=metadata.get("exam_questions") or None,
-        settings=describe_settings(parts), setting_parts=parts,
+        setting_parts=setting_parts(request, metadata),
         train_loss=metadata.get("final_train_loss"), eval_loss=metadata.get("final_eval_loss"),
         status=run_status(folder, metadata, running), report=latest_report(folder))
 
