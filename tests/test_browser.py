@@ -47,7 +47,7 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         model_box.fill(str(tiny_model_dir))
         model_box.press("Enter")
         page.get_by_role("button", name="Load", exact=True).click()
-        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4bit) on cpu."), services)
+        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4-bit NF4) on cpu."), services)
         assert services.manager.is_loaded
         page.get_by_label("Message").fill("我该怎么成为守灯人？")
         page.get_by_role("button", name="Send").click()
@@ -58,7 +58,7 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         page.screenshot(path="/tmp/chat.png", full_page=True)
         page.get_by_text("Ready: ").wait_for()
         page.reload()  # a reloaded page shows the loaded model, not "No model loaded"
-        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4bit) on cpu."), services)
+        wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4-bit NF4) on cpu."), services)
 
 
 def test_training_progress_survives_a_reload(page, services, workspace):
@@ -136,11 +136,19 @@ def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(brow
         page.get_by_role("tab", name="训练").click()
         page.get_by_role("button", name="开始训练").click()  # refused by the server: no dataset
         page.get_by_text("请先选择数据集（在“数据集构建”中生成或导入一个）。").wait_for()
+        # the message box is titled in Chinese: Gradio's English "Error" is hidden and "错误" drawn instead
+        title = page.locator(".toast-title.error").first
+        assert title.evaluate("el => getComputedStyle(el, '::before').content") == '"错误"'
+        assert title.evaluate("el => getComputedStyle(el).fontSize") == "0px"
         page.get_by_text("尚未加载模型。").first.wait_for()  # the header's status line
         page.reload()  # the choice is remembered
         page.get_by_role("tab", name="基线对话").wait_for()
         page.get_by_text("English", exact=True).click()
         page.get_by_role("tab", name="Baseline Chat").wait_for()
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_role("button", name="Start training").click()
+        page.get_by_text("Pick a dataset first").wait_for()
+        assert page.locator(".toast-title.error").first.evaluate("el => getComputedStyle(el).fontSize") != "0px"
 
 
 def test_a_chinese_browser_sees_chinese_first_and_lang_forces_english(browser, workspace):

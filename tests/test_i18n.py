@@ -33,7 +33,8 @@ def test_every_chinese_text_is_chinese_unless_it_is_a_name():
     same_on_purpose = {"QLoRA Studio", "LoRA", "Top-p", "Alpha", "Dropout", "API Key", "Loss", "Language / 语言"}
     for section in ZH:
         for key, chinese in ZH[section].items():
-            if chinese not in same_on_purpose:
+            only_values = not re.search(r"[A-Za-z]", PLACEHOLDER.sub("", chinese))  # "{name}（{quant}，{device}）"
+            if chinese not in same_on_purpose and not only_values:
                 assert HAN.search(chinese), f"{section}.{key} is not translated: {chinese!r}"
 
 
@@ -112,9 +113,12 @@ def test_real_errors_read_in_chinese_with_their_values_kept(tmp_path):
 
 
 def test_status_progress_and_unknown_text():
-    assert translate("Ready: tiny (4bit, cpu); adapters: a, b", "zh") == "就绪：tiny (4bit, cpu)；适配器：a, b"
-    assert translate("Busy: comparing base and adapter for 3s. Model: m (4bit, cuda)", "zh") == \
-        "忙碌：正在对比基座与适配器，已 3 秒。模型：m (4bit, cuda)"
+    assert translate("Ready: tiny (4-bit NF4, cpu); adapters: a, b", "zh") == "就绪：tiny（4 位 NF4，cpu）；适配器：a, b"
+    assert translate("Busy: comparing base and adapter for 3s. Model: m (unquantized, cuda)", "zh") == \
+        "忙碌：正在对比基座与适配器，已 3 秒。模型：m（未量化，cuda）"
+    # the share comes before the activity, whose own brackets would otherwise end the activity early
+    assert translate("Loading /m (30%): Loading weights (4-bit NF4) on cpu", "zh") == \
+        "正在加载 /m（30%）：正在加载权重（4 位 NF4），设备：cpu"
     assert translate("step 3/45 · epoch 0.20 · 2s elapsed · ETA 30s · 1200 tokens/s", "zh") == \
         "第 3/45 步 · 第 0.20 轮 · 已用 2 秒 · 预计还需 30 秒 · 1200 token/秒"
     assert translate("Training facts_1: 45 optimizer steps, resumed at step 10.", "zh") == \
@@ -164,8 +168,8 @@ def test_a_message_built_to_make_the_matcher_backtrack_costs_a_bounded_number_of
 
 
 def test_texts_already_on_a_page_translate_back():
-    assert retranslate("已加载 /m（4bit），设备：cpu。", "en") == "Loaded /m (4bit) on cpu."
-    assert retranslate("Loaded /m (4bit) on cpu.", "zh") == "已加载 /m（4bit），设备：cpu。"
+    assert retranslate("已加载 /m（4 位 NF4），设备：cpu。", "en") == "Loaded /m (4-bit NF4) on cpu."
+    assert retranslate("Loaded /m (8-bit) on cpu.", "zh") == "已加载 /m（8 位），设备：cpu。"
 
 
 def _service_messages() -> list[tuple[str, str]]:
@@ -229,11 +233,11 @@ def test_every_label_of_the_page_is_in_the_tables(services):
             missing.append(("Button", "value", block.value))
     assert not missing
     registry = LabelRegistry.collect(app)
-    updates = registry.updates("zh", ["Ready: tiny (4bit, cpu)"] + [""] * (len(registry.markdown) - 1))
+    updates = registry.updates("zh", ["Ready: tiny (4-bit NF4, cpu)"] + [""] * (len(registry.markdown) - 1))
     assert len(updates) == len(registry.outputs)
     labels = {u.get("label") for u in updates if isinstance(u, dict)}
     assert {"基座模型（Hub ID 或本地文件夹）", "基线对话", "对比"} <= labels
-    assert updates[len(registry.static)] == "就绪：tiny (4bit, cpu)"
+    assert updates[len(registry.static)] == "就绪：tiny（4 位 NF4，cpu）"
     # the training presets' dropdown: Chinese labels, the same keys
     preset_choices = [u["choices"] for u in updates if isinstance(u, dict) and
                       [value for _, value in u.get("choices") or []] == ["tutorial", "fast", "gpu24"]]
@@ -361,7 +365,7 @@ def test_card_sections_refusals_and_guard_speak_the_page_language(tiny_model_dir
         chinese = Client(url, verbose=False, headers={"Accept-Language": "zh-CN,zh;q=0.9"})
         english = Client(url, verbose=False, headers={"Accept-Language": "zh-CN", "Cookie": "studio_lang=en"})
         card = chinese.predict(str(tiny_model_dir), "4bit", api_name="/load")[1]
-        assert "| 模型 |" in card and "| 量化 / 设备 | 4bit / cpu |" in card and "| 已挂载的适配器 | 无 |" in card
+        assert "| 模型 |" in card and "| 量化 / 设备 | 4 位 NF4 / cpu |" in card and "| 已挂载的适配器 | 无 |" in card
         assert "Model" not in card and "none" not in card
         _, table = chinese.predict(None, "wudeng_lighthouse.md", 100, 3000, ["##", "###"], api_name="/split")
         assert table["headers"] == ["序号", "标题", "字符数", "首行"]
@@ -589,3 +593,4 @@ def test_the_preset_box_names_a_preset_and_the_line_under_it_says_what_it_sets(w
     assert [translate(label, "zh") for label, _ in box.choices] == ["教程配方", "快速（大显存 GPU）", "24 GB 显卡"]
     describe = handler(app, "describe_preset")
     assert describe("fast") == PRESETS["fast"][0] and translate(describe("fast"), "zh").startswith("快速（大显存 GPU）：")
+

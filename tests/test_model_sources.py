@@ -54,7 +54,7 @@ def test_hub_id_downloads_from_the_mirror_with_progress(tiny_model_dir, monkeypa
     assert downloads and downloads[-1][1].endswith("(100%)") and 0.05 <= downloads[-1][0] <= 0.3
     size = sum(p.stat().st_size for p in tiny_model_dir.iterdir() if p.is_file()) / 1e6
     assert f"{size:.2f} MB of {size:.2f} MB" in downloads[-1][1]
-    assert manager.status().describe().startswith("Ready: mirror-org/tiny-qwen (4bit, cpu)")
+    assert manager.status().describe().startswith("Ready: mirror-org/tiny-qwen (4-bit NF4, cpu)")
     assert manager.chat([{"role": "user", "content": "hi"}])  # the downloaded model answers
 
 

@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 from studio.errors import ModelLoadError
 
 QUANT_CHOICES = ("4bit", "8bit", "none")
+# How a quantization choice is named on a page and in the status line ("none" alone read as "no model").
+QUANT_LABELS = {"4bit": "4-bit NF4", "8bit": "8-bit", "none": "unquantized"}
 HUB_PROBE_TIMEOUT_S = 3.0
 MODELSCOPE_PREFIX = "modelscope:"
 MODELSCOPE_DEFAULT_HOST = "https://www.modelscope.cn"
@@ -48,6 +50,11 @@ class ModelSpec:
             raise ModelLoadError(f"Unknown quantization {self.quant!r}; choose one of {', '.join(QUANT_CHOICES)}.")
         if not self.name_or_path or not self.name_or_path.strip():
             raise ModelLoadError("No model given: enter a hub id such as Qwen/Qwen2.5-7B-Instruct or a local folder.")
+
+
+def quant_label(quant: str | None) -> str:
+    """A quantization choice as the studio names it to people ("4bit" -> "4-bit NF4")."""
+    return QUANT_LABELS.get(quant or "", quant or "")
 
 
 def pick_device() -> str:
@@ -346,7 +353,7 @@ def load_model(spec: ModelSpec, device: str | None = None, progress: Progress | 
         source = resolve_source(spec.name_or_path, progress)
     progress(0.15, "Loading tokenizer")
     tokenizer = load_tokenizer(source)
-    progress(0.3, f"Loading weights ({spec.quant}) on {device}")
+    progress(0.3, f"Loading weights ({quant_label(spec.quant)}) on {device}")
     model = _load_weights(source, spec.quant, device)
     model.eval()
     model.requires_grad_(False)  # the base stays frozen; training adds LoRA weights on top

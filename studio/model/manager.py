@@ -54,8 +54,8 @@ class ManagerStatus:
         if self.state is ModelState.EMPTY:
             return "No model loaded."
         if self.state is ModelState.LOADING:
-            return f"Loading {self.model_name}: {self.activity} ({self.progress:.0%})"
-        where = f"{self.model_name} ({self.quant}, {self.device})"
+            return f"Loading {self.model_name} ({self.progress:.0%}): {self.activity}"
+        where = f"{self.model_name} ({loading.quant_label(self.quant)}, {self.device})"
         if self.state is ModelState.BUSY:
             return f"Busy: {self.activity} for {time.time() - self.since:.0f}s. Model: {where}"
         return (f"Ready: {where}" + (f"; adapters: {', '.join(self.adapters)}" if self.adapters else "")

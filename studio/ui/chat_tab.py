@@ -9,7 +9,7 @@ import gradio as gr
 from studio.access import page_model_source
 from studio.model.card import ModelCard, human_bytes, human_count
 from studio.model.generation import GenerationSettings, StopSignals, build_messages
-from studio.model.loading import QUANT_CHOICES, ModelSpec
+from studio.model.loading import QUANT_CHOICES, ModelSpec, quant_label
 from studio.config import MODEL_PRESETS
 from studio.services import Services
 from studio.train.adapters import read_metadata
@@ -23,7 +23,7 @@ def card_markdown(card: ModelCard, lang: str = "en") -> str:
     pad, eos, pad_id, eos_id = card.tokenizer_tuple()
     rows = [
         ("card_model", card.name),
-        ("card_quant", f"{card.quant} / {card.device}"),
+        ("card_quant", f"{translate(quant_label(card.quant), lang)} / {card.device}"),
         ("card_4bit", str(card.linear4bit_layers)),
         ("card_8bit", str(card.linear8bit_layers)),
         ("card_targets", ", ".join(f"`{n}`" for n in card.lora_targets)),
@@ -63,7 +63,7 @@ class ChatTab:
         with gr.Row(equal_height=True):
             self.model_box = gr.Dropdown(list(MODEL_PRESETS), value=self.services.default_model, allow_custom_value=True,
                                          label=s["model"], info=s["model_info"], scale=4)
-            self.quant = gr.Radio(list(QUANT_CHOICES), value=self.services.default_quant, label=s["quant"],
+            self.quant = gr.Radio([(quant_label(q), q) for q in QUANT_CHOICES], value=self.services.default_quant, label=s["quant"],
                                   info=s["quant_info"], scale=2)
             self.load_btn = gr.Button(s["load"], variant="primary", scale=1)
             self.unload_btn = gr.Button(s["unload"], scale=1)
@@ -153,7 +153,7 @@ class ChatTab:
 
     def _shown_model(self, lang: str):
         card = self.manager.card()
-        return (self.s["loaded"].format(name=card.name, quant=card.quant, device=card.device), card_markdown(card, lang),
+        return (self.s["loaded"].format(name=card.name, quant=quant_label(card.quant), device=card.device), card_markdown(card, lang),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))
 
     def unload(self):

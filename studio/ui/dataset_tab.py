@@ -149,6 +149,7 @@ class DatasetTab:
                 self.open_btn = gr.Button(s["open"], scale=1)
                 self.import_file = gr.File(label=s["import"], file_types=[".jsonl", ".json"], type="filepath", scale=3)
             self.preview = gr.Dataframe(_rows_frame([]), label=s["preview"], interactive=True, wrap=True, max_height=480)
+            gr.Markdown(s["preview_legend"])
             self.preview_source = gr.State(None)  # the dataset the preview shows (its exam goes with a saved copy)
             with gr.Row():
                 self.save_name = gr.Textbox(label=s["save_name"], scale=3)

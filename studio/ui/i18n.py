@@ -33,9 +33,12 @@ KEYED_ONLY = ("tables",)
 LONGEST_TRANSLATED = 6000  # a chat reply or a prompt preview is never a message of the tables
 MOST_LINES_TRANSLATED = 60  # a text of more lines is no message of the studio's: each line costs a pass
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
-# Runs in the page before the language switch's handler: remembers the choice, passes the inputs on.
+# Runs in the page before the language switch's handler: remembers the choice, marks the page with it (the
+# stylesheet names Gradio's message boxes in that language: Gradio titles them "Error" or "Warning" whatever
+# the page's language), and passes the inputs on.
 SET_COOKIE_JS = ("(lang, ...rest) => { if (lang) { document.cookie = '" + COOKIE + "=' + lang + "
-                 "'; path=/; max-age=31536000; SameSite=Lax'; } return [lang, ...rest]; }")
+                 "'; path=/; max-age=31536000; SameSite=Lax'; document.documentElement.dataset.studioLang = lang; } "
+                 "return [lang, ...rest]; }")
 
 
 # ----- which language -----------------------------------------------------------------------------

@@ -15,7 +15,11 @@ EN = {
         "model": "Base model (hub id or local folder)",
         "model_info": "Presets are Qwen2.5 Instruct models; type a local folder path to load from disk.",
         "quant": "Quantization",
-        "quant_info": "4bit = the tutorial's NF4 + double quant + bf16 compute.",
+        "quant_info": "4-bit NF4 = the tutorial's: NF4 + double quant + bf16 compute. Unquantized: bf16 on a GPU, "
+                      "about 15 GB for a 7B model.",
+        "quant_4bit": "4-bit NF4",
+        "quant_8bit": "8-bit",
+        "quant_none": "unquantized",
         "load": "Load",
         "unload": "Unload",
         "card": "Model card",
@@ -90,6 +94,9 @@ EN = {
         "open": "Open",
         "import": "Import a dataset (JSONL/JSON: studio, Alpaca or chat messages)",
         "preview": "Preview: edit cells or clear a row's instruction to delete it, then save as a new file",
+        "preview_legend": "`kind`: **base** = a question the teacher wrote from the section, **paraphrase** = a "
+                          "rewording of one (its `group` is the base row's). `reworded`: the teacher reworded the "
+                          "answer too, keeping its numbers. The values stay in English: they are the file's.",
         "save_name": "Save as (name)",
         "save": "Save as new file",
         "saved": "Saved {rows} rows to {path}.",
@@ -288,8 +295,8 @@ EN = {
     },
     "status": {
         "empty": "No model loaded.",
-        "loading": "Loading {name}: {activity} ({percent})",
-        "loading_download": "Loading {name}: Downloading {model} from {host}: {done} of {total} ({share}) ({percent})",
+        "loading": "Loading {name} ({percent}): {activity}",
+        "loading_download": "Loading {name} ({percent}): Downloading {model} from {host}: {done} of {total} ({share})",
         "busy": "Busy: {activity} for {seconds}s. Model: {where}",
         "ready": "Ready: {where}",
         "ready_adapters": "Ready: {where}; adapters: {adapters}",
@@ -752,6 +759,7 @@ EN = {
     # Words that only appear inside other messages (an activity, an action, a status): translated there,
     # never as a whole message, so a model's one-word answer is not translated by accident.
     "terms": {
+        "model_where": "{name} ({quant}, {device})",
         "another_action": "another action",
         "liger_missing": "the liger-kernel package is not installed",
         "liger_needs_cuda": "Liger kernels need a CUDA GPU",
@@ -831,7 +839,10 @@ ZH = {
         "model": "基座模型（Hub ID 或本地文件夹）",
         "model_info": "预设为 Qwen2.5 Instruct 系列；输入本地文件夹路径即可从磁盘加载。",
         "quant": "量化",
-        "quant_info": "4bit = 教程中的 NF4 + 双重量化 + bf16 计算。",
+        "quant_info": "4 位 NF4 = 教程的设置：NF4 + 双重量化 + bf16 计算。未量化：在 GPU 上为 bf16，7B 模型约需 15 GB。",
+        "quant_4bit": "4 位 NF4",
+        "quant_8bit": "8 位",
+        "quant_none": "未量化",
         "load": "加载",
         "unload": "卸载",
         "card": "模型卡片",
@@ -899,6 +910,8 @@ ZH = {
         "open": "打开",
         "import": "导入数据集（JSONL/JSON：studio、Alpaca 或 chat messages 格式）",
         "preview": "预览：可编辑单元格，清空某行的 instruction 即删除该行，然后另存为新文件",
+        "preview_legend": "`kind`（类型）：**base** = 教师模型根据章节写出的原题，**paraphrase** = 某道原题的改写（`group` "
+                          "与原题相同）。`reworded`：教师模型连答案也改写了，数字保持不变。这些值保留英文，与文件中一致。",
         "save_name": "另存为（名称）",
         "save": "另存为新文件",
         "saved": "已保存 {rows} 行到 {path}。",
@@ -1099,8 +1112,8 @@ ZH = {
     },
     "status": {
         "empty": "尚未加载模型。",
-        "loading": "正在加载 {name}：{activity}（{percent}）",
-        "loading_download": "正在加载 {name}：正在从 {host} 下载 {model}：{done} / {total}（{share}）（{percent}）",
+        "loading": "正在加载 {name}（{percent}）：{activity}",
+        "loading_download": "正在加载 {name}（{percent}）：正在从 {host} 下载 {model}：{done} / {total}（{share}）",
         "busy": "忙碌：{activity}，已 {seconds} 秒。模型：{where}",
         "ready": "就绪：{where}",
         "ready_adapters": "就绪：{where}；适配器：{adapters}",
@@ -1505,6 +1518,7 @@ ZH = {
         "kind_document": "文档",
     },
     "terms": {
+        "model_where": "{name}（{quant}，{device}）",
         "another_action": "其他操作",
         "liger_missing": "未安装 liger-kernel 包",
         "liger_needs_cuda": "Liger 融合算子需要 CUDA GPU",
