@@ -594,3 +594,40 @@ def test_the_preset_box_names_a_preset_and_the_line_under_it_says_what_it_sets(w
     describe = handler(app, "describe_preset")
     assert describe("fast") == PRESETS["fast"][0] and translate(describe("fast"), "zh").startswith("快速（大显存 GPU）：")
 
+
+def test_a_job_panel_polls_fast_only_while_its_job_has_news():
+    """Each poll is an event the whole page handles: a panel whose job has ended and been shown slows to one poll
+    every IDLE_POLL_S, and its message line (a job started from the page) brings the fast polls back."""
+    import threading
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from studio.jobs import JobBoard
+    from studio.ui.common import IDLE_POLL_S, job_panel
+
+    board = JobBoard()
+    with gr.Blocks():
+        panel = job_panel(board, "dataset", strings("dataset"))
+    request = SimpleNamespace(headers={}, cookies={}, query_params={})
+
+    def interval(outputs):
+        update = outputs[-1]
+        return update.get("value") if isinstance(update, dict) and "value" in update else "unchanged"
+
+    first = panel.poll(None, request)  # no job yet: nothing to show, so the slow pace at once
+    assert interval(first) == IDLE_POLL_S and interval(panel.poll(first[2], request)) == "unchanged"
+    release = threading.Event()
+    job = board.start("dataset", "build facts", lambda job: (release.wait(10), {})[1])
+    running = panel.poll(first[2], request)
+    assert interval(running) == 1.0 and "build facts" in running[0]
+    assert interval(panel.poll(running[2], request)) == "unchanged"  # still running: already fast
+    release.set()
+    board.wait(job, 10)
+    view = running[2]
+    for _ in range(3):  # the ended job's last events, then the poll that marks it finished
+        outputs = panel.poll(view, request)
+        view = outputs[2]
+    assert view["finished"] == job.id and interval(outputs) == IDLE_POLL_S
+    timer, view = panel.wake(view)  # e.g. a stop clicked with nothing running: fast for one poll, then slow again
+    assert timer["value"] == 1.0 and interval(panel.poll(view, request)) == IDLE_POLL_S

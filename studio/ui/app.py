@@ -57,6 +57,9 @@ def build_app(services: Services) -> gr.Blocks:
         relabelled, switched = _wire_language(app, services, registry, language)
         if train:
             train.wire_language_switch(switched)
+        for tab in (dataset, train, compare):
+            if tab:
+                tab.panel.wake_on(switched.then)  # an ended job's log is redrawn in the new language at the next poll
         wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language)
         for tab in (dataset, compare):
             if tab:
@@ -87,10 +90,17 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
     def relabel(lang, *markdown_values):
         return labels.updates(lang or "en", markdown_values)
 
+    def relabel_opened(lang, *markdown_values):
+        """A page opened in the language it was built in needs no new texts: every component left alone (a few
+        hundred updates cost the browser seconds of redrawing on a slow machine)."""
+        if (lang or "en") == "en":
+            return [gr.skip()] * len(labels.outputs)
+        return relabel(lang, *markdown_values)
+
     inputs = [language] + labels.markdown
     specs = (LANGUAGE,) + (Text("Shown text", 100_000),) * len(labels.markdown)
     loaded = registry.on(app.load, initial, None, language, action="view", queue=False)
-    relabelled = registry.on(loaded.then, relabel, inputs, labels.outputs, action="view", args=specs,
+    relabelled = registry.on(loaded.then, relabel_opened, inputs, labels.outputs, action="view", args=specs,
                              js=SET_COOKIE_JS, show_progress="hidden")
     switched = registry.on(language.input, relabel, inputs, labels.outputs, action="view", args=specs,
                            js=SET_COOKIE_JS, show_progress="hidden")

@@ -17,6 +17,11 @@ class JobPanel:
 
     Each browser session keeps its own cursor in gr.State, so a reload replays the job's whole log
     from the start and a second viewer sees the same progress.
+
+    The panel polls every `fast_s` while its job runs or has news, and every IDLE_POLL_S otherwise: each poll
+    is an event the browser handles for the whole page (a few hundred milliseconds of a slow machine's main
+    thread), so three panels polling each second kept a page busy doing nothing. The message line's changes
+    (a job started or stopped from this page) and `wake_on`'s events bring the fast polls back at once.
     """
 
     board: object
@@ -29,12 +34,18 @@ class JobPanel:
     finished: gr.Textbox
     poll: object = None
     poll_outputs: list = None
+    fast_s: float = 1.0
+    registry: object = None
+    action: str = ""
 
     def wire(self, registry, action: str, on_finish=None, finish_outputs=()) -> None:
         """Poll the job log on the timer and run `on_finish(job)` once per session when the latest job ends
-        (or is found ended after a reload); both through the registry under `action`."""
+        (or is found ended after a reload); both through the registry under `action`. Polls skip the queue:
+        they are quick, and must not wait behind a reply being generated."""
+        self.registry, self.action = registry, action
         registry.on(self.timer.tick, self.poll, self.state, self.poll_outputs, action=action,
-                    show_progress="hidden")
+                    show_progress="hidden", queue=False)
+        self.wake_on(self.message.change)
         if on_finish is not None:
             outputs = list(finish_outputs)
 
@@ -44,8 +55,20 @@ class JobPanel:
 
             registry.on(self.finished.change, finished, self.finished, outputs, action=action)
 
+    def wake_on(self, *events) -> None:
+        """Poll fast again after each of `events` (the page's language switched: the log is redrawn in it)."""
+        for event in events:
+            self.registry.on(event, self.wake, self.state, [self.timer, self.state], action=self.action,
+                             show_progress="hidden", queue=False)
+
+    def wake(self, view):
+        """The fast pace, recorded in the session's view so that the next quiet poll slows the timer again."""
+        view = view if isinstance(view, dict) else {}
+        return gr.update(value=self.fast_s), {**view, "interval": self.fast_s}
+
 
 LOG_LINES = 300
+IDLE_POLL_S = 5.0  # how often a panel whose job is not running looks for a new one (a second viewer's, say)
 
 
 def progress_html(job, lang: str = "en") -> str:
@@ -121,8 +144,15 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
     state = gr.State({"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": []})
     timer = gr.Timer(poll_s)
     finished = gr.Textbox(visible=False)
-    panel = JobPanel(board, kind, message, progress, log, state, timer, finished)
+    panel = JobPanel(board, kind, message, progress, log, state, timer, finished, fast_s=poll_s)
     skips = (gr.skip(),) * len(plot_outputs)
+
+    def pace(view: dict, busy: bool):
+        """The timer's new interval when it should change (and `view` records it), else a skip."""
+        wanted = poll_s if busy else IDLE_POLL_S
+        if view.get("interval") == wanted:
+            return view, gr.skip()
+        return {**view, "interval": wanted}, gr.update(value=wanted)
 
     def poll(view: dict, request: gr.Request = None):
         lang = handler_language(request)
@@ -130,9 +160,11 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         view = {"job": None, "cursor": 0, "lines": [], "finished": None, "metrics": [], **view}
         job = board.latest(kind)
         if job is None:
-            return (gr.skip(), gr.skip(), view, gr.skip()) + skips
+            view, interval = pace(view, False)
+            return (gr.skip(), gr.skip(), view, gr.skip()) + skips + (interval,)
         if view.get("job") != job.id:
-            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": [], "lang": lang}
+            view = {"job": job.id, "cursor": 0, "lines": [], "finished": None, "metrics": [], "lang": lang,
+                    "interval": view.get("interval")}
         if view.get("lang") != lang:  # the page's language changed: the whole log, progress and plots again in it
             view = {**view, "lang": lang, "cursor": 0, "lines": [], "metrics": []}
         running = job.running
@@ -143,11 +175,12 @@ def job_panel(board, kind: str, s: dict, poll_s: float = 1.0, plots: bool = Fals
         newly_finished = not running and not events and view.get("finished") != job.id
         if newly_finished:
             view["finished"] = job.id
+        view, interval = pace(view, running or bool(events) or newly_finished)
         if not events and not running and not newly_finished:
-            return (gr.skip(), gr.skip(), view, gr.skip()) + skips
+            return (gr.skip(), gr.skip(), view, gr.skip()) + skips + (interval,)
         plot_values = metric_frames(view["metrics"], lang) if (plots and new_metrics) else skips
         return (progress_html(job, lang), "\n".join(lines) if events else gr.skip(), view,
-                job.id if newly_finished else gr.skip()) + tuple(plot_values)
+                job.id if newly_finished else gr.skip()) + tuple(plot_values) + (interval,)
 
-    panel.poll, panel.poll_outputs = poll, [progress, log, state, finished] + plot_outputs
+    panel.poll, panel.poll_outputs = poll, [progress, log, state, finished] + plot_outputs + [timer]
     return panel
