@@ -49,6 +49,14 @@ def test_one_english_text_has_one_chinese_text():
             assert seen.setdefault(english, chinese) == chinese, f"{english!r} has two translations"
 
 
+def test_the_quantization_names_of_the_services_are_the_pages():
+    """The status line (a service) and the load choices (the page) name a quantization alike, so one table entry
+    translates both."""
+    from studio.model.loading import QUANT_CHOICES, QUANT_LABELS
+
+    assert all(QUANT_LABELS[q] == EN["chat"][f"quant_{q}"] for q in QUANT_CHOICES)
+
+
 def test_strings_keeps_the_old_call_and_adds_a_language():
     assert strings("chat")["load"] == "Load"
     assert strings("chat", "zh")["load"] == "加载"

@@ -14,7 +14,7 @@ from studio.ui.chat_tab import build_chat_tab
 from studio.ui.compare_tab import build_compare_tab
 from studio.ui.dataset_tab import build_dataset_tab
 from studio.ui.history_panel import wire_history
-from studio.ui.i18n import SET_COOKIE_JS, LabelRegistry, request_language, translate
+from studio.ui.i18n import DEFAULT, SET_COOKIE_JS, LabelRegistry, request_language, translate
 from studio.ui.registry import Choice, Registry, Text
 
 LANGUAGE = Choice("Language", ("en", "zh"), optional=True)
@@ -93,7 +93,7 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
     def relabel_opened(lang, *markdown_values):
         """A page opened in the language it was built in needs no new texts: every component left alone (a few
         hundred updates cost the browser seconds of redrawing on a slow machine)."""
-        if (lang or "en") == "en":
+        if (lang or DEFAULT) == DEFAULT:
             return [gr.skip()] * len(labels.outputs)
         return relabel(lang, *markdown_values)
 

@@ -63,8 +63,8 @@ class ChatTab:
         with gr.Row(equal_height=True):
             self.model_box = gr.Dropdown(list(MODEL_PRESETS), value=self.services.default_model, allow_custom_value=True,
                                          label=s["model"], info=s["model_info"], scale=4)
-            self.quant = gr.Radio([(quant_label(q), q) for q in QUANT_CHOICES], value=self.services.default_quant, label=s["quant"],
-                                  info=s["quant_info"], scale=2)
+            self.quant = gr.Radio([(quant_label(q), q) for q in QUANT_CHOICES], value=self.services.default_quant,
+                                  label=s["quant"], info=s["quant_info"], scale=2)
             self.load_btn = gr.Button(s["load"], variant="primary", scale=1)
             self.unload_btn = gr.Button(s["unload"], scale=1)
         self.load_status = gr.Markdown(s["no_model"])
@@ -153,7 +153,8 @@ class ChatTab:
 
     def _shown_model(self, lang: str):
         card = self.manager.card()
-        return (self.s["loaded"].format(name=card.name, quant=quant_label(card.quant), device=card.device), card_markdown(card, lang),
+        loaded = self.s["loaded"].format(name=card.name, quant=quant_label(card.quant), device=card.device)
+        return (loaded, card_markdown(card, lang),
                 card.module_tree, card.chat_template, gr.update(choices=self.adapter_choices(), value=""))
 
     def unload(self):
