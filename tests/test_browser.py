@@ -122,6 +122,18 @@ def _page(browser, locale: str):
     return page
 
 
+def _error_title_style(page) -> dict:
+    """The first error message box's title as drawn: its ::before text and its own font size. Read in one pass of
+    the page's script once the box is in the page: Gradio may draw a box again, and a box taken out of the page
+    has no computed style (Chromium answers '' for every property)."""
+    return page.wait_for_function("""() => {
+        const title = document.querySelector('.toast-title.error');
+        if (!title || !title.isConnected) return null;
+        const drawn = getComputedStyle(title, '::before').content;
+        return drawn ? {drawn, fontSize: getComputedStyle(title).fontSize} : null;
+    }""").json_value()
+
+
 def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(browser, workspace):
     services = Services(manager=ModelManager(), paths=workspace)
     with launched(services) as url:
@@ -137,9 +149,7 @@ def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(brow
         page.get_by_role("button", name="开始训练").click()  # refused by the server: no dataset
         page.get_by_text("请先选择数据集（在“数据集构建”中生成或导入一个）。").wait_for()
         # the message box is titled in Chinese: Gradio's English "Error" is hidden and "错误" drawn instead
-        title = page.locator(".toast-title.error").first
-        assert title.evaluate("el => getComputedStyle(el, '::before').content") == '"错误"'
-        assert title.evaluate("el => getComputedStyle(el).fontSize") == "0px"
+        assert _error_title_style(page) == {"drawn": '"错误"', "fontSize": "0px"}
         page.get_by_text("尚未加载模型。").first.wait_for()  # the header's status line
         page.reload()  # the choice is remembered
         page.get_by_role("tab", name="基线对话").wait_for()
@@ -148,7 +158,7 @@ def test_the_language_switch_relabels_the_page_and_the_server_answers_in_it(brow
         page.get_by_role("tab", name="Train").click()
         page.get_by_role("button", name="Start training").click()
         page.get_by_text("Pick a dataset first").wait_for()
-        assert page.locator(".toast-title.error").first.evaluate("el => getComputedStyle(el).fontSize") != "0px"
+        assert _error_title_style(page)["fontSize"] != "0px"
 
 
 def test_a_chinese_browser_sees_chinese_first_and_lang_forces_english(browser, workspace):
