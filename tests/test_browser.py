@@ -210,7 +210,8 @@ def test_the_provider_box_follows_the_base_url(page, workspace):
         provider.click()
         page.get_by_role("option", name="DeepSeek").click()
         page.wait_for_function("el => el.value === 'https://api.deepseek.com/v1'", arg=base_url.element_handle())
-        assert page.get_by_label("Teacher model id").input_value() == "deepseek-chat"
+        page.wait_for_function("el => el.value === 'deepseek-chat'",  # the preset's model, drawn by the same reply
+                               arg=page.get_by_label("Teacher model id").element_handle())
         page.get_by_label("Teacher model id").fill("qwen2.5:72b")
         base_url.fill("http://127.0.0.1:11434/v1/")
         page.wait_for_function("el => el.value === 'Ollama (local)'", arg=provider.element_handle())
