@@ -87,14 +87,18 @@ def _snapshot(*folders: Path) -> dict:
             if "__pycache__" not in p.parts and p.name != "events.jsonl"}
 
 
-def call_by_index(url: str, fn_index: int, data: list, timeout: float = 120) -> dict:
-    """Call one event by fn_index over raw HTTP, as the browser does; returns the final message."""
+def call_by_index(url: str, fn_index: int, data: list, timeout: float = 120, http: httpx.Client | None = None) -> dict:
+    """Call one event by fn_index over raw HTTP, as the browser does; returns the final message. Many calls share
+    one `http` client: each new one builds a TLS context, which took a third of a long walk's time here."""
+    if http is None:
+        with httpx.Client() as own:
+            return call_by_index(url, fn_index, data, timeout, own)
     session = uuid.uuid4().hex[:12]
-    joined = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
-                                                             "event_data": None, "trigger_id": None}, timeout=30)
+    joined = http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                            "event_data": None, "trigger_id": None}, timeout=30)
     if joined.status_code != 200:
         return {"msg": "refused", "status": joined.status_code, "text": joined.text}
-    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+    with http.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
         for line in stream.iter_lines():
             if line.startswith("data:"):
                 message = json.loads(line[5:])
@@ -126,6 +130,9 @@ def test_demo_mode_walks_every_endpoint_with_hostile_arguments(studio, capture):
         assert {"load", "attach_adapter", "delete_adapter", "run_report"} <= refused  # Chat's and Compare's own
         assert {d["api_name"] for d in backend if d["api_visibility"] == "public"} == {"chat", "stop", "compare"}
         defaults = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+        # the shortest reply the sliders allow: the walk is about arguments, and each of the page's 256-token
+        # replies costs the tiny model over a second here (chat's walk alone took 51 s)
+        defaults.update({c["id"]: 16 for c in config["components"] if c.get("props", {}).get("label") == "Max new tokens"})
 
         def walk(dep) -> list[str]:
             inputs = [defaults.get(i) for i in dep["inputs"]]
@@ -134,13 +141,13 @@ def test_demo_mode_walks_every_endpoint_with_hostile_arguments(studio, capture):
                          for value in ("/etc/passwd", 10**12, -1)]
             replies = []
             for data in attempts:
-                reply = call_by_index(url, dep["id"], data)
+                reply = call_by_index(url, dep["id"], data, http=http)
                 assert reply["msg"] in ("process_completed", "refused"), (dep["api_name"], reply)
                 replies.append(json.dumps(reply, ensure_ascii=False))
             return replies
 
         # the endpoints side by side, as several visitors would call them (one after another took 90 s here)
-        with ThreadPoolExecutor(max_workers=6) as pool:
+        with ThreadPoolExecutor(max_workers=6) as pool, httpx.Client() as http:
             replies = [reply for replies in pool.map(walk, backend) for reply in replies]
         # the server still answers, and still chats
         assert httpx.get(url + "config").status_code == 200
