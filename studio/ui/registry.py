@@ -286,6 +286,11 @@ class Registry:
         if args and len(args) != len(inputs_list):
             raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
         wrapped = self._wrap(fn, actions, tuple(args), label, scrub, generated)
+        if event_kwargs.get("show_progress") == "hidden":
+            # No loading status for an event that shows none: the page updates the status of every component any
+            # event ever marked on each later event, copying each one's state (the language switch marks ~200
+            # components, and every poll then cost the browser ~200 state copies)
+            event_kwargs.setdefault("show_progress_on", [])
         event = trigger(wrapped, inputs, outputs, api_name=name if name else False, **event_kwargs)
         self.entries.append(Registered(label, actions, True, event, tuple(args)))
         return event
