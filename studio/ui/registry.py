@@ -13,6 +13,7 @@ action="train", name="start_training", args=(...))`. The registry
   without a traceback; in demo mode, server paths in messages and marked outputs are cut to file names;
 - remembers the uploads each session handed to a handler and deletes them when the session ends.
 
+Events the page fires on itself (a change, the load, a selection) show no progress unless told.
 `registry.table()` lists what was registered and what was left out, for tests and for the README.
 """
 
@@ -35,6 +36,9 @@ from studio.errors import StudioError
 from studio.ui.i18n import handler_language, text, translate, translate_outputs
 
 log = logging.getLogger(__name__)
+# Events the page fires on itself (a value another event set, the page's load, a table row picked), not a press of
+# a button: their handlers read and show at once, so they show no progress unless told (an overlay only flickers)
+QUIET_TRIGGERS = ("change", "load", "select")
 _ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/)(?:[^\s/\"'`|,;()<>*]+/)+([^\s/\"'`|,;()<>*]*)")
 
 
@@ -286,6 +290,8 @@ class Registry:
         if args and len(args) != len(inputs_list):
             raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
         wrapped = self._wrap(fn, actions, tuple(args), label, scrub, generated)
+        if getattr(trigger, "event_name", None) in QUIET_TRIGGERS:
+            event_kwargs.setdefault("show_progress", "hidden")
         if event_kwargs.get("show_progress") == "hidden":
             # No loading status for an event that shows none: the page updates the status of every component any
             # event ever marked on each later event, copying each one's state (the language switch marks ~200
