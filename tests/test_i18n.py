@@ -653,3 +653,19 @@ def test_events_that_show_no_progress_mark_no_component_as_loading(services):
     assert [d["id"] for d in hidden if d["show_progress_on"] != []] == []
     shown = [d for d in dependencies if d["show_progress"] != "hidden"]
     assert shown and all(d["show_progress_on"] is None for d in shown)  # the others mark their outputs as before
+
+
+def test_the_language_switch_is_usable_once_the_load_has_set_the_language(services):
+    """A pick made before the page's load answered was overwritten by it (the switch showed English, the page
+    Chinese, the cookie English): the switch is drawn disabled and the load's last step enables it."""
+    from studio.ui.app import build_app
+    from studio.ui.i18n import LabelRegistry
+
+    app = build_app(services)
+    radio = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "language")
+    assert radio.interactive is False
+    at = LabelRegistry.collect(app).outputs.index(radio)
+    opened = handler(app, "relabel_opened")
+    for lang in ("en", "zh"):
+        assert opened(lang)[at]["interactive"] is True  # English leaves the rest alone, Chinese relabels it
+    assert "interactive" not in handler(app, "relabel")("zh")[at]  # a switch leaves it usable

@@ -39,8 +39,9 @@ def build_app(services: Services) -> gr.Blocks:
                 gr.Markdown(f"# {s['title']}")
                 gr.Markdown(s["subtitle"])
             with gr.Column(scale=1, min_width=180):
+                # usable once the load has set the page's language (a pick before it was overwritten by the load)
                 language = gr.Radio(LANGUAGE_CHOICES, value=None, label=strings("header")["language"],
-                                    elem_id="language", container=False)
+                                    elem_id="language", container=False, interactive=False)
         # a line of its own: beside the title it wrapped to four lines and split the adapter's name
         model_status = gr.Markdown(registry.scrub_text(services.manager.status().describe()), elem_id="model-status")
         with gr.Tabs() as tabs:
@@ -92,10 +93,12 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
 
     def relabel_opened(lang, *markdown_values):
         """A page opened in the language it was built in needs no new texts: every component left alone (a few
-        hundred updates cost the browser seconds of redrawing on a slow machine)."""
-        if (lang or DEFAULT) == DEFAULT:
-            return [gr.skip()] * len(labels.outputs)
-        return relabel(lang, *markdown_values)
+        hundred updates cost the browser seconds of redrawing on a slow machine). The switch becomes usable."""
+        same = (lang or DEFAULT) == DEFAULT
+        updates = [gr.skip()] * len(labels.outputs) if same else relabel(lang, *markdown_values)
+        at = labels.outputs.index(language)
+        updates[at] = gr.update(**{k: v for k, v in updates[at].items() if k != "__type__"}, interactive=True)
+        return updates
 
     inputs = [language] + labels.markdown
     specs = (LANGUAGE,) + (Text("Shown text", 100_000),) * len(labels.markdown)
