@@ -188,9 +188,10 @@ def test_a_run_of_the_history_opens_in_compare(browser, workspace):
         page.get_by_role("tab", name="Train").click()
         page.get_by_text("Runs history").filter(visible=True).click()
         page.get_by_text("facts_20261130_101500").filter(visible=True).click()
-        # the row's select event fills the run box; Open reads that box, so it waits for the value
-        page.wait_for_function("() => [...document.querySelectorAll('textarea, input')].some("
-                               "i => i.value === 'facts_20261130_101500')")
+        # the row's select event fills the history's run box; Open reads that box, so it waits for the value (not
+        # any box's: Compare's run picker may hold the same name from the page's load)
+        selected = page.get_by_label("Selected run").filter(visible=True)
+        page.wait_for_function("el => el.value === 'facts_20261130_101500'", arg=selected.element_handle())
         page.get_by_role("button", name="Open in Compare").filter(visible=True).click()
         page.get_by_role("tab", name="Compare", selected=True).wait_for()
         page.wait_for_function("() => [...document.querySelectorAll('input')].some("
