@@ -85,6 +85,10 @@ def test_training_progress_survives_a_reload(page, services, workspace):
             for label, value in (("Learning rate", "0.005"), ("Batch size", "4"), ("Epochs", "3")):
                 number = page.get_by_role("spinbutton", name=label, exact=True)
                 page.wait_for_function("([el, v]) => el.value === v", arg=[number.element_handle(), value])
+            # a row's boxes line up although one label wraps to two lines
+            boxes = [page.get_by_role("spinbutton", name=label, exact=True).bounding_box()["y"] for label in
+                     ("Max length (tokens)", "Checkpoint every N steps (0 = never)", "Held-out phrasings per group")]
+            assert max(boxes) - min(boxes) < 2, boxes
             page.reload()
         # the template guard follows the language switch (it kept the language it was drawn in)
         page.get_by_role("tab", name="Train").click()

@@ -29,6 +29,7 @@ SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_ac
                   "save_every", "heldout_per_group", "seed", "gradient_checkpointing", "packing",
                   "checkpoint_fraction", "liger_kernels", "dequantize_base", "compile_layers", "cuda_graphs",
                   "early_stop_patience")
+INPUTS_LEVEL = "inputs-level"  # a row whose boxes line up at the bottom when one label wraps (assets/studio.css)
 SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_FIELDS}
 # Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
@@ -112,15 +113,15 @@ class TrainTab:
             self.preset = gr.Dropdown([(s[f"preset_name_{key}"], key) for key in PRESETS], value="tutorial",
                                       label=s["preset"], elem_classes=[FIXED_CHOICES])  # relabelled in Chinese
             self.preset_note = gr.Markdown(s["preset_tutorial"])
-            with gr.Row():
+            with gr.Row(elem_classes=[INPUTS_LEVEL]):
                 lr = gr.Number(d.learning_rate, label=s["lr"])
                 epochs = gr.Number(d.epochs, label=s["epochs"])
                 max_steps = gr.Number(d.max_steps, label=s["max_steps"], precision=0)
-            with gr.Row():
+            with gr.Row(elem_classes=[INPUTS_LEVEL]):
                 batch = gr.Number(d.batch_size, label=s["batch"], precision=0)
                 accum = gr.Number(d.grad_accum, label=s["accum"], precision=0)
                 warmup = gr.Number(d.warmup_ratio, label=s["warmup"])
-            with gr.Row():
+            with gr.Row(elem_classes=[INPUTS_LEVEL]):
                 max_length = gr.Number(d.max_length, label=s["max_length"], precision=0)
                 save_every = gr.Number(d.save_every, label=s["save_every"], precision=0)
                 self.heldout = gr.Number(d.heldout_per_group, label=s["heldout"], precision=0)
