@@ -133,7 +133,7 @@ class TrainTab:
                                    minimum=0)
             speed = self._speed_switches(d)
             with gr.Row():
-                self.document_rows = gr.Checkbox(False, label=s["document_rows"])
+                self.document_rows = gr.Checkbox(False, label=s["document_rows"], info=s["document_rows_info"])
                 self.document_file = gr.Dropdown(self.catalog.ids("documents"), value=None, label=s["document_file"],
                                                  allow_custom_value=False, scale=2)
             self.estimate_btn = gr.Button(s["estimate"], size="sm")
