@@ -644,7 +644,7 @@ def test_a_job_panel_polls_fast_only_while_its_job_has_news():
 def test_events_that_show_no_progress_mark_no_component_as_loading(services):
     """The page updates the loading status of every component any event has marked, on each later event, copying
     each one's state: the language switch (about 200 outputs) made every later poll cost the browser about 200
-    copies (a switch took 9 s here, 4 with this). An event that shows no progress marks nothing."""
+    copies. An event that shows no progress marks nothing."""
     from studio.ui.app import build_app
 
     dependencies = build_app(services).get_config_file()["dependencies"]
