@@ -91,13 +91,15 @@ def _wire_language(app: gr.Blocks, services: Services, registry: Registry, langu
     def relabel(lang, *markdown_values):
         return labels.updates(lang or "en", markdown_values)
 
+    switch_at = labels.outputs.index(language)
+
     def relabel_opened(lang, *markdown_values):
         """A page opened in the language it was built in needs no new texts: every component left alone (a few
         hundred updates cost the browser seconds of redrawing on a slow machine). The switch becomes usable."""
         same = (lang or DEFAULT) == DEFAULT
         updates = [gr.skip()] * len(labels.outputs) if same else relabel(lang, *markdown_values)
-        at = labels.outputs.index(language)
-        updates[at] = gr.update(**{k: v for k, v in updates[at].items() if k != "__type__"}, interactive=True)
+        kept = {k: v for k, v in updates[switch_at].items() if k != "__type__"}
+        updates[switch_at] = gr.update(**kept, interactive=True)
         return updates
 
     inputs = [language] + labels.markdown
