@@ -55,7 +55,14 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
         page.wait_for_function("() => !document.querySelector('.generating')", timeout=60_000)
         preview = page.locator("#prompt-preview textarea").input_value()
         assert "<|im_start|>user\n我该怎么成为守灯人？<|im_end|>" in preview
-        page.screenshot(path="/tmp/chat.png", full_page=True)
+        # a second turn: the page sends the first back as history, in the shape its chatbot keeps
+        page.get_by_role("textbox", name="Message", exact=True).fill("灯贝是什么？")
+        page.get_by_role("button", name="Send").click()
+        page.wait_for_function("() => document.querySelector('#prompt-preview textarea').value.includes('灯贝是什么')",
+                               timeout=60_000)
+        page.wait_for_function("() => !document.querySelector('.generating')", timeout=60_000)
+        preview = page.locator("#prompt-preview textarea").input_value()
+        assert preview.index("我该怎么成为守灯人？") < preview.index("<|im_start|>assistant") < preview.index("灯贝是什么？")
         page.get_by_text("Ready: ").wait_for()
         page.reload()  # a reloaded page shows the loaded model, not "No model loaded"
         wait_or_explain(page, page.get_by_text(f"Loaded {tiny_model_dir} (4-bit NF4) on cpu."), services)

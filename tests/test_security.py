@@ -684,3 +684,56 @@ def test_signed_in_visitors_load_hub_ids_and_the_owners_models_never_other_serve
 
     with pytest.raises(gr.Error, match="signed-in visitors load hub ids"):
         load(str(secret), "4bit", progress=lambda *a, **k: None)
+
+
+def test_files_named_by_url_are_never_fetched_and_gradios_extra_routes_are_closed(studio, workspace):
+    """Gradio downloads a file object whose path is a URL (of any size, kept on disk, its server path
+    answered) before any handler runs, and its older /file/<...> route fetches URLs too: the guard refuses
+    both in every mode, whatever case or JSON escapes the URL is written in."""
+    remote = "http://1.2.3.4:8081/big.md"  # a public address: Gradio's own check only refuses private ones
+    file_part = {"path": remote, "url": remote, "meta": {"_type": "gradio.FileData"}}
+    history = [{"role": "user", "content": [{"type": "file", "file": file_part}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    demo = Services(manager=studio["manager"], paths=studio["paths"], policy=AccessPolicy.demo())
+    with launched(demo) as url, httpx.Client() as http:
+        config = http.get(url + "config").json()
+        chat = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
+        refused = call_by_index(url, chat, ["hi", history, "s", "", 16, 0, 1, 1], http=http)
+        escaped = http.post(url + "gradio_api/queue/join", headers={"content-type": "application/json"},
+                            content=json.dumps({"data": ["hi", history], "fn_index": chat, "session_hash": "x"})
+                            .replace("http://", "\\u0048TTP:\\/\\/"))
+        routes = {route: http.get(url + route).status_code for route in (
+            f"gradio_api/file/{remote}", "gradio_api/file=HTTPS://1.2.3.4/x", "gradio_api/file//etc/passwd",
+            "openapi.json", "monitoring/summary")}
+        local_part = call_by_index(url, chat, ["hi", [{"role": "user", "content": [
+            {"type": "file", "file": {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}}]}],
+            "s", "", 16, 0, 1, 1], http=http)
+    assert refused["status"] == 403 and "A file given by URL is not fetched" in refused["text"], refused
+    assert escaped.status_code == 403 and "A file given by URL" in escaped.text
+    assert routes == {f"gradio_api/file/{remote}": 403, "gradio_api/file=HTTPS://1.2.3.4/x": 403,
+                      "gradio_api/file//etc/passwd": 403, "openapi.json": 404, "monitoring/summary": 403}, routes
+    assert local_part.get("success") is False and PASSWD_LINE not in json.dumps(local_part)
+    with pytest.raises(BadArgument, match="a message may hold text only"):
+        History("Chat history").check([{"role": "user", "content": [{"type": "file", "file": {"path": "x"}}]}], None)
+    assert History("Chat history").check([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                          {"role": "assistant", "content": "ok"}], None)
+    owner = Services(manager=ModelManager(), paths=workspace)  # uploads allowed: the document box takes a file
+    with launched(owner) as url, httpx.Client() as http:
+        split = next(d["id"] for d in http.get(url + "config").json()["dependencies"] if d.get("api_name") == "split")
+        document = call_by_index(url, split, [file_part, None, 100, 3000, ["##", "###"]], http=http)
+    assert document["status"] == 403 and "A file given by URL" in document["text"], document
+
+
+def test_the_guard_tells_urls_from_file_paths():
+    from studio.ui.guard import fetch_route, remote_file_in
+
+    for path in ("/gradio_api/file=http://h/x", "/gradio_api/file= HtTp://h/x", "/gradio_api/file=//h/x",
+                 "/gradio_api/file=ftp://h/x", "/gradio_api/file/x", "/file/http://h/x"):
+        assert fetch_route(path), path
+    for path in ("/gradio_api/file=/tmp/gradio/ab/notes.md", "/gradio_api/file=C:/gradio/notes.md",
+                 "/gradio_api/file=/tmp/gradio/file/x.md", "/gradio_api/queue/join", "/v1/chat/completions"):
+        assert not fetch_route(path), path
+    assert remote_file_in(b'{"data": [[{"x": {"path": "\\u0068ttps:\\/\\/h/x"}}]]}') == "https://h/x"
+    assert remote_file_in(b'{"data": [{"path": "/tmp/gradio/ab/notes.md", "url": "http://127.0.0.1/file=x"}]}') is None
+    assert remote_file_in(b'{"data": [{"path": "C:\\\\Temp\\\\gradio\\\\notes.md"}]}') is None
+    assert remote_file_in(b"not json") is None and remote_file_in(b"[" * 100_000) is None

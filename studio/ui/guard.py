@@ -7,7 +7,10 @@
   request larger than the size limit (Gradio checks the size too, but accepts any file type).
 - The login page (served before a login) carries no endpoint list: Gradio embeds its API description
   in every page, the login page included.
-- `/file=<http URL>` is refused: Gradio would fetch the URL from the server.
+- A file named by URL is refused wherever it comes: `/file=<URL>` and Gradio's older `/file/<...>` route
+  (Gradio would fetch the URL from the server and serve it back), and a file object whose `path` is a URL
+  inside an event's JSON body (Gradio downloads it, of any size, before a handler of the studio can check
+  it). The page itself only ever sends files it uploaded, by their place in Gradio's upload folder.
 - Every other request body is bounded too (an event's inputs: a chat history, a dataset table): at most
   the upload limit plus 1 MB, 2 MB in demo mode, where only chat and compare are served. In demo mode a
   JSON body of more than 20,000 values is refused as well: Gradio checks a chat history's shape before
@@ -36,6 +39,8 @@ from studio.http_body import SlowBody, body_within, json_values_over
 from studio.http_origin import FRAME_HEADERS, local_request_problem
 from studio.ui.i18n import COOKIE, pick_language, text
 
+# a URL's scheme (two letters at least: `C:` is a Windows drive) or a bare //host
+_REMOTE = re.compile(r"^\s*(?:[a-z][a-z0-9+.\-]+:|[/\\]{2})", re.IGNORECASE)
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
 _FILENAME = re.compile(rb'filename\*?=(?:"([^"]*)"|([^;\r\n]*))', re.IGNORECASE)
 
@@ -67,6 +72,33 @@ class LoginThrottle:
     def succeeded(self, client: str) -> None:
         with self._lock:
             self._failures.pop(client, None)
+
+
+def fetch_route(path: str) -> bool:
+    """Whether a request path asks Gradio for a file by URL (`/file=<URL>`) or through its older `/file/<...>`
+    route, which fetches URLs too."""
+    head, marker, rest = path.partition("/file=")
+    return bool(marker and _REMOTE.match(rest)) or re.search(r"(?:^|/)file/", head) is not None
+
+
+def remote_file_in(body: bytes) -> str | None:
+    """The first URL a JSON body gives as a file's `path` (Gradio would download it before any handler runs),
+    else None. Every object with a `path` counts, with or without Gradio's file marker."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the app refuses it as well
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and _REMOTE.match(path):
+                return path
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def _is_multipart(scope) -> bool:
@@ -217,7 +249,7 @@ class StudioGuard:
     async def _route(self, scope, receive, send):
         path, method = scope.get("path", ""), scope.get("method", "GET")
         tail = path.rstrip("/").rsplit("/", 1)[-1]
-        if "/file=http:" in path or "/file=https:" in path or "/file=//" in path:
+        if fetch_route(path):
             return await _reply(send, 403, self._say(scope, "guard_no_fetch"))
         repeated = _repeated_header(scope)
         if repeated:
@@ -274,6 +306,8 @@ class StudioGuard:
                                                      size=f"{self.max_body_bytes / 2**20:g}"))
         if self.max_json_values and json_values_over(body, self.max_json_values):
             return await _reply(send, 413, self._say(scope, "guard_json_values", most=f"{self.max_json_values:,}"))
+        if not _is_multipart(scope) and remote_file_in(body) is not None:
+            return await _reply(send, 403, self._say(scope, "guard_file_url"))
         await self.app(scope, _replaying(body, receive), send)
 
     # ----- uploads -----------------------------------------------------------------------------

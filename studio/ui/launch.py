@@ -30,7 +30,8 @@ def launch_options(services, *, logins: list[tuple[str, str]] | None = None,
                               # parser's echo of a hostile input) does not reach the page
         "footer_links": [] if demo else ["api"],
         "max_file_size": max_bytes,
-        "app_kwargs": {"middleware": [guard]},
+        "app_kwargs": {"middleware": [guard], "openapi_url": None},  # no route list outside the login
+        "enable_monitoring": False,  # Gradio's /monitoring routes: per-event counts, and no login on some
         "css_paths": [CSS],
     }
 

@@ -158,6 +158,16 @@ def _text_size(value, depth: int = 0) -> int:
     return len(str(value)) if value is not None else 0
 
 
+def _text_only(content) -> bool:
+    """Whether a chat message's content is text: a string, or a list of strings and text parts."""
+    if content is None or isinstance(content, str):
+        return True
+    if isinstance(content, (list, tuple)):
+        return all(isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"
+                                             and isinstance(part.get("text", ""), str)) for part in content)
+    return False
+
+
 @dataclass(frozen=True)
 class History:
     """A chat's earlier turns as the chatbot sends them back: at most `max_messages` messages of the user
@@ -179,6 +189,9 @@ class History:
             role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
             if role not in ("user", "assistant"):
                 raise BadArgument(f"{self.label}: a message's role must be user or assistant (got {str(role)[:20]}).")
+            content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+            if not _text_only(content):  # a file part would be answered with its path on the server
+                raise BadArgument(f"{self.label}: a message may hold text only.")
         total = _text_size(value)
         if total > self.max_chars:
             raise BadArgument(f"{self.label} is too long ({total:,} characters; at most {self.max_chars:,}).")
@@ -196,15 +209,15 @@ class Upload:
         if value in (None, ""):
             return None
         path = Path(str(value))
-        if path.suffix.lower() not in self.suffixes:
-            raise BadArgument(f"{self.label}: only {', '.join(self.suffixes)} files are accepted.")
         try:
             size = path.stat().st_size
         except OSError:
             raise BadArgument(f"{self.label}: the upload is gone; upload it again.") from None
+        ctx.remember_upload(path)  # deleted with the session, a refused file too
+        if path.suffix.lower() not in self.suffixes:
+            raise BadArgument(f"{self.label}: only {', '.join(self.suffixes)} files are accepted.")
         if size > ctx.max_upload_bytes:
             raise BadArgument(f"{self.label}: the file is larger than {ctx.max_upload_bytes / 2**20:g} MB.")
-        ctx.remember_upload(path)
         return str(path)
 
 
