@@ -43,6 +43,14 @@ def test_chat_in_a_real_browser(page, workspace, tiny_model_dir, tmp_path):
     with launched(services) as url:
         page.goto(url)
         page.get_by_role("tab", name="Baseline Chat").click()
+        # a question before any model is loaded: refused in a message box; the question stays, usable
+        message = page.get_by_role("textbox", name="Message", exact=True)
+        message.fill("还没加载模型")
+        page.get_by_role("button", name="Send").click()
+        page.get_by_text("No model loaded").first.wait_for()
+        page.wait_for_timeout(500)  # the failed event's status reaches its outputs after the message box
+        message.click(timeout=5_000)  # fails while an "Error" panel covers the box and takes its clicks
+        assert message.input_value() == "还没加载模型" and not page.locator(".clear-status").filter(visible=True).count()
         model_box = page.get_by_label("Base model (hub id or local folder)")
         model_box.fill(str(tiny_model_dir))
         model_box.press("Enter")

@@ -384,6 +384,10 @@ def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
     services = Services(manager=manager, paths=trained["paths"])
     stop = handler(services, "stop_report")
     assert stop() == "No report is running."
+    run_report = handler(services, "report")
+    with pytest.raises(Exception, match="Upload a JSONL file of questions first"):  # not the held-out set in its place
+        run_report(run.name, "upload", None, False, SAMPLE_DOC.name, 1, "greedy", 16, "", "", "")
+    assert services.jobs.latest(service.JOB_KIND) is None
     reports_before = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
     job = service.start_report(services.jobs, manager, run, None, str(SAMPLE_DOC), GenerationSettings.greedy(64))
     while job.running and not job.latest("progress"):

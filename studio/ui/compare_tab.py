@@ -351,7 +351,9 @@ class CompareTab:
 
     def _report_questions(self, folder: Path, source, upload_path) -> tuple[list[dict] | None, str]:
         """The chosen question set: the run's exam, its held-out phrasings, or an uploaded file."""
-        if source == "upload" and upload_path:
+        if source == "upload":  # without a file: said so, not another question set scored in its place
+            if not upload_path:
+                raise StudioError(self.s["no_upload"])
             return read_dataset(upload_path), "uploaded"
         if source == "exam":
             exam = service.run_exam(folder)
