@@ -174,6 +174,10 @@ def test_cancel_stops_and_a_rerun_completes(workspace, small_doc):
         assert job.status is JobStatus.CANCELLED
         made = len(slow.hits)
         assert made < 8
+        # the progress line counts the calls answered, not those the cancel stopped; the rows kept say partial
+        progress = job.latest("progress")
+        assert progress["done"] == made < progress["total"], progress
+        assert "_partial_dataset_" in Path(job.result["dataset_path"]).name
         again = build(workspace, small_doc, slow, variants=2)
         assert again.result["rows"] == 12
         assert len(slow.hits) - made == 8 - made

@@ -94,8 +94,9 @@ def test_a_costly_build_shows_its_cost_and_starts_on_a_second_click(workspace, t
         assert first.startswith("**Not started yet.** Cost before retries: 19 sections -> 247 teacher calls")
         assert teacher.hits == [] and services.jobs.latest("dataset") is None
         assert client.predict(*inputs, api_name="/build_dataset") == "Build started: costly."
-        services.jobs.latest("dataset").cancel()
+        assert client.predict(api_name="/cancel_build").startswith("Cancel requested")
         services.jobs.wait(services.jobs.latest("dataset"), 60)
+        assert client.predict(api_name="/cancel_build") == "No build is running."  # not "cancel requested" again
 
 
 def test_import_reports_file_and_line(workspace, tmp_path):

@@ -274,7 +274,7 @@ class DatasetBuild:
         self._first_failure = ""
         self._pairs: dict[int, list[dict]] = {}
         self._paraphrases: dict[str, list[str]] = {}
-        self._done = self._total = 0
+        self._done = self._total = self._not_made = 0
         self._fatal: TeacherCallError | None = None  # a failure no retry can fix (e.g. a web page as the base URL)
 
     # ----- prompts and keys ------------------------------------------------------------------
@@ -346,7 +346,10 @@ class DatasetBuild:
         except TeacherCallError as exc:
             if exc.reason in FATAL_REASONS:
                 self._fatal = self._fatal or exc
-            if exc.reason != "cancelled":
+            if exc.reason == "cancelled":  # never answered: not counted as done in the progress line
+                with self._lock:
+                    self._not_made += 1
+            else:
                 with self._lock:
                     self._failures[exc.reason] += 1
                     self._first_failure = self._first_failure or str(exc)
@@ -445,8 +448,9 @@ class DatasetBuild:
         return new
 
     def _report(self, job: Job) -> None:
-        job.emit("progress", f"{self._done}/{self._total} calls done, {sum(self._failures.values())} failed",
-                 done=self._done, total=self._total, failed=sum(self._failures.values()))
+        done = self._done - self._not_made
+        job.emit("progress", f"{done}/{self._total} calls done, {sum(self._failures.values())} failed",
+                 done=done, total=self._total, failed=sum(self._failures.values()))
 
     # ----- outputs -----------------------------------------------------------------------------
     def rows(self) -> tuple[list[dict], list[dict]]:
@@ -531,7 +535,8 @@ class DatasetBuild:
             job.log("Nothing was written: no call produced a usable pair.")
             return
         names = ("base", "dataset") + (("exam",) if self.settings.exam > 0 else ())
-        paths = stamped(*(self.data_dir / f"{self.name}_{kind}_{{stamp}}.jsonl" for kind in names))
+        name = f"{self.name}_partial" if self.result.cancelled else self.name  # kept, and named for what it is
+        paths = stamped(*(self.data_dir / f"{name}_{kind}_{{stamp}}.jsonl" for kind in names))
         base_path, dataset_path = paths[:2]
         write_jsonl_atomic(base_path, base_rows)
         write_jsonl_atomic(dataset_path, rows)

@@ -348,8 +348,9 @@ class DatasetTab:
 
     def cancel(self):
         job = self.board.latest(JOB_KIND)
-        if job is not None and job.running:
-            job.cancel()
+        if job is None or not job.running:  # a finished build is not "being cancelled"
+            return self.s["no_build"]
+        job.cancel()
         return self.s["cancelled"]
 
     def on_finished(self, job):
