@@ -669,3 +669,18 @@ def test_the_language_switch_is_usable_once_the_load_has_set_the_language(servic
     for lang in ("en", "zh"):
         assert opened(lang)[at]["interactive"] is True  # English leaves the rest alone, Chinese relabels it
     assert "interactive" not in handler(app, "relabel")("zh")[at]  # a switch leaves it usable
+
+
+def test_nothing_picked_is_said_so_in_the_page_language(workspace):
+    """Resume with no run picked said "unknown run 'None'"; it asks for a pick, in either language."""
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.registry import BadArgument, Id
+
+    resume = handler(Services(manager=ModelManager(), paths=workspace), "resume")
+    for nothing in (None, ""):
+        with pytest.raises(Exception, match=r"Pick a run from the list first\."):
+            resume(nothing)
+    with pytest.raises(BadArgument, match="unknown run 'nope'"):
+        Id("Run", "runs").check("nope", type("Ctx", (), {"ids": lambda self, kind: []})())
+    assert translate("Pick a dataset from the list first.", "zh") == "请先从列表中选择一个数据集。"

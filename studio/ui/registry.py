@@ -127,6 +127,8 @@ class Id:
             return value
         if isinstance(value, str) and value in ctx.ids(self.kind):
             return value
+        if value in (None, ""):  # nothing picked: said so, not "unknown run 'None'"
+            raise BadArgument(f"Pick a {self.kind.rstrip('s')} from the list first.")
         raise BadArgument(f"unknown {self.kind.rstrip('s')} '{Path(str(value)[:60]).name}': pick one from the list.")
 
 

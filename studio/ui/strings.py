@@ -306,7 +306,7 @@ EN = {
         "job_running": "running",
         "job_done": "done",
         "job_failed": "failed",
-        "job_cancelled": "cancelled",
+        "job_cancelled": "stopped",  # the same word as the runs history and the adapters table
         "job_started": "started",
     },
     "messages": {
@@ -609,6 +609,7 @@ EN = {
         "arg_list": "{label}: a list is needed.",
         "arg_choice": "{label}: unknown choice '{value}'.",
         "arg_unknown_id": "unknown {kind} '{name}': pick one from the list.",
+        "arg_pick_first": "Pick a {kind} from the list first.",
         "arg_text": "{label}: text is needed.",
         "arg_flag": "{label}: true or false is needed (got {value}).",
         "arg_too_long": "{label} is too long ({count} characters; at most {most}).",
@@ -1128,7 +1129,7 @@ ZH = {
         "job_running": "运行中",
         "job_done": "完成",
         "job_failed": "失败",
-        "job_cancelled": "已取消",
+        "job_cancelled": "已停止",
         "job_started": "已开始",
     },
     "messages": {
@@ -1380,6 +1381,7 @@ ZH = {
         "arg_list": "{label}：需要一个列表。",
         "arg_choice": "{label}：未知选项 '{value}'。",
         "arg_unknown_id": "未知的{kind} '{name}'：请从列表中选择。",
+        "arg_pick_first": "请先从列表中选择一个{kind}。",
         "arg_text": "{label}：需要文本。",
         "arg_flag": "{label}：需要 true 或 false（收到的是 {value}）。",
         "arg_too_long": "{label} 太长（{count} 个字符；最多 {most} 个）。",
