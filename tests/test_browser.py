@@ -217,13 +217,24 @@ def test_a_run_of_the_history_opens_in_compare(browser, workspace):
                                "i => i.value.endsWith('facts_20261130_101500'))")
 
 
-def test_the_provider_box_follows_the_base_url(page, workspace):
+def test_the_provider_box_follows_the_base_url(page, workspace, tmp_path):
     """A base URL typed by hand shows as the custom choice (the box never names a service the URL is not); a
-    preset picked fills both boxes; a preset's URL typed by hand names that preset again."""
+    preset picked fills both boxes; a preset's URL typed by hand names that preset again. Before that: an
+    empty document is said once, and the sample's sections and cost no longer show beside it."""
     services = Services(manager=ModelManager(), paths=workspace)
+    (tmp_path / "empty.md").write_bytes(b"")
     with launched(services) as url:
         page.goto(url)
         page.get_by_role("tab", name="Dataset Builder").click()
+        page.get_by_text("19 sections, ").wait_for()
+        page.get_by_text("Cost before retries").wait_for()
+        upload = page.locator(".block", has=page.get_by_text("Document (.md or .txt)", exact=True))
+        upload.locator("input[type=file]").set_input_files(str(tmp_path / "empty.md"))
+        page.get_by_text("The document could not be split (the message box says why).").wait_for()
+        page.wait_for_timeout(1500)  # the cost and prompt events of the same upload have answered by now
+        assert page.locator(".toast-title.error").count() == 1  # the split's, not one per event of the upload
+        assert "empty.md" in page.locator(".toast-body").first.inner_text()
+        assert not page.get_by_text("19 sections, ").count() and not page.get_by_text("Cost before retries").count()
         provider, base_url = page.get_by_label("Provider preset"), page.get_by_label("Base URL (OpenAI-compatible)")
         base_url.fill("http://10.0.0.5:9000/v1")
         page.wait_for_function("el => el.value === 'Other (the base URL below)'", arg=provider.element_handle())

@@ -183,3 +183,12 @@ def test_an_upload_with_no_section_is_named_and_not_kept(workspace, teacher, tmp
                                                DEFAULT_PAIR_PROMPT, DEFAULT_PARAPHRASE_PROMPT, 0.2, 600, 3, 10,
                                                "tutorial", 0, api_name="/build_dataset")
     assert not (workspace.data_dir / "short.md").exists() and teacher.hits == []
+
+
+def test_a_document_without_sections_says_how_to_get_some(workspace):
+    split = handler(Services(manager=ModelManager(), paths=workspace), "split")
+    message, table = split(None, SAMPLE_DOC.name, 100_000, 200_000, ["##", "###"])
+    assert message == "No section of at least 100000 characters: lower the shortest section length, or give the " \
+                      "document ## headings." and len(table) == 0
+    message, table = split(None, SAMPLE_DOC.name, 100, 3000, ["##", "###"])
+    assert message.startswith("19 sections") and len(table) == 19

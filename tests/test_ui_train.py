@@ -102,3 +102,11 @@ def test_the_trainable_share_is_the_new_adapters_whatever_is_attached(tiny_model
     assert f"({count / (base + count):.3%} of base and adapter together" in before, before
     _attach_random_adapter(manager, "other", ["q_proj", "k_proj", "v_proj", "o_proj"], seed=1)
     assert shown(["q_proj", "v_proj"], 8) == before
+
+
+def test_a_rank_out_of_range_is_said_where_the_count_goes(services):
+    """Typed rank by rank, a message box each time (and another from Start, with another range) said it twice."""
+    count = handler(services, "count_trainable")
+    assert count(["q_proj"], 100000) == "LoRA rank must be between 1 and 512 (got 100000)."
+    assert count(["q_proj"], 0) == "LoRA rank must be between 1 and 512 (got 0)."
+    assert count(["q_proj"], "") == "" and "of base and adapter together" in count(["q_proj"], 8)

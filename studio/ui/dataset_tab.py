@@ -186,11 +186,15 @@ class DatasetTab:
                action="build_dataset", args=(Choice("Provider", tuple(PROVIDER_PRESETS) + (CUSTOM_PROVIDER,)),))
         reg.on(self.base_url.change, provider_of, self.base_url, self.provider, action="build_dataset",
                args=(Text("Base URL", 500),), show_progress="hidden")
-        reg.on(self.split_btn.click, self.split, split_inputs, split_outputs, action="read_files", name="split",
-               args=split_args)
-        reg.on(self.upload.change, self.split, split_inputs, split_outputs, action=("read_files", "upload"),
-               args=split_args)
-        reg.on(self.doc_path.input, self.split, split_inputs, split_outputs, action="read_files", args=split_args)
+        splits = [reg.on(self.split_btn.click, self.split, split_inputs, split_outputs, action="read_files",
+                         name="split", args=split_args),
+                  reg.on(self.upload.change, self.split, split_inputs, split_outputs, action=("read_files", "upload"),
+                         args=split_args),
+                  reg.on(self.doc_path.input, self.split, split_inputs, split_outputs, action="read_files",
+                         args=split_args)]
+        for split in filter(None, splits):  # a document that could not be read shows no other one's sections
+            reg.on(split.failure, self.not_split, None, split_outputs + [self.cost], action="read_files",
+                   show_progress="hidden")
         reg.on(self.test_btn.click, self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout],
                self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
         reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
@@ -198,16 +202,17 @@ class DatasetTab:
         cost_args = split_args + (NumOrWord("Questions per section", 1, 50), Num("Rephrasings", 0, 30, True)) + \
             knowledge_args
         self.cost_events = (split_inputs + [self.per_section, self.variants, self.style, self.exam], self.cost, cost_args)
-        for trigger in (self.split_btn.click, self.upload.change, self.per_section.change, self.variants.change,
-                        self.style.change, self.exam.change, self.doc_path.input):
+        for trigger in (self.split_btn.click, self.upload.change, self.doc_path.input):  # the split says a problem
+            reg.on(trigger, self.show_cost, *self.cost_events[:2], action="read_files", args=cost_args, quiet=True)
+        for trigger in (self.per_section.change, self.variants.change, self.style.change, self.exam.change):
             reg.on(trigger, self.show_cost, *self.cost_events[:2], action="read_files", args=cost_args)
         reg.on(self.cancel_btn.click, self.cancel, None, self.panel.message, action="build_dataset", name="cancel_build")
         prompts = [self.system_prompt, self.paraphrase_prompt]
         prompt_args = split_args[:2] + (Choice("Style", tuple(STYLES)), Text("System prompt"), Text("Paraphrase prompt"))
         self.prompt_events = (split_inputs[:2] + [self.style] + prompts, prompts, prompt_args)
-        for trigger in (self.style.change, self.upload.change, self.doc_path.change):
+        for trigger, quiet in ((self.style.change, False), (self.upload.change, True), (self.doc_path.change, True)):
             reg.on(trigger, self.prompts_sent, *self.prompt_events[:2], action="read_files", show_progress="hidden",
-                   args=prompt_args)
+                   args=prompt_args, quiet=quiet)  # quiet where the split says the document's problem
         reg.on(self.open_btn.click, self.open_dataset, self.dataset_pick, preview_outputs + [self.preview_source],
                action="read_files", name="open_dataset", args=(Id("Dataset", "datasets"),))
         reg.on(self.import_file.upload, self.import_rows, self.import_file,
@@ -289,7 +294,13 @@ class DatasetTab:
                                _split_settings(low, high, levels))
         table = pd.DataFrame([[x.index, x.heading, x.chars, x.first_line] for x in found],
                              columns=[column(c, lang or page_language()) for c in SECTION_COLUMNS])
+        if not found:
+            return self.s["sections_none"].format(low=int(low)), table
         return self.s["sections_found"].format(count=len(found), chars=sum(x.chars for x in found)), table
+
+    def not_split(self):
+        """After a failed split: no sections and no cost of another document (the message box says why)."""
+        return self.s["sections_failed"], pd.DataFrame(columns=[column(c, page_language()) for c in SECTION_COLUMNS]), ""
 
     def wire_language(self, language: gr.Radio) -> None:
         """The sections table's headers follow the page's language: on load (the language is set then) and on

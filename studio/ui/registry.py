@@ -69,12 +69,18 @@ class Num:
         except (TypeError, ValueError):
             raise BadArgument(f"{self.label}: a number is needed (got {str(value)[:40]!r}).") from None
         if not math.isfinite(number) or not self.lo <= number <= self.hi:
-            raise BadArgument(f"{self.label} must be between {self.lo:g} and {self.hi:g} (got {str(value)[:40]}).")
+            raise BadArgument(f"{self.label} must be between {_bound(self.lo)} and {_bound(self.hi)} "
+                              f"(got {str(value)[:40]}).")
         if self.integer:
             if number != int(number):
                 raise BadArgument(f"{self.label} must be a whole number (got {value}).")
             return int(number)
         return number
+
+
+def _bound(number: float) -> str:
+    """A range's end as a person writes it: 1,000,000 rather than 1e+06."""
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,12 @@ class NumOrWord:
     def check(self, value, ctx):
         if isinstance(value, str) and value.strip().lower() in self.words:
             return value.strip().lower()
-        return str(Num(self.label, self.lo, self.hi, integer=True).check(value, ctx))
+        try:
+            return str(Num(self.label, self.lo, self.hi, integer=True).check(value, ctx))
+        except BadArgument:
+            words = " or ".join(word for word in self.words if word)
+            raise BadArgument(f"{self.label}: a whole number from {self.lo} to {self.hi}, or {words}, is needed "
+                              f"(got {str(value)[:40]!r}).") from None
 
 
 @dataclass(frozen=True)
@@ -288,12 +299,14 @@ class Registry:
 
     def on(self, trigger: Callable, fn: Callable, inputs=None, outputs=None, *, action: str | tuple[str, ...],
            name: str | None = None, args: tuple = (), scrub: bool = False, generated: bool = False,
-           **event_kwargs):
+           quiet: bool = False, **event_kwargs):
         """Register `fn` on `trigger` (a bound event such as `button.click`) unless the policy forbids `action`.
 
         `name` becomes the api_name (None: a hidden endpoint, still callable by fn_index, still checked).
         `args` holds one spec per input. `generated`: the handler returns what the model wrote, shown
-        exactly as written (never translated); its errors are still translated.
+        exactly as written (never translated); its errors are still translated. `quiet`: a refusal or
+        failure leaves the outputs as they are and shows no message box, for an event that shares its
+        trigger and its inputs with one that says the same problem (one message box, not three).
         Returns the event (for `cancels=`/`.then`) or None if left out.
         """
         actions = (action,) if isinstance(action, str) else tuple(action)
@@ -304,7 +317,8 @@ class Registry:
         inputs_list = inputs if isinstance(inputs, (list, tuple)) else ([] if inputs is None else [inputs])
         if args and len(args) != len(inputs_list):
             raise ValueError(f"{label}: {len(inputs_list)} inputs but {len(args)} argument specs")
-        wrapped = self._wrap(fn, actions, tuple(args), label, scrub, generated)
+        outputs_list = outputs if isinstance(outputs, (list, tuple)) else ([] if outputs is None else [outputs])
+        wrapped = self._wrap(fn, actions, tuple(args), label, scrub, generated, len(outputs_list) if quiet else None)
         if getattr(trigger, "event_name", None) in QUIET_TRIGGERS:
             event_kwargs.setdefault("show_progress", "hidden")
         if event_kwargs.get("show_progress") == "hidden":
@@ -384,10 +398,23 @@ class Registry:
                 args[index] = spec.check(args[index], self)
         return tuple(args)
 
-    def _wrap(self, fn, actions, specs, label, scrub, generated=False):
+    def _wrap(self, fn, actions, specs, label, scrub, generated=False, quiet_outputs: int | None = None):
         """The handler behind the policy and argument checks; its messages and errors in the page's language
-        (what the model generated is shown exactly as written)."""
+        (what the model generated is shown exactly as written). With `quiet_outputs` (the number of outputs),
+        a failure skips them all instead of raising."""
         scrub_value = self._scrub_value if (scrub and self.demo) else (lambda value: value)
+        if quiet_outputs is not None:
+            if inspect.isgeneratorfunction(fn):
+                raise ValueError(f"{label}: a streaming handler cannot be quiet")
+            checked = self._wrap(fn, actions, specs, label, scrub, generated)
+
+            @functools.wraps(fn)
+            def quiet_wrapper(*args, **kwargs):
+                try:
+                    return checked(*args, **kwargs)
+                except Exception:  # noqa: BLE001 - the event beside it on the same trigger shows the message
+                    return gr.skip() if quiet_outputs == 1 else tuple(gr.skip() for _ in range(quiet_outputs))
+            return quiet_wrapper
 
         def finish(value, lang: str):
             value = scrub_value(value)

@@ -22,7 +22,7 @@ from studio.train.split import split_heldout
 from studio.ui.common import job_panel
 from studio.ui.history_panel import HistoryPanel
 from studio.ui.i18n import FIXED_CHOICES, text as table_text, translate
-from studio.ui.registry import ANY, Choice, Flag, Id, Num, Text, page_language
+from studio.ui.registry import ANY, BadArgument, Choice, Flag, Id, Num, Text, page_language
 from studio.ui.strings import strings
 
 SETTING_FIELDS = ("learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_ratio", "max_length",
@@ -172,9 +172,9 @@ class TrainTab:
         self.guard_events = (guard_inputs, guard_outputs, (Id("Dataset", "datasets", optional=True),) + guard_args[1:])
         reg.on(self.app.load, self.guard_on_load, guard_inputs, guard_outputs, action="read_files",
                args=self.guard_events[2])
-        for trigger in (self.targets.change, self.r.change, self.app.load):
+        for trigger in (self.targets.change, self.r.change, self.app.load):  # the rank is checked in the handler
             reg.on(trigger, self.count_trainable, [self.targets, self.r], self.trainable, action="train",
-                   args=(ANY, Num("LoRA rank", 0, 512, True, optional=True)))
+                   args=(ANY, ANY))
         reg.on(self.all_btn.click, lambda: gr.update(value=list(ALL_PROJECTIONS)), None, self.targets, action="train")
         reg.on(self.peft_btn.click, self.peft_default, None, self.targets, action="train")
         reg.on(self.estimate_btn.click, self.estimate, [self.dataset, self.system, self.targets, self.r] + self.settings,
@@ -257,10 +257,18 @@ class TrainTab:
         return self.show_guard(path, prompt, per_group) if path else ("", "")
 
     def count_trainable(self, chosen, rank):
-        if not self.manager.is_loaded or not chosen:
+        """The adapter's parameter count, or what is wrong with the rank: said here as it is typed, where a
+        message box on every keystroke (and another from Start) said it twice, with two ranges."""
+        if rank in (None, ""):
+            return ""
+        try:
+            rank = RANK.check(rank, None)
+        except BadArgument as problem:
+            return str(problem)
+        if not self.manager.is_loaded or not chosen or not isinstance(chosen, (list, tuple)):
             return ""
         model = self.manager.require_loaded().model
-        count = lora_param_count(model, chosen, int(rank or 0))
+        count = lora_param_count(model, [str(name) for name in chosen[:32]], rank)
         total = base_parameter_count(model) + count  # as peft's print_trainable_parameters: the new adapter's share
         return self.s["trainable"].format(count=f"{count:,} ({human_count(count)})", share=f"{count / total:.3%}")
 
