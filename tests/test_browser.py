@@ -87,8 +87,15 @@ def test_training_progress_survives_a_reload(page, services, workspace):
     with launched(services) as url:
         request = RunRequest(dataset, SYSTEM, LoraSettings(), TrainSettings(learning_rate=5e-3, epochs=3.0,
                              batch_size=4, grad_accum=1, save_every=0), new_run_dir(workspace.runs_dir, "facts"))
-        job = start_training(services.jobs, services.manager, request)  # started without any page open
+        page.goto(url)  # a page with its runs history open, made before the run: the run shows when it ends
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_text("Runs history").filter(visible=True).first.click()
+        page.get_by_text("Selected run").filter(visible=True).first.wait_for()
+        job = start_training(services.jobs, services.manager, request)  # started by no page
         services.jobs.wait(job, 300)
+        run_name = job.result["run_dir"].rsplit("/", 1)[-1]
+        page.wait_for_function("name => [...document.querySelectorAll('tbody td')].some("  # no click on Refresh
+                               "td => td.offsetParent !== null && td.textContent.trim() === name)", arg=run_name)
         for _ in range(2):  # the first visit, then a reload: both replay the job's whole log
             page.goto(url)
             page.get_by_role("tab", name="Train").click()

@@ -428,9 +428,10 @@ def test_a_reloaded_page_picks_the_reported_run_else_the_newest(trained):
     shutil.copytree(run, newer)
     os.utime(newer, (time.time() + 60, time.time() + 60))
     try:
-        assert choices_of(reported)(None)["value"] == run.name
-        assert choices_of(Services(manager=manager, paths=trained["paths"]))(None)["value"] == newer.name
-        kept = choices_of(reported)(newer.name)
+        assert choices_of(reported)(None)[0]["value"] == run.name
+        assert choices_of(Services(manager=manager, paths=trained["paths"]))(None)[0]["value"] == newer.name
+        kept, table = choices_of(reported)(newer.name)
         assert "value" not in kept and (newer.name, newer.name) in kept["choices"]
+        assert {run.name, newer.name} <= set(table.iloc[:, 0])  # the adapters table comes along, freshly read
     finally:
         shutil.rmtree(newer)

@@ -61,13 +61,15 @@ def build_app(services: Services) -> gr.Blocks:
         for tab in (dataset, train, compare):
             if tab:
                 tab.panel.wake_on(switched.then)  # an ended job's log is redrawn in the new language at the next poll
-        wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language)
+        fresh_history = (tabs.select,) + ((train.panel.finished.change,) if train else ())  # a run that ended
+        wire_history([tab.history for tab in (train, compare) if tab], registry, compare.run_pick, tabs, language,
+                     fresh_history)
         for tab in (dataset, compare):
             if tab:
                 tab.wire_language(language)
         for tab in (train, compare):
             if tab:
-                tab.wire_fresh_lists(app.load, tabs.select)
+                tab.wire_fresh_lists(app.load, tabs.select, *fresh_history[1:])
         # after the load's relabelling, which writes back the status texts it read when the page opened
         registry.on(relabelled.then, chat.current_model, None, chat.load_outputs, action="view", scrub=True,
                     show_progress="hidden")

@@ -209,23 +209,25 @@ class CompareTab:
         return frame, gr.update(choices=choices)
 
     def wire_fresh_lists(self, *triggers) -> None:
-        """Fill the run list again on each trigger (the page's load, a tab switch), so a run trained since the
-        page was made can be picked without a click on Refresh."""
+        """Fill the run list and the adapters table again on each trigger (the page's load, a tab switch, a
+        training run's end, which attaches its adapter), so a run trained since the page was made can be picked
+        without a click on Refresh and the table lists what the header says is attached."""
         for trigger in triggers:
-            self.registry.on(trigger, self.run_choices, self.run_pick, self.run_pick, action="view",
-                             args=(Id("Run", "runs", optional=True),), show_progress="hidden")
+            self.registry.on(trigger, self.run_choices, self.run_pick, [self.run_pick, self.adapters_table],
+                             action="view", args=(Id("Run", "runs", optional=True),), scrub=True,
+                             show_progress="hidden")
 
     def run_choices(self, current=None):
-        """The runs to pick from; an empty picker (a reloaded page) gets the run of the report the tab shows,
-        else the newest run, so the question lists and buttons work on what the page shows."""
-        choices = self._listing()[1]
+        """The runs to pick from and the adapters table; an empty picker (a reloaded page) gets the run of the
+        report the tab shows, else the newest run, so the question lists and buttons work on what the page shows."""
+        frame, choices = self._listing(page_language())
         if current:
-            return gr.update(choices=choices)
+            return gr.update(choices=choices), frame
         names = [name for name, _ in choices]
         job = self.board.latest(service.JOB_KIND)
         reported = job.result.get("adapter") if job is not None and not job.running and job.result else None
         opening = reported if reported in names else (names[0] if names else None)
-        return gr.update(choices=choices, value=opening)
+        return gr.update(choices=choices, value=opening), frame
 
     def attach(self, run_id):
         name = service.attach_run(self.manager, self.catalog.resolve_run(run_id), policy=self.policy)

@@ -56,7 +56,7 @@ class HistoryPanel:
 
     def _layout(self) -> None:
         s = self.s
-        with gr.Accordion(s["title"], open=False):
+        with gr.Accordion(s["title"], open=False) as self.accordion:
             gr.Markdown(s["intro"])
             self.table = gr.Dataframe(self.frame("en"), interactive=False, wrap=True, max_height=320,
                                       column_widths=list(WIDTHS))
@@ -78,8 +78,10 @@ class HistoryPanel:
     def frame(self, lang) -> pd.DataFrame:
         return history_frame(history.list_history(self.services.paths.runs_dir, self._running()), lang or "en")
 
-    def wire(self, registry, run_pick: gr.Dropdown, tabs: gr.Tabs, language: gr.Radio) -> None:
-        """Every event through the studio's registry: reading runs, renaming and deleting them are checked there."""
+    def wire(self, registry, run_pick: gr.Dropdown, tabs: gr.Tabs, language: gr.Radio, fresh_on=()) -> None:
+        """Every event through the studio's registry: reading runs, renaming and deleting them are checked there.
+        The table is read again when the panel opens, on the language switch and on each of `fresh_on` (a tab
+        switch, a training run's end), so a run trained since the page was made shows without Refresh."""
         if not self.shown:
             return
         name = (lambda api_name: api_name) if self.api else (lambda api_name: None)
@@ -87,8 +89,9 @@ class HistoryPanel:
         run, new_name = Id("Run", "runs"), Text("New name", 200)
         registry.on(self.refresh_btn.click, self.frame, language, self.table, action="read_files",
                     name=name("runs_history"), args=(lang,))
-        registry.on(language.change, self.frame, language, self.table, action="read_files", args=(lang,),
-                    show_progress="hidden")
+        for trigger in (language.change, self.accordion.expand) + tuple(fresh_on):
+            registry.on(trigger, self.frame, language, self.table, action="read_files", args=(lang,),
+                        show_progress="hidden")
         registry.on(self.table.select, self.select, None, [self.run, self.new_name], action="read_files")
         registry.on(self.rename_btn.click, self.rename, [self.run, self.new_name, language],
                     [self.message, self.table, self.run], action="manage_adapters", name=name("rename_run"),
@@ -121,6 +124,6 @@ class HistoryPanel:
         return gr.update(value=folder.name), gr.Tabs(selected="compare")
 
 
-def wire_history(panels: list[HistoryPanel], registry, run_pick, tabs, language) -> None:
+def wire_history(panels: list[HistoryPanel], registry, run_pick, tabs, language, fresh_on=()) -> None:
     for panel in panels:
-        panel.wire(registry, run_pick, tabs, language)
+        panel.wire(registry, run_pick, tabs, language, fresh_on)
