@@ -194,6 +194,8 @@ def test_a_chinese_browser_sees_chinese_first_and_lang_forces_english(browser, w
         page.goto(url)
         page.get_by_role("tab", name="基线对话").wait_for()
         page.get_by_role("tab", name="数据集构建").wait_for()  # visible in Chinese, however late the page draws it
+        adapter = page.get_by_label("回答所用模型（选择适配器会带上它训练时的系统提示词）")  # no model loaded yet
+        page.wait_for_function("el => el.value === '基座模型（不加适配器）'", arg=adapter.element_handle())
         page.goto(url + "?lang=en")
         page.get_by_role("tab", name="Baseline Chat").wait_for()
     forced = Services(manager=ModelManager(), paths=workspace, lang="zh")

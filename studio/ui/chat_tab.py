@@ -147,8 +147,8 @@ class ChatTab:
 
     def current_model(self):
         """What a page opened (or reloaded) after the model was loaded shows: the model, not 'no model'."""
-        if self.manager.loaded_or_none() is None:
-            return (gr.skip(),) * 5
+        if self.manager.loaded_or_none() is None:  # the adapter list's one choice (the base) in the page's language
+            return (gr.skip(),) * 4 + (gr.update(choices=self.adapter_choices()),)
         return self._shown_model(page_language())
 
     def _shown_model(self, lang: str):
