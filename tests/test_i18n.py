@@ -317,7 +317,7 @@ def test_report_and_adapter_tables_show_chinese_headers_and_keep_english_data_ke
     assert list(chart["score"]) == [0.1, 0.9]
     assert list(sections.columns) == ["章节", "问题数", "基座", "微调"]
     english = tables("en")
-    assert list(english[1].columns)[:3] == ["column", "char_f1", "rouge_l"] and list(english[1]["column"]) == ["base", "fine-tuned"]
+    assert list(english[1].columns)[:3] == ["column", "character F1", "ROUGE-L"] and list(english[1]["column"]) == ["base", "fine-tuned"]
     assert list(english[0].columns)[:2] == ["name", "status"]
     assert list(table_rows(FAKE_REPORT)[0])[:4] == ["#", "question", "reference", "column"]  # CSV/JSON keys stay English
 

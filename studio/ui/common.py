@@ -117,7 +117,7 @@ def localized_frame(frame, lang: str, value_columns=()):
 
     Only the shown copy changes: CSV and JSON files keep the English keys.
     """
-    if lang == "en" or frame is None or not hasattr(frame, "rename"):
+    if frame is None or not hasattr(frame, "rename"):  # English too: the files' keys (char_f1) read as words
         return frame
     frame = frame.copy()
     for name in value_columns:
