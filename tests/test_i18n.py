@@ -684,3 +684,9 @@ def test_nothing_picked_is_said_so_in_the_page_language(workspace):
     with pytest.raises(BadArgument, match="unknown run 'nope'"):
         Id("Run", "runs").check("nope", type("Ctx", (), {"ids": lambda self, kind: []})())
     assert translate("Pick a dataset from the list first.", "zh") == "请先从列表中选择一个数据集。"
+
+
+def test_a_broken_jsonl_line_is_explained_in_chinese_to_its_reason():
+    """The reason came from Python's json module in English inside the Chinese sentence."""
+    message = "rows.jsonl, line 3: not valid JSON (Expecting property name enclosed in double quotes, column 2)."
+    assert translate(message, "zh") == "rows.jsonl 第 3 行：不是有效的 JSON（第 2 列，此处应有用双引号括起的字段名）。"

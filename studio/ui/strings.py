@@ -769,6 +769,15 @@ EN = {
     # Words that only appear inside other messages (an activity, an action, a status): translated there,
     # never as a whole message, so a model's one-word answer is not translated by accident.
     "terms": {
+        # Python's json messages, inside a 'not valid JSON' refusal
+        "json_expecting_value": "Expecting value",
+        "json_property_name": "Expecting property name enclosed in double quotes",
+        "json_comma": "Expecting ',' delimiter",
+        "json_colon": "Expecting ':' delimiter",
+        "json_extra_data": "Extra data",
+        "json_unterminated": "Unterminated string starting at",
+        "json_control_character": "Invalid control character at",
+        "json_escape": "Invalid \\escape",
         "model_where": "{name} ({quant}, {device})",
         "another_action": "another action",
         "liger_missing": "the liger-kernel package is not installed",
@@ -1537,6 +1546,14 @@ ZH = {
         "kind_document": "文档",
     },
     "terms": {
+        "json_expecting_value": "此处应有一个值",
+        "json_property_name": "此处应有用双引号括起的字段名",
+        "json_comma": "此处应有逗号 ,",
+        "json_colon": "此处应有冒号 :",
+        "json_extra_data": "JSON 结束后还有多余内容",
+        "json_unterminated": "字符串缺少结束引号",
+        "json_control_character": "字符串中有无效的控制字符",
+        "json_escape": "无效的 \\ 转义",
         "model_where": "{name}（{quant}，{device}）",
         "another_action": "其他操作",
         "liger_missing": "未安装 liger-kernel 包",
