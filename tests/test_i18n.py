@@ -508,7 +508,9 @@ def test_a_failed_teacher_test_says_what_to_check_in_the_page_language():
     message = str(caught.value)
     assert caught.value.reason == "connection" and message.endswith("Check the base URL and that the server is running "
                                                                    "(local servers answer under /v1).")
-    assert "请检查 base URL 以及服务是否在运行" in translate(message, "zh")
+    assert message.startswith(f"Could not connect to m @ {teacher.config.base_url}. ")
+    assert translate(message, "zh") == (f"无法连接到 m @ {teacher.config.base_url}。请检查 base URL 以及服务是否在运行"
+                                        "（本地服务的地址以 /v1 结尾）。")  # no English left in it
 
 
 @pytest.mark.parametrize("exam, cancelled", [(False, False), (True, False), (False, True), (True, True)])

@@ -40,7 +40,7 @@ def test_build_through_the_ui(workspace, teacher, monkeypatch):
         connected = client.predict(teacher.base_url, "teacher-x", "", 5, api_name="/test_teacher")
         assert connected.startswith(f"Connected to teacher-x @ {teacher.base_url}")
         failed = client.submit("http://127.0.0.1:9/v1", "teacher-x", "", 2, api_name="/test_teacher")
-        with pytest.raises(Exception, match="connection"):
+        with pytest.raises(Exception, match="Could not connect to teacher-x @ http://127.0.0.1:9/v1. Check the base URL"):
             failed.result()
         assert failed.outputs()[:1] == [""]  # the earlier "Connected" is cleared, not left above the error
         message, table = client.predict(None, SAMPLE_DOC.name, 100, 3000, ["##", "###"], api_name="/split")

@@ -284,5 +284,8 @@ def check_connection(teacher: Teacher) -> str:
         hint = CONNECTION_HINTS.get(exc.reason)
         if hint is None:
             raise
-        raise TeacherCallError(exc.reason, f"{exc} {hint}", exc.retryable, exc.retry_after) from None
+        # no answer at all: said in a sentence of its own (the client library's "Connection error." added nothing)
+        error = {"connection": f"Could not connect to {teacher.label}.",
+                 "timeout": f"No answer from {teacher.label}."}.get(exc.reason, str(exc))
+        raise TeacherCallError(exc.reason, f"{error} {hint}", exc.retryable, exc.retry_after) from None
     return f"Connected to {teacher.label} in {time.time() - started:.1f}s; it replied {reply.text.strip()[:40]!r}."
