@@ -109,6 +109,8 @@ def test_recitation_warning_when_training_phrasings_score_far_higher():
     from studio.evaluate import report as report_module
 
     class FakeJob:
+        cancelled = False
+
         def check_cancelled(self):
             pass
 
@@ -375,9 +377,23 @@ def test_a_report_holds_the_model_between_its_columns(trained):
     assert all(answer.startswith("The model is busy (scoring") for answer in probe.answers), probe.answers
 
 
+def _report_warning(services, job, lang: str = "en") -> str:
+    """The warning line the Compare tab shows for a finished report job."""
+    import gradio as gr
+
+    from studio.ui.compare_tab import build_compare_tab
+    from studio.ui.registry import Registry
+
+    services.registry = Registry.for_services(services)
+    with gr.Blocks() as app:
+        tab = build_compare_tab(services, app)
+    return tab.on_report(job, lang)[0]
+
+
 def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
-    """The Compare tab's Stop report: the job ends cancelled after its current answer, nothing is saved, the
-    model answers again; with no report running it says so."""
+    """The Compare tab's Stop report: the job ends stopped after its current answer, the questions answered are
+    saved as a report marked as stopped (they were thrown away), the model answers again; with no report running
+    it says so."""
     from studio.services import Services
 
     manager, run = trained["manager"], trained["run"]
@@ -392,11 +408,18 @@ def test_the_report_can_be_stopped_and_the_model_is_free_afterwards(trained):
     job = service.start_report(services.jobs, manager, run, None, str(SAMPLE_DOC), GenerationSettings.greedy(64))
     while job.running and not job.latest("progress"):
         time.sleep(0.05)  # one answer in at least
-    assert stop() == "The report stops after the current answer; nothing of it is saved."
+    assert stop() == "The report stops after the current answer; the questions answered are saved."
     services.jobs.wait(job, 300)
     assert job.status is JobStatus.CANCELLED
     after = sorted((run / "reports").glob("*")) if (run / "reports").is_dir() else []
-    assert after == reports_before
+    saved = json.loads(next(p for p in after if p not in reports_before and p.suffix == ".json").read_text("utf-8"))
+    assert 1 <= saved["stopped_after"] == len(saved["rows"]) < saved["questions_total"], saved.get("stopped_after")
+    assert saved["recitation"] == {} and set(saved["summary"]) >= {"base", "fine-tuned"}
+    assert len(after) == len(reports_before) + 2  # its JSON and CSV
+    shown = _report_warning(services, job)
+    assert shown.startswith(f"⚠️ Stopped after {saved['stopped_after']} of {saved['questions_total']} questions")
+    assert _report_warning(services, job, "zh").startswith(f"⚠️ 在 {saved['questions_total']} 道题中的第 "
+                                                          f"{saved['stopped_after']} 道后停止")
     assert manager.chat(build_messages(SYSTEM, [], FACTS[0][0]), GenerationSettings.greedy(4))  # the lease was let go
 
 

@@ -71,7 +71,8 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
     rows = []
     total = len(request.questions) + len(request.training_sample) + sum(map(len, request.comparison_sets.values()))
     for index, item in enumerate(request.questions, 1):
-        job.check_cancelled()
+        if job.cancelled:  # Stop report: what was answered is kept and saved, marked as stopped
+            break
         question, reference = item["instruction"], item["output"]
         answers = answers_for(lease, request, question)
         row = {"question": question, "reference": reference, **question_fields(item), "columns": {}}
@@ -85,14 +86,18 @@ def run_report(job: Job, lease: Lease, request: ReportRequest) -> dict:
         job.log(_scored_line(index, len(request.questions), row["columns"], question))
         # the message counts the questions asked; the bar (done/total) the recitation check's answers too
         job.emit("progress", f"{index}/{len(request.questions)} questions", done=index, total=total)
+    if not rows:
+        job.check_cancelled()  # stopped before any answer: nothing to save
     recitation = _recitation(job, lease, request, rows, total)
     knowledge = annotate(rows)
     summary = summarize(rows)
     for column, extra in knowledge["summary"].items():
         summary[column].update(extra)
+    stopped = {"stopped_after": len(rows)} if len(rows) < len(request.questions) else {}
     return {"adapter": request.adapter, "question_set": request.question_set, "rows": rows, "summary": summary,
             "sections": knowledge["sections"], "keys_note": knowledge["note"], "recitation": recitation,
-            "warning": recitation.get("warning", ""), "warnings": recitation.get("warnings", [])}
+            "warning": recitation.get("warning", ""), "warnings": recitation.get("warnings", []),
+            "questions_total": len(request.questions), **stopped}
 
 
 def _scored_line(index: int, total: int, columns: dict, question: str) -> str:
@@ -105,14 +110,15 @@ def _scored_line(index: int, total: int, columns: dict, question: str) -> str:
 
 def _recitation(job: Job, lease: Lease, request: ReportRequest, rows: list[dict], total: int) -> dict:
     """Training, held-out and exam phrasings scored apart, for the fine-tuned column only."""
-    if not request.training_sample or not rows:
+    if not request.training_sample or not rows or job.cancelled:
         return {}
     done = len(request.questions)
     means = {}
     for name, items in {"training": request.training_sample, **request.comparison_sets}.items():
         scores = []
         for checked, item in enumerate(items, 1):
-            job.check_cancelled()
+            if job.cancelled:  # stopped: the questions' scores are kept, the check is left out
+                return {}
             messages = build_messages(request.system_prompt, [], item["instruction"])
             answer = reply_text(lease.loaded, messages, request.settings, adapter=request.adapter)
             scores.append(char_f1(answer, item["output"]))

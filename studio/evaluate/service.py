@@ -202,6 +202,9 @@ def start_report(board: JobBoard, manager: ModelManager, folder: Path, questions
         (folder / "reports").mkdir(parents=True, exist_ok=True)
         paths = stamped(*(folder / "reports" / f"report_{{stamp}}.{suffix}" for suffix in ("json", "csv")))
         report["files"] = [str(write_report(report, path)) for path in paths]
+        if "stopped_after" in report:
+            job.log(f"Report stopped after {report['stopped_after']} of {report['questions_total']} questions; "
+                    "those are saved.")  # the tables' strings: report_stopped_saved
         job.log(f"Report saved: {', '.join(report['files'])}")
         return report
 

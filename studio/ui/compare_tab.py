@@ -390,7 +390,7 @@ class CompareTab:
                          show_progress="hidden")
 
     def stop_report(self):
-        """Stop the running report after its current answer (what it scored so far is not saved)."""
+        """Stop the running report after its current answer (what it scored so far is saved, marked as stopped)."""
         job = self.board.latest(service.JOB_KIND)
         if job is None or not job.running:
             return self.s["no_report"]
@@ -411,7 +411,9 @@ class CompareTab:
         chart = pd.DataFrame([{"column": column(c, lang), "metric": column(metric, lang), "score": v[metric]}
                               for c, v in result["summary"].items() if v.get(metric) is not None])
         warnings = result.get("warnings") or ([result["warning"]] if result.get("warning") else [])
-        notes = [f"⚠️ {translate(text, lang)}" for text in warnings] + [translate(result.get("keys_note", ""), lang)]
+        stopped = ([self.s["report_stopped_note"].format(done=result["stopped_after"], total=result["questions_total"])]
+                   if "stopped_after" in result else [])
+        notes = [f"⚠️ {translate(text, lang)}" for text in stopped + warnings] + [translate(result.get("keys_note", ""), lang)]
         warning = "\n\n".join(note for note in notes if note)  # each sentence matched alone: joined, none matched
         questions = localized_frame(pd.DataFrame(table_rows(result), columns=QUESTION_COLUMNS), lang, ("column", "best"))
         return (warning, localized_frame(summary, lang, ("column",)), chart, questions, result.get("files", []),
