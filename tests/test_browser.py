@@ -8,6 +8,7 @@ import pytest
 
 from studio.model.manager import ModelManager
 from studio.services import Services
+from fake_teacher import FakeTeacher
 from uihelpers import launched
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -253,7 +254,15 @@ def test_the_provider_box_follows_the_base_url(page, workspace, tmp_path):
         page.wait_for_function("el => el.value === 'deepseek-chat'",  # the preset's model, drawn by the same reply
                                arg=page.get_by_label("Teacher model id").element_handle())
         page.get_by_label("Teacher model id").fill("qwen2.5:72b")
+        teacher = FakeTeacher().start()  # a test's result goes with the teacher it tested
+        try:
+            base_url.fill(teacher.base_url)
+            page.get_by_role("button", name="Test connection").click()
+            page.get_by_text(f"Connected to qwen2.5:72b @ {teacher.base_url}").wait_for()
+        finally:
+            teacher.stop()
         base_url.fill("http://127.0.0.1:11434/v1/")
+        page.get_by_text("Connected to qwen2.5:72b").wait_for(state="detached")
         page.wait_for_function("el => el.value === 'Ollama (local)'", arg=provider.element_handle())
         page.wait_for_timeout(1000)  # a preset's fill would land by now
         assert base_url.input_value() == "http://127.0.0.1:11434/v1/"  # the text is kept as typed,

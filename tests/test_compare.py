@@ -458,3 +458,14 @@ def test_a_reloaded_page_picks_the_reported_run_else_the_newest(trained):
         assert {run.name, newer.name} <= set(table.iloc[:, 0])  # the adapters table comes along, freshly read
     finally:
         shutil.rmtree(newer)
+
+
+def test_detaching_what_is_not_attached_says_so(trained):
+    from studio.services import Services
+
+    manager, run = trained["manager"], trained["run"]
+    detach = handler(Services(manager=manager, paths=trained["paths"]), "detach")
+    service.attach_run(manager, run)
+    assert detach(run.name)[0] == f"Detached {run.name}; the base model is unchanged."
+    assert detach(run.name)[0] == f"{run.name} is not attached; nothing to detach."  # not "Detached" again
+    service.attach_run(manager, run)  # as the other tests found it

@@ -235,8 +235,10 @@ class CompareTab:
 
     def detach(self, run_id):
         folder = self.catalog.resolve_run(run_id)
+        attached = folder.name in self.manager.status().adapters
         service.detach_run(self.manager, folder.name, policy=self.policy)
-        return (self.s["detached"].format(name=folder.name),) + self.refresh()
+        message = self.s["detached" if attached else "not_attached"].format(name=folder.name)
+        return (message,) + self.refresh()
 
     def delete(self, run_id, sure):
         folder = self.catalog.resolve_run(run_id)

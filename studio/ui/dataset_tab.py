@@ -195,6 +195,8 @@ class DatasetTab:
         for split in filter(None, splits):  # a document that could not be read shows no other one's sections
             reg.on(split.failure, self.not_split, None, split_outputs + [self.cost], action="read_files",
                    show_progress="hidden")
+        for changed in (self.base_url.change, self.teacher_model.change):  # a result is of the teacher it tested
+            reg.on(changed, lambda: "", None, self.test_msg, action="build_dataset", show_progress="hidden")
         reg.on(self.test_btn.click, self.test, [self.base_url, self.teacher_model, self.api_key, self.timeout],
                self.test_msg, action=("build_dataset", "outbound"), name="test_teacher", args=teacher_args + (timeout,))
         reg.on(self.build_btn.click, self.start, build_inputs + [self.cost_seen], [self.panel.message, self.cost_seen],
