@@ -108,6 +108,7 @@ def test_training_progress_survives_a_reload(page, services, workspace):
             for label, value in (("Learning rate", "0.005"), ("Batch size", "4"), ("Epochs", "3")):
                 number = page.get_by_role("spinbutton", name=label, exact=True)
                 page.wait_for_function("([el, v]) => el.value === v", arg=[number.element_handle(), value])
+            page.get_by_text(f"The settings of the last run, {run_name}; picking a preset replaces them.").wait_for()
             # a row's boxes line up although one label wraps to two lines
             boxes = [page.get_by_role("spinbutton", name=label, exact=True).bounding_box()["y"] for label in
                      ("Max length (tokens)", "Checkpoint every N steps (0 = never)", "Held-out phrasings per group")]
@@ -118,6 +119,9 @@ def test_training_progress_survives_a_reload(page, services, workspace):
         page.get_by_text("the training prompt is exactly the inference prompt").wait_for()
         page.get_by_text("中文", exact=True).click()
         page.get_by_text("训练提示与推理提示完全一致").wait_for()
+        page.reload()  # a Chinese page: the load's relabelling does not write the preset's own line over the note
+        page.get_by_role("tab", name="训练").click()
+        page.get_by_text(f"上次运行 {run_name} 的设置；选择预设会替换它们。").wait_for()
         page.get_by_text("English", exact=True).click()
         page.get_by_text("the training prompt is exactly the inference prompt").wait_for()
         # a dataset written and a run trained after the page was made are listed without a click on Refresh

@@ -58,6 +58,7 @@ def build_app(services: Services) -> gr.Blocks:
         relabelled, switched = _wire_language(app, services, registry, language)
         if train:
             train.wire_language_switch(switched)
+            train.wire_after_relabel(relabelled)
         for tab in (dataset, train, compare):
             if tab:
                 tab.panel.wake_on(switched.then)  # an ended job's log is redrawn in the new language at the next poll

@@ -137,6 +137,7 @@ EN = {
         "preset_name_tutorial": "Tutorial recipe",  # the presets' names, as the dropdown shows them
         "preset_name_fast": "Fast (large GPU)",
         "preset_name_gpu24": "24 GB card",
+        "preset_last_run": "The settings of the last run, {name}; picking a preset replaces them.",
         "preset_tutorial": PRESETS["tutorial"][0],  # what each preset sets, shown under the dropdown
         "preset_fast": PRESETS["fast"][0],
         "preset_gpu24": PRESETS["gpu24"][0],
@@ -979,6 +980,7 @@ ZH = {
         "preset_name_tutorial": "教程配方",
         "preset_name_fast": "快速（大显存 GPU）",
         "preset_name_gpu24": "24 GB 显卡",
+        "preset_last_run": "上次运行 {name} 的设置；选择预设会替换它们。",
         "preset_tutorial": "教程配方：学习率 1e-3，4 个 epoch，batch 1 × 梯度累积 8，线性调度，3% 预热，梯度检查点",
         "preset_fast": "快速（大显存 GPU）：每步同样的 8 条序列打包成一次无填充的前向，不做梯度检查点，训练时使用 Liger 融合算子、"
                        "基座的 bf16 副本，并用 CUDA graph 重放每次前向、损失与反向",

@@ -16,7 +16,7 @@ from studio.train.estimate import lora_param_count
 from studio.train.formatting import GUARD_WORDS, guard_html, template_guard
 from studio.train.job import RunRequest
 from studio.train.memory import estimate_for_dataset, free_gpu_gib
-from studio.train.service import JOB_KIND, list_runs, load_request, new_run_dir, start_training, stop_training
+from studio.train.service import JOB_KIND, REQUEST_FILE, list_runs, load_request, new_run_dir, start_training, stop_training
 from studio.train.settings import ALL_PROJECTIONS, PRESETS, LoraSettings, TrainSettings, peft_default_targets, preset
 from studio.train.split import split_heldout
 from studio.ui.common import job_panel
@@ -247,6 +247,12 @@ class TrainTab:
         words = strings("train", page_language())
         return split, guard_html(guard, {key: words[key] for key in GUARD_WORDS})
 
+    def wire_after_relabel(self, relabelled) -> None:
+        """What a page opened (or reloaded) shows once the load's relabelling has written back the texts it
+        read when the page opened: the note of whose settings the form holds."""
+        self.registry.on(relabelled.then, self.note_of_latest_run, None, self.preset_note, action="read_files",
+                         show_progress="hidden")
+
     def wire_language_switch(self, switched) -> None:
         """The template guard again after the language switch: its words are the page's."""
         inputs, outputs, args = self.guard_events
@@ -323,6 +329,14 @@ class TrainTab:
         return (self.catalog.dataset_id(request.dataset) or gr.skip(), request.system_prompt, list(lora.targets),
                 lora.r, lora.alpha, lora.dropout, request.document is not None, document,
                 *(getattr(settings, name) for name in SETTING_FIELDS))
+
+    def note_of_latest_run(self):
+        """The line under the preset when the form shows the last run's settings: whose they are (the preset's
+        own line no longer fits them)."""
+        job = self.board.latest(JOB_KIND)
+        if job is None or job.folder is None or not (Path(job.folder) / REQUEST_FILE).is_file():
+            return gr.skip()
+        return self.s["preset_last_run"].format(name=Path(job.folder).name)
 
     def stop(self):
         return self.s["stopping"] if stop_training(self.board, policy=self.policy) else self.s["not_running"]
