@@ -110,3 +110,25 @@ def test_a_rank_out_of_range_is_said_where_the_count_goes(services):
     assert count(["q_proj"], 100000) == "LoRA rank must be between 1 and 512 (got 100000)."
     assert count(["q_proj"], 0) == "LoRA rank must be between 1 and 512 (got 0)."
     assert count(["q_proj"], "") == "" and "of base and adapter together" in count(["q_proj"], 8)
+
+
+def test_a_panel_clears_its_started_line_when_its_job_ends(workspace):
+    """"Training started: X" stood above the ended run's progress line; the panel's end handler clears it."""
+    import gradio as gr
+
+    from studio.jobs import JobBoard
+    from studio.model.manager import ModelManager
+    from studio.services import Services
+    from studio.ui.common import job_panel
+    from studio.ui.registry import Registry
+
+    board = JobBoard()
+    registry = Registry.for_services(Services(manager=ModelManager(), paths=workspace))
+    with gr.Blocks() as app:
+        shown = gr.Markdown()
+        panel = job_panel(board, "demo-kind", {})
+        panel.wire(registry, "view", lambda job: f"ended: {job.status.value}", [shown])
+    finished = next(f.fn for f in app.fns.values() if f.fn.__name__ == "finished")
+    job = board.wait(board.start("demo-kind", "a job", lambda job: {"ok": True}), 30)
+    assert finished(job.id) == ("ended: done", "")
+    assert finished("") == (gr.skip(), gr.skip())

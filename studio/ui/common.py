@@ -47,11 +47,16 @@ class JobPanel:
                     show_progress="hidden", queue=False)
         self.wake_on(self.message.change)
         if on_finish is not None:
-            outputs = list(finish_outputs)
+            outputs = list(finish_outputs) + [self.message]
 
             def finished(job_id):
+                """`on_finish`'s values, and the message line cleared: "... started" no longer stands above the
+                ended job's progress line."""
                 job = self.board.get(job_id) if isinstance(job_id, str) and job_id else None
-                return on_finish(job) if job is not None else (gr.skip(),) * len(outputs)
+                if job is None:
+                    return (gr.skip(),) * len(outputs)
+                shown = on_finish(job)
+                return (shown if isinstance(shown, tuple) else (shown,)) + ("",)
 
             registry.on(self.finished.change, finished, self.finished, outputs, action=action)
 
