@@ -379,7 +379,7 @@ def test_card_sections_refusals_and_guard_speak_the_page_language(tiny_model_dir
         assert table["headers"] == ["序号", "标题", "字符数", "首行"]
         assert english.predict(None, "wudeng_lighthouse.md", 100, 3000, ["##"], api_name="/split")[1]["headers"] == \
             ["#", "heading", "chars", "first line"]
-        with pytest.raises(Exception, match="最短章节 必须在 0 到"):
+        with pytest.raises(Exception, match="最短章节长度 必须在 0 到"):
             chinese.predict(None, "wudeng_lighthouse.md", -5, 3000, ["##"], api_name="/split")
         upload = url + "gradio_api/upload"
         files = {"files": ("tool.exe", b"MZ")}

@@ -519,7 +519,7 @@ def test_split_with_a_tiny_section_length_is_refused_by_the_server(workspace):
     services = Services(manager=ModelManager(), paths=workspace)
     with launched(services) as url:
         client = Client(url, verbose=False)
-        with pytest.raises(Exception, match="Maximum section length must be between 200"):
+        with pytest.raises(Exception, match="Longest section sent to the teacher must be between 200"):
             client.predict(None, SAMPLE_DOC.name, 100, 1, ["##"], api_name="/split")
         with pytest.raises(Exception, match="not in the list of choices|unknown document"):
             client.predict(None, "/etc/passwd", 100, 3000, ["##"], api_name="/split")

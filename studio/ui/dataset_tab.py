@@ -161,7 +161,8 @@ class DatasetTab:
         reg = self.registry
         split_inputs = [self.upload, self.doc_path, self.min_chars, self.max_chars, self.levels]
         split_args = (Upload("Document", (".md", ".txt", ".markdown")), Id("Document", "documents", optional=True),
-                      Num("Shortest section", 0, 1_000_000, True), Num("Maximum section length", 200, 1_000_000, True),
+                      Num("Minimum section length", 0, 1_000_000, True),
+                      Num("Longest section sent to the teacher", 200, 1_000_000, True),
                       Choice("Heading levels", tuple(LEVELS), many=True))
         split_outputs = [self.split_msg, self.sections]
         self.split_inputs, self.split_args, self.split_outputs = split_inputs, split_args, split_outputs

@@ -34,7 +34,7 @@ SETTING_TYPES = {name: type(getattr(TrainSettings(), name)) for name in SETTING_
 # Server-side ranges of the settings, in SETTING_FIELDS order (the page's number boxes bound nothing over HTTP).
 SETTING_SPECS = (Num("Learning rate", 1e-8, 1.0), Num("Epochs", 0.01, 1000), Num("Max steps", -1, 1_000_000, True),
                  Num("Batch size", 1, 256, True), Num("Gradient accumulation", 1, 1024, True), Num("Warmup", 0, 1),
-                 Num("Max length", 16, 32768, True), Num("Save every", 0, 1_000_000, True),
+                 Num("Max length", 16, 32768, True), Num("Checkpoint every N steps", 0, 1_000_000, True),
                  Num("Held out per group", 0, 100, True), Num("Seed", 0, 2**32 - 1, True),
                  Flag("Gradient checkpointing"), Flag("Packing"), Num("Checkpointed share", 0, 1),
                  Flag("Liger kernels"), Flag("bf16 copy of the base"), Flag("Compile the layers"), Flag("CUDA graphs"),
