@@ -737,3 +737,26 @@ def test_the_guard_tells_urls_from_file_paths():
     assert remote_file_in(b'{"data": [{"path": "/tmp/gradio/ab/notes.md", "url": "http://127.0.0.1/file=x"}]}') is None
     assert remote_file_in(b'{"data": [{"path": "C:\\\\Temp\\\\gradio\\\\notes.md"}]}') is None
     assert remote_file_in(b"not json") is None and remote_file_in(b"[" * 100_000) is None
+
+
+def test_an_upload_argument_outside_gradios_upload_folder_is_neither_read_nor_deleted(workspace, tmp_path):
+    """Gradio hands a handler only files it received; the spec refuses anything else itself, so no path a client
+    names is ever read or put on the session's list of files to delete."""
+    from gradio.utils import get_upload_folder
+
+    from studio.ui.registry import Registry, Upload
+
+    registry = Registry.for_services(Services(manager=ModelManager(), paths=workspace))
+    owner_file = tmp_path / "notes.md"
+    owner_file.write_text("## 标题\n正文\n", encoding="utf-8")
+    with pytest.raises(BadArgument, match="the upload is gone"):
+        Upload("Document").check(str(owner_file), registry)
+    uploaded = Path(get_upload_folder()) / uuid.uuid4().hex / "notes.md"
+    uploaded.parent.mkdir(parents=True)
+    uploaded.write_text("## 标题\n正文\n", encoding="utf-8")
+    assert Upload("Document").check(str(uploaded), registry) == str(uploaded)
+    remembered = [p for paths in registry._uploads.values() for p in paths]
+    assert remembered == [uploaded] and owner_file.is_file()
+    for session in list(registry._uploads):
+        registry.forget_uploads(session)
+    assert not uploaded.exists() and owner_file.is_file()

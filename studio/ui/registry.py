@@ -211,6 +211,13 @@ class History:
         return value
 
 
+def _upload_folder() -> Path:
+    """Where Gradio keeps what browsers upload (GRADIO_TEMP_DIR, else its default)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
 @dataclass(frozen=True)
 class Upload:
     """A file the browser uploaded (Gradio only passes files from its upload folder): type and size checked."""
@@ -224,8 +231,11 @@ class Upload:
         path = Path(str(value))
         try:
             size = path.stat().st_size
-        except OSError:
-            raise BadArgument(f"{self.label}: the upload is gone; upload it again.") from None
+            inside = path.resolve().is_relative_to(_upload_folder())
+        except (OSError, ValueError):
+            inside = False
+        if not inside:  # Gradio hands over uploads only; anything else is never read, nor deleted at session end
+            raise BadArgument(f"{self.label}: the upload is gone; upload it again.")
         ctx.remember_upload(path)  # deleted with the session, a refused file too
         if path.suffix.lower() not in self.suffixes:
             raise BadArgument(f"{self.label}: only {', '.join(self.suffixes)} files are accepted.")
