@@ -734,6 +734,7 @@ def test_the_guard_tells_urls_from_file_paths():
                  "/gradio_api/file=/tmp/gradio/file/x.md", "/gradio_api/queue/join", "/v1/chat/completions"):
         assert not fetch_route(path), path
     assert remote_file_in(b'{"data": [[{"x": {"path": "\\u0068ttps:\\/\\/h/x"}}]]}') == "https://h/x"
+    assert remote_file_in(b'{"data": [{"\\u0070ath": "http://h/x"}]}') == "http://h/x"  # the key escaped too
     assert remote_file_in(b'{"data": [{"path": "/tmp/gradio/ab/notes.md", "url": "http://127.0.0.1/file=x"}]}') is None
     assert remote_file_in(b'{"data": [{"path": "C:\\\\Temp\\\\gradio\\\\notes.md"}]}') is None
     assert remote_file_in(b"not json") is None and remote_file_in(b"[" * 100_000) is None

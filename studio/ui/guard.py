@@ -83,7 +83,10 @@ def fetch_route(path: str) -> bool:
 
 def remote_file_in(body: bytes) -> str | None:
     """The first URL a JSON body gives as a file's `path` (Gradio would download it before any handler runs),
-    else None. Every object with a `path` counts, with or without Gradio's file marker."""
+    else None. Every object with a `path` counts, with or without Gradio's file marker. A body without the
+    word, plain or escaped, is not parsed (most bodies: a poll, a chat turn, a saved table)."""
+    if b"path" not in body and b"\\u" not in body:
+        return None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
